@@ -1,0 +1,220 @@
+"""Structured-config schema for every key of `configs/train.yaml`.
+
+Hydra merges the YAML groups into these dataclasses, so a misspelled key or a
+wrong type fails at start with Hydra's own message, before any work is done.
+Only builders read these objects; modules and the Trainer take plain arguments.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+
+
+@dataclass
+class BackboneConfig:
+    # resnet18_fpn, resnet34_fpn, resnet50_fpn, resnet101_fpn, mobilenet_v2_fpn, mobilenet_v3_fpn
+    name: str = "resnet50_fpn"
+    # Local file of ImageNet weights in torchvision's naming; never downloaded.
+    weights: Optional[str] = None
+    # How many stages (counted from the top) train; the rest are frozen. None: all.
+    trainable_layers: Optional[int] = None
+    # auto: FrozenBatchNorm2d with pretrained weights (as torchvision does), BatchNorm2d from scratch.
+    norm: str = "auto"  # auto | frozen_bn | bn
+    # Backbone stages that feed the FPN; None: the torchvision default for the backbone.
+    returned_layers: Optional[List[int]] = None
+    fpn_channels: int = 256
+
+
+@dataclass
+class AttentionConfig:
+    type: str = "none"  # none | se | cbam | eca | nonlocal
+    sites: List[str] = field(default_factory=list)
+    reduction: int = 16  # SE / CBAM channel bottleneck
+    kernel_size: int = 7  # CBAM spatial conv
+    eca_kernel_size: Optional[int] = None  # None: chosen from the channel count (ECA paper)
+    inner_channels: Optional[int] = None  # non-local; None: channels // 2
+    heads: int = 1  # non-local
+    # Per-site changes, e.g. {"fpn.p3": {"type": "cbam", "reduction": 8}}.
+    overrides: Dict[str, Any] = field(default_factory=dict)
+    # Start every block as an identity mapping; None: on when backbone weights are loaded.
+    identity_init: Optional[bool] = None
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "faster_rcnn"  # faster_rcnn | mask_rcnn
+    # Object classes, background excluded (as in detectron2 / mmdetection). None: from the dataset.
+    num_classes: Optional[int] = None
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    min_size: int = 800
+    max_size: int = 1333
+    image_mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    image_std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    # One base size per FPN level; if the count differs, every level gets all sizes.
+    anchor_sizes: List[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
+    aspect_ratios: List[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    rpn_pre_nms_top_n_train: int = 2000
+    rpn_pre_nms_top_n_test: int = 1000
+    rpn_post_nms_top_n_train: int = 2000
+    rpn_post_nms_top_n_test: int = 1000
+    rpn_batch_size_per_image: int = 256
+    box_batch_size_per_image: int = 512
+    box_head_dim: int = 1024
+    box_score_thresh: float = 0.05
+    box_nms_thresh: float = 0.5
+    box_detections_per_img: int = 100
+    mask_head_layers: int = 4  # mask_rcnn only
+    mask_head_dim: int = 256  # mask_rcnn only
+
+
+@dataclass
+class ShapesConfig:
+    num_train: int = 400
+    num_val: int = 60
+    image_size: int = 128
+    max_objects: int = 4
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    name: str = "shapes"  # shapes | coco | voc
+    root: Optional[str] = None
+    # coco: image folders and instances JSON files; relative paths are under `root`.
+    train_images: Optional[str] = None
+    train_ann: Optional[str] = None
+    val_images: Optional[str] = None
+    val_ann: Optional[str] = None
+    # voc: ImageSets/Main split names; class names (None: the 20 Pascal VOC classes).
+    train_split: str = "train"
+    val_split: str = "val"
+    classes: Optional[List[str]] = None
+    skip_empty: bool = True  # drop training images without annotations
+    hflip_prob: float = 0.5
+    # [min, max] random rescale factor applied before the model's own resize; None: off.
+    scale_jitter: Optional[List[float]] = None
+    num_workers: int = 2
+    # shapes: generated once into cache_dir and reused; None: $FRCNN_DATA_CACHE or ~/.cache/frcnn_train.
+    cache_dir: Optional[str] = None
+    shapes: ShapesConfig = field(default_factory=ShapesConfig)
+
+
+@dataclass
+class ParamGroupRule:
+    # Regular expression searched in the parameter name, or one of the
+    # shorthands backbone, fpn, rpn, roi_heads, attention.
+    match: str = ""
+    lr_mult: float = 1.0
+    weight_decay: Optional[float] = None
+    freeze: bool = False
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"  # sgd | adamw
+    lr: float = 0.02
+    momentum: float = 0.9
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 1e-4
+    # Norm weights and all biases get no weight decay (detectron2 / mmdetection default).
+    no_decay_norm_and_bias: bool = True
+    param_groups: List[ParamGroupRule] = field(default_factory=list)
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "multistep"  # multistep | cosine
+    warmup_steps: int = 100
+    warmup_factor: float = 0.001
+    # multistep: epochs (fractions allowed) at which the LR is multiplied by gamma.
+    milestones: List[float] = field(default_factory=lambda: [8, 11])
+    gamma: float = 0.1
+    # cosine: final LR as a fraction of the base LR.
+    min_lr_factor: float = 0.0
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 12
+    batch_size: int = 2
+    amp: bool = False  # CUDA only
+    amp_dtype: str = "fp16"  # fp16 | bf16
+    grad_clip: Optional[float] = None  # max total gradient norm
+    accumulate: int = 1  # batches per optimizer step
+    eval_every: int = 1  # epochs; 0: only at the end
+    checkpoint_every_steps: int = 0  # 0: only at epoch ends
+    keep_last: int = 3  # per-epoch checkpoint files kept; 0 keeps none
+    max_steps: Optional[int] = None  # stop (and save) after this many optimizer steps
+    log_every: int = 20  # steps between TensorBoard scalar writes
+    vis_images: int = 4  # validation images drawn into TensorBoard
+    deterministic: bool = True
+    progress: bool = True
+
+
+@dataclass
+class InitConfig:
+    # Ordered renames applied to init_from keys: {"from": "prefix or regex", "to": "..."}.
+    remap: List[Dict[str, str]] = field(default_factory=list)
+    strict: bool = False
+    trust: bool = False  # allow full unpickling of init_from files
+
+
+@dataclass
+class TrainConfig:
+    run_name: str = "${now:%Y-%m-%d_%H-%M-%S}"
+    output_dir: str = "outputs"
+    seed: int = 42
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    resume: Optional[str] = None
+    init_from: Optional[str] = None
+    init: InitConfig = field(default_factory=InitConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+# Keys a resume may change; any other difference from the checkpoint is refused.
+MUTABLE_ON_RESUME = (
+    "trainer.epochs",
+    "trainer.max_steps",
+    "device",
+    "data.num_workers",
+    "trainer.log_every",
+    "trainer.vis_images",
+    "trainer.progress",
+    "trainer.eval_every",
+    "trainer.checkpoint_every_steps",
+    "trainer.keep_last",
+)
+# Keys that say how to start, not what to train; never compared on resume.
+START_KEYS = ("resume", "run_name", "output_dir", "init_from", "init")
+
+
+def register_schema() -> None:
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+def with_schema(config: Any) -> DictConfig:
+    """Validate a plain config (e.g. from a checkpoint) against the schema."""
+    return OmegaConf.merge(OmegaConf.structured(TrainConfig), config)
+
+
+def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """Compose `configs/train.yaml` with overrides, inside or outside a Hydra app."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_schema()
+    if GlobalHydra.instance().is_initialized():
+        return compose(config_name="train", overrides=list(overrides))
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
