@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
+
+from frcnn_train.errors import CheckpointError, ConfigError
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 
@@ -156,6 +158,7 @@ class TrainerConfig:
     vis_images: int = 4  # validation images drawn into TensorBoard
     deterministic: bool = True
     progress: bool = True
+    best_metric: str = "bbox/AP"  # validation metric that picks best.pth (higher is better)
 
 
 @dataclass
@@ -183,11 +186,14 @@ class TrainConfig:
 
 
 # Keys a resume may change; any other difference from the checkpoint is refused.
+# Data locations are here so a run can move machines; what they hold must not change.
 MUTABLE_ON_RESUME = (
     "trainer.epochs",
     "trainer.max_steps",
     "device",
     "data.num_workers",
+    "data.root",
+    "data.cache_dir",
     "trainer.log_every",
     "trainer.vis_images",
     "trainer.progress",
@@ -218,3 +224,77 @@ def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
         return compose(config_name="train", overrides=list(overrides))
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return compose(config_name="train", overrides=list(overrides))
+
+
+def flatten(cfg: DictConfig | dict) -> dict[str, Any]:
+    """{"a.b.c": value} for every leaf; lists stay whole values."""
+    out: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}.{key}" if prefix else str(key))
+        else:
+            out[prefix] = node
+
+    walk(OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg, "")
+    return out
+
+
+def requested_keys(cfg: DictConfig, overrides: Sequence[str]) -> dict[str, Any]:
+    """The leaves a user asked for on the command line, with their values in `cfg`.
+
+    `key=value` names one key. A group choice (`model/attention=cbam`, `model=mask_rcnn`)
+    names the leaves of that subtree that differ from the default config, so choosing
+    the group a checkpoint already uses requests nothing else.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    requested: dict[str, Any] = {}
+    flat_cfg = flatten(cfg)
+    baseline = None
+    for override in OverridesParser.create().parse_overrides(list(overrides)):
+        path = override.key_or_group.replace("/", ".")
+        if path.startswith("hydra"):
+            continue
+        node = OmegaConf.select(cfg, path)
+        if not isinstance(node, DictConfig):
+            if path in flat_cfg:
+                requested[path] = flat_cfg[path]
+            continue
+        if baseline is None:
+            baseline = flatten(compose_config())
+        for key, value in flat_cfg.items():
+            if key.startswith(path + ".") and baseline.get(key, object()) != value:
+                requested[key] = value
+    return requested
+
+
+def merge_for_resume(saved: dict, cfg: DictConfig, overrides: Sequence[str], source: str) -> tuple[DictConfig, list[str]]:
+    """The checkpoint's config with the mutable keys the user asked to change.
+
+    Returns the config to resume with and "key: old -> new" lines for the history.
+    Any requested non-mutable change is refused, naming each key with both values.
+    """
+    try:
+        merged = with_schema(saved)
+    except Exception as err:  # noqa: BLE001 - OmegaConf validation errors
+        raise CheckpointError(f"{source} holds a config this version cannot read ({str(err).splitlines()[0]}); "
+                              "use the frcnn_train version that wrote it") from None
+    saved_flat = flatten(merged)
+    changes, conflicts = [], []
+    for key, value in requested_keys(cfg, overrides).items():
+        if key.split(".")[0] in START_KEYS or saved_flat.get(key) == value:
+            continue
+        if key in MUTABLE_ON_RESUME:
+            OmegaConf.update(merged, key, value, merge=False)
+            changes.append(f"{key}: {saved_flat.get(key)!r} -> {value!r}")
+        else:
+            conflicts.append(f"{key} (checkpoint {saved_flat.get(key)!r}, requested {value!r})")
+    if conflicts:
+        raise ConfigError(
+            f"cannot resume {source} with a changed config: {'; '.join(conflicts)}. "
+            f"A resume may only change {', '.join(MUTABLE_ON_RESUME)}; drop the other overrides to resume, "
+            f"or start a new run from these weights with init_from={source}"
+        )
+    return merged, changes

@@ -1,0 +1,224 @@
+"""Checkpoint files: schema, atomic writing, integrity checks, migration, resume resolution.
+
+A checkpoint holds only tensors and plain containers, so it loads with
+`torch.load(path, map_location="cpu", weights_only=True)`: loading never runs
+code from the file. See DESIGN.md ("Checkpoint file") for the keys.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import re
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torchvision
+
+from frcnn_train.errors import CheckpointError
+
+FORMAT = "frcnn_train.checkpoint"
+FORMAT_VERSION = 1
+REQUIRED_KEYS = ("config", "architecture", "classes", "model", "optimizer", "scheduler", "trainer", "rng")
+# A wrapper prefix at the start of a key or after a dot (DDP around a compiled model, ...).
+_WRAPPER_RE = re.compile(r"(^|\.)(?:module|_orig_mod)\.")
+
+
+def library_versions() -> dict[str, str]:
+    from frcnn_train import __version__
+
+    return {
+        "frcnn_train": __version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def strip_wrapper_prefixes(state: dict[str, Any]) -> dict[str, Any]:
+    """Drop `module.` (DataParallel / DDP) and `_orig_mod.` (torch.compile) wherever they appear."""
+    def clean(key: str) -> str:
+        while _WRAPPER_RE.search(key):  # nested wrappers: module._orig_mod.x
+            key = _WRAPPER_RE.sub(r"\1", key)
+        return key
+
+    return {clean(key): value for key, value in state.items()}
+
+
+# ---------------------------------------------------------------- migration
+def _migrate_v0(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """v0 (pre-release layout): `state_dict`/`optim` names, flat counters, no RNG or fingerprint."""
+    ckpt = dict(ckpt)
+    ckpt["model"] = ckpt.pop("state_dict")
+    ckpt["optimizer"] = ckpt.pop("optim")
+    ckpt.setdefault("scheduler", {})
+    ckpt.setdefault("scaler", {})
+    ckpt["trainer"] = {
+        "epoch": ckpt.pop("epoch"), "global_step": ckpt.pop("step"), "step_in_epoch": 0,
+        "best_metric": None, "history": [],
+    }
+    ckpt.setdefault("rng", {})
+    ckpt.setdefault("architecture", {"fingerprint": None, "spec": {}})
+    ckpt.setdefault("classes", [])
+    ckpt["format_version"] = 1
+    return ckpt
+
+
+# format_version -> function upgrading a checkpoint of that version by one step.
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {0: _migrate_v0}
+
+
+def migrate(ckpt: dict[str, Any], path: Path) -> dict[str, Any]:
+    version = ckpt.get("format_version", 0)
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format_version {version}, newer than this frcnn_train understands "
+            f"({FORMAT_VERSION}); upgrade frcnn_train to load it"
+        )
+    while version < FORMAT_VERSION:
+        ckpt = MIGRATIONS[version](ckpt)
+        version = ckpt["format_version"]
+    return ckpt
+
+
+# ---------------------------------------------------------------- reading
+def read_file(path: str | Path, *, trust: bool = False) -> Any:
+    """torch.load with every failure turned into one sentence naming the file."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist{_existing_hint(path.parent)}")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory; give a checkpoint file such as {path / 'last.pth'}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trust)
+    except Exception as err:  # noqa: BLE001 - torch.load raises many types for damaged files
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if not trust and "weights_only" in str(err):
+            raise CheckpointError(
+                f"{path} holds pickled Python objects that weights_only loading refuses ({reason[:120]}); "
+                "if you trust its source set init.trust=true"
+            ) from None
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint (truncated, corrupted or not a torch file: {reason[:120]}); "
+            "use another checkpoint or re-copy the file"
+        ) from None
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read, validate and migrate one of our checkpoints (weights_only)."""
+    path = Path(path)
+    ckpt = read_file(path)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path} is not an frcnn_train checkpoint (no '{FORMAT}' marker); "
+            "to start from its weights use init_from= instead of resume="
+        )
+    ckpt = migrate(ckpt, path)
+    missing = [key for key in REQUIRED_KEYS if key not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path} is an incomplete checkpoint (missing {', '.join(missing)}); use another checkpoint")
+    return ckpt
+
+
+# ---------------------------------------------------------------- writing
+def make_checkpoint(**parts: Any) -> dict[str, Any]:
+    """Stamp the format header on the parts listed in REQUIRED_KEYS (plus `scaler`)."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": library_versions(),
+        **parts,
+    }
+
+
+def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
+    """Write to a temporary file beside `path`, fsync, then rename over it.
+
+    A crash at any instant leaves either the old file or the new one, never a mix.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    if sys.platform == "win32":
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(ckpt: dict[str, Any], path: str | Path) -> None:
+    path = Path(path)
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a process killed mid-write
+        stale.unlink(missing_ok=True)
+    _atomic_write(path, lambda f: torch.save(ckpt, f))
+
+
+def copy_checkpoint(src: str | Path, dst: str | Path) -> None:
+    with open(src, "rb") as source:
+        _atomic_write(Path(dst), lambda f: shutil.copyfileobj(source, f))
+
+
+# ---------------------------------------------------------------- finding checkpoints
+def checkpoint_files(run_dir: str | Path) -> list[Path]:
+    """Checkpoints of a run directory, newest first by modification time."""
+    files = [p for p in Path(run_dir).glob("*.pth") if p.is_file()]
+    return sorted(files, key=lambda p: p.stat().st_mtime_ns, reverse=True)
+
+
+def _existing_hint(directory: Path) -> str:
+    files = checkpoint_files(directory) if directory.is_dir() else []
+    if not files:
+        return f" and {directory} holds no checkpoint"
+    return f"; checkpoints in {directory}: {', '.join(p.name for p in files)}"
+
+
+def newest_valid(run_dir: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest checkpoint that loads, and (path, reason) for each newer one that did not."""
+    bad = []
+    for path in checkpoint_files(run_dir):
+        try:
+            load_checkpoint(path)
+            return path, bad
+        except CheckpointError as err:
+            bad.append((path, str(err)))
+    return None, bad
+
+
+def resolve_resume(resume: str, run_dir: Path) -> tuple[Path | None, list[str]]:
+    """Map `resume=` (a file, a run directory, or `auto`) to a checkpoint file.
+
+    Returns the file (None: `auto` found nothing, start fresh) and warnings to show.
+    """
+    if resume == "auto":
+        if not run_dir.is_dir():
+            return None, []
+        found, bad = newest_valid(run_dir)
+        warnings = [f"resume=auto skipped {path}: {reason}" for path, reason in bad]
+        return found, warnings
+    path = Path(resume)
+    if path.is_dir():
+        last = path / "last.pth"
+        if not last.exists():
+            raise CheckpointError(f"resume={resume}: {last} does not exist{_existing_hint(path)}")
+        return last, []
+    if not path.exists():
+        raise CheckpointError(f"resume={resume} does not exist{_existing_hint(path.parent)}")
+    return path, []

@@ -1,0 +1,113 @@
+"""COCO-style evaluation with pycocotools' COCOeval, for boxes and masks."""
+from __future__ import annotations
+
+import contextlib
+import io
+from typing import Any, Iterable
+
+import numpy as np
+import pycocotools.mask as mask_util
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from frcnn_train import distributed
+
+# COCOeval.stats indices 0..5, in pycocotools' order.
+METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def detections_to_coco(
+    outputs: list[dict[str, torch.Tensor]],
+    image_ids: Iterable[int],
+    label_to_cat_id: dict[int, int],
+    *,
+    with_masks: bool,
+    mask_threshold: float = 0.5,
+) -> list[dict[str, Any]]:
+    """Turn torchvision detection outputs into COCO results (xywh boxes, RLE masks)."""
+    results = []
+    for output, image_id in zip(outputs, image_ids):
+        boxes = output["boxes"].detach().cpu().float()
+        scores = output["scores"].detach().cpu().tolist()
+        labels = output["labels"].detach().cpu().tolist()
+        xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+        rles = []
+        if with_masks and "masks" in output:
+            binary = (output["masks"][:, 0] > mask_threshold).cpu().numpy().astype(np.uint8)
+            rles = [mask_util.encode(np.asfortranarray(m)) for m in binary]
+            for rle in rles:
+                rle["counts"] = rle["counts"].decode("ascii")  # JSON-serialisable
+        for i, (box, score, label) in enumerate(zip(xywh, scores, labels)):
+            result = {
+                "image_id": int(image_id),
+                "category_id": label_to_cat_id[int(label)],
+                "bbox": [round(v, 3) for v in box],
+                "score": round(float(score), 5),
+            }
+            if rles:
+                result["segmentation"] = rles[i]
+            results.append(result)
+    return results
+
+
+def coco_metrics(coco_gt: COCO, results: list[dict[str, Any]], iou_type: str) -> dict[str, float]:
+    """AP, AP50, AP75, APs, APm, APl for one IoU type ("bbox" or "segm")."""
+    if not results:  # loadRes cannot take an empty list; no detection scores zero
+        return {name: 0.0 for name in METRIC_NAMES}
+    # COCOeval prints its own table; we print a shorter one.
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_dt = coco_gt.loadRes(results)
+        evaluator = COCOeval(coco_gt, coco_dt, iou_type)
+        evaluator.params.imgIds = sorted(coco_gt.getImgIds())
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    # -1 means "no ground truth of that size"; report it as 0 so curves stay numeric.
+    return {name: max(float(v), 0.0) for name, v in zip(METRIC_NAMES, evaluator.stats[:6])}
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    loader: Iterable,
+    *,
+    coco_gt: COCO,
+    label_to_cat_id: dict[int, int],
+    device: torch.device,
+    with_masks: bool,
+    autocast_dtype: torch.dtype | None = None,
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Run the model over `loader` and score it; returns ("bbox/AP"-style metrics, COCO results).
+
+    Under torchrun each rank predicts its shard; rank 0 gathers and scores, the
+    others return empty metrics.
+    """
+    was_training = model.training
+    model.eval()
+    results: list[dict[str, Any]] = []
+    for images, targets in loader:
+        images = [image.to(device) for image in images]
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            outputs = model(images)
+        image_ids = [int(t["image_id"]) for t in targets]
+        results += detections_to_coco(outputs, image_ids, label_to_cat_id, with_masks=with_masks)
+    model.train(was_training)
+    results = distributed.gather_lists(results)
+    if not distributed.is_main():
+        return {}, []
+    metrics = {}
+    for iou_type in ("bbox", "segm") if with_masks else ("bbox",):
+        for name, value in coco_metrics(coco_gt, results, iou_type).items():
+            metrics[f"{iou_type}/{name}"] = value
+    return metrics, results
+
+
+def format_table(metrics: dict[str, float]) -> str:
+    """A short aligned AP table: one row per IoU type."""
+    types = sorted({key.split("/")[0] for key in metrics}, key=lambda t: t != "bbox")
+    lines = ["       " + "".join(f"{name:>8}" for name in METRIC_NAMES)]
+    for iou_type in types:
+        row = "".join(f"{100 * metrics.get(f'{iou_type}/{name}', 0.0):8.1f}" for name in METRIC_NAMES)
+        lines.append(f"{iou_type:<7}{row}")
+    return "\n".join(lines)

@@ -1,0 +1,212 @@
+"""From a composed config to a finished (or cleanly stopped) run.
+
+This is the builder layer: the only place, with the `build_*` functions it calls,
+that reads the config. Resume takes the architecture from the checkpoint's own
+config (nanoGPT's `model_args` rule), so a flag left off the command line cannot
+change the model.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from frcnn_train import checkpoint, distributed
+from frcnn_train.config import merge_for_resume
+from frcnn_train.data import build_datasets
+from frcnn_train.errors import CheckpointError, ConfigError
+from frcnn_train.evaluation import format_table
+from frcnn_train.logs import RunLogger, log, setup_console
+from frcnn_train.models import build_model
+from frcnn_train.models.fingerprint import architecture_spec, diff_layouts, diff_specs, fingerprint, tensor_layout
+from frcnn_train.optim import build_optimizer, build_scheduler, group_summary
+from frcnn_train.trainer import Trainer, TrainerSettings, steps_per_epoch
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        name = f"cuda:{distributed.local_rank()}"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device={name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name} but CUDA is not available on this machine; use device=cpu (device may change on resume)")
+    return device
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+        # warn_only: a few CUDA kernels (roi_align backward) have no deterministic version.
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def amp_dtype(cfg: DictConfig, device: torch.device) -> torch.dtype | None:
+    if not cfg.trainer.amp:
+        return None
+    if device.type != "cuda":
+        log.warning("trainer.amp applies to CUDA only; training in fp32 on %s.", device)
+        return None
+    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16}
+    if cfg.trainer.amp_dtype not in dtypes:
+        raise ConfigError(f"trainer.amp_dtype={cfg.trainer.amp_dtype!r} is not supported; choose fp16 or bf16")
+    return dtypes[cfg.trainer.amp_dtype]
+
+
+def _resolve_classes(cfg: DictConfig, classes: list[str], saved_classes: list[str] | None) -> None:
+    if saved_classes is not None and list(saved_classes) != list(classes):
+        raise ConfigError(
+            f"the dataset's classes {classes} differ from the checkpoint's {list(saved_classes)}; "
+            "point data at the dataset the run was trained on, or fine-tune with init_from="
+        )
+    if cfg.model.num_classes is None:
+        cfg.model.num_classes = len(classes)
+    elif cfg.model.num_classes != len(classes):
+        raise ConfigError(
+            f"model.num_classes={cfg.model.num_classes} but the dataset has {len(classes)} classes "
+            f"({', '.join(classes[:10])}{', ...' if len(classes) > 10 else ''}); remove model.num_classes to take it from the data"
+        )
+
+
+def _check_fingerprint(ckpt: dict[str, Any], model: torch.nn.Module, spec: dict[str, Any], source: Path) -> str:
+    digest = fingerprint(spec, model)
+    saved = ckpt["architecture"]
+    if saved.get("fingerprint") in (None, digest):
+        return digest
+    lines = diff_specs(saved.get("spec", {}), spec) + diff_layouts(tensor_layout(ckpt["model"]), tensor_layout(model))
+    raise CheckpointError(
+        f"the model rebuilt from {source}'s config does not match the one it saved "
+        f"({'; '.join(lines[:6]) or 'same config, different tensors'}); resume with the frcnn_train "
+        "version that wrote it, or start from its weights with init_from="
+    )
+
+
+def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Train (or resume) as `cfg` says; returns a summary dict (run_dir, metrics, stop reason)."""
+    setup_console()
+    ckpt, resumed_from, changes = None, None, []
+    if cfg.resume:
+        resumed_from, warnings = checkpoint.resolve_resume(cfg.resume, Path(cfg.output_dir) / cfg.run_name)
+        for warning in warnings:
+            log.warning(warning)
+        if resumed_from is None:
+            log.info("resume=auto: no checkpoint in %s; starting a new run.", Path(cfg.output_dir) / cfg.run_name)
+        else:
+            ckpt = checkpoint.load_checkpoint(resumed_from)
+            cfg, changes = merge_for_resume(ckpt["config"], cfg, overrides, str(resumed_from))
+            cfg.resume = str(resumed_from)
+    run_dir = resumed_from.parent if resumed_from else Path(cfg.output_dir) / cfg.run_name
+
+    device = resolve_device(cfg.device)
+    distributed.init_from_env(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    seed_everything(cfg.seed, cfg.trainer.deterministic)
+    with_masks = cfg.model.arch == "mask_rcnn"
+    data = build_datasets(cfg.data, with_masks=with_masks)
+    _resolve_classes(cfg, data.classes, ckpt["classes"] if ckpt else None)
+
+    model = build_model(cfg.model).to(device)
+    spec = architecture_spec(cfg.model)
+    digest = _check_fingerprint(ckpt, model, spec, resumed_from) if ckpt else fingerprint(spec, model)
+    optimizer = build_optimizer(model, cfg.optim)
+    per_epoch = steps_per_epoch(len(data.train), cfg.trainer.batch_size, cfg.trainer.accumulate)
+    scheduler = build_scheduler(optimizer, cfg.schedule, steps_per_epoch=per_epoch,
+                                total_steps=per_epoch * cfg.trainer.epochs)
+    dtype = amp_dtype(cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    wrapped = model
+    if distributed.world_size() > 1:
+        wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    logger = RunLogger(run_dir, enabled=distributed.is_main(),
+                       purge_step=ckpt["trainer"]["global_step"] + 1 if ckpt else None)
+    trainer = Trainer(
+        model=wrapped, optimizer=optimizer, scheduler=scheduler, scaler=scaler, data=data,
+        settings=TrainerSettings(
+            epochs=cfg.trainer.epochs, batch_size=cfg.trainer.batch_size, seed=cfg.seed,
+            num_workers=cfg.data.num_workers, amp_dtype=dtype, grad_clip=cfg.trainer.grad_clip,
+            accumulate=cfg.trainer.accumulate, eval_every=cfg.trainer.eval_every,
+            checkpoint_every_steps=cfg.trainer.checkpoint_every_steps, keep_last=cfg.trainer.keep_last,
+            max_steps=cfg.trainer.max_steps, log_every=cfg.trainer.log_every, vis_images=cfg.trainer.vis_images,
+            progress=cfg.trainer.progress and sys.stderr.isatty(), best_metric=cfg.trainer.best_metric,
+        ),
+        device=device, run_dir=run_dir, logger=logger, with_masks=with_masks,
+        checkpoint_extras={
+            "config": OmegaConf.to_container(cfg, resolve=True),
+            "architecture": {"fingerprint": digest, "spec": spec},
+            "classes": list(data.classes),
+        },
+    )
+    if ckpt:
+        trainer.load_state_dict(ckpt)
+        trainer.history.append({
+            "resumed_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "from": str(resumed_from), "epoch": trainer.epoch, "global_step": trainer.global_step,
+            "changes": changes, "versions": checkpoint.library_versions(),
+        })
+    if distributed.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    _log_start(cfg, trainer, model, device, run_dir, resumed_from, changes)
+
+    started = time.perf_counter()
+    try:
+        metrics = trainer.fit()
+    finally:
+        logger.close()
+    summary = {"run_dir": str(run_dir), "metrics": metrics, "stop_reason": trainer.stop_reason,
+               "epoch": trainer.epoch, "global_step": trainer.global_step, "completed": trainer.completed(),
+               "seconds": time.perf_counter() - started}
+    if distributed.is_main():
+        _log_summary(summary, trainer, run_dir)
+    distributed.shutdown()
+    return summary
+
+
+def _log_start(cfg: DictConfig, trainer: Trainer, model: torch.nn.Module, device: torch.device,
+               run_dir: Path, resumed_from: Path | None, changes: list[str]) -> None:
+    if not distributed.is_main():
+        return
+    params = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if resumed_from:
+        log.info("Resuming %s at epoch %d, step %d%s.", resumed_from, trainer.epoch, trainer.global_step,
+                 f" with {'; '.join(changes)}" if changes else "")
+    log.info("Run directory %s on %s: %s/%s, %d classes, %.2fM parameters (%.2fM trainable); "
+             "%d train / %d val images, %d steps per epoch.", run_dir, device, cfg.model.arch,
+             cfg.model.backbone.name, cfg.model.num_classes, params / 1e6, trainable / 1e6,
+             len(trainer.data.train), len(trainer.data.val), trainer.steps_per_epoch)
+    for group in group_summary(trainer.optimizer):
+        log.info("  param group %-22s %4d tensors  lr x%g  weight_decay %g", group["name"], group["params"],
+                 group["lr_mult"], group["weight_decay"])
+
+
+def _log_summary(summary: dict[str, Any], trainer: Trainer, run_dir: Path) -> None:
+    command = f"python -m frcnn_train.train resume={run_dir / 'last.pth'}"
+    if summary["completed"]:
+        log.info("Finished %d epochs (%d steps) in %.0f s.", trainer.epoch, trainer.global_step, summary["seconds"])
+    else:
+        log.info("Stopped at epoch %d, step %d (%s) after %.0f s.", trainer.epoch, trainer.global_step,
+                 summary["stop_reason"], summary["seconds"])
+    if summary["metrics"]:
+        log.info("Validation (epoch %d):\n%s", trainer.epoch, format_table(summary["metrics"]))
+    saved = [p.name for p in sorted(run_dir.glob("*.pth"))]
+    log.info("Run directory: %s\nCheckpoints:   %s%s\nResume with:   %s%s", run_dir, ", ".join(saved),
+             f" (best {trainer.s.best_metric} = {trainer.best_metric:.4f})" if trainer.best_metric is not None else "",
+             command, "" if not summary["completed"] else "  trainer.epochs=<more>")

@@ -1,0 +1,134 @@
+"""Optimizer, parameter groups and the per-step learning-rate schedule."""
+from __future__ import annotations
+
+import bisect
+import math
+import re
+from typing import Any, Callable
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from frcnn_train.errors import ConfigError
+
+# Shorthands for optim.param_groups[*].match; anything else is a regular expression.
+PARAM_SHORTHANDS = {
+    "backbone": r"^backbone\.body\.",
+    "fpn": r"^backbone\.fpn\.",
+    "rpn": r"^rpn\.",
+    "roi_heads": r"^roi_heads\.",
+    "attention": r"(^|\.)attention\.",
+}
+_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+def _no_decay_names(model: nn.Module) -> set[str]:
+    """Biases and norm-layer weights, which weight decay would only pull towards zero."""
+    names = set()
+    for module_name, module in model.named_modules():
+        for param_name, _ in module.named_parameters(recurse=False):
+            full = f"{module_name}.{param_name}" if module_name else param_name
+            if param_name == "bias" or isinstance(module, _NORM_TYPES):
+                names.add(full)
+    return names
+
+
+def build_param_groups(model: nn.Module, optim_cfg: DictConfig) -> list[dict[str, Any]]:
+    """Assign every trainable parameter to a group by the first matching rule.
+
+    Groups are built in a fixed order (rules in config order, then "default"; each
+    split into decay / no-decay), so the optimizer state of a checkpoint maps back
+    onto the same parameters. Parameters matched by a `freeze` rule get
+    requires_grad=False and, like other frozen parameters, never reach the optimizer.
+    """
+    rules = []
+    for i, rule in enumerate(optim_cfg.param_groups):
+        pattern = PARAM_SHORTHANDS.get(rule.match, rule.match)
+        try:
+            rules.append((rule, re.compile(pattern)))
+        except re.error as err:
+            raise ConfigError(
+                f"optim.param_groups[{i}].match={rule.match!r} is not a valid regular expression ({err}); "
+                f"use a regex or one of {', '.join(PARAM_SHORTHANDS)}"
+            ) from None
+    no_decay = _no_decay_names(model) if optim_cfg.no_decay_norm_and_bias else set()
+    groups: dict[str, dict[str, Any]] = {}
+    order = [rule.match for rule, _ in rules] + ["default"]
+    for name, param in model.named_parameters():
+        rule = next((r for r, regex in rules if regex.search(name)), None)
+        if rule is not None and rule.freeze:
+            param.requires_grad_(False)
+        if not param.requires_grad:
+            continue
+        base = rule.match if rule is not None else "default"
+        lr_mult = rule.lr_mult if rule is not None else 1.0
+        decay = optim_cfg.weight_decay
+        if rule is not None and rule.weight_decay is not None:
+            decay = rule.weight_decay
+        key = base + ("/no_decay" if name in no_decay else "")
+        group = groups.setdefault(
+            key,
+            {"name": key, "params": [], "param_names": [], "lr": optim_cfg.lr * lr_mult,
+             "lr_mult": lr_mult, "weight_decay": 0.0 if name in no_decay else decay},
+        )
+        group["params"].append(param)
+        group["param_names"].append(name)
+    ordered = sorted(groups.values(), key=lambda g: (order.index(g["name"].split("/")[0]), g["name"]))
+    if not ordered:
+        raise ConfigError("no trainable parameters: every parameter is frozen; relax model.backbone.trainable_layers or the freeze rules in optim.param_groups")
+    return ordered
+
+
+def build_optimizer(model: nn.Module, optim_cfg: DictConfig) -> torch.optim.Optimizer:
+    groups = build_param_groups(model, optim_cfg)
+    if optim_cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=optim_cfg.lr, momentum=optim_cfg.momentum)
+    if optim_cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas))
+    raise ConfigError(f"optim.name={optim_cfg.name!r} is not an optimizer; choose sgd or adamw")
+
+
+def group_summary(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """Plain description of the groups, for the log, the checkpoint and `inspect`."""
+    return [
+        {"name": g.get("name", f"group{i}"), "params": len(g["params"]), "lr": g["lr"],
+         "lr_mult": g.get("lr_mult", 1.0), "weight_decay": g["weight_decay"],
+         "param_names": list(g.get("param_names", []))}
+        for i, g in enumerate(optimizer.param_groups)
+    ]
+
+
+def lr_factor_fn(schedule_cfg: DictConfig, *, steps_per_epoch: int, total_steps: int) -> Callable[[int], float]:
+    """Multiplier of each group's base LR at optimizer step `step`: linear warmup, then the decay."""
+    warmup = schedule_cfg.warmup_steps
+    start = schedule_cfg.warmup_factor
+    if schedule_cfg.name == "multistep":
+        milestones = sorted(round(m * steps_per_epoch) for m in schedule_cfg.milestones)
+
+        def decay(step: int) -> float:
+            return schedule_cfg.gamma ** bisect.bisect_right(milestones, step)
+    elif schedule_cfg.name == "cosine":
+        floor = schedule_cfg.min_lr_factor
+
+        def decay(step: int) -> float:
+            progress = min(step / max(total_steps, 1), 1.0)
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    else:
+        raise ConfigError(f"schedule.name={schedule_cfg.name!r} is not a schedule; choose multistep or cosine")
+
+    def factor(step: int) -> float:
+        ramp = start + (1 - start) * step / warmup if step < warmup else 1.0
+        return ramp * decay(step)
+
+    return factor
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, schedule_cfg: DictConfig, *, steps_per_epoch: int, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    # A plain function (not an object) so the scheduler's state_dict holds only
+    # counters: a resume with more epochs then gets the new cosine length.
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_factor_fn(schedule_cfg, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+    )

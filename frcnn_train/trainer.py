@@ -1,0 +1,342 @@
+"""The Trainer: fit(), one readable training step, evaluation, and its own state_dict.
+
+It takes built objects and plain settings; only `launch.py` reads the config.
+"""
+from __future__ import annotations
+
+import math
+import random
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from frcnn_train import checkpoint, distributed
+from frcnn_train.data import DataBundle, batches_per_epoch, build_eval_loader, build_train_loader
+from frcnn_train.errors import UserError
+from frcnn_train.evaluation import evaluate, format_table
+from frcnn_train.logs import RunLogger, log
+from frcnn_train.visualize import draw_detections
+
+
+class TrainingError(UserError):
+    """Training cannot go on (a non-finite loss); the message says what to change."""
+
+
+@dataclass
+class TrainerSettings:
+    epochs: int
+    batch_size: int
+    seed: int
+    num_workers: int
+    amp_dtype: torch.dtype | None = None  # None: fp32
+    grad_clip: float | None = None
+    accumulate: int = 1
+    eval_every: int = 1
+    checkpoint_every_steps: int = 0
+    keep_last: int = 3
+    max_steps: int | None = None
+    log_every: int = 20
+    vis_images: int = 4
+    progress: bool = True
+    best_metric: str = "bbox/AP"
+
+
+def steps_per_epoch(num_images: int, batch_size: int, accumulate: int) -> int:
+    """Optimizer steps in one epoch (incomplete batches and accumulations are dropped)."""
+    steps = batches_per_epoch(num_images, batch_size, distributed.world_size()) // accumulate
+    if steps < 1:
+        raise TrainingError(
+            f"the training split has {num_images} images, fewer than one optimizer step needs "
+            f"(trainer.batch_size={batch_size} x trainer.accumulate={accumulate} "
+            f"x {distributed.world_size()} processes); lower them or add images"
+        )
+    return steps
+
+
+def rng_state() -> dict[str, Any]:
+    """Every global RNG the training step can draw from, as weights_only-loadable values."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    return {
+        "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    if not state:  # migrated pre-v1 checkpoints carry none
+        return
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
+    npy = state["numpy"]
+    np.random.set_state((npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"],
+                         npy["has_gauss"], npy["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
+
+
+class Trainer:
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        scaler: torch.amp.GradScaler,
+        data: DataBundle,
+        settings: TrainerSettings,
+        device: torch.device,
+        run_dir: Path,
+        logger: RunLogger,
+        with_masks: bool,
+        checkpoint_extras: dict[str, Any],
+    ) -> None:
+        self.model = model  # possibly DDP-wrapped; `bare` is what gets saved
+        self.bare = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
+        self.data, self.s, self.device = data, settings, device
+        self.run_dir, self.logger, self.with_masks = run_dir, logger, with_masks
+        self.extras = checkpoint_extras  # config, architecture, classes: fixed for the run
+        self.steps_per_epoch = steps_per_epoch(len(data.train), settings.batch_size, settings.accumulate)
+        # Counters: epochs completed, optimizer steps done, steps done inside the current epoch.
+        self.epoch = 0
+        self.global_step = 0
+        self.step_in_epoch = 0
+        self.best_metric: float | None = None
+        self.history: list[dict[str, Any]] = []
+        self.last_metrics: dict[str, float] = {}
+        self._stop_reason: str | None = None
+
+    # ------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.bare.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "trainer": {
+                "epoch": self.epoch, "global_step": self.global_step, "step_in_epoch": self.step_in_epoch,
+                "best_metric": self.best_metric, "best_metric_name": self.s.best_metric,
+                "last_metrics": dict(self.last_metrics), "history": list(self.history),
+            },
+            "rng": {**rng_state(), "data": {"seed": self.s.seed, "epoch": self.epoch,
+                                            "start_batch": self.step_in_epoch * self.s.accumulate}},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.bare.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            if self.scaler.is_enabled():
+                self.scaler.load_state_dict(state["scaler"])
+            else:
+                log.warning("The checkpoint carries an fp16 loss scale (%.0f) that has no use without CUDA AMP; "
+                            "continuing without loss scaling.", state["scaler"].get("scale", float("nan")))
+        counters = state["trainer"]
+        self.epoch, self.global_step = counters["epoch"], counters["global_step"]
+        self.step_in_epoch = counters["step_in_epoch"]
+        self.best_metric = counters["best_metric"]
+        self.last_metrics = dict(counters.get("last_metrics", {}))
+        self.history = list(counters["history"])
+        set_rng_state(state["rng"])
+
+    def save(self, name: str) -> Path:
+        path = self.run_dir / name
+        if distributed.is_main():
+            checkpoint.save_checkpoint(checkpoint.make_checkpoint(**self.extras, **self.state_dict()), path)
+        return path
+
+    # ------------------------------------------------------------ training
+    def fit(self) -> dict[str, float]:
+        """Train until trainer.epochs, trainer.max_steps or a stop signal; returns the last metrics."""
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            while self.epoch < self.s.epochs and self._stop_reason is None:
+                if not self._train_epoch():
+                    break  # stopped mid-epoch; last.pth already written
+                self.epoch += 1
+                self.step_in_epoch = 0
+                self._end_of_epoch()
+                if self.s.max_steps is not None and self.global_step >= self.s.max_steps:
+                    self._stop_reason = f"trainer.max_steps={self.s.max_steps} reached"
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self.logger.flush()
+        return self.last_metrics
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self._stop_reason is not None:  # second signal: the user really wants out
+            raise KeyboardInterrupt
+        self._stop_reason = f"received {signal.Signals(signum).name}"
+        log.warning("%s: finishing this step, then saving last.pth (send again to abort without saving).",
+                    signal.Signals(signum).name)
+
+    def _train_epoch(self) -> bool:
+        """One epoch from step_in_epoch on. False when it stopped early (signal / max_steps)."""
+        s = self.s
+        loader = build_train_loader(
+            self.data.train, batch_size=s.batch_size, num_workers=s.num_workers, seed=s.seed,
+            epoch=self.epoch, start_batch=self.step_in_epoch * s.accumulate,
+            rank=distributed.rank(), world_size=distributed.world_size(),
+        )
+        self.model.train()
+        progress = self._progress_bar(len(loader) // s.accumulate)
+        started, images_seen, micro = time.perf_counter(), 0, []
+        for images, targets in loader:
+            micro.append((images, targets))
+            if len(micro) < s.accumulate:
+                continue
+            losses = self._train_step(micro)
+            images_seen += sum(len(batch[0]) for batch in micro) * distributed.world_size()
+            micro = []
+            self._after_step(losses, images_seen / (time.perf_counter() - started), progress)
+            if self.step_in_epoch == self.steps_per_epoch:
+                break
+            stop = self._stop_reason is not None or (s.max_steps is not None and self.global_step >= s.max_steps)
+            if distributed.any_rank(stop, self.device):
+                self._stop_reason = self._stop_reason or f"trainer.max_steps={s.max_steps} reached"
+                self.save("last.pth")
+                return False
+        if progress is not None:
+            progress.close()
+        self.logger.scalars({"time/epoch_s": time.perf_counter() - started}, self.global_step)
+        return True
+
+    def _train_step(self, micro_batches: list[tuple[list, list]]) -> dict[str, float]:
+        """One optimizer step over `accumulate` micro-batches: losses, sum, finite check, backward, step."""
+        totals: dict[str, float] = {}
+        for i, (images, targets) in enumerate(micro_batches):
+            images = [image.to(self.device, non_blocking=True) for image in images]
+            targets = [{k: v.to(self.device, non_blocking=True) for k, v in t.items()} for t in targets]
+            last = i == len(micro_batches) - 1
+            # DDP all-reduces gradients only on the last micro-batch of an accumulation.
+            sync = nullcontext() if last or self.model is self.bare else self.model.no_sync()
+            with sync:
+                with torch.autocast(self.device.type, dtype=self.s.amp_dtype or torch.float32,
+                                    enabled=self.s.amp_dtype is not None):
+                    loss_dict = self.model(images, targets)
+                loss = sum(loss_dict.values())
+                self._check_finite(loss, loss_dict)
+                self.scaler.scale(loss / len(micro_batches)).backward()
+            for name, value in loss_dict.items():
+                totals[name] = totals.get(name, 0.0) + value.item() / len(micro_batches)
+        if self.s.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            grad_norm = nn.utils.clip_grad_norm_(self.bare.parameters(), self.s.grad_clip)
+            totals["grad_norm"] = float(grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.global_step += 1
+        self.step_in_epoch += 1
+        return totals
+
+    def _check_finite(self, loss: torch.Tensor, loss_dict: dict[str, torch.Tensor]) -> None:
+        if distributed.any_rank(not torch.isfinite(loss).item(), self.device):
+            terms = ", ".join(f"{k}={v.item():.4g}" for k, v in loss_dict.items())
+            last = self.run_dir / "last.pth"
+            kept = f"the last good checkpoint {last} is untouched" if last.exists() else "no checkpoint was written"
+            raise TrainingError(
+                f"the loss became non-finite at step {self.global_step + 1} (epoch {self.epoch + 1}: {terms}); "
+                f"{kept}; lower optim.lr, lengthen schedule.warmup_steps or set trainer.grad_clip"
+            )
+
+    def _after_step(self, losses: dict[str, float], images_per_s: float, progress: Any) -> None:
+        lr = self.optimizer.param_groups[0]["lr"]
+        total = sum(v for k, v in losses.items() if k.startswith("loss"))
+        if progress is not None:
+            progress.set_postfix(loss=f"{total:.3f}", lr=f"{lr:.2e}", refresh=False)
+            progress.update(1)
+        if self.global_step % self.s.log_every == 0:
+            scalars = {f"train/{k}": v for k, v in losses.items()}
+            scalars["train/loss"] = total
+            scalars["train/images_per_s"] = images_per_s
+            for group in self.optimizer.param_groups:
+                scalars[f"lr/{group.get('name', 'default')}"] = group["lr"]
+            self.logger.scalars(scalars, self.global_step)
+            if progress is None:
+                log.info("epoch %d step %d/%d  loss %.4f  lr %.3g  %.1f img/s", self.epoch + 1,
+                         self.step_in_epoch, self.steps_per_epoch, total, lr, images_per_s)
+        if self.s.checkpoint_every_steps and self.global_step % self.s.checkpoint_every_steps == 0:
+            self.save("last.pth")
+
+    def _progress_bar(self, total: int) -> Any:
+        if not (self.s.progress and distributed.is_main()):
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=f"epoch {self.epoch + 1}/{self.s.epochs}", leave=False, dynamic_ncols=True)
+
+    # ------------------------------------------------------------ epoch end
+    def _end_of_epoch(self) -> None:
+        final = self.epoch == self.s.epochs
+        due = final or (self.s.eval_every > 0 and self.epoch % self.s.eval_every == 0)
+        is_best = False
+        if due:
+            metrics = self.evaluate()
+            if distributed.is_main():
+                value = metrics.get(self.s.best_metric)
+                is_best = value is not None and (self.best_metric is None or value > self.best_metric)
+                if is_best:
+                    self.best_metric = value
+        last = self.save("last.pth")
+        if distributed.is_main():
+            if is_best:
+                checkpoint.copy_checkpoint(last, self.run_dir / "best.pth")
+            if self.s.keep_last > 0:
+                checkpoint.copy_checkpoint(last, self.run_dir / f"epoch_{self.epoch:04d}.pth")
+                for old in sorted(self.run_dir.glob("epoch_*.pth"))[: -self.s.keep_last]:
+                    old.unlink()
+        distributed.barrier()
+
+    def evaluate(self) -> dict[str, float]:
+        """COCO AP on the validation split; logs it and draws a few predictions into TensorBoard."""
+        started = time.perf_counter()
+        loader = build_eval_loader(self.data.val, batch_size=self.s.batch_size, num_workers=self.s.num_workers,
+                                   rank=distributed.rank(), world_size=distributed.world_size())
+        metrics, _ = evaluate(self.bare, loader, coco_gt=self.data.val.coco,
+                              label_to_cat_id=self.data.val.label_to_cat_id, device=self.device,
+                              with_masks=self.with_masks, autocast_dtype=self.s.amp_dtype)
+        if not distributed.is_main():
+            return {}
+        self.last_metrics = metrics
+        self.logger.scalars({f"val/{k}": v for k, v in metrics.items()}, self.global_step)
+        self.logger.scalars({"time/eval_s": time.perf_counter() - started}, self.global_step)
+        self.logger.metrics_line({"epoch": self.epoch, "step": self.global_step, **metrics})
+        log.info("epoch %d (step %d) validation:\n%s", self.epoch, self.global_step, format_table(metrics))
+        self._draw_samples()
+        return metrics
+
+    @torch.no_grad()
+    def _draw_samples(self) -> None:
+        count = min(self.s.vis_images, len(self.data.val))
+        if count == 0:
+            return
+        self.bare.eval()
+        images = [self.data.val[i][0] for i in range(count)]
+        outputs = self.bare([image.to(self.device) for image in images])
+        self.bare.train()
+        for i, (image, output) in enumerate(zip(images, outputs)):
+            drawn = draw_detections(image, output, self.data.classes, score_threshold=0.5)
+            self.logger.image(f"val/predictions/{i}", drawn, self.global_step)
+
+    @property
+    def stop_reason(self) -> str | None:
+        return self._stop_reason
+
+    def completed(self) -> bool:
+        return self.epoch >= self.s.epochs
