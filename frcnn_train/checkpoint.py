@@ -32,8 +32,8 @@ def library_versions() -> dict[str, str]:
 
     return {
         "frcnn_train": __version__,
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
+        "torch": str(torch.__version__),
+        "torchvision": str(torchvision.__version__),
         "python": platform.python_version(),
     }
 
@@ -95,15 +95,16 @@ def read_file(path: str | Path, *, trust: bool = False) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust)
     except Exception as err:  # noqa: BLE001 - torch.load raises many types for damaged files
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if not trust and "weights_only" in str(err):
+        text = str(err)
+        unsafe = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        if unsafe:
             raise CheckpointError(
-                f"{path} holds pickled Python objects that weights_only loading refuses ({reason[:120]}); "
+                f"{path} holds pickled Python objects ({unsafe.group(1)}) that safe weights_only loading refuses; "
                 "if you trust its source set init.trust=true"
             ) from None
         raise CheckpointError(
-            f"{path} is not a readable checkpoint (truncated, corrupted or not a torch file: {reason[:120]}); "
-            "use another checkpoint or re-copy the file"
+            f"{path} ({path.stat().st_size} bytes) is not a readable checkpoint: it is truncated, corrupted "
+            "or not a torch file; use another checkpoint or copy the file again"
         ) from None
 
 
