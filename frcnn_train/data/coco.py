@@ -1,0 +1,370 @@
+"""COCO instances datasets: validated up front, remapped to contiguous labels.
+
+Everything that can be wrong with the files is found here, in the main process
+at construction, and reported as one `DataError` sentence naming the file; a
+worker process only ever opens images that are known to exist.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from torch import Tensor
+
+from frcnn_train.errors import DataError
+
+
+class DataWarning(UserWarning):
+    """Boxes were repaired or dropped while loading a dataset."""
+
+
+def _fix(key: str | None, what: str) -> str:
+    return f"point {key} at another {what}" if key else f"use another {what}"
+
+
+def _prefix(key: str | None) -> str:
+    return f"{key}: " if key else ""
+
+
+def load_annotation_file(path: str | Path, *, key: str | None = None) -> dict[str, Any]:
+    """Read and shape-check a COCO instances JSON file."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(
+            f"{_prefix(key)}annotation file {path} does not exist; check the path or {_fix(key, 'file')}"
+        )
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(
+            f"{_prefix(key)}{path} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); "
+            f"fix the file or {_fix(key, 'file')}"
+        ) from None
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"{_prefix(key)}{path} is not UTF-8 text ({e.reason}); fix the file or {_fix(key, 'file')}"
+        ) from None
+    check_coco_dict(data, str(path), key=key)
+    return data
+
+
+def check_coco_dict(data: Any, source: str, *, key: str | None = None) -> None:
+    if not isinstance(data, dict):
+        raise DataError(
+            f"{_prefix(key)}{source} holds a JSON {type(data).__name__}, not a COCO object with "
+            f"'images', 'annotations' and 'categories'; {_fix(key, 'file')}"
+        )
+    missing = [k for k in ("images", "annotations", "categories") if not isinstance(data.get(k), list)]
+    if missing:
+        raise DataError(
+            f"{_prefix(key)}{source} has no {' / '.join(repr(k) for k in missing)} list, so it is not a COCO "
+            f"instances file; {_fix(key, 'file')}"
+        )
+
+
+class CocoDetection(torch.utils.data.Dataset):
+    """A COCO instances split as (image [3,H,W] float in [0,1], target dict) pairs.
+
+    `__getitem__` takes an index or an `(index, sample_seed)` pair; the seed
+    drives every random transform, so augmentation is a pure function of the
+    key and does not depend on which worker loads the sample.
+
+    `ann_key` / `images_key` name the config keys the files came from, so that
+    errors can say which key to change; they are optional.
+    """
+
+    coco: COCO
+    classes: list[str]
+    label_to_cat_id: dict[int, int]
+    image_ids: list[int]
+
+    def __init__(
+        self,
+        images_dir: str | Path,
+        annotations: str | Path | dict,
+        *,
+        with_masks: bool,
+        train: bool,
+        skip_empty: bool = True,
+        transforms: Callable | None = None,
+        classes: list[str] | None = None,
+        ann_key: str | None = None,
+        images_key: str | None = None,
+    ) -> None:
+        self.images_dir = Path(images_dir).expanduser()
+        self.with_masks = with_masks
+        self.train = train
+        self.transforms = transforms
+        if not self.images_dir.is_dir():
+            raise DataError(
+                f"{_prefix(images_key)}image directory {self.images_dir} does not exist; "
+                f"check the path or {_fix(images_key, 'directory')}"
+            )
+        if isinstance(annotations, dict):
+            source = f"the annotations for {self.images_dir}"
+            check_coco_dict(annotations, source, key=ann_key)
+            data = annotations
+        else:
+            source = str(Path(annotations).expanduser())
+            data = load_annotation_file(annotations, key=ann_key)
+        self.source = source
+        self._key = ann_key
+
+        self.classes, cat_to_label = self._categories(data["categories"], classes)
+        self.label_to_cat_id = {label: cat for cat, label in cat_to_label.items()}
+        # Labels this split has no category for (a val file lacking a training
+        # class) get ids absent from the ground truth, which COCOeval ignores.
+        spare = max([c for c in cat_to_label] + [0]) + 1
+        for label in range(1, len(self.classes) + 1):
+            if label not in self.label_to_cat_id:
+                self.label_to_cat_id[label] = spare
+                spare += 1
+
+        images = self._images(data["images"], images_key)
+        self._records, self.image_ids = self._annotations(data["annotations"], images, cat_to_label, skip_empty)
+        if not self.image_ids:
+            if images:
+                raise self._error(
+                    "gives an empty training split: no image has a usable annotation",
+                    f"set data.skip_empty=false or {_fix(ann_key, 'file')}",
+                )
+            raise self._error("gives an empty split: it lists no images", _fix(ann_key, "file"))
+        self.coco = COCO()
+        self.coco.dataset = data
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress chatter
+            self.coco.createIndex()
+
+    def _error(self, problem: str, fix: str) -> DataError:
+        return DataError(f"{_prefix(self._key)}{self.source} {problem}; {fix}")
+
+    def _categories(self, categories: list[dict], classes: list[str] | None) -> tuple[list[str], dict[int, int]]:
+        try:
+            cats = sorted(((int(c["id"]), str(c["name"])) for c in categories), key=lambda c: c[0])
+        except (KeyError, TypeError, ValueError):
+            raise self._error(
+                "has a category without an integer 'id' and a 'name'", "fix the 'categories' list"
+            ) from None
+        if not cats:
+            raise self._error("lists no categories", "add the 'categories' list")
+        ids, names = [c[0] for c in cats], [c[1] for c in cats]
+        for seq, what in ((ids, "id"), (names, "name")):
+            dup = sorted({v for v in seq if seq.count(v) > 1}, key=str)
+            if dup:
+                raise self._error(f"has duplicate category {what}s {dup}", f"give every category a unique {what}")
+        if classes is None:
+            return names, {cat_id: i + 1 for i, cat_id in enumerate(ids)}
+        classes = [str(c) for c in classes]
+        unknown = [n for n in names if n not in classes]
+        if unknown:
+            raise self._error(
+                f"has categories {unknown} that are not among the {len(classes)} classes {classes}",
+                "use the same class names in every split (and in data.classes)",
+            )
+        if self.train and len(classes) != len(names):
+            raise self._error(
+                f"has {len(names)} categories but {len(classes)} class names were given ({classes})",
+                "give exactly one name per category in data.classes, or leave it null",
+            )
+        return classes, {cat_id: classes.index(name) + 1 for cat_id, name in zip(ids, names)}
+
+    def _images(self, images: list[dict], images_key: str | None) -> dict[int, dict[str, Any]]:
+        out: dict[int, dict[str, Any]] = {}
+        for img in images:
+            try:
+                image_id, file_name = int(img["id"]), str(img["file_name"])
+            except (KeyError, TypeError, ValueError):
+                raise self._error(
+                    f"has an image entry without 'id' and 'file_name' ({img!r:.80})", "fix the 'images' list"
+                ) from None
+            if image_id in out:
+                raise self._error(f"lists image id {image_id} twice", "give every image a unique id")
+            out[image_id] = {"file_name": file_name, "width": img.get("width"), "height": img.get("height")}
+        # One directory listing instead of a stat per image: COCO train has 118k files.
+        try:
+            present = set(os.listdir(self.images_dir))
+        except OSError as e:
+            raise DataError(
+                f"{_prefix(images_key)}cannot list {self.images_dir} ({e.strerror}); check its permissions"
+            ) from None
+
+        def exists(name: str) -> bool:
+            if "/" in name or os.sep in name:  # a file in a subdirectory: not in the listing
+                return (self.images_dir / name).is_file()
+            return name in present
+
+        missing = [info["file_name"] for info in out.values() if not exists(info["file_name"])]
+        if missing:
+            raise DataError(
+                f"{_prefix(images_key)}{len(missing)} image file(s) listed in {self.source} are missing from "
+                f"{self.images_dir} (first: {missing[0]}); restore them or "
+                f"{_fix(images_key, 'directory')}"
+            )
+        for info in out.values():
+            if not info["width"] or not info["height"]:
+                # Old or hand-made files omit the size; reading the header is cheap.
+                with Image.open(self.images_dir / info["file_name"]) as im:
+                    info["width"], info["height"] = im.size
+            info["width"], info["height"] = int(info["width"]), int(info["height"])
+        return out
+
+    def _annotations(
+        self, annotations: list[dict], images: dict[int, dict], cat_to_label: dict[int, int], skip_empty: bool
+    ) -> tuple[dict[int, dict[str, Any]], list[int]]:
+        per_image: dict[int, list[tuple]] = {i: [] for i in images}
+        clipped = dropped = 0
+        seen_ids: set[Any] = set()
+        for ann in annotations:
+            if not isinstance(ann, dict) or "id" not in ann:
+                raise self._error(
+                    f"has an annotation without an 'id' ({ann!r:.80})", "give every annotation a unique id"
+                )
+            if ann["id"] in seen_ids:
+                raise self._error(f"lists annotation id {ann['id']} twice", "give every annotation a unique id")
+            seen_ids.add(ann["id"])
+            image_id, cat_id = ann.get("image_id"), ann.get("category_id")
+            if image_id not in images:
+                raise self._error(
+                    f"has annotation id {ann.get('id')} for image_id {image_id}, which is not in 'images'",
+                    "add the image or remove the annotation",
+                )
+            if cat_id not in cat_to_label:
+                raise self._error(
+                    f"has annotation id {ann.get('id')} with category_id {cat_id}, which is not in 'categories'",
+                    "add the category or remove the annotation",
+                )
+            # COCOeval reads these from the ground truth; fill them in as COCO would.
+            crowd = int(ann.setdefault("iscrowd", 0))
+            if "area" not in ann and isinstance(ann.get("bbox"), list) and len(ann["bbox"]) == 4:
+                ann["area"] = float(ann["bbox"][2]) * float(ann["bbox"][3])
+            if crowd and self.train:
+                continue  # crowd regions only mark areas COCOeval ignores; they are no training targets
+            try:
+                x, y, w, h = (float(v) for v in ann["bbox"])
+            except (KeyError, TypeError, ValueError):
+                raise self._error(
+                    f"has annotation id {ann.get('id')} without a 4-number 'bbox'", "fix the annotation"
+                ) from None
+            info = images[image_id]
+            width, height = info["width"], info["height"]
+            x1, y1, x2, y2 = max(x, 0.0), max(y, 0.0), min(x + w, width), min(y + h, height)
+            if x2 <= x1 or y2 <= y1:
+                dropped += 1
+                continue
+            if (x1, y1, x2, y2) != (x, y, x + w, y + h):
+                clipped += 1
+            segmentation = None
+            if self.with_masks:
+                segmentation = self._check_segmentation(ann, width, height)
+            area = float(ann.get("area") or (x2 - x1) * (y2 - y1))
+            per_image[image_id].append(((x1, y1, x2, y2), cat_to_label[cat_id], area, crowd, segmentation))
+        if clipped or dropped:
+            warnings.warn(
+                f"{self.source}: clipped {clipped} box(es) that extended outside their image and dropped "
+                f"{dropped} box(es) with zero or negative area after clipping",
+                DataWarning,
+                stacklevel=3,
+            )
+        records: dict[int, dict[str, Any]] = {}
+        for image_id in sorted(images):
+            anns = per_image[image_id]
+            if self.train and skip_empty and not anns:
+                continue
+            info = images[image_id]
+            records[image_id] = {
+                "file_name": info["file_name"],
+                "size": (info["height"], info["width"]),
+                # Compact arrays: these records are copied into every worker.
+                "boxes": np.array([a[0] for a in anns], dtype=np.float32).reshape(-1, 4),
+                "labels": np.array([a[1] for a in anns], dtype=np.int64),
+                "area": np.array([a[2] for a in anns], dtype=np.float32),
+                "iscrowd": np.array([a[3] for a in anns], dtype=np.int64),
+                "segmentations": [a[4] for a in anns] if self.with_masks else None,
+            }
+        return records, list(records)
+
+    def _check_segmentation(self, ann: dict, width: int, height: int) -> Any:
+        seg = ann.get("segmentation")
+        where = f"annotation id {ann.get('id')}"
+        if isinstance(seg, list):
+            if all(isinstance(p, list) and all(isinstance(v, (int, float)) for v in p) for p in seg):
+                # COCO has a few degenerate polygons (fewer than 3 points); they add nothing to a mask.
+                return [[float(v) for v in p] for p in seg if len(p) >= 6 and len(p) % 2 == 0]
+        elif isinstance(seg, dict) and "counts" in seg and "size" in seg:
+            if [int(v) for v in seg["size"]] != [height, width]:
+                raise self._error(
+                    f"has {where} whose RLE size {seg['size']} differs from its image size [{height}, {width}]",
+                    "fix the annotation",
+                )
+            if isinstance(seg["counts"], list):
+                # Uncompressed RLE: convert once here rather than in every epoch.
+                rle = mask_utils.frPyObjects(seg, height, width)
+                return {"size": rle["size"], "counts": rle["counts"]}
+            if isinstance(seg["counts"], (str, bytes)):
+                return {"size": [height, width], "counts": seg["counts"]}
+        elif seg is None:
+            raise self._error(
+                f"has {where} without a 'segmentation'",
+                "Mask R-CNN needs masks for every object: add them or train model=faster_rcnn",
+            )
+        raise self._error(f"has {where} with a malformed 'segmentation'", "use polygons or RLE as COCO does")
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, dict[str, Tensor]]:
+        if isinstance(key, tuple):
+            index, sample_seed = key
+        else:
+            # A plain index (evaluation, notebooks) still gets deterministic augmentation.
+            index, sample_seed = key, key
+        image_id = self.image_ids[index]
+        rec = self._records[image_id]
+        path = self.images_dir / rec["file_name"]
+        with Image.open(path) as im:
+            image = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.uint8).copy())
+        height, width = rec["size"]
+        if tuple(image.shape[:2]) != (height, width):
+            raise DataError(
+                f"{path} is {image.shape[1]}x{image.shape[0]} pixels but {self.source} says "
+                f"{width}x{height}; fix the 'width'/'height' of image id {image_id}"
+            )
+        image = image.permute(2, 0, 1).float().div_(255.0)
+        target: dict[str, Tensor] = {
+            "boxes": torch.from_numpy(rec["boxes"].copy()),
+            "labels": torch.from_numpy(rec["labels"].copy()),
+            "image_id": torch.tensor(image_id, dtype=torch.int64),
+            "area": torch.from_numpy(rec["area"].copy()),
+            "iscrowd": torch.from_numpy(rec["iscrowd"].copy()),
+        }
+        if self.with_masks:
+            target["masks"] = self._masks(rec["segmentations"], height, width)
+        if self.transforms is not None:
+            generator = torch.Generator().manual_seed(int(sample_seed))
+            image, target = self.transforms(image, target, generator)
+        return image, target
+
+    @staticmethod
+    def _masks(segmentations: list[Any], height: int, width: int) -> Tensor:
+        rles = []
+        for seg in segmentations:
+            if isinstance(seg, list):
+                # An empty polygon list (only degenerate polygons) is an empty mask.
+                seg = mask_utils.merge(mask_utils.frPyObjects(seg, height, width)) if seg else \
+                    mask_utils.encode(np.zeros((height, width), dtype=np.uint8, order="F"))
+            rles.append(seg)
+        if not rles:
+            return torch.zeros((0, height, width), dtype=torch.uint8)
+        # One decode call for all objects: [H, W, N] -> [N, H, W].
+        masks = mask_utils.decode(rles)
+        return torch.from_numpy(np.ascontiguousarray(masks.transpose(2, 0, 1)))

@@ -1,0 +1,263 @@
+"""Builders for datasets and loaders, the only code here that reads the config.
+
+Exact resume is the point: the training order and every augmentation are a
+pure function of (seed, epoch, sample index). Nothing depends on worker RNG
+state or the global torch RNG, so a run resumed mid-epoch, with any number of
+workers, sees exactly the batches an uninterrupted run would have seen.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
+
+from frcnn_train.data.coco import CocoDetection
+from frcnn_train.data.shapes import ensure_shapes_dataset
+from frcnn_train.data.transforms import Compose, RandomHorizontalFlip, ScaleJitter
+from frcnn_train.data.voc import load_voc
+from frcnn_train.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+DATASET_NAMES = ("coco", "shapes", "voc")
+Splits = tuple[CocoDetection, CocoDetection]
+
+
+@dataclass
+class DataBundle:
+    train: Dataset
+    val: Dataset
+    classes: list[str]  # label i (1-based; 0 is background) is classes[i - 1]
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+def build_datasets(data_cfg: DictConfig, *, with_masks: bool) -> DataBundle:
+    """Build the train split (with augmentation) and the val split (without) named by `data.name`."""
+    name = _get(data_cfg, "name")
+    builders = {"coco": _coco_datasets, "shapes": _shapes_datasets, "voc": _voc_datasets}
+    if name not in builders:
+        raise ConfigError(f"data.name={name!r} is not a known dataset; valid names: {', '.join(DATASET_NAMES)}")
+    train, val = builders[name](data_cfg, with_masks=with_masks, transforms=_train_transforms(data_cfg))
+    log.info("data: %s, %d train / %d val images, %d classes", name, len(train), len(val), len(train.classes))
+    return DataBundle(train=train, val=val, classes=list(train.classes))
+
+
+def _get(cfg: Any, key: str) -> Any:
+    # `???` (mandatory, unset) must become our own error, not omegaconf's.
+    if isinstance(cfg, DictConfig) and OmegaConf.is_missing(cfg, key):
+        return None
+    return cfg.get(key) if hasattr(cfg, "get") else getattr(cfg, key, None)
+
+
+def _train_transforms(data_cfg: DictConfig) -> Compose:
+    hflip = float(_get(data_cfg, "hflip_prob") or 0.0)
+    if not 0.0 <= hflip <= 1.0:
+        raise ConfigError(f"data.hflip_prob={hflip} is not a probability; set it between 0 and 1")
+    transforms: list[Any] = [RandomHorizontalFlip(hflip)]
+    jitter = _get(data_cfg, "scale_jitter")
+    if jitter is not None:
+        jitter = list(jitter)
+        if len(jitter) != 2 or not 0 < float(jitter[0]) <= float(jitter[1]):
+            raise ConfigError(
+                f"data.scale_jitter={jitter} must be [min, max] with 0 < min <= max, e.g. [0.8, 1.25], or null"
+            )
+        transforms.append(ScaleJitter(float(jitter[0]), float(jitter[1])))
+    return Compose(transforms)
+
+
+def shapes_cache_dir(data_cfg: DictConfig) -> Path:
+    base = _get(data_cfg, "cache_dir") or os.environ.get("FRCNN_DATA_CACHE") or "~/.cache/frcnn_train"
+    return Path(base).expanduser() / "shapes"
+
+
+def _shapes_datasets(data_cfg: DictConfig, *, with_masks: bool, transforms: Compose) -> Splits:
+    shapes = data_cfg.shapes
+    root = ensure_shapes_dataset(
+        shapes_cache_dir(data_cfg),
+        num_train=int(shapes.num_train),
+        num_val=int(shapes.num_val),
+        image_size=int(shapes.image_size),
+        max_objects=int(shapes.max_objects),
+        seed=int(shapes.seed),
+    )
+    log.info("data: synthetic shapes in %s", root)
+    skip_empty = bool(_get(data_cfg, "skip_empty"))
+    train = CocoDetection(root / "train", root / "instances_train.json", with_masks=with_masks, train=True,
+                          skip_empty=skip_empty, transforms=transforms)
+    val = CocoDetection(root / "val", root / "instances_val.json", with_masks=with_masks, train=False,
+                        classes=train.classes)
+    return train, val
+
+
+def _path(data_cfg: DictConfig, key: str) -> Path:
+    value = _get(data_cfg, key)
+    if value is None:
+        raise ConfigError(f"data.{key} is not set; pass data.{key}=<path> (relative paths are under data.root)")
+    path = Path(str(value)).expanduser()
+    if path.is_absolute():
+        return path
+    root = _get(data_cfg, "root")
+    if root is None:
+        raise ConfigError(
+            f"data.root is not set and data.{key}={value} is relative to it; pass data.root=/path/to/dataset"
+        )
+    return Path(str(root)).expanduser() / path
+
+
+def _coco_datasets(data_cfg: DictConfig, *, with_masks: bool, transforms: Compose) -> Splits:
+    classes = _get(data_cfg, "classes")
+    train = CocoDetection(
+        _path(data_cfg, "train_images"), _path(data_cfg, "train_ann"), with_masks=with_masks, train=True,
+        skip_empty=bool(_get(data_cfg, "skip_empty")), transforms=transforms,
+        classes=list(classes) if classes is not None else None,
+        ann_key="data.train_ann", images_key="data.train_images",
+    )
+    val = CocoDetection(
+        _path(data_cfg, "val_images"), _path(data_cfg, "val_ann"), with_masks=with_masks, train=False,
+        classes=train.classes, ann_key="data.val_ann", images_key="data.val_images",
+    )
+    return train, val
+
+
+def _voc_datasets(data_cfg: DictConfig, *, with_masks: bool, transforms: Compose) -> Splits:
+    if with_masks:
+        raise ConfigError(
+            "data=voc has no instance masks, and Mask R-CNN needs a dataset with masks (coco or shapes); "
+            "use model=faster_rcnn or another dataset"
+        )
+    root = _get(data_cfg, "root")
+    if root is None:
+        raise ConfigError(
+            "data.root is not set; pass data.root=/path/to/VOCdevkit/VOC2012 (the folder with Annotations/)"
+        )
+    root = Path(str(root)).expanduser()
+    classes = _get(data_cfg, "classes")
+    classes = list(classes) if classes is not None else None
+    train_dict = load_voc(root, str(_get(data_cfg, "train_split")), classes=classes)
+    val_dict = load_voc(root, str(_get(data_cfg, "val_split")), classes=classes)
+    train = CocoDetection(root / "JPEGImages", train_dict, with_masks=False, train=True,
+                          skip_empty=bool(_get(data_cfg, "skip_empty")), transforms=transforms,
+                          images_key="data.root")
+    val = CocoDetection(root / "JPEGImages", val_dict, with_masks=False, train=False, classes=train.classes,
+                        images_key="data.root")
+    return train, val
+
+
+# --------------------------------------------------------------------------- loaders
+
+
+def _seed_state(*words: int) -> np.random.SeedSequence:
+    # SeedSequence wants non-negative words; a negative user seed still maps to one stream.
+    return np.random.SeedSequence([w % 2**64 for w in words])
+
+
+class ResumableSampler(Sampler[tuple[int, int]]):
+    """Yields `(index, sample_seed)` for one epoch of one rank, optionally from mid-epoch.
+
+    The permutation depends on (seed, epoch) only; a sample's seed on
+    (seed, epoch, index) only. Every rank gets the same number of samples
+    (the tail of the permutation that does not divide evenly is dropped), so
+    ranks never wait for each other at an epoch's end.
+    """
+
+    def __init__(self, dataset_len: int, *, batch_size: int, seed: int, epoch: int, start_batch: int = 0,
+                 rank: int = 0, world_size: int = 1) -> None:
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        total = batches_per_epoch(dataset_len, batch_size, world_size)
+        if not 0 <= start_batch <= total:
+            raise ValueError(f"start_batch={start_batch} is outside this epoch's {total} batches")
+        self.dataset_len, self.batch_size = dataset_len, batch_size
+        self.seed, self.epoch, self.start_batch = seed, epoch, start_batch
+        self.rank, self.world_size = rank, world_size
+
+    def order(self) -> list[tuple[int, int]]:
+        """This rank's whole epoch, before skipping `start_batch` batches."""
+        n = self.dataset_len
+        perm = np.random.default_rng(_seed_state(self.seed, self.epoch, 0)).permutation(n)
+        seeds = _seed_state(self.seed, self.epoch, 1).generate_state(max(n, 1), dtype=np.uint64)
+        per_rank = n // self.world_size
+        mine = perm[: per_rank * self.world_size][self.rank :: self.world_size]
+        # Whole batches only, as BatchSampler(drop_last=True) will use them.
+        mine = mine[: (per_rank // self.batch_size) * self.batch_size]
+        return [(int(i), int(seeds[i])) for i in mine]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return iter(self.order()[self.start_batch * self.batch_size :])
+
+    def __len__(self) -> int:
+        batches = batches_per_epoch(self.dataset_len, self.batch_size, self.world_size)
+        return (batches - self.start_batch) * self.batch_size
+
+
+class ShardSampler(Sampler[int]):
+    """Sequential indices rank, rank + world_size, ... (evaluation; every image once overall)."""
+
+    def __init__(self, dataset_len: int, *, rank: int = 0, world_size: int = 1) -> None:
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        self.indices = range(rank, dataset_len, world_size)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def batches_per_epoch(dataset_len: int, batch_size: int, world_size: int = 1) -> int:
+    """Batches each rank's train loader yields in a full epoch (incomplete batches dropped)."""
+    return (dataset_len // world_size) // batch_size
+
+
+def collate(batch: Sequence[tuple[Tensor, dict]]) -> tuple[list[Tensor], list[dict]]:
+    """Images differ in size, so keep lists; the model batches them itself."""
+    images, targets = zip(*batch) if batch else ((), ())
+    return list(images), list(targets)
+
+
+def build_train_loader(dataset: Dataset, *, batch_size: int, num_workers: int, seed: int, epoch: int,
+                       start_batch: int = 0, rank: int = 0, world_size: int = 1) -> DataLoader:
+    if batches_per_epoch(len(dataset), batch_size, world_size) == 0:
+        raise ConfigError(
+            f"trainer.batch_size={batch_size} is larger than the {len(dataset) // world_size} training images "
+            f"per process, so an epoch has no batch; lower trainer.batch_size or use more data"
+        )
+    sampler = ResumableSampler(len(dataset), batch_size=batch_size, seed=seed, epoch=epoch,
+                               start_batch=start_batch, rank=rank, world_size=world_size)
+    # Worker base seeds come from this generator instead of the global RNG, so
+    # starting an iterator leaves the global torch RNG (saved in checkpoints) alone.
+    loader_seed = int(_seed_state(seed, epoch, 2).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+    return DataLoader(
+        dataset,
+        batch_sampler=BatchSampler(sampler, batch_size=batch_size, drop_last=True),
+        num_workers=num_workers,
+        collate_fn=collate,
+        generator=torch.Generator().manual_seed(loader_seed),
+        persistent_workers=False,
+    )
+
+
+def build_eval_loader(dataset: Dataset, *, batch_size: int, num_workers: int, rank: int = 0,
+                      world_size: int = 1) -> DataLoader:
+    sampler = ShardSampler(len(dataset), rank=rank, world_size=world_size)
+    return DataLoader(
+        dataset,
+        batch_sampler=BatchSampler(sampler, batch_size=batch_size, drop_last=False),
+        num_workers=num_workers,
+        collate_fn=collate,
+        generator=torch.Generator().manual_seed(0),
+        persistent_workers=False,
+    )
