@@ -1,0 +1,121 @@
+"""Resume is exact: a run stopped anywhere and resumed ends bitwise equal to one never stopped."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from frcnn_train import checkpoint
+from frcnn_train.errors import ConfigError
+from frcnn_train.launch import run
+
+# Tiny shapes: 8 train images, batch 2 -> 4 steps per epoch; 2 epochs = 8 steps.
+EPOCHS = ("trainer.epochs=2",)
+
+
+def final_state(run_dir: Path) -> dict:
+    return checkpoint.load_checkpoint(run_dir / "last.pth")
+
+
+def assert_same_training(a: dict, b: dict) -> None:
+    for key, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][key]), f"model tensor {key} differs"
+    for (ka, va), (kb, vb) in zip(a["optimizer"]["state"].items(), b["optimizer"]["state"].items()):
+        for name in va:
+            assert torch.equal(va[name], vb[name]), f"optimizer state {ka}.{name} differs"
+    assert a["scheduler"] == b["scheduler"]
+    assert a["trainer"]["global_step"] == b["trainer"]["global_step"]
+    assert a["trainer"]["last_metrics"] == b["trainer"]["last_metrics"]
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
+
+
+@pytest.fixture
+def reference(compose_tiny, request) -> dict:
+    """A run never stopped, with the same extra overrides as the test's stopped run."""
+    extra = getattr(request, "param", ())
+    summary = run(compose_tiny(*EPOCHS, "run_name=reference", *extra))
+    assert summary["completed"] and summary["global_step"] == 8
+    return final_state(Path(summary["run_dir"]))
+
+
+@pytest.mark.parametrize("stop_at", [3, 4])  # mid-epoch, and exactly at the epoch boundary
+def test_max_steps_stop_and_resume_is_bitwise_exact(compose_tiny, reference, stop_at: int) -> None:
+    stopped = run(compose_tiny(*EPOCHS, "run_name=stopped", f"trainer.max_steps={stop_at}"))
+    assert not stopped["completed"] and stopped["global_step"] == stop_at
+    mid = final_state(Path(stopped["run_dir"]))
+    assert mid["trainer"]["step_in_epoch"] == stop_at % 4
+    overrides = [f"resume={stopped['run_dir']}", "trainer.max_steps=null"]
+    resumed = run(compose_tiny(*EPOCHS, "run_name=ignored", *overrides), overrides=overrides)
+    assert resumed["completed"] and resumed["run_dir"] == stopped["run_dir"]
+    final = final_state(Path(resumed["run_dir"]))
+    assert_same_training(reference, final)
+    history = final["trainer"]["history"]
+    assert len(history) == 1 and history[0]["global_step"] == stop_at
+    assert history[0]["changes"] == [f"trainer.max_steps: {stop_at} -> None"]
+
+
+@pytest.mark.parametrize("reference", [("data.num_workers=2", "trainer.accumulate=2", "trainer.batch_size=1")],
+                         indirect=True)
+def test_resume_with_workers_and_accumulation_is_exact(compose_tiny, reference) -> None:
+    extra = ("data.num_workers=2", "trainer.accumulate=2", "trainer.batch_size=1")
+    stopped = run(compose_tiny(*EPOCHS, "run_name=stopped", "trainer.max_steps=5", *extra))
+    overrides = [f"resume={stopped['run_dir']}/last.pth", "trainer.max_steps=null"]
+    run(compose_tiny(*EPOCHS, *extra, *overrides), overrides=overrides)
+    assert_same_training(reference, final_state(Path(stopped["run_dir"])))
+
+
+def test_sigterm_at_a_random_step_then_resume_is_exact(compose_tiny, reference, tmp_path: Path) -> None:
+    """The real CLI in a subprocess, stopped by SIGTERM whenever its second step has logged."""
+    from conftest import tiny_overrides
+
+    cache = Path(compose_tiny().data.cache_dir)
+    args = tiny_overrides(cache, tmp_path / "outputs") + list(EPOCHS) + ["run_name=signalled"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "frcnn_train.train", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
+    output = []
+    for line in proc.stdout:
+        output.append(line)
+        if "step 2/4" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    output += proc.stdout.readlines()
+    assert proc.wait(timeout=120) == 0, "".join(output)
+    text = "".join(output)
+    assert "received SIGTERM" in text and "resume=" in text
+    run_dir = tmp_path / "outputs" / "signalled"
+    stopped_at = final_state(run_dir)["trainer"]["global_step"]
+    assert 2 <= stopped_at < 8
+    overrides = [f"resume={run_dir}"]
+    run(compose_tiny(*EPOCHS, *overrides), overrides=overrides)
+    assert_same_training(reference, final_state(run_dir))
+
+
+def test_changed_architecture_is_refused_before_any_work(compose_tiny) -> None:
+    first = run(compose_tiny("trainer.max_steps=1", "run_name=a"))
+    before = sorted(p.name for p in Path(first["run_dir"]).iterdir())
+    overrides = [f"resume={first['run_dir']}", "model.box_head_dim=64"]
+    with pytest.raises(ConfigError, match=r"model.box_head_dim \(checkpoint 32, requested 64\)"):
+        run(compose_tiny(*overrides), overrides=overrides)
+    assert sorted(p.name for p in Path(first["run_dir"]).iterdir()) == before
+
+
+def test_tensorboard_curve_continues_without_overlap(compose_tiny) -> None:
+    """Resuming from an earlier checkpoint purges the later events, so each step appears once."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    done = run(compose_tiny(*EPOCHS, "run_name=tb"))
+    run_dir = Path(done["run_dir"])
+    overrides = [f"resume={run_dir / 'epoch_0001.pth'}"]
+    run(compose_tiny(*EPOCHS, *overrides), overrides=overrides)
+    time.sleep(0.1)
+    events = EventAccumulator(str(run_dir), purge_orphaned_data=True)
+    events.Reload()
+    steps = [event.step for event in events.Scalars("train/loss")]
+    assert steps == list(range(1, 9))
