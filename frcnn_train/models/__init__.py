@@ -1,0 +1,23 @@
+"""Detection models: config -> torchvision FasterRCNN / MaskRCNN, and their architecture fingerprint."""
+from frcnn_train.models.backbones import BACKBONES, build_backbone, stage_names
+from frcnn_train.models.builder import ARCHS, build_model
+from frcnn_train.models.fingerprint import (
+    architecture_spec,
+    diff_layouts,
+    diff_specs,
+    fingerprint,
+    tensor_layout,
+)
+
+__all__ = [
+    "ARCHS",
+    "BACKBONES",
+    "architecture_spec",
+    "build_backbone",
+    "build_model",
+    "diff_layouts",
+    "diff_specs",
+    "fingerprint",
+    "stage_names",
+    "tensor_layout",
+]

@@ -1,0 +1,202 @@
+"""Architecture identity: what a checkpoint's model is, and what changed when it differs.
+
+The spec holds every `model.*` setting that shapes a tensor or changes the
+module tree, flat and keyed by config path, so a refused resume can name the
+key. Settings that shape no tensor (image sizes, thresholds, top-n, image
+normalisation, `trainable_layers`, the weights path) stay out: changing them
+never stops a checkpoint from loading.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import defaultdict
+from collections.abc import Mapping
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+
+from frcnn_train.models.backbones import resolve_norm, resolve_returned_layers
+from frcnn_train.models.builder import check_arch, check_num_classes
+
+Layout = dict[str, tuple[list[int], str]]
+
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+_MAX_EXAMPLES = 3
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, DictConfig) or OmegaConf.is_list(value):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+def architecture_spec(model_cfg: DictConfig) -> dict[str, Any]:
+    """Flat {config key: plain value} of everything that decides the model's tensors.
+
+    `norm` and `returned_layers` are resolved (auto / null become what is built),
+    so two configs that build the same model get the same spec. Mask-head keys
+    appear only for mask_rcnn, where they shape tensors.
+    """
+    arch = check_arch(model_cfg.arch)
+    bb = model_cfg.backbone
+    returned = None if bb.returned_layers is None else list(bb.returned_layers)
+    spec: dict[str, Any] = {
+        "model.arch": arch,
+        "model.num_classes": check_num_classes(model_cfg.num_classes),
+        "model.backbone.name": str(bb.name),
+        "model.backbone.norm": resolve_norm(bb.norm, bb.weights),
+        "model.backbone.returned_layers": resolve_returned_layers(bb.name, returned),
+        "model.backbone.fpn_channels": int(bb.fpn_channels),
+        "model.anchor_sizes": [int(s) for s in model_cfg.anchor_sizes],
+        "model.aspect_ratios": [float(r) for r in model_cfg.aspect_ratios],
+        "model.box_head_dim": int(model_cfg.box_head_dim),
+    }
+    if arch == "mask_rcnn":
+        spec["model.mask_head_layers"] = int(model_cfg.mask_head_layers)
+        spec["model.mask_head_dim"] = int(model_cfg.mask_head_dim)
+    for key in model_cfg.attention:
+        spec[f"model.attention.{key}"] = _plain(model_cfg.attention[key])
+    return spec
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    # DataParallel / DDP keep the model in .module, torch.compile in ._orig_mod.
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if inner is None and isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            inner = model.module
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def _strip_prefixes(state: Mapping[str, Any]) -> dict[str, Any]:
+    state = dict(state)
+    for prefix in _WRAPPER_PREFIXES:
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def tensor_layout(model_or_state: nn.Module | dict[str, Tensor]) -> Layout:
+    """name -> (shape, dtype) in state-dict order; wrapper prefixes are removed."""
+    if isinstance(model_or_state, nn.Module):
+        state = _unwrap(model_or_state).state_dict()
+    else:
+        state = _strip_prefixes(model_or_state)
+    return {
+        name: (list(t.shape), str(t.dtype).removeprefix("torch."))
+        for name, t in state.items()
+        if isinstance(t, Tensor)
+    }
+
+
+def fingerprint(spec: dict[str, Any], model: nn.Module) -> str:
+    """sha256 hex of the canonical spec and the model's state-dict names, shapes and dtypes.
+
+    State-dict order (parameters and buffers interleaved, module by module) is
+    used because it is exactly what a checkpoint stores and what loading checks.
+    Device and requires_grad are not part of it: a CPU and a GPU build match.
+    """
+    tensors = [[name, shape, dtype] for name, (shape, dtype) in tensor_layout(model).items()]
+    payload = json.dumps({"spec": spec, "tensors": tensors}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+def _show(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def diff_specs(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """One line per differing key: `model.box_head_dim: 256 -> 128`, or added / removed."""
+    lines = []
+    for key in list(old) + [k for k in new if k not in old]:
+        if key not in new:
+            lines.append(f"{key}: removed (was {_show(old[key])})")
+        elif key not in old:
+            lines.append(f"{key}: added ({_show(new[key])})")
+        elif old[key] != new[key]:
+            lines.append(f"{key}: {_show(old[key])} -> {_show(new[key])}")
+    return lines
+
+
+def _module_paths(layout: Mapping[str, Any]) -> set[str]:
+    paths = set()
+    for name in layout:
+        parts = name.split(".")
+        paths.update(".".join(parts[:i]) for i in range(1, len(parts)))
+    return paths
+
+
+def _base_group(name: str) -> str:
+    # backbone.body.layer2 / backbone.fpn.inner_blocks say more than backbone.body;
+    # elsewhere two components already name a head (roi_heads.box_head, rpn.head).
+    parts = name.split(".")
+    depth = 3 if parts[0] == "backbone" else 2
+    return ".".join(parts[: min(depth, len(parts) - 1)]) or name
+
+
+def _new_module(name: str, other_paths: set[str]) -> str | None:
+    """The shallowest module holding `name` that the other side lacks entirely."""
+    parts = name.split(".")
+    for i in range(1, len(parts)):
+        path = ".".join(parts[:i])
+        if path not in other_paths:
+            return path
+    return None
+
+
+def _shape(shape: Any) -> str:
+    return json.dumps(list(shape))
+
+
+def _as_layout(layout_or_state: Mapping[str, Any]) -> Mapping[str, Any]:
+    # Accept raw state dicts too, so callers can diff a file against a model directly.
+    if any(isinstance(v, Tensor) for v in layout_or_state.values()):
+        return tensor_layout(dict(layout_or_state))
+    return layout_or_state
+
+
+def diff_layouts(old: dict, new: dict) -> list[str]:
+    """Short lines, grouped by module, of tensors added, removed, reshaped or retyped.
+
+    Either side may be a `tensor_layout` (lists or tuples, e.g. read back from a
+    checkpoint) or a state dict. A tensor whose whole module is new (or gone) is grouped under that module,
+    e.g. `backbone.body.layer2.attention: 4 tensors added`; others under the
+    first two components (three under `backbone`). At most 3 examples per line.
+    """
+    old, new = _as_layout(old), _as_layout(new)
+    old_paths, new_paths = _module_paths(old), _module_paths(new)
+    # (group, kind) -> [(example text, or None when the group itself says it all)]
+    groups: dict[tuple[str, str], list[str | None]] = defaultdict(list)
+
+    def add(group: str, kind: str, name: str, detail: str | None) -> None:
+        relative = name[len(group) + 1:] if name.startswith(group + ".") else name
+        groups[(group, kind)].append(None if detail is None else f"{relative}{detail}")
+
+    for name in list(old) + [k for k in new if k not in old]:
+        if name not in new or name not in old:
+            kind, other = ("removed", new_paths) if name not in new else ("added", old_paths)
+            whole = _new_module(name, other)
+            group = whole if whole is not None and whole.count(".") + 1 >= 2 else _base_group(name)
+            add(group, kind, name, None if whole == group else "")
+            continue
+        (old_shape, old_dtype), (new_shape, new_dtype) = old[name], new[name]
+        if list(old_shape) != list(new_shape):
+            add(_base_group(name), "reshaped", name, f" {_shape(old_shape)} -> {_shape(new_shape)}")
+        elif old_dtype != new_dtype:
+            add(_base_group(name), "retyped", name, f" {old_dtype} -> {new_dtype}")
+
+    lines = []
+    for (group, kind), examples in groups.items():
+        count = len(examples)
+        line = f"{group}: {count} tensor{'s' if count != 1 else ''} {kind}"
+        shown = [e for e in examples if e is not None]
+        if shown:
+            more = ", ..." if len(shown) > _MAX_EXAMPLES else ""
+            line += f" ({', '.join(shown[:_MAX_EXAMPLES])}{more})"
+        lines.append(line)
+    return lines
+
