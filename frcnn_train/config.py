@@ -121,7 +121,7 @@ class ParamGroupRule:
 @dataclass
 class OptimConfig:
     name: str = "sgd"  # sgd | adamw
-    lr: float = 0.02
+    lr: float = 0.01
     momentum: float = 0.9
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 1e-4

@@ -121,7 +121,14 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
     data = build_datasets(cfg.data, with_masks=with_masks)
     _resolve_classes(cfg, data.classes, ckpt["classes"] if ckpt else None)
 
-    model = build_model(cfg.model).to(device)
+    model = build_model(cfg.model)
+    if cfg.init_from and ckpt is None:
+        from frcnn_train.weights import load_init_weights
+
+        report = load_init_weights(model, cfg.init_from, remap=OmegaConf.to_container(cfg.init.remap),
+                                   strict=cfg.init.strict, trust=cfg.init.trust)
+        log.info("init_from=%s:\n%s", cfg.init_from, report.format())
+    model.to(device)
     spec = architecture_spec(cfg.model)
     digest = _check_fingerprint(ckpt, model, spec, resumed_from) if ckpt else fingerprint(spec, model)
     optimizer = build_optimizer(model, cfg.optim)

@@ -1,0 +1,102 @@
+"""End to end: train + evaluate on tiny shapes, the run directory, and failures a user causes."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from frcnn_train import checkpoint
+from frcnn_train.errors import CheckpointError
+from frcnn_train.evaluation import coco_metrics
+from frcnn_train.launch import run
+from frcnn_train.trainer import TrainingError
+
+
+def test_mask_rcnn_trains_evaluates_and_fills_the_run_directory(compose_tiny) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    summary = run(compose_tiny("model=mask_rcnn", "trainer.keep_last=1", "trainer.epochs=2"))
+    run_dir = Path(summary["run_dir"])
+    assert summary["completed"]
+    assert {"bbox/AP50", "segm/AP50", "segm/APl"} <= set(summary["metrics"])
+    names = {p.name for p in run_dir.iterdir()}
+    assert {"config.yaml", "last.pth", "best.pth", "epoch_0002.pth", "metrics.jsonl", "train.log"} <= names
+    assert "epoch_0001.pth" not in names, "trainer.keep_last=1 keeps only the newest epoch file"
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [1, 2] and "segm/AP" in lines[0]
+    assert "validation" in (run_dir / "train.log").read_text()
+    events = EventAccumulator(str(run_dir), size_guidance={"images": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert {"train/loss_mask", "train/loss_classifier", "lr/default", "val/segm/AP", "train/images_per_s",
+            "time/epoch_s"} <= set(tags["scalars"])
+    assert "val/predictions/0" in tags["images"]
+    ckpt = checkpoint.load_checkpoint(run_dir / "last.pth")
+    assert ckpt["classes"] == ["circle", "square", "triangle", "star", "ellipse"]
+    assert ckpt["config"]["model"]["num_classes"] == 5
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
+
+
+def test_ground_truth_as_predictions_scores_ap_one(compose_tiny) -> None:
+    from frcnn_train.data import build_datasets
+
+    val = build_datasets(compose_tiny().data, with_masks=True).val
+    results = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0,
+                "segmentation": val.coco.annToRLE(a)} for a in val.coco.dataset["annotations"]]
+    assert coco_metrics(val.coco, results, "bbox")["AP"] == pytest.approx(1.0)
+    assert coco_metrics(val.coco, results, "segm")["AP"] == pytest.approx(1.0)
+    assert coco_metrics(val.coco, [], "bbox")["AP"] == 0.0
+
+
+def test_mid_epoch_checkpoint_cadence(compose_tiny) -> None:
+    summary = run(compose_tiny("trainer.checkpoint_every_steps=3", "trainer.max_steps=3", "trainer.keep_last=0"))
+    ckpt = checkpoint.load_checkpoint(Path(summary["run_dir"]) / "last.pth")
+    assert ckpt["trainer"]["global_step"] == 3 and ckpt["trainer"]["step_in_epoch"] == 3
+    assert not list(Path(summary["run_dir"]).glob("epoch_*.pth"))
+
+
+def test_non_finite_loss_names_the_step_and_keeps_the_checkpoint(compose_tiny) -> None:
+    first = run(compose_tiny("trainer.max_steps=1"))
+    last = Path(first["run_dir"]) / "last.pth"
+    before = last.read_bytes()
+    ckpt = torch.load(last, weights_only=True)  # poison the weights so the next step's loss is not finite
+    ckpt["model"] = {k: v.fill_(float("nan")) if v.is_floating_point() else v for k, v in ckpt["model"].items()}
+    ckpt["architecture"]["fingerprint"] = None
+    poisoned = last.with_name("poisoned.pth")
+    torch.save(ckpt, poisoned)
+    overrides = [f"resume={poisoned}"]
+    with pytest.raises(TrainingError, match=r"non-finite at step 2 \(epoch 1: loss_classifier=nan"):
+        run(compose_tiny(*overrides), overrides=overrides)
+    assert last.read_bytes() == before
+
+
+def test_changed_code_is_caught_by_the_fingerprint(compose_tiny) -> None:
+    first = run(compose_tiny("trainer.max_steps=1"))
+    last = Path(first["run_dir"]) / "last.pth"
+    ckpt = torch.load(last, weights_only=True)  # as if a newer version had renamed a module
+    ckpt["model"]["roi_heads.box_head.fc6_renamed.weight"] = ckpt["model"].pop("roi_heads.box_head.fc6.weight")
+    ckpt["architecture"]["fingerprint"] = "0" * 64
+    torch.save(ckpt, last)
+    overrides = [f"resume={last}"]
+    with pytest.raises(CheckpointError, match=r"does not match.*roi_heads.box_head"):
+        run(compose_tiny(*overrides), overrides=overrides)
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("data=coco data.root=/nonexistent/coco", "/nonexistent/coco"),
+    ("resume=/nonexistent/run/last.pth", "/nonexistent/run/last.pth does not exist"),
+    ("device=cuda:7", "use device=cpu"),
+])
+def test_cli_errors_are_one_sentence(override: str, expected: str, tmp_path: Path) -> None:
+    if "cuda" in override and torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    proc = subprocess.run([sys.executable, "-m", "frcnn_train.train", *override.split(), f"output_dir={tmp_path}"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    error_lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(error_lines) == 1 and error_lines[0].startswith("error: ") and expected in error_lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
