@@ -209,7 +209,7 @@ def _log_summary(summary: dict[str, Any], trainer: Trainer, run_dir: Path) -> No
     if summary["completed"]:
         log.info("Finished %d epochs (%d steps) in %.0f s.", trainer.epoch, trainer.global_step, summary["seconds"])
     else:
-        log.info("Stopped at epoch %d, step %d (%s) after %.0f s.", trainer.epoch, trainer.global_step,
+        log.info("Stopped during epoch %d at step %d (%s) after %.0f s.", trainer.epoch + 1, trainer.global_step,
                  summary["stop_reason"], summary["seconds"])
     if summary["metrics"]:
         log.info("Validation (epoch %d):\n%s", trainer.epoch, format_table(summary["metrics"]))

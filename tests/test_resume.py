@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from frcnn_train import checkpoint
+from frcnn_train.config import compose_config
 from frcnn_train.errors import ConfigError
 from frcnn_train.launch import run
 
@@ -35,13 +36,29 @@ def assert_same_training(a: dict, b: dict) -> None:
     assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
 
 
+@pytest.fixture(scope="module")
+def references(shapes_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Runs never stopped, one per set of extra overrides, shared by the tests of this file."""
+    from conftest import tiny_overrides
+
+    cache: dict = {}
+    outputs = tmp_path_factory.mktemp("references")
+
+    def get(*extra: str) -> dict:
+        if extra not in cache:
+            cfg = compose_config(tiny_overrides(shapes_cache, outputs) + [*EPOCHS, f"run_name=ref{len(cache)}", *extra])
+            summary = run(cfg)
+            assert summary["completed"] and summary["global_step"] == 8
+            cache[extra] = final_state(Path(summary["run_dir"]))
+        return cache[extra]
+
+    return get
+
+
 @pytest.fixture
-def reference(compose_tiny, request) -> dict:
-    """A run never stopped, with the same extra overrides as the test's stopped run."""
-    extra = getattr(request, "param", ())
-    summary = run(compose_tiny(*EPOCHS, "run_name=reference", *extra))
-    assert summary["completed"] and summary["global_step"] == 8
-    return final_state(Path(summary["run_dir"]))
+def reference(references, request) -> dict:
+    """The uninterrupted run for the test's extra overrides (indirect parameter), default none."""
+    return references(*getattr(request, "param", ()))
 
 
 @pytest.mark.parametrize("stop_at", [3, 4])  # mid-epoch, and exactly at the epoch boundary
@@ -70,25 +87,30 @@ def test_resume_with_workers_and_accumulation_is_exact(compose_tiny, reference) 
     assert_same_training(reference, final_state(Path(stopped["run_dir"])))
 
 
-def test_sigterm_at_a_random_step_then_resume_is_exact(compose_tiny, reference, tmp_path: Path) -> None:
-    """The real CLI in a subprocess, stopped by SIGTERM whenever its second step has logged."""
+@pytest.mark.parametrize("signum, workers", [(signal.SIGTERM, 0), (signal.SIGINT, 2)])
+def test_signal_at_a_random_step_then_resume_is_exact(compose_tiny, reference, tmp_path: Path,
+                                                       signum: int, workers: int) -> None:
+    """The real CLI in a subprocess, stopped whenever its second step has logged: by SIGTERM to the
+    process (a scheduler's `kill`), or by SIGINT to the whole process group, workers included (Ctrl-C)."""
     from conftest import tiny_overrides
 
     cache = Path(compose_tiny().data.cache_dir)
-    args = tiny_overrides(cache, tmp_path / "outputs") + list(EPOCHS) + ["run_name=signalled"]
+    args = tiny_overrides(cache, tmp_path / "outputs") + list(EPOCHS) + ["run_name=signalled",
+                                                                           f"data.num_workers={workers}"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "frcnn_train.train", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env)
+                            stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
     output = []
     for line in proc.stdout:
         output.append(line)
         if "step 2/4" in line:
-            proc.send_signal(signal.SIGTERM)
+            os.killpg(proc.pid, signum) if signum == signal.SIGINT else proc.send_signal(signum)
             break
     output += proc.stdout.readlines()
     assert proc.wait(timeout=120) == 0, "".join(output)
     text = "".join(output)
-    assert "received SIGTERM" in text and "resume=" in text
+    name = signal.Signals(signum).name
+    assert f"received {name}" in text and "resume=" in text and text.count(f"{name}: finishing") == 1, text
     run_dir = tmp_path / "outputs" / "signalled"
     stopped_at = final_state(run_dir)["trainer"]["global_step"]
     assert 2 <= stopped_at < 8

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -245,9 +246,17 @@ def build_train_loader(dataset: Dataset, *, batch_size: int, num_workers: int, s
         batch_sampler=BatchSampler(sampler, batch_size=batch_size, drop_last=True),
         num_workers=num_workers,
         collate_fn=collate,
+        worker_init_fn=ignore_stop_signals,
         generator=torch.Generator().manual_seed(loader_seed),
         persistent_workers=False,
     )
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """Ctrl-C reaches the whole process group; only the main process decides when to stop
+    (it finishes the step and saves), so workers must neither die nor run its handler."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def build_eval_loader(dataset: Dataset, *, batch_size: int, num_workers: int, rank: int = 0,
@@ -258,6 +267,7 @@ def build_eval_loader(dataset: Dataset, *, batch_size: int, num_workers: int, ra
         batch_sampler=BatchSampler(sampler, batch_size=batch_size, drop_last=False),
         num_workers=num_workers,
         collate_fn=collate,
+        worker_init_fn=ignore_stop_signals,
         generator=torch.Generator().manual_seed(0),
         persistent_workers=False,
     )
