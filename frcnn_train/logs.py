@@ -20,7 +20,6 @@ def setup_console(level: int = logging.INFO) -> None:
         handler._frcnn_console = True  # type: ignore[attr-defined]
         log.addHandler(handler)
     log.setLevel(level)
-    log.propagate = False
 
 
 class RunLogger:

@@ -100,3 +100,12 @@ def test_cli_errors_are_one_sentence(override: str, expected: str, tmp_path: Pat
     error_lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(error_lines) == 1 and error_lines[0].startswith("error: ") and expected in error_lines[0], proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_amp_on_cpu_warns_once_and_trains_in_fp32(compose_tiny, caplog: pytest.LogCaptureFixture) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: AMP would apply")
+    summary = run(compose_tiny("trainer.amp=true", "trainer.max_steps=1"))
+    assert summary["global_step"] == 1
+    assert sum("applies to CUDA only" in r.message for r in caplog.records) == 1
+    assert checkpoint.load_checkpoint(Path(summary["run_dir"]) / "last.pth")["scaler"] == {}
