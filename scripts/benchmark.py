@@ -1,0 +1,84 @@
+"""Training-step speed and memory per backbone / meta-architecture, printed as a table.
+
+    python scripts/benchmark.py                          # every backbone, faster_rcnn, default shapes sizes
+    python scripts/benchmark.py --arch mask_rcnn --backbones resnet18_fpn resnet50_fpn --steps 10
+    python scripts/benchmark.py --device cuda --batch-size 8 model.min_size=800 model.max_size=1333
+
+Overrides (key=value) apply to every row. Times are medians over --steps timed
+optimizer steps after --warmup untimed ones, on real shapes batches.
+"""
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import time
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from frcnn_train.config import compose_config
+from frcnn_train.data import build_datasets, build_train_loader
+from frcnn_train.models import BACKBONES, build_model
+
+
+def time_train_steps(cfg: DictConfig, *, steps: int, warmup: int, device: torch.device) -> dict[str, Any]:
+    """Median seconds per SGD step, images/s, parameter count and peak memory for `cfg`."""
+    torch.manual_seed(0)
+    data = build_datasets(cfg.data, with_masks=cfg.model.arch == "mask_rcnn")
+    cfg.model.num_classes = len(data.classes)
+    model = build_model(cfg.model).to(device).train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+    batch_size = cfg.trainer.batch_size
+    loader = build_train_loader(data.train, batch_size=batch_size, num_workers=0, seed=0, epoch=0)
+    batches = iter(loader)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for i in range(warmup + steps):
+        images, targets = next(batches)
+        images = [im.to(device) for im in images]
+        targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        loss = sum(model(images, targets).values())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    step = statistics.median(times)
+    memory = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
+              else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return {"params_m": sum(p.numel() for p in model.parameters()) / 1e6, "step_s": step,
+            "images_per_s": batch_size / step, "memory_mb": memory}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="faster_rcnn", choices=["faster_rcnn", "mask_rcnn"])
+    parser.add_argument("--backbones", nargs="+", default=list(BACKBONES))
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args, overrides = parser.parse_known_args()
+    device = torch.device(args.device)
+    print(f"{args.arch}, batch {args.batch_size}, {device}, median of {args.steps} steps; overrides: {overrides or 'none'}")
+    print(f"{'backbone':<18}{'params (M)':>11}{'step (s)':>10}{'images/s':>10}{'peak mem (MB)':>15}")
+    for backbone in args.backbones:
+        cfg = compose_config([f"model={args.arch}", f"model/backbone={backbone}",
+                              f"trainer.batch_size={args.batch_size}", *overrides])
+        r = time_train_steps(cfg, steps=args.steps, warmup=args.warmup, device=device)
+        print(f"{backbone:<18}{r['params_m']:>11.2f}{r['step_s']:>10.3f}{r['images_per_s']:>10.1f}{r['memory_mb']:>15.0f}",
+              flush=True)
+    if device.type == "cpu":
+        print("(CPU peak memory is the process's maximum resident set, cumulative over the rows)")
+
+
+if __name__ == "__main__":
+    main()
