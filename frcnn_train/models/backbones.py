@@ -55,7 +55,8 @@ def _is_resnet(name: str) -> bool:
 
 
 def _mobilenet_stage_indices(features: nn.Sequential) -> list[int]:
-    # Same rule as torchvision's _mobilenet_extractor: a stage ends before each strided block.
+    # torchvision's _mobilenet_extractor rule (the strided blocks delimit stages); repeated here
+    # because stage_names and range checks need it without building a model.
     return [0] + [i for i, b in enumerate(features) if getattr(b, "_is_cn", False)] + [len(features) - 1]
 
 
@@ -222,7 +223,10 @@ def _guess_origin(layout: dict[str, tuple[int, ...]]) -> str | None:
 
 
 def load_imagenet_weights(classifier: nn.Module, weights: str, name: str) -> None:
-    """Load a local ImageNet classification file into `classifier`, all feature tensors or nothing."""
+    """Load a local ImageNet classification file into `classifier`, all feature tensors or nothing.
+
+    `name` is the backbone name (e.g. resnet50_fpn), used in the error message.
+    """
     where = "model.backbone.weights"
     path = Path(weights).expanduser()
     state = _read_state_dict(path, where)
