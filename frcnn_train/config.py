@@ -270,6 +270,24 @@ def requested_keys(cfg: DictConfig, overrides: Sequence[str]) -> dict[str, Any]:
     return requested
 
 
+class ResumeConflict(ConfigError):
+    """A resume asked for non-mutable changes; carries both configs so callers can describe the model change."""
+
+    def __init__(self, conflicts: list[str], source: str, saved: DictConfig, requested: DictConfig,
+                 modules: str = "") -> None:
+        self.conflicts, self.source, self.saved, self.requested = conflicts, source, saved, requested
+        super().__init__(
+            f"cannot resume {source} with a changed config: {'; '.join(conflicts)}"
+            f"{f' (modules that would change: {modules})' if modules else ''}; "
+            "a resume may change only trainer.epochs, trainer.max_steps, device, data locations and workers, "
+            "and logging, evaluation and checkpoint cadence, so drop the other overrides to resume, "
+            f"or start a new run from these weights with init_from={source}"
+        )
+
+    def with_modules(self, modules: str) -> "ResumeConflict":
+        return ResumeConflict(self.conflicts, self.source, self.saved, self.requested, modules)
+
+
 def merge_for_resume(saved: dict, cfg: DictConfig, overrides: Sequence[str], source: str) -> tuple[DictConfig, list[str]]:
     """The checkpoint's config with the mutable keys the user asked to change.
 
@@ -282,19 +300,17 @@ def merge_for_resume(saved: dict, cfg: DictConfig, overrides: Sequence[str], sou
         raise CheckpointError(f"{source} holds a config this version cannot read ({str(err).splitlines()[0]}); "
                               "use the frcnn_train version that wrote it") from None
     saved_flat = flatten(merged)
+    requested = merged.copy()
     changes, conflicts = [], []
     for key, value in requested_keys(cfg, overrides).items():
         if key.split(".")[0] in START_KEYS or saved_flat.get(key) == value:
             continue
+        OmegaConf.update(requested, key, value, merge=False)
         if key in MUTABLE_ON_RESUME:
             OmegaConf.update(merged, key, value, merge=False)
             changes.append(f"{key}: {saved_flat.get(key)!r} -> {value!r}")
         else:
             conflicts.append(f"{key} (checkpoint {saved_flat.get(key)!r}, requested {value!r})")
     if conflicts:
-        raise ConfigError(
-            f"cannot resume {source} with a changed config: {'; '.join(conflicts)}. "
-            f"A resume may only change {', '.join(MUTABLE_ON_RESUME)}; drop the other overrides to resume, "
-            f"or start a new run from these weights with init_from={source}"
-        )
+        raise ResumeConflict(conflicts, source, saved=merged, requested=requested)
     return merged, changes

@@ -20,12 +20,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from frcnn_train import checkpoint, distributed
-from frcnn_train.config import merge_for_resume
+from frcnn_train.config import ResumeConflict, merge_for_resume
 from frcnn_train.data import build_datasets
-from frcnn_train.errors import CheckpointError, ConfigError
+from frcnn_train.errors import CheckpointError, ConfigError, UserError
 from frcnn_train.evaluation import format_table
 from frcnn_train.logs import RunLogger, log, setup_console
 from frcnn_train.models import build_model
+from frcnn_train.models.backbones import resolve_norm
 from frcnn_train.models.fingerprint import architecture_spec, diff_layouts, diff_specs, fingerprint, tensor_layout
 from frcnn_train.optim import build_optimizer, build_scheduler, group_summary
 from frcnn_train.trainer import Trainer, TrainerSettings, steps_per_epoch
@@ -96,6 +97,23 @@ def _check_fingerprint(ckpt: dict[str, Any], model: torch.nn.Module, spec: dict[
     )
 
 
+def describe_model_change(saved: DictConfig, requested: DictConfig) -> str:
+    """What a refused resume would add, remove or reshape, from both models built on the meta device."""
+    if saved.model == requested.model:
+        return ""
+    layouts = []
+    for cfg in (saved, requested):
+        model_cfg = cfg.model.copy()
+        model_cfg.backbone.norm = resolve_norm(model_cfg.backbone.norm, model_cfg.backbone.weights)
+        model_cfg.backbone.weights = None  # the layout does not depend on the values
+        try:
+            with torch.device("meta"):
+                layouts.append(tensor_layout(build_model(model_cfg)))
+        except UserError as err:
+            return f"none, the requested model cannot be built: {err}"
+    return "; ".join(diff_layouts(*layouts)[:6])
+
+
 def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Train (or resume) as `cfg` says; returns a summary dict (run_dir, metrics, stop reason)."""
     setup_console()
@@ -108,7 +126,10 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
             log.info("resume=auto: no checkpoint in %s; starting a new run.", Path(cfg.output_dir) / cfg.run_name)
         else:
             ckpt = checkpoint.load_checkpoint(resumed_from)
-            cfg, changes = merge_for_resume(ckpt["config"], cfg, overrides, str(resumed_from))
+            try:
+                cfg, changes = merge_for_resume(ckpt["config"], cfg, overrides, str(resumed_from))
+            except ResumeConflict as conflict:
+                raise conflict.with_modules(describe_model_change(conflict.saved, conflict.requested)) from None
             cfg.resume = str(resumed_from)
     run_dir = resumed_from.parent if resumed_from else Path(cfg.output_dir) / cfg.run_name
 

@@ -55,5 +55,5 @@ def test_changed_architecture_is_refused_with_both_values() -> None:
     message = str(info.value)
     assert "model.box_head_dim (checkpoint 128, requested 256)" in message
     assert "optim.lr (checkpoint 0.01, requested 0.1)" in message
-    assert "trainer.epochs" not in message.split("A resume may")[0], "mutable keys are not conflicts"
+    assert "trainer.epochs (" not in message, "mutable keys are not conflicts"
     assert "init_from=runs/x/last.pth" in message
