@@ -8,6 +8,7 @@ change the model.
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import random
 import sys
@@ -135,6 +136,8 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
 
     device = resolve_device(cfg.device)
     distributed.init_from_env(device)
+    if not distributed.is_main():
+        log.setLevel(logging.WARNING)  # one copy of the progress lines, from rank 0
     if device.type == "cuda":
         torch.cuda.set_device(device)
     seed_everything(cfg.seed, cfg.trainer.deterministic)
@@ -226,7 +229,9 @@ def _log_start(cfg: DictConfig, trainer: Trainer, model: torch.nn.Module, device
 
 
 def _log_summary(summary: dict[str, Any], trainer: Trainer, run_dir: Path) -> None:
-    command = f"python -m frcnn_train.train resume={run_dir / 'last.pth'}"
+    launcher = (f"torchrun --nproc_per_node={distributed.world_size()} -m" if distributed.world_size() > 1
+                else "python -m")
+    command = f"{launcher} frcnn_train.train resume={run_dir / 'last.pth'}"
     if summary["completed"]:
         log.info("Finished %d epochs (%d steps) in %.0f s.", trainer.epoch, trainer.global_step, summary["seconds"])
     else:

@@ -130,8 +130,10 @@ class Trainer:
                 "best_metric": self.best_metric, "best_metric_name": self.s.best_metric,
                 "last_metrics": dict(self.last_metrics), "history": list(self.history),
             },
-            "rng": {**rng_state(), "data": {"seed": self.s.seed, "epoch": self.epoch,
-                                            "start_batch": self.step_in_epoch * self.s.accumulate}},
+            # Each rank draws from its own RNG streams (RPN sampling depends on its images).
+            "rng": {**rng_state(), "ranks": distributed.gather_lists([rng_state()]),
+                    "data": {"seed": self.s.seed, "epoch": self.epoch,
+                             "start_batch": self.step_in_epoch * self.s.accumulate}},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -150,12 +152,14 @@ class Trainer:
         self.best_metric = counters["best_metric"]
         self.last_metrics = dict(counters.get("last_metrics", {}))
         self.history = list(counters["history"])
-        set_rng_state(state["rng"])
+        ranks = state["rng"].get("ranks", [])
+        set_rng_state(ranks[distributed.rank()] if len(ranks) == distributed.world_size() else state["rng"])
 
     def save(self, name: str) -> Path:
         path = self.run_dir / name
+        state = self.state_dict()  # on every rank: it gathers their RNG states
         if distributed.is_main():
-            checkpoint.save_checkpoint(checkpoint.make_checkpoint(**self.extras, **self.state_dict()), path)
+            checkpoint.save_checkpoint(checkpoint.make_checkpoint(**self.extras, **state), path)
         return path
 
     # ------------------------------------------------------------ training
