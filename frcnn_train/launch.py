@@ -13,6 +13,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -22,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from frcnn_train import checkpoint, distributed
 from frcnn_train.config import ResumeConflict, merge_for_resume
-from frcnn_train.data import build_datasets
+from frcnn_train.data import DataWarning, build_datasets
 from frcnn_train.errors import CheckpointError, ConfigError, UserError
 from frcnn_train.evaluation import format_table
 from frcnn_train.logs import RunLogger, log, setup_console
@@ -120,9 +121,9 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
     setup_console()
     ckpt, resumed_from, changes = None, None, []
     if cfg.resume:
-        resumed_from, warnings = checkpoint.resolve_resume(cfg.resume, Path(cfg.output_dir) / cfg.run_name)
-        for warning in warnings:
-            log.warning(warning)
+        resumed_from, skipped = checkpoint.resolve_resume(cfg.resume, Path(cfg.output_dir) / cfg.run_name)
+        for note in skipped:
+            log.warning(note)
         if resumed_from is None:
             log.info("resume=auto: no checkpoint in %s; starting a new run.", Path(cfg.output_dir) / cfg.run_name)
         else:
@@ -142,7 +143,10 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
         torch.cuda.set_device(device)
     seed_everything(cfg.seed, cfg.trainer.deterministic)
     with_masks = cfg.model.arch == "mask_rcnn"
-    data = build_datasets(cfg.data, with_masks=with_masks)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DataWarning)
+        data = build_datasets(cfg.data, with_masks=with_masks)
+    data_notes = [str(w.message) for w in caught if issubclass(w.category, DataWarning)]  # logged below
     _resolve_classes(cfg, data.classes, ckpt["classes"] if ckpt else None)
 
     model = build_model(cfg.model)
@@ -167,6 +171,8 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
 
     logger = RunLogger(run_dir, enabled=distributed.is_main(),
                        purge_step=ckpt["trainer"]["global_step"] + 1 if ckpt else None)
+    for note in data_notes:  # repaired boxes, now that train.log is open
+        log.warning(note)
     trainer = Trainer(
         model=wrapped, optimizer=optimizer, scheduler=scheduler, scaler=scaler, data=data,
         settings=TrainerSettings(
