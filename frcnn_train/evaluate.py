@@ -1,0 +1,154 @@
+"""`python -m frcnn_train.evaluate CKPT [overrides] [--out FILE]`: COCO AP of a checkpoint.
+
+The model is rebuilt from the checkpoint's own config and evaluated exactly as
+the Trainer does (same eval loader, batch size and autocast), so on the run's
+own val split the numbers equal the ones the run logged. Only data, device and
+batch-size keys may be overridden: the architecture is the checkpoint's.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from frcnn_train import checkpoint
+from frcnn_train.config import compose_config, with_schema
+from frcnn_train.data import build_datasets, build_eval_loader
+from frcnn_train.errors import CheckpointError, ConfigError, UserError
+from frcnn_train.evaluation import evaluate, format_table
+from frcnn_train.models import build_model, diff_layouts, tensor_layout
+
+# Leaf keys evaluate may change besides anything under `data`.
+ALLOWED_KEYS = ("device", "trainer.batch_size", "trainer.amp", "trainer.amp_dtype")
+
+
+def _hydra_error(err: Exception, overrides: Sequence[str]) -> ConfigError:
+    cause = f" ({str(err.__cause__).splitlines()[0]})" if err.__cause__ else ""
+    return ConfigError(f"the overrides {' '.join(overrides)} do not compose: {str(err).splitlines()[0]}{cause}; "
+                       "fix the key or the value (configs/train.yaml and frcnn_train/config.py list them)")
+
+
+def compose_overrides(overrides: Sequence[str]) -> DictConfig:
+    """compose_config, with Hydra's and OmegaConf's errors turned into one ConfigError sentence."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return compose_config(list(overrides))
+    except (HydraException, OmegaConfBaseException) as err:
+        raise _hydra_error(err, overrides) from None
+
+
+def _override_keys(overrides: Sequence[str]) -> list[str]:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except HydraException as err:
+        raise _hydra_error(err, overrides) from None
+    return [o.key_or_group.replace("/", ".") for o in parsed]
+
+
+def apply_overrides(saved: dict[str, Any], overrides: Sequence[str]) -> DictConfig:
+    """The checkpoint's config with data / device / batch-size overrides; model.* is refused.
+
+    `data=<name>` replaces the whole data subtree by the composed one, so no key
+    of the checkpoint's dataset leaks into another dataset's config.
+    """
+    cfg = with_schema(saved)
+    if not overrides:
+        return cfg
+    keys = _override_keys(overrides)
+    model_keys = [k for k in keys if k == "model" or k.startswith("model.")]
+    if model_keys:
+        raise ConfigError(
+            f"evaluate rebuilds the model from the checkpoint's config, so {', '.join(model_keys)} cannot be "
+            "overridden; evaluate a checkpoint trained with that architecture instead"
+        )
+    other = [k for k in keys if k not in ALLOWED_KEYS and k != "data" and not k.startswith("data.")]
+    if other:
+        raise ConfigError(f"evaluate cannot override {', '.join(other)}; it accepts data=, data.*, "
+                          f"{', '.join(ALLOWED_KEYS)} and data.num_workers")
+    composed = compose_overrides(overrides)
+    if "data" in keys:
+        cfg.data = composed.data
+    for key in keys:
+        if key != "data":
+            OmegaConf.update(cfg, key, OmegaConf.select(composed, key), merge=False)
+    return cfg
+
+
+def load_model(ckpt: dict[str, Any], cfg: DictConfig, source: str) -> torch.nn.Module:
+    """The checkpoint's model rebuilt from its config, weights loaded, in eval mode on the CPU."""
+    model = build_model(cfg.model)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError:
+        lines = diff_layouts(tensor_layout(ckpt["model"]), tensor_layout(model))
+        raise CheckpointError(
+            f"the model rebuilt from {source}'s config does not match its weights ({'; '.join(lines[:4])}); "
+            "use the frcnn_train version that wrote it"
+        ) from None
+    return model.eval()
+
+
+def run_evaluation(ckpt_path: str | Path, overrides: Sequence[str] = (),
+                   out: str | Path | None = None) -> tuple[dict[str, float], Path]:
+    """Evaluate a checkpoint; returns the metrics and the COCO results file written."""
+    from frcnn_train.launch import amp_dtype, resolve_device, seed_everything
+
+    path = Path(ckpt_path)
+    if path.is_dir():
+        path = path / "best.pth" if (path / "best.pth").exists() else path / "last.pth"
+    ckpt = checkpoint.load_checkpoint(path)
+    cfg = apply_overrides(ckpt["config"], overrides)
+    with_masks = cfg.model.arch == "mask_rcnn"
+    device = resolve_device(cfg.device)
+    # The run evaluated under these settings; matching them keeps the numbers identical.
+    seed_everything(cfg.seed, cfg.trainer.deterministic)
+    data = build_datasets(cfg.data, with_masks=with_masks)
+    if list(data.classes) != list(ckpt["classes"]):
+        raise ConfigError(
+            f"the dataset's classes {data.classes} differ from the checkpoint's {ckpt['classes']}, so its labels "
+            "would be scored as the wrong categories; evaluate on a dataset with the same classes"
+        )
+    model = load_model(ckpt, cfg, str(path)).to(device)
+    loader = build_eval_loader(data.val, batch_size=cfg.trainer.batch_size, num_workers=cfg.data.num_workers)
+    metrics, results = evaluate(model, loader, coco_gt=data.val.coco, label_to_cat_id=data.val.label_to_cat_id,
+                                device=device, with_masks=with_masks, autocast_dtype=amp_dtype(cfg, device))
+    # COCO.loadRes adds area / id / iscrowd (and box polygons) to the dicts it is given; write only ours.
+    keep = ("image_id", "category_id", "bbox", "score") + (("segmentation",) if with_masks else ())
+    results = [{k: r[k] for k in keep if k in r} for r in results]
+    out_path = Path(out) if out else path.parent / f"detections_{path.stem}.json"
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(results))
+    return metrics, out_path
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m frcnn_train.evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", help="checkpoint file (or run directory: best.pth, else last.pth)")
+    parser.add_argument("overrides", nargs="*", help="data=..., data.*=..., device=..., trainer.batch_size=...")
+    parser.add_argument("--out", help="COCO results JSON (default: <ckpt dir>/detections_<ckpt stem>.json)")
+    parser.add_argument("--json", action="store_true", help="print the metrics as JSON instead of a table")
+    args = parser.parse_args(argv)
+    try:
+        metrics, out = run_evaluation(args.checkpoint, args.overrides, args.out)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"metrics": metrics, "detections": str(out)}))
+    else:
+        print(f"{format_table(metrics)}\ndetections: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,138 @@
+"""`python -m frcnn_train.predict CKPT INPUTS... --out DIR`: draw a checkpoint's detections on images.
+
+Inputs are image files or directories of them. Each image is written to DIR
+under its own name with boxes, "class score" labels and masks drawn, and every
+detection above the threshold goes into DIR/predictions.json (COCO results
+format, plus file_name and category_name).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from frcnn_train import checkpoint
+from frcnn_train.config import with_schema
+from frcnn_train.errors import DataError, UserError
+from frcnn_train.evaluate import load_model
+from frcnn_train.evaluation import detections_to_coco
+from frcnn_train.visualize import draw_detections
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+
+
+def collect_images(inputs: list[str]) -> list[Path]:
+    """Files in the order given; a directory contributes its images sorted by name (not recursive)."""
+    found: list[Path] = []
+    for raw in inputs:
+        path = Path(raw)
+        if not path.exists():
+            raise DataError(f"input {path} does not exist; "
+                            f"give image files ({', '.join(IMAGE_SUFFIXES)}) or directories")
+        if path.is_dir():
+            images = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not images:
+                raise DataError(f"directory {path} holds no {', '.join(IMAGE_SUFFIXES)} images; give one that does")
+            found += images
+        elif path.suffix.lower() not in IMAGE_SUFFIXES:
+            raise DataError(f"input {path} is not an image ({', '.join(IMAGE_SUFFIXES)}); remove it or convert it")
+        else:
+            found.append(path)
+    return found
+
+
+def load_image(path: Path) -> torch.Tensor:
+    """RGB float [3, H, W] in [0, 1], as the datasets produce."""
+    try:
+        with Image.open(path) as im:
+            array = np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+    except (UnidentifiedImageError, OSError) as err:
+        raise DataError(f"{path} could not be decoded as an image ({type(err).__name__}); "
+                        "replace it with a valid jpg/png/bmp or leave it out") from None
+    return torch.from_numpy(array).permute(2, 0, 1).float().div_(255.0)
+
+
+def _batches(items: list[Path], size: int) -> Iterator[tuple[int, list[Path]]]:
+    for start in range(0, len(items), size):
+        yield start, items[start:start + size]
+
+
+def _output_names(files: list[Path]) -> list[str]:
+    """Each input's own file name, with _1, _2 ... when two inputs share one."""
+    seen: dict[str, int] = {}
+    names = []
+    for file in files:
+        count = seen.get(file.name.lower(), 0)
+        seen[file.name.lower()] = count + 1
+        names.append(file.name if count == 0 else f"{file.stem}_{count}{file.suffix}")
+    return names
+
+
+@torch.no_grad()
+def predict(ckpt_path: str | Path, inputs: list[str], out_dir: str | Path, *, score_threshold: float = 0.5,
+            device: str = "auto", batch_size: int = 4) -> list[dict[str, Any]]:
+    """Run the checkpoint over the inputs, write drawn images and predictions.json; return the results."""
+    from frcnn_train.launch import resolve_device
+
+    if batch_size < 1:
+        raise DataError(f"--batch-size {batch_size} must be at least 1")
+    files = collect_images(inputs)
+    ckpt = checkpoint.load_checkpoint(ckpt_path)
+    cfg = with_schema(ckpt["config"])
+    classes = list(ckpt["classes"])
+    dev = resolve_device(device)
+    model = load_model(ckpt, cfg, str(ckpt_path)).to(dev)
+    with_masks = cfg.model.arch == "mask_rcnn"
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = _output_names(files)
+    # Labels are 1-based indices into the checkpoint's classes; category ids are those labels.
+    label_ids = {i: i for i in range(1, len(classes) + 1)}
+    results: list[dict[str, Any]] = []
+    for start, chunk in _batches(files, batch_size):
+        images = [load_image(p) for p in chunk]
+        outputs = model([image.to(dev) for image in images])
+        for offset, (image, output) in enumerate(zip(images, outputs)):
+            index = start + offset
+            keep = output["scores"] >= score_threshold
+            kept = {k: v[keep].cpu() for k, v in output.items()}
+            drawn = draw_detections(image, kept, classes, score_threshold=score_threshold)
+            target = out / names[index]
+            extra = {"quality": 95} if target.suffix.lower() in (".jpg", ".jpeg") else {}
+            Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(target, **extra)
+            for result in detections_to_coco([kept], [index], label_ids, with_masks=with_masks):
+                label = result["category_id"]
+                results.append({"file_name": str(files[index]), **result, "category_name": classes[label - 1]})
+    # One detection per line: valid JSON that still reads (and diffs) well.
+    (out / "predictions.json").write_text("[\n" + ",\n".join(json.dumps(r) for r in results) + "\n]\n")
+    return results
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m frcnn_train.predict", description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", help="checkpoint file")
+    parser.add_argument("inputs", nargs="+", help="image files or directories (jpg, jpeg, png, bmp)")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--score-threshold", type=float, default=0.5,
+                        help="draw and keep detections scoring at least this")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass")
+    args = parser.parse_args(argv)
+    try:
+        results = predict(args.checkpoint, args.inputs, args.out, score_threshold=args.score_threshold,
+                          device=args.device, batch_size=args.batch_size)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"{len(results)} detections; drawn images and predictions.json in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
