@@ -239,7 +239,8 @@ def _log_summary(summary: dict[str, Any], trainer: Trainer, run_dir: Path) -> No
                 else "python -m")
     command = f"{launcher} frcnn_train.train resume={run_dir / 'last.pth'}"
     if summary["completed"]:
-        log.info("Finished %d epochs (%d steps) in %.0f s.", trainer.epoch, trainer.global_step, summary["seconds"])
+        log.info("Finished %d epoch%s (%d steps) in %.0f s.", trainer.epoch, "s" * (trainer.epoch != 1),
+                 trainer.global_step, summary["seconds"])
     else:
         log.info("Stopped during epoch %d at step %d (%s) after %.0f s.", trainer.epoch + 1, trainer.global_step,
                  summary["stop_reason"], summary["seconds"])
