@@ -85,7 +85,7 @@ def migrate(ckpt: dict[str, Any], path: Path) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- reading
-def read_file(path: str | Path, *, trust: bool = False) -> Any:
+def read_file(path: str | Path, *, trust: bool = False, for_resume: bool = False) -> Any:
     """torch.load with every failure turned into one sentence naming the file."""
     path = Path(path)
     if not path.exists():
@@ -98,9 +98,10 @@ def read_file(path: str | Path, *, trust: bool = False) -> Any:
         text = str(err)
         unsafe = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
         if unsafe:
+            fix = ("frcnn_train checkpoints never do, so it was written by other code; to start from its weights "
+                   "use init_from= with init.trust=true" if for_resume else "if you trust its source set init.trust=true")
             raise CheckpointError(
-                f"{path} holds pickled Python objects ({unsafe.group(1)}) that safe weights_only loading refuses; "
-                "if you trust its source set init.trust=true"
+                f"{path} holds pickled Python objects ({unsafe.group(1)}) that safe weights_only loading refuses; {fix}"
             ) from None
         raise CheckpointError(
             f"{path} ({path.stat().st_size} bytes) is not a readable checkpoint: it is truncated, corrupted "
@@ -111,7 +112,7 @@ def read_file(path: str | Path, *, trust: bool = False) -> Any:
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read, validate and migrate one of our checkpoints (weights_only)."""
     path = Path(path)
-    ckpt = read_file(path)
+    ckpt = read_file(path, for_resume=True)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(
             f"{path} is not an frcnn_train checkpoint (no '{FORMAT}' marker); "
@@ -179,9 +180,13 @@ def copy_checkpoint(src: str | Path, dst: str | Path) -> None:
 
 # ---------------------------------------------------------------- finding checkpoints
 def checkpoint_files(run_dir: str | Path) -> list[Path]:
-    """Checkpoints of a run directory, newest first by modification time."""
+    """Checkpoints of a run directory, newest first: last.pth, then the others by modification time.
+
+    last.pth always holds the latest state; best and epoch files are copies of
+    an earlier last.pth made just after it (so their mtime is newer).
+    """
     files = [p for p in Path(run_dir).glob("*.pth") if p.is_file()]
-    return sorted(files, key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    return sorted(files, key=lambda p: (p.name == "last.pth", p.stat().st_mtime_ns), reverse=True)
 
 
 def _existing_hint(directory: Path) -> str:

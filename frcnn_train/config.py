@@ -300,7 +300,8 @@ def merge_for_resume(saved: dict, cfg: DictConfig, overrides: Sequence[str], sou
         raise CheckpointError(f"{source} holds a config this version cannot read ({str(err).splitlines()[0]}); "
                               "use the frcnn_train version that wrote it") from None
     saved_flat = flatten(merged)
-    requested = merged.copy()
+    # Untyped copy: it may receive values the schema would coerce or reject (lists of rules).
+    requested = OmegaConf.create(OmegaConf.to_container(merged))
     changes, conflicts = [], []
     for key, value in requested_keys(cfg, overrides).items():
         if key.split(".")[0] in START_KEYS or saved_flat.get(key) == value:

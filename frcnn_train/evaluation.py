@@ -55,6 +55,10 @@ def coco_metrics(coco_gt: COCO, results: list[dict[str, Any]], iou_type: str) ->
     """AP, AP50, AP75, APs, APm, APl for one IoU type ("bbox" or "segm")."""
     if not results:  # loadRes cannot take an empty list; no detection scores zero
         return {name: 0.0 for name in METRIC_NAMES}
+    # loadRes adds keys to the dicts it gets, so give it copies. For masks drop the
+    # box, or pycocotools takes the size ranges (APs/APm/APl) from box areas (as detectron2 does).
+    drop = {"bbox"} if iou_type == "segm" else {"segmentation"}
+    results = [{k: v for k, v in r.items() if k not in drop} for r in results]
     # COCOeval prints its own table; we print a shorter one.
     with contextlib.redirect_stdout(io.StringIO()):
         coco_dt = coco_gt.loadRes(results)

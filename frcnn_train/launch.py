@@ -146,7 +146,8 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", DataWarning)
         data = build_datasets(cfg.data, with_masks=with_masks)
-    data_notes = [str(w.message) for w in caught if issubclass(w.category, DataWarning)]  # logged below
+    # Logged once train.log is open: (level, message).
+    notes = [(logging.WARNING, str(w.message)) for w in caught if issubclass(w.category, DataWarning)]
     _resolve_classes(cfg, data.classes, ckpt["classes"] if ckpt else None)
 
     model = build_model(cfg.model)
@@ -155,7 +156,7 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
 
         report = load_init_weights(model, cfg.init_from, remap=OmegaConf.to_container(cfg.init.remap),
                                    strict=cfg.init.strict, trust=cfg.init.trust)
-        log.info("init_from=%s:\n%s", cfg.init_from, report.format())
+        notes.append((logging.INFO, f"init_from={cfg.init_from}:\n{report.format()}"))
     model.to(device)
     spec = architecture_spec(cfg.model)
     digest = _check_fingerprint(ckpt, model, spec, resumed_from) if ckpt else fingerprint(spec, model)
@@ -171,8 +172,8 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
 
     logger = RunLogger(run_dir, enabled=distributed.is_main(),
                        purge_step=ckpt["trainer"]["global_step"] + 1 if ckpt else None)
-    for note in data_notes:  # repaired boxes, now that train.log is open
-        log.warning(note)
+    for level, note in notes:
+        log.log(level, note)
     trainer = Trainer(
         model=wrapped, optimizer=optimizer, scheduler=scheduler, scaler=scaler, data=data,
         settings=TrainerSettings(

@@ -24,6 +24,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from frcnn_train.errors import CheckpointError, ConfigError
+from frcnn_train.weights import read_state_dict
 
 # Backbone name -> torchvision classifier whose feature layers it reuses.
 _CLASSIFIERS: dict[str, str] = {
@@ -175,14 +176,6 @@ def _replace_fpn(backbone: BackboneWithFPN, fpn_channels: int) -> None:
 # ----------------------------------------------------------------------------- local ImageNet weights
 
 _HEAD_PREFIXES = ("fc.", "classifier.")
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-
-
-def _strip_prefixes(state: dict[str, Any]) -> dict[str, Any]:
-    for prefix in _WRAPPER_PREFIXES:
-        if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
-    return state
 
 
 def _layout(state: dict[str, Any]) -> dict[str, tuple[int, ...]]:
@@ -195,22 +188,10 @@ def _layout(state: dict[str, Any]) -> dict[str, tuple[int, ...]]:
 
 
 def _read_state_dict(path: Path, where: str) -> dict[str, Tensor]:
-    if not path.is_file():
-        raise CheckpointError(f"{where}: {path} does not exist; point it at a local ImageNet weights file or set it to null")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types (KeyError, UnpicklingError, ...) for bad files
-        raise CheckpointError(
-            f"{where}: {path} could not be read as a torch weights file ({type(exc).__name__}); "
-            "it is damaged, not a torch file, or holds objects other than tensors"
-        ) from exc
-    # Tolerate the common {"state_dict": ...} / {"model": ...} wrappers around a plain state dict.
-    for key in ("state_dict", "model"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise CheckpointError(f"{where}: {path} holds no state dict of tensors; point it at ImageNet classifier weights")
-    return _strip_prefixes(obj)
+    try:  # the same reader as init_from: wrappers ({"state_dict": ...}), module./_orig_mod. prefixes
+        return read_state_dict(path)[0]
+    except CheckpointError as err:
+        raise CheckpointError(f"{where}: {err}") from None
 
 
 def _guess_origin(layout: dict[str, tuple[int, ...]]) -> str | None:
