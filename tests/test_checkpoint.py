@@ -150,3 +150,10 @@ def test_resume_auto(tmp_path: Path) -> None:
 def test_strip_wrapper_prefixes() -> None:
     state = {"module._orig_mod.backbone.w": 1, "_orig_mod.rpn.b": 2, "roi_heads.module.x": 3, "submodule.y": 4}
     assert checkpoint.strip_wrapper_prefixes(state) == {"backbone.w": 1, "rpn.b": 2, "roi_heads.x": 3, "submodule.y": 4}
+
+
+def test_resume_auto_prefers_last_over_newer_copies(tmp_path: Path) -> None:
+    checkpoint.save_checkpoint(fake_checkpoint(step=4), tmp_path / "last.pth")
+    time.sleep(0.01)
+    checkpoint.copy_checkpoint(tmp_path / "last.pth", tmp_path / "epoch_0001.pth")  # made just after last.pth
+    assert checkpoint.resolve_resume("auto", tmp_path)[0] == tmp_path / "last.pth"

@@ -47,8 +47,10 @@ def test_ground_truth_as_predictions_scores_ap_one(compose_tiny) -> None:
     val = build_datasets(compose_tiny().data, with_masks=True).val
     results = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0,
                 "segmentation": val.coco.annToRLE(a)} for a in val.coco.dataset["annotations"]]
+    before = [dict(r) for r in results]
     assert coco_metrics(val.coco, results, "bbox")["AP"] == pytest.approx(1.0)
     assert coco_metrics(val.coco, results, "segm")["AP"] == pytest.approx(1.0)
+    assert results == before, "pycocotools must not add keys to the caller's results"
     assert coco_metrics(val.coco, [], "bbox")["AP"] == 0.0
 
 
