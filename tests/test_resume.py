@@ -141,3 +141,13 @@ def test_tensorboard_curve_continues_without_overlap(compose_tiny) -> None:
     events.Reload()
     steps = [event.step for event in events.Scalars("train/loss")]
     assert steps == list(range(1, 9))
+
+
+def test_resume_auto_starts_fresh_then_continues(compose_tiny) -> None:
+    overrides = ["resume=auto", "run_name=auto", "trainer.max_steps=2"]
+    first = run(compose_tiny(*overrides), overrides=overrides)
+    assert first["global_step"] == 2 and not final_state(Path(first["run_dir"]))["trainer"]["history"]
+    overrides = ["resume=auto", "run_name=auto", "trainer.max_steps=3"]
+    second = run(compose_tiny(*overrides), overrides=overrides)
+    assert second["run_dir"] == first["run_dir"] and second["global_step"] == 3
+    assert final_state(Path(second["run_dir"]))["trainer"]["history"][0]["global_step"] == 2
