@@ -48,6 +48,17 @@ def strip_wrapper_prefixes(state: dict[str, Any]) -> dict[str, Any]:
     return {clean(key): value for key, value in state.items()}
 
 
+def unwrap_model(model: "torch.nn.Module") -> "torch.nn.Module":
+    """The bare model inside DataParallel / DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if inner is None and isinstance(model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+            inner = model.module
+        if not isinstance(inner, torch.nn.Module):
+            return model
+        model = inner
+
+
 # ---------------------------------------------------------------- migration
 def _migrate_v0(ckpt: dict[str, Any]) -> dict[str, Any]:
     """v0 (pre-release layout): `state_dict`/`optim` names, flat counters, no RNG or fingerprint."""

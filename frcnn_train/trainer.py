@@ -4,7 +4,6 @@ It takes built objects and plain settings; only `launch.py` reads the config.
 """
 from __future__ import annotations
 
-import math
 import random
 import signal
 import time
@@ -103,7 +102,7 @@ class Trainer:
         checkpoint_extras: dict[str, Any],
     ) -> None:
         self.model = model  # possibly DDP-wrapped; `bare` is what gets saved
-        self.bare = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        self.bare = checkpoint.unwrap_model(model)
         self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
         self.data, self.s, self.device = data, settings, device
         self.run_dir, self.logger, self.with_masks = run_dir, logger, with_masks

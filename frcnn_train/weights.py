@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from frcnn_train.checkpoint import FORMAT, migrate, read_file, strip_wrapper_prefixes
+from frcnn_train.checkpoint import FORMAT, migrate, read_file, strip_wrapper_prefixes, unwrap_model
 from frcnn_train.errors import CheckpointError, ConfigError
 
 # Keys under which training scripts commonly nest the model's state dict, most specific first.
@@ -152,16 +152,6 @@ class LoadReport:
         return "\n".join(lines)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    while True:
-        inner = getattr(model, "_orig_mod", None)
-        if inner is None and isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            inner = model.module
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner
-
-
 def _roots(keys: list[str]) -> list[str]:
     """Up to two leading module names per key ("backbone.body", "layer1.0", "fc"), first seen first."""
     return list(dict.fromkeys(".".join(k.split(".")[: min(2, k.count("."))]) or k for k in keys))
@@ -209,7 +199,7 @@ def _strict_error(source: str, report: LoadReport) -> CheckpointError:
 
 def plan_load(model: nn.Module, state: dict[str, Tensor]) -> tuple[dict[str, Tensor], LoadReport]:
     """Match a (prefix-free, remapped) state dict against the model: what loads and what is skipped."""
-    own = _unwrap(model).state_dict()
+    own = unwrap_model(model).state_dict()
     report, selected = LoadReport(), {}
     for name, target in own.items():
         if name not in state:
@@ -248,9 +238,9 @@ def load_init_weights(
     selected, report = plan_load(model, state)
     report.source, report.container, report.stripped = source, container, stripped
     if not report.loaded:
-        raise _nothing_matches(source, list(state), list(_unwrap(model).state_dict()), report)
+        raise _nothing_matches(source, list(state), list(unwrap_model(model).state_dict()), report)
     if strict and (report.reshaped or report.missing or report.unexpected):
         raise _strict_error(source, report)
     with torch.no_grad():
-        _unwrap(model).load_state_dict(selected, strict=False)
+        unwrap_model(model).load_state_dict(selected, strict=False)
     return report

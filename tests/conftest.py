@@ -57,3 +57,20 @@ def compose_tiny(shapes_cache: Path, tmp_path: Path) -> Callable[..., DictConfig
         return compose_config(tiny_overrides(shapes_cache, tmp_path / "outputs") + list(overrides))
 
     return compose
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(shapes_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """tiny_runs(name, *overrides) -> run directory of a tiny training run, trained once per test module."""
+    from frcnn_train.launch import run
+
+    out = tmp_path_factory.mktemp("tiny_runs")
+    done: dict[str, Path] = {}
+
+    def get(name: str, *overrides: str) -> Path:
+        if name not in done:
+            cfg = compose_config(tiny_overrides(shapes_cache, out) + [f"run_name={name}", *overrides])
+            done[name] = Path(run(cfg)["run_dir"])
+        return done[name]
+
+    return get

@@ -8,12 +8,9 @@ import pytest
 from PIL import Image
 
 from frcnn_train import checkpoint
-from frcnn_train.config import compose_config
 from frcnn_train.evaluate import main as evaluate_main
-from frcnn_train.launch import run
 from frcnn_train.predict import main as predict_main
 
-from conftest import tiny_overrides
 
 # Inference-only knobs (not part of the architecture): many low-scoring boxes per image, so that
 # one epoch of training already gives a non-zero AP and "equal" below is not 0.0 == 0.0.
@@ -22,22 +19,8 @@ MANY_BOXES = ("model.box_score_thresh=0.0", "model.rpn_pre_nms_top_n_test=1000",
 
 
 @pytest.fixture(scope="module")
-def runs(shapes_cache: Path, tmp_path_factory: pytest.TempPathFactory):
-    out = tmp_path_factory.mktemp("eval_runs")
-    done: dict[str, Path] = {}
-
-    def get(name: str, *overrides: str) -> Path:
-        if name not in done:
-            cfg = compose_config(tiny_overrides(shapes_cache, out) + [f"run_name={name}", *overrides])
-            done[name] = Path(run(cfg)["run_dir"])
-        return done[name]
-
-    return get
-
-
-@pytest.fixture(scope="module")
-def trained(runs) -> Path:
-    return runs("faster", *MANY_BOXES)
+def trained(tiny_runs) -> Path:
+    return tiny_runs("faster", *MANY_BOXES)
 
 
 def val_images(run_dir: Path) -> Path:
@@ -94,8 +77,8 @@ def test_predict_a_directory_writes_images_and_results(trained: Path, tmp_path: 
         assert r["category_name"] == classes[r["category_id"] - 1]
 
 
-def test_predict_mask_rcnn_writes_rle_masks(runs, tmp_path: Path) -> None:
-    mask_run = runs("mask", "model=mask_rcnn", "trainer.max_steps=1")
+def test_predict_mask_rcnn_writes_rle_masks(tiny_runs, tmp_path: Path) -> None:
+    mask_run = tiny_runs("mask", "model=mask_rcnn", "trainer.max_steps=1")
     image = sorted(val_images(mask_run).glob("*.png"))[0]
     assert predict_main([str(mask_run / "last.pth"), str(image), "--out", str(tmp_path), "--score-threshold", "0"]) == 0
     results = json.loads((tmp_path / "predictions.json").read_text())

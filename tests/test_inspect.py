@@ -13,40 +13,23 @@ import pytest
 import torch
 
 from frcnn_train import checkpoint
-from frcnn_train.config import compose_config
 from frcnn_train.errors import ConfigError
 from frcnn_train.inspect import main
 from frcnn_train.launch import run
 
-from conftest import tiny_overrides
 
 BACKBONE_SLOW = "optim.param_groups=[{match:backbone,lr_mult:0.1}]"
 
 
 @pytest.fixture(scope="module")
-def runs(shapes_cache: Path, tmp_path_factory: pytest.TempPathFactory):
-    """run_name -> run directory of a tiny run, trained once per module."""
-    out = tmp_path_factory.mktemp("inspect_runs")
-    done: dict[str, Path] = {}
-
-    def get(name: str, *overrides: str) -> Path:
-        if name not in done:
-            cfg = compose_config(tiny_overrides(shapes_cache, out) + [f"run_name={name}", *overrides])
-            done[name] = Path(run(cfg)["run_dir"])
-        return done[name]
-
-    return get
-
-
-@pytest.fixture(scope="module")
-def slow_backbone(runs) -> Path:
+def slow_backbone(tiny_runs) -> Path:
     """One full epoch (with evaluation) and the backbone at a tenth of the head LR."""
-    return runs("slow_backbone", BACKBONE_SLOW)
+    return tiny_runs("slow_backbone", BACKBONE_SLOW)
 
 
 @pytest.fixture(scope="module")
-def wide_head(runs) -> Path:
-    return runs("wide_head", "model.box_head_dim=64", "trainer.max_steps=2")
+def wide_head(tiny_runs) -> Path:
+    return tiny_runs("wide_head", "model.box_head_dim=64", "trainer.max_steps=2")
 
 
 def inspect(capsys, *argv: str) -> tuple[int, str, str]:

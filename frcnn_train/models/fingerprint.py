@@ -17,12 +17,12 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from frcnn_train.checkpoint import strip_wrapper_prefixes, unwrap_model
 from frcnn_train.models.backbones import resolve_norm, resolve_returned_layers
 from frcnn_train.models.builder import check_arch, check_num_classes
 
 Layout = dict[str, tuple[list[int], str]]
 
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _MAX_EXAMPLES = 3
 
 
@@ -61,31 +61,12 @@ def architecture_spec(model_cfg: DictConfig) -> dict[str, Any]:
     return spec
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    # DataParallel / DDP keep the model in .module, torch.compile in ._orig_mod.
-    while True:
-        inner = getattr(model, "_orig_mod", None)
-        if inner is None and isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            inner = model.module
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner
-
-
-def _strip_prefixes(state: Mapping[str, Any]) -> dict[str, Any]:
-    state = dict(state)
-    for prefix in _WRAPPER_PREFIXES:
-        if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
-    return state
-
-
 def tensor_layout(model_or_state: nn.Module | dict[str, Tensor]) -> Layout:
     """name -> (shape, dtype) in state-dict order; wrapper prefixes are removed."""
     if isinstance(model_or_state, nn.Module):
-        state = _unwrap(model_or_state).state_dict()
+        state = unwrap_model(model_or_state).state_dict()
     else:
-        state = _strip_prefixes(model_or_state)
+        state = strip_wrapper_prefixes(model_or_state)
     return {
         name: (list(t.shape), str(t.dtype).removeprefix("torch."))
         for name, t in state.items()
