@@ -16,8 +16,9 @@ from frcnn_train.config import compose_config
 from frcnn_train.errors import ConfigError
 from frcnn_train.launch import run
 
-# Tiny shapes: 8 train images, batch 2 -> 4 steps per epoch; 2 epochs = 8 steps.
-EPOCHS = ("trainer.epochs=2",)
+# Tiny shapes: 8 train images, batch 2 -> 4 steps per epoch; 2 epochs = 8 steps. Warmup runs
+# into the second epoch, so stops at steps 3 and 4 fall inside it (the LR must not jump).
+EPOCHS = ("trainer.epochs=2", "schedule.warmup_steps=6")
 
 
 def final_state(run_dir: Path) -> dict:
@@ -72,6 +73,8 @@ def test_max_steps_stop_and_resume_is_bitwise_exact(compose_tiny, reference, sto
     assert resumed["completed"] and resumed["run_dir"] == stopped["run_dir"]
     final = final_state(Path(resumed["run_dir"]))
     assert_same_training(reference, final)
+    lrs = [g["lr"] for g in mid["optimizer"]["param_groups"]]
+    assert lrs[0] == pytest.approx(0.01 * (0.001 + 0.999 * stop_at / 6)), "stopped inside the warmup ramp"
     history = final["trainer"]["history"]
     assert len(history) == 1 and history[0]["global_step"] == stop_at
     assert history[0]["changes"] == [f"trainer.max_steps: {stop_at} -> None"]
