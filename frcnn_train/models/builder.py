@@ -2,15 +2,27 @@
 
 The only place that reads `model.*`. Parts are torchvision's own classes with
 torchvision's attribute names, so model-zoo state dicts map onto the default
-sizes. Attention blocks (a later addition) are attached by `_add_attention`
-after the model is whole, at sites this module names: backbone stage outputs,
-FPN levels, the RoI box head and the mask head.
+sizes. Attention blocks (models/attention.py) are attached by `_add_attention`
+after the model is whole, at the sites `model.attention.sites` names:
+
+| site                      | where the block runs                          | its state-dict keys                     |
+|---------------------------|-----------------------------------------------|-----------------------------------------|
+| `backbone.<stage>`        | on a stage's output, before the next stage    | `backbone.body.<stage>.attention.*`     |
+| `fpn.<level>`             | on one FPN output level                       | `backbone.fpn.attention.<level>.*`      |
+| `roi_heads.box`           | on the pooled [N, C, 7, 7] RoI features       | `roi_heads.attention.box.*`             |
+| `roi_heads.mask`          | on the pooled [N, C, 14, 14] mask features    | `roi_heads.attention.mask.*`            |
+
+Stages are the ones feeding the FPN: `layer1`..`layer4` for ResNets (fewer with
+`returned_layers`), torchvision's feature indices for MobileNets (`14`, `18` for
+v2; `13`, `16` for v3). FPN levels keep the FPN's own output names: `0` is the
+finest (fed by the first returned stage, stride 4 on a ResNet), then `1`, ...,
+and `pool` the extra max-pooled level. Every other key stays torchvision's.
 """
 from __future__ import annotations
 
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -20,10 +32,20 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.ops import MultiScaleRoIAlign
 
 from frcnn_train.errors import ConfigError
+from frcnn_train.models.attention import BLOCKS, attach_after, attach_to_heads, attach_to_levels
 from frcnn_train.models.backbones import build_backbone, stage_names
 
 ARCHS: tuple[str, ...] = ("faster_rcnn", "mask_rcnn")
-ATTENTION_TYPES_AVAILABLE: tuple[str, ...] = ("none",)
+ATTENTION_TYPES: tuple[str, ...] = ("none", *BLOCKS)
+# Block type -> {model.attention key: the block's keyword argument}; other keys do not apply to it.
+ATTENTION_BLOCK_KEYS: dict[str, dict[str, str]] = {
+    "se": {"reduction": "reduction"},
+    "cbam": {"reduction": "reduction", "kernel_size": "kernel_size"},
+    "eca": {"eca_kernel_size": "kernel_size"},
+    "nonlocal": {"inner_channels": "inner_channels", "heads": "heads"},
+}
+_NULLABLE_KEYS = ("eca_kernel_size", "inner_channels")  # null: chosen from the site's channel count
+_ODD_KEYS = ("kernel_size", "eca_kernel_size")
 
 # torchvision's RoI sizes; the box head's input width depends on them.
 BOX_ROI_SIZE = 7
@@ -51,11 +73,6 @@ def _positive(value: Any, key: str, *, allow_zero: bool = False) -> int:
     if int(value) < 0 or (int(value) == 0 and not allow_zero):
         raise ConfigError(f"model.{key}={value} must be a {'non-negative' if allow_zero else 'positive'} integer")
     return int(value)
-
-
-def attention_requested(attention_cfg: DictConfig) -> bool:
-    """True when the config asks for any attention block (a type other than none, at some site)."""
-    return attention_cfg.type != "none" and len(attention_cfg.sites) > 0
 
 
 def feature_map_names(backbone: BackboneWithFPN) -> list[str]:
@@ -107,8 +124,8 @@ def build_model(model_cfg: DictConfig) -> nn.Module:
     """Build the detector described by `model_cfg` (the `model` node of the train config)."""
     arch = check_arch(model_cfg.arch)
     num_classes = check_num_classes(model_cfg.num_classes) + 1  # torchvision counts background
-    # Refuse unavailable attention before spending time on the backbone.
-    _check_attention(model_cfg.attention)
+    # Refuse a wrong attention config before spending time on the backbone.
+    attention = attention_plan(model_cfg)
 
     bb = model_cfg.backbone
     returned_layers = None if bb.returned_layers is None else list(bb.returned_layers)
@@ -167,32 +184,163 @@ def build_model(model_cfg: DictConfig) -> nn.Module:
     else:
         model = FasterRCNN(backbone, num_classes=None, **kwargs)
 
-    _add_attention(
-        model,
-        model_cfg.attention,
-        stages=stage_names(bb.name, returned_layers),
-        fpn_levels=levels,
-        arch=arch,
-    )
+    _add_attention(model, attention, stages=stage_names(bb.name, returned_layers),
+                   identity_init=resolve_identity_init(model_cfg.attention.identity_init, bb.weights))
     return model
 
 
-def _check_attention(attention_cfg: DictConfig) -> None:
-    if attention_requested(attention_cfg) and attention_cfg.type not in ATTENTION_TYPES_AVAILABLE:
-        raise ConfigError(f"model.attention.type={attention_cfg.type} is not available yet")
+# ----------------------------------------------------------------------------- attention
+
+
+def attention_sites(arch: str, stages: list[str], fpn_levels: list[str]) -> list[str]:
+    """Every attention site of a model, in model order (see the module docstring)."""
+    sites = [f"backbone.{s}" for s in stages] + [f"fpn.{level}" for level in fpn_levels] + ["roi_heads.box"]
+    return sites + ["roi_heads.mask"] if arch == "mask_rcnn" else sites
+
+
+def valid_attention_sites(model_cfg: DictConfig) -> list[str]:
+    """The sites `model_cfg`'s backbone and arch offer, without building anything."""
+    bb = model_cfg.backbone
+    stages = stage_names(bb.name, None if bb.returned_layers is None else list(bb.returned_layers))
+    # One FPN level per returned stage, then LastLevelMaxPool's "pool" (as feature_map_names).
+    return attention_sites(check_arch(model_cfg.arch), stages, [str(i) for i in range(len(stages))] + ["pool"])
+
+
+def resolve_identity_init(identity_init: bool | None, backbone_weights: str | None) -> bool:
+    """`model.attention.identity_init`; null means on exactly when pretrained backbone weights are loaded."""
+    return bool(backbone_weights) if identity_init is None else bool(identity_init)
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else node
+
+
+def _site_list(model_cfg: DictConfig, sites: list[str]) -> str:
+    return (f"valid sites for {model_cfg.arch} with {model_cfg.backbone.name}: {', '.join(sites)}"
+            + ("" if model_cfg.arch == "mask_rcnn" else " (roi_heads.mask needs model=mask_rcnn)"))
+
+
+def _block_value(value: Any, key: str, *, nullable: bool, odd: bool) -> int | None:
+    if value is None and nullable:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or (odd and value % 2 == 0):
+        raise ConfigError(f"{key}={value!r} must be a positive {'odd ' if odd else ''}integer"
+                          f"{' or null (chosen from the channel count)' if nullable else ''}")
+    return int(value)
+
+
+def _site_block(site: str, attention_cfg: DictConfig, override: Any) -> tuple[str, dict[str, Any]]:
+    """(block type, block keyword arguments) at `site`: the model.attention keys, then the site's override."""
+    where = f"model.attention.overrides[{site}]"
+    if not isinstance(override, dict):
+        raise ConfigError(f"{where}={override!r} must be a mapping, e.g. {{type: cbam, reduction: 8}}")
+    allowed = ["type", *dict.fromkeys(k for keys in ATTENTION_BLOCK_KEYS.values() for k in keys)]
+    unknown = [k for k in override if k not in allowed]
+    if unknown:
+        raise ConfigError(f"{where} has unknown key {unknown[0]!r}; an override may set {', '.join(allowed)}")
+    kind = str(override.get("type", attention_cfg.type))
+    if "type" in override and kind not in BLOCKS:
+        raise ConfigError(f"{where}.type={kind} is not an attention block; choose one of {', '.join(BLOCKS)}")
+    if kind not in BLOCKS:  # model.attention.type=none and no per-site type
+        raise ConfigError(
+            f"model.attention.sites lists {site} but model.attention.type=none; choose a block with "
+            f"model/attention=<{'|'.join(BLOCKS)}>, or give the site a type in {where}"
+        )
+    keys = ATTENTION_BLOCK_KEYS[kind]
+    stray = [k for k in override if k != "type" and k not in keys]
+    if stray:
+        raise ConfigError(f"{where}.{stray[0]} does not apply to {kind} blocks, which take {', '.join(keys)}")
+    kwargs = {}
+    for key, argument in keys.items():
+        source = f"{where}.{key}" if key in override else f"model.attention.{key}"
+        value = override[key] if key in override else attention_cfg[key]
+        kwargs[argument] = _block_value(value, source, nullable=key in _NULLABLE_KEYS, odd=key in _ODD_KEYS)
+    return kind, kwargs
+
+
+def _site_overrides(overrides: dict[str, Any], valid: list[str]) -> dict[str, Any]:
+    """{site: override}; `{roi_heads: {box: {...}}}` is read as `{roi_heads.box: {...}}`.
+
+    Dotted config paths (Hydra's `a.b=`, OmegaConf.update) split a site name into two
+    levels, and a nested YAML mapping is a natural way to write it, so both forms count.
+    When both name one site their keys merge and the later entry wins: that is how a
+    resume's requested change (nested) lands on the checkpoint's override (dotted).
+    """
+    found: dict[str, Any] = {}
+
+    def walk(node: dict[str, Any], prefix: str) -> None:
+        for key, value in node.items():
+            name = f"{prefix}.{key}" if prefix else str(key)
+            if name not in valid and isinstance(value, dict) and any(s.startswith(name + ".") for s in valid):
+                walk(value, name)
+            elif isinstance(found.get(name), dict) and isinstance(value, dict):
+                found[name] = {**found[name], **value}
+            else:
+                found[name] = value
+
+    walk(overrides, "")
+    return found
+
+
+def attention_plan(model_cfg: DictConfig) -> dict[str, tuple[str, dict[str, Any]]]:
+    """{site: (block type, keyword arguments)} in model order; {} when no site is listed.
+
+    Refuses, naming the `model.attention` key: an unknown type, an unknown or repeated
+    site, an override for a site not in `sites`, an override key the site's block
+    does not take, and out-of-range values. The order is the model's, not the
+    list's, so listing the same sites in another order builds the same tensors.
+    """
+    attention_cfg = model_cfg.attention
+    if attention_cfg.type not in ATTENTION_TYPES:
+        raise ConfigError(f"model.attention.type={attention_cfg.type} is not an attention type; "
+                          f"choose one of {', '.join(ATTENTION_TYPES)}")
+    sites = [str(s) for s in attention_cfg.sites]
+    overrides = _plain(attention_cfg.overrides) or {}
+    if not sites and not overrides:
+        return {}
+    valid = valid_attention_sites(model_cfg)
+    unknown = [s for s in sites if s not in valid]
+    if unknown:
+        raise ConfigError(f"model.attention.sites: {', '.join(unknown)} {'is not a site' if len(unknown) == 1 else 'are not sites'}; "
+                          f"{_site_list(model_cfg, valid)}")
+    overrides = _site_overrides(overrides, valid)
+    repeated = sorted({s for s in sites if sites.count(s) > 1})
+    if repeated:
+        raise ConfigError(f"model.attention.sites lists {', '.join(repeated)} more than once; one block per site "
+                          "(use model.attention.overrides to change a site's block)")
+    stray = [s for s in overrides if s not in sites]
+    if stray:
+        raise ConfigError(f"model.attention.overrides names {', '.join(map(str, stray))}, not in model.attention.sites "
+                          f"{sites}; add it to the sites or drop the override ({_site_list(model_cfg, valid)})")
+    return {site: _site_block(site, attention_cfg, overrides.get(site, {})) for site in valid if site in sites}
 
 
 def _add_attention(
-    model: nn.Module, attention_cfg: DictConfig, *, stages: list[str], fpn_levels: list[str], arch: str
+    model: nn.Module, plan: dict[str, tuple[str, dict[str, Any]]], *, stages: list[str], identity_init: bool
 ) -> None:
-    """Attach attention blocks to a finished model; a no-op until attention.py exists.
-
-    Sites, by module: `model.backbone.body.<stage>` for each of `stages` (stage
-    outputs), `model.backbone.fpn` outputs named `fpn_levels`,
-    `model.roi_heads.box_head` (after RoI box pooling) and, for mask_rcnn,
-    `model.roi_heads.mask_head`. Blocks must be registered as submodules of the
-    site they follow so that every other state-dict key stays torchvision's.
-    """
-    if not attention_requested(attention_cfg):
+    """Build the blocks of `plan` with their sites' channel counts and attach them (models/attention.py)."""
+    if not plan:
         return
-    _check_attention(attention_cfg)  # raises for every type until attention.py lands
+    backbone = model.backbone
+    # The FPN's lateral convolutions are in stage order and know each stage's width.
+    stage_channels = {name: block[0].in_channels for name, block in zip(stages, backbone.fpn.inner_blocks)}
+    levels: dict[str, nn.Module] = {}
+    heads: dict[str, nn.Module] = {}
+    for site, (kind, kwargs) in plan.items():
+        area, name = site.split(".", 1)
+        channels = stage_channels[name] if area == "backbone" else backbone.out_channels
+        try:
+            block = BLOCKS[kind](channels, identity_init=identity_init, **kwargs)
+        except ValueError as err:  # a value that does not fit this site's channel count
+            raise ConfigError(f"model.attention: the {kind} block at {site} ({channels} channels) cannot be built: "
+                              f"{err}") from None
+        if area == "backbone":
+            attach_after(backbone.body[name], block)
+        elif area == "fpn":
+            levels[name] = block
+        else:
+            heads[name] = block
+    if levels:
+        attach_to_levels(backbone.fpn, levels)
+    if heads:
+        attach_to_heads(model.roi_heads, heads)
