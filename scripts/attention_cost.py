@@ -6,9 +6,11 @@
 
 Site sets are built from the backbone's own sites: `backbone` (every stage feeding the
 FPN), `fpn` (every FPN level), `roi_heads` (the box head, and the mask head for
-mask_rcnn) and `all`. Step times are medians over --steps timed SGD steps after
---warmup untimed ones (scripts/benchmark.py's `time_train_steps`); the baseline is
-timed first and again last, so the spread between the two shows the machine's noise.
+mask_rcnn) and `all`. A row's step time is the median over --steps timed SGD steps
+after --warmup untimed ones (scripts/benchmark.py's `time_train_steps`), and the
+fastest of --rounds such medians: the rounds go over the whole table in turn, so a
+busy spell on a shared machine slows one round of every row rather than one row.
+The `none (again)` row is the baseline's own spread between rounds.
 Overrides (key=value) apply to every row.
 """
 from __future__ import annotations
@@ -45,6 +47,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2)
     default_devices = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
     parser.add_argument("--devices", nargs="+", default=default_devices)
     args, overrides = parser.parse_known_args()
@@ -53,30 +56,35 @@ def main() -> None:
     probe = compose_config(base)
     sets = {name: sites for name, sites in site_sets(valid_attention_sites(probe.model)).items() if name in args.sets}
     print(f"{args.arch} / {args.backbone}, batch {args.batch_size}, {probe.model.min_size} px, "
-          f"median of {args.steps} steps; overrides: {overrides or 'none'}")
+          f"fastest of {args.rounds} medians of {args.steps} steps; overrides: {overrides or 'none'}")
     for name, sites in sets.items():
         print(f"  {name}: {', '.join(sites)}")
 
+    rows = [("none", "-", [])] + [
+        (kind, name, [f"model/attention={kind}", f"model.attention.sites=[{','.join(sites)}]"])
+        for kind in args.types for name, sites in sets.items()
+    ]
     for device_name in args.devices:
         device = torch.device(device_name)
         print(f"\n{device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
                                f" ({torch.get_num_threads()} threads)"))
-        print(f"{'type':<10}{'sites':<11}{'params (M)':>11}{'added (k)':>11}{'step (s)':>10}{'step x':>8}")
-
-        def row(label: str, where: str, extra: list[str]) -> dict:
-            r = time_train_steps(compose_config(base + extra), steps=args.steps, warmup=args.warmup, device=device)
-            added = (r["params_m"] - baseline["params_m"]) * 1e3 if baseline else 0.0
-            ratio = r["step_s"] / baseline["step_s"] if baseline else 1.0
-            print(f"{label:<10}{where:<11}{r['params_m']:>11.3f}{added:>11.1f}{r['step_s']:>10.3f}{ratio:>8.2f}",
-                  flush=True)
-            return r
-
-        baseline: dict = {}
-        baseline = row("none", "-", [])
-        for kind in args.types:
-            for name, sites in sets.items():
-                row(kind, name, [f"model/attention={kind}", f"model.attention.sites=[{','.join(sites)}]"])
-        row("none", "(again)", [])
+        # The first model a process trains pays for thread pools, allocator and kernel caches; not a row's cost.
+        time_train_steps(compose_config(base), steps=1, warmup=args.warmup, device=device)
+        results: list[list[dict]] = [[] for _ in rows]
+        for _ in range(args.rounds):
+            for i, (_, _, extra) in enumerate(rows):
+                results[i].append(time_train_steps(compose_config(base + extra), steps=args.steps,
+                                                   warmup=args.warmup, device=device))
+                print(".", end="", file=sys.stderr, flush=True)  # progress; the table comes at the end
+        print(file=sys.stderr)
+        steps = [min(r["step_s"] for r in rounds) for rounds in results]
+        params = [rounds[0]["params_m"] for rounds in results]
+        print(f"{'type':<10}{'sites':<11}{'params (M)':>11}{'added':>10}{'step (s)':>10}{'step x':>8}")
+        for (kind, where, _), step, p in zip(rows, steps, params):
+            print(f"{kind:<10}{where:<11}{p:>11.3f}{round((p - params[0]) * 1e6):>10,}{step:>10.3f}{step / steps[0]:>8.2f}")
+        spread = [r["step_s"] for r in results[0]]
+        print(f"{'none':<10}{'(again)':<11}{'':>21}{max(spread):>10.3f}{max(spread) / steps[0]:>8.2f}"
+              "  (slowest baseline round: the noise floor)")
 
 
 if __name__ == "__main__":
