@@ -241,32 +241,46 @@ def flatten(cfg: DictConfig | dict) -> dict[str, Any]:
     return out
 
 
+def _group_file_keys(group: str, option: str) -> list[str] | None:
+    """The config keys that `configs/<group>/<option>.yaml` itself sets (not its nested defaults).
+
+    A file under `# @package _global_` (data/shapes.yaml) counts only for its own
+    node (`data.*`): its model sizes are a preset, not a request.
+    """
+    path = Path(CONFIG_DIR) / group / f"{option}.yaml"
+    if not path.is_file():
+        return None
+    node = OmegaConf.load(path)
+    is_global = "@package _global_" in path.read_text(encoding="utf-8").split("\n", 1)[0]
+    package = "" if is_global else group.replace("/", ".")
+    keys = [f"{package}.{k}" if package else k for k in flatten(node) if not k.startswith("defaults")]
+    own = group.split("/")[0]
+    return [k for k in keys if not is_global or k.startswith(own + ".")]
+
+
 def requested_keys(cfg: DictConfig, overrides: Sequence[str]) -> dict[str, Any]:
     """The leaves a user asked for on the command line, with their values in `cfg`.
 
-    `key=value` names one key. A group choice (`model/attention=cbam`, `model=mask_rcnn`)
-    names the leaves of that subtree that differ from the default config, so choosing
-    the group a checkpoint already uses requests nothing else.
+    `key=value` names one key. A group choice (`model/attention=none`, `model=mask_rcnn`)
+    names the keys its YAML file sets: `model=mask_rcnn` asks for `model.arch`, not for
+    the backbone or attention a checkpoint was trained with.
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     requested: dict[str, Any] = {}
     flat_cfg = flatten(cfg)
-    baseline = None
     for override in OverridesParser.create().parse_overrides(list(overrides)):
         path = override.key_or_group.replace("/", ".")
         if path.startswith("hydra"):
             continue
-        node = OmegaConf.select(cfg, path)
-        if not isinstance(node, DictConfig):
+        if not isinstance(OmegaConf.select(cfg, path), DictConfig):
             if path in flat_cfg:
                 requested[path] = flat_cfg[path]
             continue
-        if baseline is None:
-            baseline = flatten(compose_config())
-        for key, value in flat_cfg.items():
-            if key.startswith(path + ".") and baseline.get(key, object()) != value:
-                requested[key] = value
+        keys = _group_file_keys(override.key_or_group, str(override.value()))
+        for key in keys if keys is not None else [k for k in flat_cfg if k.startswith(path + ".")]:
+            if key in flat_cfg:
+                requested[key] = flat_cfg[key]
     return requested
 
 

@@ -150,6 +150,9 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
     notes = [(logging.WARNING, str(w.message)) for w in caught if issubclass(w.category, DataWarning)]
     _resolve_classes(cfg, data.classes, ckpt["classes"] if ckpt else None)
 
+    if cfg.init_from and ckpt is None and cfg.model.attention.identity_init is None:
+        # Attention added to a trained detector should not disturb it at step 0.
+        cfg.model.attention.identity_init = True
     model = build_model(cfg.model)
     if cfg.init_from and ckpt is None:
         from frcnn_train.weights import load_init_weights

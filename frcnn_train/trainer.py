@@ -166,6 +166,8 @@ class Trainer:
         """Train until trainer.epochs, trainer.max_steps or a stop signal; returns the last metrics."""
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
+            if self.s.max_steps is not None and self.global_step >= self.s.max_steps:  # a resume already there
+                self._stop_reason = f"trainer.max_steps={self.s.max_steps} reached"
             while self.epoch < self.s.epochs and self._stop_reason is None:
                 if not self._train_epoch():
                     break  # stopped mid-epoch; last.pth already written

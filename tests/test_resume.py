@@ -154,3 +154,12 @@ def test_resume_auto_starts_fresh_then_continues(compose_tiny) -> None:
     second = run(compose_tiny(*overrides), overrides=overrides)
     assert second["run_dir"] == first["run_dir"] and second["global_step"] == 3
     assert final_state(Path(second["run_dir"]))["trainer"]["history"][0]["global_step"] == 2
+
+
+def test_resume_already_at_max_steps_trains_nothing(compose_tiny) -> None:
+    stopped = run(compose_tiny("trainer.max_steps=2", "run_name=at_max"))
+    before = final_state(Path(stopped["run_dir"]))
+    overrides = [f"resume={stopped['run_dir']}"]  # max_steps=2 comes back from the checkpoint
+    again = run(compose_tiny(*overrides), overrides=overrides)
+    assert again["global_step"] == 2 and "max_steps=2" in again["stop_reason"]
+    assert_same_training(before, final_state(Path(stopped["run_dir"])))

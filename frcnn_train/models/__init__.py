@@ -1,6 +1,6 @@
 """Detection models: config -> torchvision FasterRCNN / MaskRCNN, and their architecture fingerprint."""
 from frcnn_train.models.backbones import BACKBONES, build_backbone, stage_names
-from frcnn_train.models.builder import ARCHS, build_model
+from frcnn_train.models.builder import ARCHS, build_model, valid_attention_sites
 from frcnn_train.models.fingerprint import (
     architecture_spec,
     diff_layouts,
@@ -20,4 +20,5 @@ __all__ = [
     "fingerprint",
     "stage_names",
     "tensor_layout",
+    "valid_attention_sites",
 ]

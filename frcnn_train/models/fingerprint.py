@@ -57,7 +57,8 @@ def architecture_spec(model_cfg: DictConfig) -> dict[str, Any]:
         spec["model.mask_head_layers"] = int(model_cfg.mask_head_layers)
         spec["model.mask_head_dim"] = int(model_cfg.mask_head_dim)
     for key in model_cfg.attention:
-        spec[f"model.attention.{key}"] = _plain(model_cfg.attention[key])
+        if key != "identity_init":  # only the initial values; the layout is the same either way
+            spec[f"model.attention.{key}"] = _plain(model_cfg.attention[key])
     return spec
 
 

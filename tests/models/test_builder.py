@@ -166,13 +166,13 @@ def test_unknown_backbone_lists_valid_names(compose_tiny) -> None:
     assert all(name in str(info.value) for name in BACKBONES)
 
 
-def test_attention_none_builds_nothing_and_others_are_refused(compose_tiny) -> None:
+def test_attention_none_builds_nothing_and_unknown_sites_are_refused(compose_tiny) -> None:
     plain = build_model(_cfg(compose_tiny, "model/backbone=resnet18_fpn").model)
     no_sites = _cfg(compose_tiny, "model/backbone=resnet18_fpn", "model.attention.type=se")
     assert tensor_layout(build_model(no_sites.model)) == tensor_layout(plain)
 
-    cfg = _cfg(compose_tiny, "model.attention.type=se", "model.attention.sites=[fpn.p3]")
-    with pytest.raises(ConfigError, match=r"model.attention.type=se is not available yet"):
+    cfg = _cfg(compose_tiny, "model.attention.type=se", "model.attention.sites=[backbone.layer5]")
+    with pytest.raises(ConfigError, match=r"backbone.layer5 is not a site"):
         build_model(cfg.model)
 
 
