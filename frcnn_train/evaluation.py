@@ -67,8 +67,8 @@ def coco_metrics(coco_gt: COCO, results: list[dict[str, Any]], iou_type: str) ->
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
-    # -1 means "no ground truth of that size"; report it as 0 so curves stay numeric.
-    return {name: max(float(v), 0.0) for name, v in zip(METRIC_NAMES, evaluator.stats[:6])}
+    # -1 (pycocotools' convention) means "no ground truth of that size", e.g. APl on small images.
+    return {name: float(v) for name, v in zip(METRIC_NAMES, evaluator.stats[:6])}
 
 
 @torch.no_grad()
@@ -112,6 +112,9 @@ def format_table(metrics: dict[str, float]) -> str:
     types = sorted({key.split("/")[0] for key in metrics}, key=lambda t: t != "bbox")
     lines = ["       " + "".join(f"{name:>8}" for name in METRIC_NAMES)]
     for iou_type in types:
-        row = "".join(f"{100 * metrics.get(f'{iou_type}/{name}', 0.0):8.1f}" for name in METRIC_NAMES)
+        values = [metrics.get(f"{iou_type}/{name}", -1.0) for name in METRIC_NAMES]
+        row = "".join(f"{100 * v:8.1f}" if v >= 0 else f"{'-':>8}" for v in values)
         lines.append(f"{iou_type:<7}{row}")
+    if any(v < 0 for v in metrics.values()):
+        lines.append("(- : the split has no objects of that size)")
     return "\n".join(lines)

@@ -26,11 +26,11 @@ def test_group_choice_requests_only_what_differs_from_defaults() -> None:
 
 def test_mutable_override_is_applied_and_reported() -> None:
     saved = saved_config("model.box_head_dim=128", "trainer.epochs=2")
-    overrides = ["trainer.epochs=5", "data.num_workers=0", "resume=x.pth"]
+    overrides = ["trainer.epochs=5", "data.num_workers=3", "resume=x.pth"]
     merged, changes = merge_for_resume(saved, compose_config(overrides), overrides, "x.pth")
-    assert merged.trainer.epochs == 5 and merged.data.num_workers == 0
+    assert merged.trainer.epochs == 5 and merged.data.num_workers == 3
     assert merged.model.box_head_dim == 128, "the architecture comes from the checkpoint, not the defaults"
-    assert changes == ["trainer.epochs: 2 -> 5", "data.num_workers: 2 -> 0"]
+    assert changes == ["trainer.epochs: 2 -> 5", "data.num_workers: 0 -> 3"]
 
 
 def test_flag_left_off_keeps_the_checkpoint_architecture() -> None:
