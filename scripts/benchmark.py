@@ -5,26 +5,30 @@
     python scripts/benchmark.py --device cuda --batch-size 8 model.min_size=800 model.max_size=1333
 
 Overrides (key=value) apply to every row. Times are medians over --steps timed
-optimizer steps after --warmup untimed ones, on real shapes batches.
+optimizer steps after --warmup untimed ones, on real shapes batches. Each row runs
+in a fresh process, so its CPU peak memory is its own.
 """
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import resource
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
 
 from frcnn_train.config import compose_config
 from frcnn_train.data import build_datasets, build_train_loader
 from frcnn_train.models import BACKBONES, build_model
 
 
-def time_train_steps(cfg: DictConfig, *, steps: int, warmup: int, device: torch.device) -> dict[str, Any]:
-    """Median seconds per SGD step, images/s, parameter count and peak memory for `cfg`."""
+def time_train_steps(overrides: list[str], *, steps: int, warmup: int, device_name: str) -> dict[str, Any]:
+    """Median seconds per SGD step, images/s, parameter count and peak memory for the composed config."""
+    cfg = compose_config(overrides)
+    device = torch.device(device_name)
     torch.manual_seed(0)
     data = build_datasets(cfg.data, with_masks=cfg.model.arch == "mask_rcnn")
     cfg.model.num_classes = len(data.classes)
@@ -71,13 +75,14 @@ def main() -> None:
     print(f"{args.arch}, batch {args.batch_size}, {device}, median of {args.steps} steps; overrides: {overrides or 'none'}")
     print(f"{'backbone':<18}{'params (M)':>11}{'step (s)':>10}{'images/s':>10}{'peak mem (MB)':>15}")
     for backbone in args.backbones:
-        cfg = compose_config([f"model={args.arch}", f"model/backbone={backbone}",
-                              f"trainer.batch_size={args.batch_size}", *overrides])
-        r = time_train_steps(cfg, steps=args.steps, warmup=args.warmup, device=device)
+        row = [f"model={args.arch}", f"model/backbone={backbone}", f"trainer.batch_size={args.batch_size}", *overrides]
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as fresh_process:
+            r = fresh_process.submit(time_train_steps, row, steps=args.steps, warmup=args.warmup,
+                                     device_name=args.device).result()
         print(f"{backbone:<18}{r['params_m']:>11.2f}{r['step_s']:>10.3f}{r['images_per_s']:>10.1f}{r['memory_mb']:>15.0f}",
               flush=True)
     if device.type == "cpu":
-        print("(CPU peak memory is the process's maximum resident set, cumulative over the rows)")
+        print("(CPU peak memory: the row's process maximum resident set, Python and torch included)")
 
 
 if __name__ == "__main__":
