@@ -253,4 +253,4 @@ def _log_summary(summary: dict[str, Any], trainer: Trainer, run_dir: Path) -> No
     saved = [p.name for p in sorted(run_dir.glob("*.pth"))]
     log.info("Run directory: %s\nCheckpoints:   %s%s\nResume with:   %s%s", run_dir, ", ".join(saved),
              f" (best {trainer.s.best_metric} = {trainer.best_metric:.4f})" if trainer.best_metric is not None else "",
-             command, "" if not summary["completed"] else "  trainer.epochs=<more>")
+             command, "" if not summary["completed"] else " trainer.epochs=<more>")

@@ -199,7 +199,7 @@ class Trainer:
         )
         self.model.train()
         progress = self._progress_bar(len(loader) // s.accumulate)
-        started, images_seen, micro = time.perf_counter(), 0, []
+        started, images_seen, micro, first_step = time.perf_counter(), 0, [], self.step_in_epoch
         for images, targets in loader:
             micro.append((images, targets))
             if len(micro) < s.accumulate:
@@ -207,7 +207,8 @@ class Trainer:
             losses = self._train_step(micro)
             images_seen += sum(len(batch[0]) for batch in micro) * distributed.world_size()
             micro = []
-            self._after_step(losses, images_seen / (time.perf_counter() - started), progress)
+            elapsed = time.perf_counter() - started
+            self._after_step(losses, images_seen / elapsed, (self.step_in_epoch - first_step) / elapsed, progress)
             if self.step_in_epoch == self.steps_per_epoch:
                 break
             stop = self._stop_reason is not None or (s.max_steps is not None and self.global_step >= s.max_steps)
@@ -260,7 +261,7 @@ class Trainer:
                 f"{kept}; lower optim.lr, lengthen schedule.warmup_steps or set trainer.grad_clip"
             )
 
-    def _after_step(self, losses: dict[str, float], images_per_s: float, progress: Any) -> None:
+    def _after_step(self, losses: dict[str, float], images_per_s: float, steps_per_s: float, progress: Any) -> None:
         lr = self.optimizer.param_groups[0]["lr"]
         total = sum(v for k, v in losses.items() if k.startswith("loss"))
         if progress is not None:
@@ -274,10 +275,18 @@ class Trainer:
                 scalars[f"lr/{group.get('name', 'default')}"] = group["lr"]
             self.logger.scalars(scalars, self.global_step)
             if progress is None:
-                log.info("epoch %d step %d/%d  loss %.4f  lr %.3g  %.1f img/s", self.epoch + 1,
-                         self.step_in_epoch, self.steps_per_epoch, total, lr, images_per_s)
+                log.info("epoch %d step %d/%d  loss %.4f  lr %.3g  %.1f img/s  ETA %s", self.epoch + 1,
+                         self.step_in_epoch, self.steps_per_epoch, total, lr, images_per_s,
+                         _duration(self._steps_left() / steps_per_s))
         if self.s.checkpoint_every_steps and self.global_step % self.s.checkpoint_every_steps == 0:
             self.save("last.pth")
+
+    def _steps_left(self) -> int:
+        """Optimizer steps until the run ends (trainer.epochs or trainer.max_steps, whichever is first)."""
+        last = self.s.epochs * self.steps_per_epoch
+        if self.s.max_steps is not None:
+            last = min(last, self.s.max_steps)
+        return max(last - self.global_step, 0)
 
     def _progress_bar(self, total: int) -> Any:
         if not (self.s.progress and distributed.is_main()):
@@ -345,3 +354,13 @@ class Trainer:
 
     def completed(self) -> bool:
         return self.epoch >= self.s.epochs
+
+
+def _duration(seconds: float) -> str:
+    """Training time left, as the log shows it: '42s', '7m05s', '2h13m' (evaluation time not included)."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"

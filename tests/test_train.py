@@ -13,7 +13,7 @@ from frcnn_train import checkpoint
 from frcnn_train.errors import CheckpointError
 from frcnn_train.evaluation import coco_metrics
 from frcnn_train.launch import run
-from frcnn_train.trainer import TrainingError
+from frcnn_train.trainer import TrainingError, _duration
 
 
 def test_mask_rcnn_trains_evaluates_and_fills_the_run_directory(compose_tiny) -> None:
@@ -28,7 +28,8 @@ def test_mask_rcnn_trains_evaluates_and_fills_the_run_directory(compose_tiny) ->
     assert "epoch_0001.pth" not in names, "trainer.keep_last=1 keeps only the newest epoch file"
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [line["epoch"] for line in lines] == [1, 2] and "segm/AP" in lines[0]
-    assert "validation" in (run_dir / "train.log").read_text()
+    train_log = (run_dir / "train.log").read_text()
+    assert "validation" in train_log and "epoch 2 step 1/" in train_log and "ETA " in train_log
     events = EventAccumulator(str(run_dir), size_guidance={"images": 0})
     events.Reload()
     tags = events.Tags()
@@ -111,3 +112,7 @@ def test_amp_on_cpu_warns_once_and_trains_in_fp32(compose_tiny, caplog: pytest.L
     assert summary["global_step"] == 1
     assert sum("applies to CUDA only" in r.message for r in caplog.records) == 1
     assert checkpoint.load_checkpoint(Path(summary["run_dir"]) / "last.pth")["scaler"] == {}
+
+
+def test_eta_reads_like_a_clock() -> None:
+    assert [_duration(s) for s in (0.4, 42, 425, 7_980)] == ["0s", "42s", "7m05s", "2h13m"]
