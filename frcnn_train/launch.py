@@ -227,7 +227,9 @@ def _log_start(cfg: DictConfig, trainer: Trainer, model: torch.nn.Module, device
     params = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if resumed_from:
-        log.info("Resuming %s at epoch %d, step %d%s.", resumed_from, trainer.epoch, trainer.global_step,
+        # Counted as the training log counts: the epoch in progress, 1-based.
+        log.info("Resuming %s at step %d (epoch %d, step %d of %d)%s.", resumed_from, trainer.global_step,
+                 trainer.epoch + 1, trainer.step_in_epoch, trainer.steps_per_epoch,
                  f" with {'; '.join(changes)}" if changes else "")
     log.info("Run directory %s on %s: %s/%s, %d classes, %.2fM parameters (%.2fM trainable); "
              "%d train / %d val images, %d steps per epoch.", run_dir, device, cfg.model.arch,
