@@ -245,6 +245,10 @@ def _log_summary(summary: dict[str, Any], trainer: Trainer, run_dir: Path) -> No
                 else "python -m")
     command = f"{launcher} frcnn_train.train resume={run_dir / 'last.pth'}"
     if summary["completed"]:
+        command += " trainer.epochs=<more>"
+    elif trainer.s.max_steps is not None and trainer.global_step >= trainer.s.max_steps:
+        command += " trainer.max_steps=null"  # the checkpoint keeps max_steps; without this nothing would train
+    if summary["completed"]:
         log.info("Finished %d epoch%s (%d steps) in %.0f s.", trainer.epoch, "s" * (trainer.epoch != 1),
                  trainer.global_step, summary["seconds"])
     else:
@@ -253,6 +257,6 @@ def _log_summary(summary: dict[str, Any], trainer: Trainer, run_dir: Path) -> No
     if summary["metrics"]:
         log.info("Validation (epoch %d):\n%s", trainer.epoch, format_table(summary["metrics"]))
     saved = [p.name for p in sorted(run_dir.glob("*.pth"))]
-    log.info("Run directory: %s\nCheckpoints:   %s%s\nResume with:   %s%s", run_dir, ", ".join(saved),
+    log.info("Run directory: %s\nCheckpoints:   %s%s\nResume with:   %s", run_dir, ", ".join(saved),
              f" (best {trainer.s.best_metric} = {trainer.best_metric:.4f})" if trainer.best_metric is not None else "",
-             command, "" if not summary["completed"] else " trainer.epochs=<more>")
+             command)

@@ -168,6 +168,9 @@ class Trainer:
         try:
             if self.s.max_steps is not None and self.global_step >= self.s.max_steps:  # a resume already there
                 self._stop_reason = f"trainer.max_steps={self.s.max_steps} reached"
+                log.warning("Nothing to train: the run is at step %d and trainer.max_steps=%d (kept from the "
+                            "checkpoint's config); add trainer.max_steps=null, or a larger value, to go on.",
+                            self.global_step, self.s.max_steps)
             while self.epoch < self.s.epochs and self._stop_reason is None:
                 if not self._train_epoch():
                     break  # stopped mid-epoch; last.pth already written

@@ -156,10 +156,14 @@ def test_resume_auto_starts_fresh_then_continues(compose_tiny) -> None:
     assert final_state(Path(second["run_dir"]))["trainer"]["history"][0]["global_step"] == 2
 
 
-def test_resume_already_at_max_steps_trains_nothing(compose_tiny) -> None:
+def test_resume_already_at_max_steps_trains_nothing_and_says_how_to_go_on(
+        compose_tiny, caplog: pytest.LogCaptureFixture) -> None:
     stopped = run(compose_tiny("trainer.max_steps=2", "run_name=at_max"))
+    printed = [r.message for r in caplog.records if "Resume with:" in r.message]
+    assert printed and printed[-1].endswith("/last.pth trainer.max_steps=null"), printed
     before = final_state(Path(stopped["run_dir"]))
     overrides = [f"resume={stopped['run_dir']}"]  # max_steps=2 comes back from the checkpoint
     again = run(compose_tiny(*overrides), overrides=overrides)
     assert again["global_step"] == 2 and "max_steps=2" in again["stop_reason"]
+    assert any("Nothing to train" in r.message and "trainer.max_steps=null" in r.message for r in caplog.records)
     assert_same_training(before, final_state(Path(stopped["run_dir"])))
