@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -236,12 +237,30 @@ def _config_diff(a: dict[str, Any], b: dict[str, Any]) -> list[dict[str, Any]]:
             for k in list(fa) + [k for k in fb if k not in fa] if fa.get(k, missing) != fb.get(k, missing)]
 
 
+def _value_diff(state_a: dict[str, Any], state_b: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per module group: how many of the tensors both files hold with one shape and dtype differ in value."""
+    groups: dict[str, dict[str, Any]] = {}
+    for name, a in state_a.items():
+        b = state_b.get(name)
+        if b is None or a.shape != b.shape or a.dtype != b.dtype:
+            continue  # reported under tensors
+        row = groups.setdefault(module_group(name), {"group": module_group(name), "shared": 0, "differ": 0,
+                                                     "max_abs": 0.0})
+        row["shared"] += 1
+        if not torch.equal(a, b):
+            row["differ"] += 1
+            if a.is_floating_point():  # counters such as num_batches_tracked would drown the weights
+                row["max_abs"] = max(row["max_abs"], (a.double() - b.double()).abs().max().item())
+    return list(groups.values())
+
+
 def diff_files(a: tuple[Path, str, dict], b: tuple[Path, str, dict]) -> dict[str, Any]:
     (pa, ka, da), (pb, kb, db) = a, b
     state_a = da["model"] if ka == "checkpoint" else da["state"]
     state_b = db["model"] if kb == "checkpoint" else db["state"]
     facts: dict[str, Any] = {"kind": "diff", "a": str(pa), "b": str(pb), "config": [], "architecture": [],
-                             "counters": [], "tensors": diff_layouts(tensor_layout(state_a), tensor_layout(state_b))}
+                             "counters": [], "tensors": diff_layouts(tensor_layout(state_a), tensor_layout(state_b)),
+                             "values": _value_diff(state_a, state_b)}
     if ka == kb == "checkpoint":
         facts["config"] = _config_diff(da.get("config", {}), db.get("config", {}))
         facts["architecture"] = diff_specs(da.get("architecture", {}).get("spec", {}),
@@ -294,6 +313,14 @@ def render_diff(f: dict[str, Any]) -> list[str]:
     for title in ("architecture", "tensors"):
         lines.append(f"{title}: {'no differences' if not f[title] else ''}".rstrip())
         lines += [f"  {line}" for line in f[title]]
+    if "values" in f:
+        changed = [v for v in f["values"] if v["differ"]]
+        shared = sum(v["shared"] for v in f["values"])
+        lines.append(f"values: {sum(v['differ'] for v in changed)} of {shared} shared tensors differ"
+                     if changed else f"values: all {shared} shared tensors identical")
+        if changed:
+            lines += _table(["module", "differ", "max |a-b|"],
+                            [[v["group"], f"{v['differ']}/{v['shared']}", f"{v['max_abs']:.3g}"] for v in changed])
     if "resume" in f:
         r = f["resume"]
         verdict = f"accepted ({'; '.join(r['changes']) or 'no changes'})" if r["accepted"] else f"refused: {r['error']}"

@@ -34,7 +34,10 @@ _SHOWN = 5
 
 
 def module_group(name: str) -> str:
-    """The module a tensor reports under: 3 dotted components under `backbone`, else 2."""
+    """The module a tensor reports under (load reports, inspect, architecture diffs): 3 dotted components
+    under `backbone`, else 2."""
+    # backbone.body.layer2 / backbone.fpn.inner_blocks say more than backbone.body;
+    # elsewhere two components already name a head (roi_heads.box_head, rpn.head).
     parts = name.split(".")
     depth = 3 if parts[0] == "backbone" else 2
     return ".".join(parts[: min(depth, len(parts) - 1)]) or name

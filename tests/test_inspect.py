@@ -133,6 +133,16 @@ def test_diff_of_two_checkpoints(slow_backbone, wide_head, capsys) -> None:
     assert any(line.startswith("roi_heads.box_head: 4 tensors reshaped") for line in facts["tensors"])
     counters = {d["key"]: (d["a"], d["b"]) for d in facts["counters"]}
     assert counters["global_step"] == (4, 2) and "fingerprint" in counters
+    values = {v["group"]: v for v in facts["values"]}
+    assert "roi_heads.box_head" not in values, "reshaped tensors are reported under tensors, not values"
+    assert values["rpn.head"]["differ"] == values["rpn.head"]["shared"] > 0 and values["rpn.head"]["max_abs"] > 0
+
+
+def test_diff_of_a_checkpoint_with_itself_says_identical(slow_backbone, capsys) -> None:
+    code, out, _ = inspect(capsys, slow_backbone / "last.pth", slow_backbone / "epoch_0001.pth")
+    assert code == 0
+    assert any(line.startswith("values: all ") and line.endswith(" shared tensors identical")
+               for line in out.splitlines()), out
 
 
 def test_diff_against_overrides_says_whether_resume_accepts_them(slow_backbone, capsys) -> None:

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from frcnn_train.checkpoint import strip_wrapper_prefixes, unwrap_model
 from frcnn_train.models.backbones import resolve_norm, resolve_returned_layers
 from frcnn_train.models.builder import check_arch, check_num_classes
+from frcnn_train.weights import module_group
 
 Layout = dict[str, tuple[list[int], str]]
 
@@ -112,14 +113,6 @@ def _module_paths(layout: Mapping[str, Any]) -> set[str]:
     return paths
 
 
-def _base_group(name: str) -> str:
-    # backbone.body.layer2 / backbone.fpn.inner_blocks say more than backbone.body;
-    # elsewhere two components already name a head (roi_heads.box_head, rpn.head).
-    parts = name.split(".")
-    depth = 3 if parts[0] == "backbone" else 2
-    return ".".join(parts[: min(depth, len(parts) - 1)]) or name
-
-
 def _new_module(name: str, other_paths: set[str]) -> str | None:
     """The shallowest module holding `name` that the other side lacks entirely."""
     parts = name.split(".")
@@ -162,14 +155,14 @@ def diff_layouts(old: dict, new: dict) -> list[str]:
         if name not in new or name not in old:
             kind, other = ("removed", new_paths) if name not in new else ("added", old_paths)
             whole = _new_module(name, other)
-            group = whole if whole is not None and whole.count(".") + 1 >= 2 else _base_group(name)
+            group = whole if whole is not None and whole.count(".") + 1 >= 2 else module_group(name)
             add(group, kind, name, None if whole == group else "")
             continue
         (old_shape, old_dtype), (new_shape, new_dtype) = old[name], new[name]
         if list(old_shape) != list(new_shape):
-            add(_base_group(name), "reshaped", name, f" {_shape(old_shape)} -> {_shape(new_shape)}")
+            add(module_group(name), "reshaped", name, f" {_shape(old_shape)} -> {_shape(new_shape)}")
         elif old_dtype != new_dtype:
-            add(_base_group(name), "retyped", name, f" {old_dtype} -> {new_dtype}")
+            add(module_group(name), "retyped", name, f" {old_dtype} -> {new_dtype}")
 
     lines = []
     for (group, kind), examples in groups.items():
