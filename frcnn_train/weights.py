@@ -121,6 +121,7 @@ class LoadReport:
     missing: list[str] = field(default_factory=list)  # in the model, not in the file: newly initialised
     unexpected: list[str] = field(default_factory=list)  # in the file, not in the model: ignored
     order: list[str] = field(default_factory=list, repr=False)  # module groups in state-dict order
+    counters: int = 0  # BatchNorm num_batches_tracked in the file: no weights, not reported per tensor
 
     def counts(self) -> str:
         return (f"loaded {len(self.loaded)} | reshaped-and-skipped {len(self.reshaped)} | "
@@ -140,7 +141,9 @@ class LoadReport:
             for name in names:
                 table[module_group(name)][column] += 1
         where = f"{self.container} of {self.source}" if self.source else self.container
-        head = f"{self.counts()}  ({where}{'; stripped ' + ', '.join(self.stripped) if self.stripped else ''})"
+        notes = [f"stripped {', '.join(self.stripped)}"] * bool(self.stripped)
+        notes += [f"{self.counters} BatchNorm {_COUNTER} counters not counted"] * bool(self.counters)
+        head = f"{self.counts()}  ({'; '.join([where, *notes])})"
         width = max([len(g) for g in table] + [len("module")])
         lines = [head, f"  {'module':<{width}}  loaded  reshaped  missing  unexpected"]
         for group in sorted(table, key=lambda g: self.order.index(g) if g in self.order else len(self.order)):
@@ -217,6 +220,7 @@ def plan_load(model: nn.Module, state: dict[str, Tensor]) -> tuple[dict[str, Ten
         if not name.endswith(_COUNTER):
             report.loaded.append(name)
     report.unexpected = [k for k in state if k not in own and not k.endswith(_COUNTER)]
+    report.counters = sum(k.endswith(_COUNTER) for k in state)
     report.order = list(dict.fromkeys(module_group(k) for k in [*own, *report.unexpected]))
     return selected, report
 

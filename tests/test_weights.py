@@ -89,6 +89,9 @@ def test_torchvision_coco_file_into_five_classes_reshapes_only_the_predictor(tmp
         predictor + k for k in ("cls_score.weight", "cls_score.bias", "bbox_pred.weight", "bbox_pred.bias"))
     assert (predictor + "cls_score.weight", (91, 1024), (6, 1024)) in report.reshaped
     assert not report.missing and not report.unexpected
+    # An untrained torchvision model has BatchNorm2d counters; the report says why they are not counted.
+    assert report.counters == sum(k.endswith("num_batches_tracked") for k in zoo) > 0
+    assert f"{report.counters} BatchNorm num_batches_tracked counters not counted" in report.format()
     assert torch.equal(model.roi_heads.box_predictor.cls_score.weight, fresh)  # the fresh head is kept
     assert_loaded(model, zoo, skip=(predictor,))
     assert "reshaped, kept new: roi_heads.box_predictor.cls_score.weight file [91, 1024] -> model [6, 1024]" \
