@@ -76,8 +76,11 @@ def _output_names(files: list[Path]) -> list[str]:
 
 @torch.no_grad()
 def predict(ckpt_path: str | Path, inputs: list[str], out_dir: str | Path, *, score_threshold: float = 0.5,
-            device: str = "auto", batch_size: int = 4) -> list[dict[str, Any]]:
-    """Run the checkpoint over the inputs, write drawn images and predictions.json; return the results."""
+            device: str = "auto", batch_size: int = 4) -> tuple[list[dict[str, Any]], float | None]:
+    """Run the checkpoint over the inputs, write drawn images and predictions.json.
+
+    Returns the results kept and the highest score among those dropped by `score_threshold` (None: none).
+    """
     from frcnn_train.launch import resolve_device
 
     if batch_size < 1:
@@ -95,12 +98,15 @@ def predict(ckpt_path: str | Path, inputs: list[str], out_dir: str | Path, *, sc
     # Labels are 1-based indices into the checkpoint's classes; category ids are those labels.
     label_ids = {i: i for i in range(1, len(classes) + 1)}
     results: list[dict[str, Any]] = []
+    highest_dropped: float | None = None
     for start, chunk in _batches(files, batch_size):
         images = [load_image(p) for p in chunk]
         outputs = model([image.to(dev) for image in images])
         for offset, (image, output) in enumerate(zip(images, outputs)):
             index = start + offset
             keep = output["scores"] >= score_threshold
+            if not keep.all():
+                highest_dropped = max(highest_dropped or 0.0, output["scores"][~keep].max().item())
             kept = {k: v[keep].cpu() for k, v in output.items()}
             drawn = draw_detections(image, kept, classes, score_threshold=score_threshold)
             target = out / names[index]
@@ -111,7 +117,7 @@ def predict(ckpt_path: str | Path, inputs: list[str], out_dir: str | Path, *, sc
                 results.append({"file_name": str(files[index]), **result, "category_name": classes[label - 1]})
     # One detection per line: valid JSON that still reads (and diffs) well.
     (out / "predictions.json").write_text("[\n" + ",\n".join(json.dumps(r) for r in results) + "\n]\n")
-    return results
+    return results, highest_dropped
 
 
 def main(argv: list[str]) -> int:
@@ -125,12 +131,15 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass")
     args = parser.parse_args(argv)
     try:
-        results = predict(args.checkpoint, args.inputs, args.out, score_threshold=args.score_threshold,
+        results, highest_dropped = predict(args.checkpoint, args.inputs, args.out, score_threshold=args.score_threshold,
                           device=args.device, batch_size=args.batch_size)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"{len(results)} detections; drawn images and predictions.json in {args.out}")
+    if not results and highest_dropped is not None:
+        print(f"every detection scored below --score-threshold {args.score_threshold} (highest "
+              f"{highest_dropped:.3f}); lower it to see them, or train longer")
     return 0
 
 

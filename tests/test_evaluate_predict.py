@@ -77,6 +77,13 @@ def test_predict_a_directory_writes_images_and_results(trained: Path, tmp_path: 
         assert r["category_name"] == classes[r["category_id"] - 1]
 
 
+def test_predict_says_when_the_threshold_hides_everything(trained: Path, tmp_path: Path, capsys) -> None:
+    image = sorted(val_images(trained).glob("*.png"))[0]
+    assert predict_main([str(trained / "last.pth"), str(image), "--out", str(tmp_path), "--score-threshold", "1.01"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("0 detections") and "below --score-threshold 1.01 (highest 0." in out, out
+
+
 def test_predict_mask_rcnn_writes_rle_masks(tiny_runs, tmp_path: Path) -> None:
     mask_run = tiny_runs("mask", "model=mask_rcnn", "trainer.max_steps=1")
     image = sorted(val_images(mask_run).glob("*.png"))[0]
