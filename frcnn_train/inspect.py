@@ -24,6 +24,7 @@ from frcnn_train.config import START_KEYS, flatten, merge_for_resume, requested_
 from frcnn_train.errors import CheckpointError, UserError
 from frcnn_train.evaluate import compose_overrides
 from frcnn_train.models import architecture_spec, build_model, diff_layouts, diff_specs, tensor_layout
+from frcnn_train.models.builder import resolve_sites, valid_attention_sites
 from frcnn_train.weights import extract_state_dict, load_init_weights, module_group, wrapper_prefixes
 
 _STATS = ("running_mean", "running_var", "num_batches_tracked")  # buffers, not parameters
@@ -49,6 +50,15 @@ def _keys(state: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------- one checkpoint
+def _resolved_sites(cfg: dict[str, Any]) -> list[str]:
+    """The checkpoint's attention sites with groups (`backbone`, `fpn`, ...) expanded, as the model has them."""
+    listed = [str(s) for s in cfg.get("model", {}).get("attention", {}).get("sites", [])]
+    try:
+        return resolve_sites(listed, valid_attention_sites(with_schema(cfg).model))
+    except (UserError, OmegaConfBaseException):  # a damaged or foreign config: say what it lists
+        return listed
+
+
 def describe_checkpoint(path: Path, ckpt: dict[str, Any]) -> dict[str, Any]:
     cfg, counters = ckpt.get("config", {}), ckpt.get("trainer", {})
     model_cfg, state = cfg.get("model", {}), ckpt.get("model", {})
@@ -67,7 +77,7 @@ def describe_checkpoint(path: Path, ckpt: dict[str, Any]) -> dict[str, Any]:
         "best_metric": {"name": name, "value": counters.get("best_metric")},
         "last_metrics": counters.get("last_metrics", {}),
         "arch": model_cfg.get("arch"), "backbone": model_cfg.get("backbone", {}).get("name"),
-        "attention": {"type": attention.get("type", "none"), "sites": list(attention.get("sites", []))},
+        "attention": {"type": attention.get("type", "none"), "sites": _resolved_sites(cfg)},
         "num_classes": len(ckpt.get("classes", [])), "classes": list(ckpt.get("classes", [])),
         "parameters": _values(state), "trainable_parameters": _values(state, trainable) if trainable else None,
         "tensors": len(state), "fingerprint": (ckpt.get("architecture", {}).get("fingerprint") or "none")[:12],

@@ -17,6 +17,10 @@ Stages are the ones feeding the FPN: `layer1`..`layer4` for ResNets (fewer with
 v2; `13`, `16` for v3). FPN levels keep the FPN's own output names: `0` is the
 finest (fed by the first returned stage, stride 4 on a ResNet), then `1`, ...,
 and `pool` the extra max-pooled level. Every other key stays torchvision's.
+
+So that one site list fits every backbone, `sites` may also name a group:
+`backbone` (every stage above), `fpn` (every level), `roi_heads` (box, and mask
+on Mask R-CNN), or `backbone.last` (the coarsest stage).
 """
 from __future__ import annotations
 
@@ -206,6 +210,22 @@ def valid_attention_sites(model_cfg: DictConfig) -> list[str]:
     return attention_sites(check_arch(model_cfg.arch), stages, [str(i) for i in range(len(stages))] + ["pool"])
 
 
+SITE_GROUPS: tuple[str, ...] = ("backbone", "fpn", "roi_heads", "backbone.last")
+
+
+def resolve_sites(sites: list[str], valid: list[str]) -> list[str]:
+    """`model.attention.sites` with groups expanded, in list order; names that are neither stay for the caller."""
+    expanded: list[str] = []
+    for site in sites:
+        if site == "backbone.last":
+            expanded += [s for s in valid if s.startswith("backbone.")][-1:]
+        elif site in SITE_GROUPS:
+            expanded += [s for s in valid if s.startswith(site + ".")]
+        else:
+            expanded.append(site)
+    return list(dict.fromkeys(expanded))  # a group may cover a site also named on its own
+
+
 def resolve_identity_init(identity_init: bool | None, backbone_weights: str | None) -> bool:
     """`model.attention.identity_init`; null means on exactly when pretrained backbone weights are loaded."""
     return bool(backbone_weights) if identity_init is None else bool(identity_init)
@@ -217,7 +237,8 @@ def _plain(node: Any) -> Any:
 
 def _site_list(model_cfg: DictConfig, sites: list[str]) -> str:
     return (f"valid sites for {model_cfg.arch} with {model_cfg.backbone.name}: {', '.join(sites)}"
-            + ("" if model_cfg.arch == "mask_rcnn" else " (roi_heads.mask needs model=mask_rcnn)"))
+            + ("" if model_cfg.arch == "mask_rcnn" else " (roi_heads.mask needs model=mask_rcnn)")
+            + f", or the groups {', '.join(SITE_GROUPS)}")
 
 
 def _block_value(value: Any, key: str, *, nullable: bool, odd: bool) -> int | None:
@@ -294,24 +315,25 @@ def attention_plan(model_cfg: DictConfig) -> dict[str, tuple[str, dict[str, Any]
     if attention_cfg.type not in ATTENTION_TYPES:
         raise ConfigError(f"model.attention.type={attention_cfg.type} is not an attention type; "
                           f"choose one of {', '.join(ATTENTION_TYPES)}")
-    sites = [str(s) for s in attention_cfg.sites]
+    listed = [str(s) for s in attention_cfg.sites]
     overrides = _plain(attention_cfg.overrides) or {}
-    if not sites and not overrides:
+    if not listed and not overrides:
         return {}
     valid = valid_attention_sites(model_cfg)
+    repeated = sorted({s for s in listed if listed.count(s) > 1})
+    if repeated:
+        raise ConfigError(f"model.attention.sites lists {', '.join(repeated)} more than once; one block per site "
+                          "(use model.attention.overrides to change a site's block)")
+    sites = resolve_sites(listed, valid)
     unknown = [s for s in sites if s not in valid]
     if unknown:
         raise ConfigError(f"model.attention.sites: {', '.join(unknown)} {'is not a site' if len(unknown) == 1 else 'are not sites'}; "
                           f"{_site_list(model_cfg, valid)}")
     overrides = _site_overrides(overrides, valid)
-    repeated = sorted({s for s in sites if sites.count(s) > 1})
-    if repeated:
-        raise ConfigError(f"model.attention.sites lists {', '.join(repeated)} more than once; one block per site "
-                          "(use model.attention.overrides to change a site's block)")
     stray = [s for s in overrides if s not in sites]
     if stray:
         raise ConfigError(f"model.attention.overrides names {', '.join(map(str, stray))}, not in model.attention.sites "
-                          f"{sites}; add it to the sites or drop the override ({_site_list(model_cfg, valid)})")
+                          f"{listed}; add it to the sites or drop the override ({_site_list(model_cfg, valid)})")
     return {site: _site_block(site, attention_cfg, overrides.get(site, {})) for site in valid if site in sites}
 
 

@@ -17,7 +17,7 @@ from frcnn_train.config import ModelConfig
 from frcnn_train.errors import ConfigError
 from frcnn_train.models import BACKBONES, architecture_spec, build_model, diff_layouts, fingerprint, tensor_layout
 from frcnn_train.models.attention import BLOCKS, CBAM, ECA, NonLocal, SqueezeExcitation, eca_kernel_size
-from frcnn_train.models.builder import valid_attention_sites
+from frcnn_train.models.builder import attention_plan, valid_attention_sites
 
 RESNET_MASK_SITES = [
     "backbone.layer1", "backbone.layer2", "backbone.layer3", "backbone.layer4",
@@ -159,6 +159,23 @@ def test_valid_sites_follow_backbone_arch_and_returned_layers(compose_tiny) -> N
     assert valid_attention_sites(_cfg(compose_tiny, "model.backbone.returned_layers=[2,3,4]").model) == [
         "backbone.layer2", "backbone.layer3", "backbone.layer4", "fpn.0", "fpn.1", "fpn.2", "fpn.pool",
         "roi_heads.box"]
+
+
+@pytest.mark.parametrize("backbone", list(BACKBONES))
+def test_default_sites_fit_every_backbone(compose_tiny, backbone: str) -> None:
+    """The group files name groups, not ResNet stages, so `model/attention=<type>` works on any backbone."""
+    stages = [s for s in valid_attention_sites(_cfg(compose_tiny, f"model/backbone={backbone}").model)
+              if s.startswith("backbone.")]
+    for kind in BLOCKS:
+        cfg = _cfg(compose_tiny, f"model/backbone={backbone}", f"model/attention={kind}")
+        assert list(attention_plan(cfg.model)) == (stages[-1:] if kind == "nonlocal" else stages), kind
+
+
+def test_site_groups_expand_in_model_order(compose_tiny) -> None:
+    cfg = _cfg(compose_tiny, "model=mask_rcnn", "model/attention=eca",
+               "model.attention.sites=[roi_heads,backbone.last,fpn,backbone.layer4]")
+    assert list(attention_plan(cfg.model)) == [
+        "backbone.layer4", "fpn.0", "fpn.1", "fpn.2", "fpn.3", "fpn.pool", "roi_heads.box", "roi_heads.mask"]
 
 
 @pytest.mark.parametrize("kind", list(BLOCKS))
@@ -309,11 +326,12 @@ def test_copies_and_pickles_keep_working_blocks(compose_tiny) -> None:
          r"roi_heads.box \(roi_heads.mask needs model=mask_rcnn\)"),
         (("model/attention=se", "model.attention.sites=[roi_heads.mask]"),
          r"roi_heads.mask is not a site; .*roi_heads.box \(roi_heads.mask needs model=mask_rcnn\)"),
-        (("model/backbone=mobilenet_v3_fpn", "model/attention=se"),
-         r"backbone.layer3, backbone.layer4 are not sites; valid sites for faster_rcnn with mobilenet_v3_fpn: "
-         r"backbone.13, backbone.16, fpn.0, fpn.1, fpn.pool, roi_heads.box"),
+        (("model/backbone=mobilenet_v3_fpn", "model/attention=se", "model.attention.sites=[backbone.layer3]"),
+         r"backbone.layer3 is not a site; valid sites for faster_rcnn with mobilenet_v3_fpn: "
+         r"backbone.13, backbone.16, fpn.0, fpn.1, fpn.pool, roi_heads.box \(roi_heads.mask needs model=mask_rcnn\), "
+         r"or the groups backbone, fpn, roi_heads, backbone.last"),
         (("model/attention=se", "+model.attention.overrides={fpn.0:{reduction:4}}"),
-         r"model.attention.overrides names fpn.0, not in model.attention.sites \['backbone.layer3', 'backbone.layer4'\]"),
+         r"model.attention.overrides names fpn.0, not in model.attention.sites \['backbone'\]"),
         (("model.attention.type=sk", "model.attention.sites=[fpn.0]"),
          r"model.attention.type=sk is not an attention type; choose one of none, se, cbam, eca, nonlocal"),
         (("model.attention.sites=[fpn.0]",), r"model.attention.sites lists fpn.0 but model.attention.type=none"),
