@@ -30,7 +30,7 @@ from frcnn_train.logs import RunLogger, log, setup_console
 from frcnn_train.models import build_model
 from frcnn_train.models.backbones import resolve_norm
 from frcnn_train.models.fingerprint import architecture_spec, diff_layouts, diff_specs, fingerprint, tensor_layout
-from frcnn_train.optim import build_optimizer, build_scheduler, group_summary
+from frcnn_train.optim import apply_current_schedule, build_optimizer, build_scheduler, group_summary
 from frcnn_train.trainer import Trainer, TrainerSettings, steps_per_epoch
 
 
@@ -196,6 +196,12 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
     )
     if ckpt:
         trainer.load_state_dict(ckpt)
+        moved = apply_current_schedule(scheduler)
+        if moved:
+            log.warning(
+                f"The LR schedule changed with this resume ({'; '.join(changes)}): the LR at step "
+                f"{trainer.global_step + 1} is {moved[1]:.6g}, not {moved[0]:.6g} as on the checkpoint's schedule; "
+                "resume with the checkpoint's value of the key to keep the old curve.")
         trainer.history.append({
             "resumed_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "from": str(resumed_from), "epoch": trainer.epoch, "global_step": trainer.global_step,

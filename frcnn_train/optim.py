@@ -132,3 +132,21 @@ def build_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_factor_fn(schedule_cfg, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
     )
+
+
+def apply_current_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR) -> tuple[float, float] | None:
+    """After a resume, put each group on the rebuilt schedule's LR for the coming step.
+
+    The checkpoint holds the LR its own schedule computed. A mutable change that
+    reshapes the schedule (more epochs under cosine) would otherwise take effect
+    one step late; returns the first group's (checkpoint LR, new LR) when they differ.
+    """
+    groups = scheduler.optimizer.param_groups
+    wanted = [base * factor(scheduler.last_epoch) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    before = groups[0]["lr"]
+    if all(math.isclose(g["lr"], lr, rel_tol=1e-12, abs_tol=0.0) for g, lr in zip(groups, wanted)):
+        return None
+    for group, lr in zip(groups, wanted):
+        group["lr"] = lr
+    return before, wanted[0]
+

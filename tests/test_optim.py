@@ -1,6 +1,8 @@
 """Parameter groups and the per-step LR schedule."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -8,7 +10,7 @@ from torch import nn
 
 from frcnn_train.config import OptimConfig, ScheduleConfig
 from frcnn_train.errors import ConfigError
-from frcnn_train.optim import build_optimizer, build_param_groups, build_scheduler, lr_factor_fn
+from frcnn_train.optim import apply_current_schedule, build_optimizer, build_param_groups, build_scheduler, lr_factor_fn
 
 
 class TinyDetector(nn.Module):
@@ -89,3 +91,28 @@ def test_scheduler_resumes_on_the_same_curve_across_warmup() -> None:
     for _ in range(8):
         opt2.step(); sched2.step(); resumed.append(opt2.param_groups[0]["lr"])
     assert resumed == lrs[3:]
+
+
+def test_resume_onto_a_longer_cosine_takes_the_new_curve_at_once() -> None:
+    """More epochs under cosine re-span the decay: the coming step already gets the new LR."""
+    def make(total: int):
+        opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+        return opt, build_scheduler(opt, schedule(name="cosine", warmup_steps=0, min_lr_factor=0.0),
+                                    steps_per_epoch=5, total_steps=total)
+
+    opt, sched = make(20)
+    for _ in range(10):
+        opt.step(); sched.step()
+    saved = opt.state_dict(), sched.state_dict()
+
+    same_opt, same = make(20)
+    same_opt.load_state_dict(saved[0]); same.load_state_dict(saved[1])
+    assert apply_current_schedule(same) is None
+
+    longer_opt, longer = make(40)
+    longer_opt.load_state_dict(saved[0]); longer.load_state_dict(saved[1])
+    assert apply_current_schedule(longer) == (pytest.approx(0.5), pytest.approx(0.5 * (1 + math.cos(math.pi / 4))))
+    fresh_opt, fresh = make(40)
+    for _ in range(10):
+        fresh_opt.step(); fresh.step()
+    assert longer_opt.param_groups[0]["lr"] == fresh_opt.param_groups[0]["lr"]

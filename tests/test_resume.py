@@ -167,3 +167,12 @@ def test_resume_already_at_max_steps_trains_nothing_and_says_how_to_go_on(
     assert again["global_step"] == 2 and "max_steps=2" in again["stop_reason"]
     assert any("Nothing to train" in r.message and "trainer.max_steps=null" in r.message for r in caplog.records)
     assert_same_training(before, final_state(Path(stopped["run_dir"])))
+
+
+def test_more_epochs_under_cosine_is_announced_with_the_lr_it_moves_to(
+        compose_tiny, caplog: pytest.LogCaptureFixture) -> None:
+    first = run(compose_tiny("schedule=cosine", "schedule.warmup_steps=0", "trainer.epochs=1", "run_name=cos"))
+    overrides = [f"resume={first['run_dir']}", "trainer.epochs=2"]
+    run(compose_tiny(*overrides, "trainer.max_steps=5"), overrides=[*overrides, "trainer.max_steps=5"])
+    moved = [r.message for r in caplog.records if "The LR schedule changed" in r.message]
+    assert len(moved) == 1 and "trainer.epochs: 1 -> 2" in moved[0] and "at step 5" in moved[0], moved
