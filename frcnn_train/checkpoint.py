@@ -98,11 +98,7 @@ def migrate(ckpt: dict[str, Any], path: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------- reading
 def read_file(path: str | Path, *, trust: bool = False, for_resume: bool = False) -> Any:
     """torch.load with every failure turned into one sentence naming the file."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path} does not exist{_existing_hint(path.parent)}")
-    if path.is_dir():
-        raise CheckpointError(f"{path} is a directory; give a checkpoint file such as {path / 'last.pth'}")
+    path = require_file(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust)
     except Exception as err:  # noqa: BLE001 - torch.load raises many types for damaged files
@@ -203,8 +199,19 @@ def checkpoint_files(run_dir: str | Path) -> list[Path]:
 def _existing_hint(directory: Path) -> str:
     files = checkpoint_files(directory) if directory.is_dir() else []
     if not files:
-        return f" and {directory} holds no checkpoint"
+        return f" and {directory} holds no .pth file"
     return f"; checkpoints in {directory}: {', '.join(p.name for p in files)}"
+
+
+def require_file(path: str | Path, key: str | None = None) -> Path:
+    """`path` when it is a file; otherwise one sentence naming it (as `key=path`) and the .pth files beside it."""
+    path = Path(path).expanduser()
+    name = f"{key}={path}" if key else str(path)
+    if not path.exists():
+        raise CheckpointError(f"{name} does not exist{_existing_hint(path.parent)}")
+    if path.is_dir():
+        raise CheckpointError(f"{name} is a directory; give a file such as {path / 'last.pth'}")
+    return path
 
 
 def newest_valid(run_dir: Path) -> tuple[Path | None, list[tuple[Path, str]]]:

@@ -86,7 +86,7 @@ def apply_overrides(saved: dict[str, Any], overrides: Sequence[str]) -> DictConf
 
 def load_model(ckpt: dict[str, Any], cfg: DictConfig, source: str) -> torch.nn.Module:
     """The checkpoint's model rebuilt from its config, weights loaded, in eval mode on the CPU."""
-    model = build_model(cfg.model)
+    model = build_model(cfg.model, read_backbone_weights=False)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError:

@@ -301,7 +301,7 @@ def diff_overrides(path: Path, ckpt: dict[str, Any], overrides: list[str]) -> di
                              "config": _config_diff(ckpt["config"], plain)}
     try:
         facts["architecture"] = diff_specs(architecture_spec(saved.model), architecture_spec(changed.model))
-        facts["tensors"] = diff_layouts(tensor_layout(ckpt["model"]), tensor_layout(build_model(changed.model)))
+        facts["tensors"] = diff_layouts(tensor_layout(ckpt["model"]), tensor_layout(build_model(changed.model, read_backbone_weights=False)))
     except UserError as err:
         facts["architecture"], facts["tensors"] = [f"the changed model cannot be built: {err}"], []
     try:

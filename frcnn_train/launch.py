@@ -28,7 +28,6 @@ from frcnn_train.errors import CheckpointError, ConfigError, UserError
 from frcnn_train.evaluation import format_table
 from frcnn_train.logs import RunLogger, log, setup_console
 from frcnn_train.models import build_model
-from frcnn_train.models.backbones import resolve_norm
 from frcnn_train.models.fingerprint import architecture_spec, diff_layouts, diff_specs, fingerprint, tensor_layout
 from frcnn_train.optim import apply_current_schedule, build_optimizer, build_scheduler, group_summary
 from frcnn_train.trainer import Trainer, TrainerSettings, steps_per_epoch
@@ -105,12 +104,9 @@ def describe_model_change(saved: DictConfig, requested: DictConfig) -> str:
         return ""
     layouts = []
     for cfg in (saved, requested):
-        model_cfg = cfg.model.copy()
-        model_cfg.backbone.norm = resolve_norm(model_cfg.backbone.norm, model_cfg.backbone.weights)
-        model_cfg.backbone.weights = None  # the layout does not depend on the values
         try:
             with torch.device("meta"):
-                layouts.append(tensor_layout(build_model(model_cfg)))
+                layouts.append(tensor_layout(build_model(cfg.model, read_backbone_weights=False)))
         except UserError as err:
             return f"none, the requested model cannot be built: {err}"
     return "; ".join(diff_layouts(*layouts)[:6])
@@ -142,6 +138,10 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     seed_everything(cfg.seed, cfg.trainer.deterministic)
+    if ckpt is None:  # before the data is read or generated
+        for key in ("init_from", "model.backbone.weights"):
+            if OmegaConf.select(cfg, key):
+                checkpoint.require_file(OmegaConf.select(cfg, key), key)
     with_masks = cfg.model.arch == "mask_rcnn"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", DataWarning)
@@ -153,7 +153,8 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
     if cfg.init_from and ckpt is None and cfg.model.attention.identity_init is None:
         # Attention added to a trained detector should not disturb it at step 0.
         cfg.model.attention.identity_init = True
-    model = build_model(cfg.model)
+    # On resume the checkpoint holds every weight: the backbone file need not be here.
+    model = build_model(cfg.model, read_backbone_weights=ckpt is None)
     if cfg.init_from and ckpt is None:
         from frcnn_train.weights import load_init_weights
 

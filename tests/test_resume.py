@@ -176,3 +176,19 @@ def test_more_epochs_under_cosine_is_announced_with_the_lr_it_moves_to(
     run(compose_tiny(*overrides, "trainer.max_steps=5"), overrides=[*overrides, "trainer.max_steps=5"])
     moved = [r.message for r in caplog.records if "The LR schedule changed" in r.message]
     assert len(moved) == 1 and "trainer.epochs: 1 -> 2" in moved[0] and "at step 5" in moved[0], moved
+
+
+def test_resume_and_evaluate_do_not_need_the_backbone_weights_file(compose_tiny, tmp_path: Path) -> None:
+    """The checkpoint holds every weight: moving to a machine without the ImageNet file must not matter."""
+    from torchvision.models import resnet18
+
+    from frcnn_train.evaluate import main as evaluate_main
+
+    weights = tmp_path / "resnet18-imagenet.pth"
+    torch.save(resnet18(weights=None).state_dict(), weights)
+    first = run(compose_tiny(f"model.backbone.weights={weights}", "trainer.max_steps=2", "run_name=pretrained"))
+    weights.unlink()
+    overrides = [f"resume={first['run_dir']}", "trainer.max_steps=null"]
+    resumed = run(compose_tiny(*overrides), overrides=overrides)
+    assert resumed["completed"] and resumed["global_step"] == 4  # frozen BN kept: the fingerprint matched
+    assert evaluate_main([str(Path(first["run_dir"]) / "last.pth")]) == 0

@@ -93,6 +93,11 @@ def test_changed_code_is_caught_by_the_fingerprint(compose_tiny) -> None:
     ("data=coco data.root=/nonexistent/coco", "/nonexistent/coco"),
     ("resume=/nonexistent/run/last.pth", "/nonexistent/run/last.pth does not exist"),
     ("device=cuda:7", "use device=cpu"),
+    # Weight files are checked before the data is generated (tiny data, should that change).
+    ("init_from=/nonexistent/w.pth data.shapes.num_train=2 data.shapes.num_val=1",
+     "init_from=/nonexistent/w.pth does not exist"),
+    ("model.backbone.weights=/nonexistent/r18.pth data.shapes.num_train=2 data.shapes.num_val=1",
+     "model.backbone.weights=/nonexistent/r18.pth does not exist"),
 ])
 def test_cli_errors_are_one_sentence(override: str, expected: str, tmp_path: Path) -> None:
     if "cuda" in override and torch.cuda.is_available():

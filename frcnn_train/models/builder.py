@@ -37,7 +37,7 @@ from torchvision.ops import MultiScaleRoIAlign
 
 from frcnn_train.errors import ConfigError
 from frcnn_train.models.attention import BLOCKS, attach_after, attach_to_heads, attach_to_levels
-from frcnn_train.models.backbones import build_backbone, stage_names
+from frcnn_train.models.backbones import build_backbone, resolve_norm, stage_names
 
 ARCHS: tuple[str, ...] = ("faster_rcnn", "mask_rcnn")
 ATTENTION_TYPES: tuple[str, ...] = ("none", *BLOCKS)
@@ -124,8 +124,13 @@ def build_mask_branch(
     return roi_pool, head, MaskRCNNPredictor(predictor_in, dim, num_classes)
 
 
-def build_model(model_cfg: DictConfig) -> nn.Module:
-    """Build the detector described by `model_cfg` (the `model` node of the train config)."""
+def build_model(model_cfg: DictConfig, *, read_backbone_weights: bool = True) -> nn.Module:
+    """Build the detector described by `model_cfg` (the `model` node of the train config).
+
+    With `read_backbone_weights=False` (a checkpoint's weights go in next) the
+    `model.backbone.weights` file is not read, so it need not exist on this
+    machine; the norm and attention init it implies are kept.
+    """
     arch = check_arch(model_cfg.arch)
     num_classes = check_num_classes(model_cfg.num_classes) + 1  # torchvision counts background
     # Refuse a wrong attention config before spending time on the backbone.
@@ -135,9 +140,9 @@ def build_model(model_cfg: DictConfig) -> nn.Module:
     returned_layers = None if bb.returned_layers is None else list(bb.returned_layers)
     backbone = build_backbone(
         bb.name,
-        weights=bb.weights,
+        weights=bb.weights if read_backbone_weights else None,
         trainable_layers=bb.trainable_layers,
-        norm=bb.norm,
+        norm=resolve_norm(bb.norm, bb.weights),
         returned_layers=returned_layers,
         fpn_channels=bb.fpn_channels,
     )
