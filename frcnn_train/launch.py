@@ -112,6 +112,17 @@ def describe_model_change(saved: DictConfig, requested: DictConfig) -> str:
     return "; ".join(diff_layouts(*layouts)[:6])
 
 
+def _load_for_resume(path: Path) -> dict[str, Any]:
+    """The checkpoint; when it does not load, the error names the newest one beside it that does."""
+    try:
+        return checkpoint.load_checkpoint(path)
+    except CheckpointError as err:
+        good, _ = checkpoint.newest_valid(path.parent)
+        if good is None:
+            raise
+        raise CheckpointError(f"{err} (the newest good one beside it is resume={good})") from None
+
+
 def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Train (or resume) as `cfg` says; returns a summary dict (run_dir, metrics, stop reason)."""
     setup_console()
@@ -123,7 +134,7 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
         if resumed_from is None:
             log.info("resume=auto: no checkpoint in %s; starting a new run.", Path(cfg.output_dir) / cfg.run_name)
         else:
-            ckpt = checkpoint.load_checkpoint(resumed_from)
+            ckpt = _load_for_resume(resumed_from)
             try:
                 cfg, changes = merge_for_resume(ckpt["config"], cfg, overrides, str(resumed_from))
             except ResumeConflict as conflict:

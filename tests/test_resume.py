@@ -13,7 +13,7 @@ import torch
 
 from frcnn_train import checkpoint
 from frcnn_train.config import compose_config
-from frcnn_train.errors import ConfigError
+from frcnn_train.errors import CheckpointError, ConfigError
 from frcnn_train.launch import run
 
 # Tiny shapes: 8 train images, batch 2 -> 4 steps per epoch; 2 epochs = 8 steps. Warmup runs
@@ -192,3 +192,15 @@ def test_resume_and_evaluate_do_not_need_the_backbone_weights_file(compose_tiny,
     resumed = run(compose_tiny(*overrides), overrides=overrides)
     assert resumed["completed"] and resumed["global_step"] == 4  # frozen BN kept: the fingerprint matched
     assert evaluate_main([str(Path(first["run_dir"]) / "last.pth")]) == 0
+
+
+def test_damaged_last_names_the_newest_good_checkpoint_beside_it(compose_tiny) -> None:
+    run_dir = Path(run(compose_tiny("run_name=damaged"))["run_dir"])
+    last = run_dir / "last.pth"
+    last.write_bytes(last.read_bytes()[:50_000])
+    before = {p.name: p.stat().st_size for p in run_dir.iterdir()}
+    overrides = [f"resume={run_dir}"]
+    with pytest.raises(CheckpointError,
+                       match=r"truncated.*newest good one beside it is resume=.*(epoch_0001|best)\.pth\)$"):
+        run(compose_tiny(*overrides), overrides=overrides)
+    assert {p.name: p.stat().st_size for p in run_dir.iterdir()} == before
