@@ -226,6 +226,17 @@ def newest_valid(run_dir: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
     return None, bad
 
 
+def load_for_resume(path: Path) -> dict[str, Any]:
+    """load_checkpoint, with the newest good checkpoint beside `path` named when it fails."""
+    try:
+        return load_checkpoint(path)
+    except CheckpointError as err:
+        good, _ = newest_valid(path.parent)
+        if good is None:
+            raise
+        raise CheckpointError(f"{err} (the newest good one beside it is resume={good})") from None
+
+
 def resolve_resume(resume: str, run_dir: Path) -> tuple[Path | None, list[str]]:
     """Map `resume=` (a file, a run directory, or `auto`) to a checkpoint file.
 

@@ -224,8 +224,9 @@ def describe_run_dir(path: Path) -> dict[str, Any]:
         rows.append({"file": file.name, "valid": True, "epoch": counters["epoch"],
                      "global_step": counters["global_step"], "metric": name,
                      "value": counters.get("last_metrics", {}).get(name)})
-    pick, _ = checkpoint.newest_valid(path)
-    return {"kind": "run_dir", "path": str(path), "checkpoints": rows, "resume_auto": pick.name if pick else None}
+    # resume=auto takes the newest that loads; the rows are already newest first.
+    pick = next((r["file"] for r in rows if r["valid"]), None)
+    return {"kind": "run_dir", "path": str(path), "checkpoints": rows, "resume_auto": pick}
 
 
 def render_run_dir(f: dict[str, Any]) -> list[str]:
@@ -254,8 +255,8 @@ def _value_diff(state_a: dict[str, Any], state_b: dict[str, Any]) -> list[dict[s
         b = state_b.get(name)
         if b is None or a.shape != b.shape or a.dtype != b.dtype:
             continue  # reported under tensors
-        row = groups.setdefault(module_group(name), {"group": module_group(name), "shared": 0, "differ": 0,
-                                                     "max_abs": 0.0})
+        group = module_group(name)
+        row = groups.setdefault(group, {"group": group, "shared": 0, "differ": 0, "max_abs": 0.0})
         row["shared"] += 1
         if not torch.equal(a, b):
             row["differ"] += 1
@@ -301,7 +302,8 @@ def diff_overrides(path: Path, ckpt: dict[str, Any], overrides: list[str]) -> di
                              "config": _config_diff(ckpt["config"], plain)}
     try:
         facts["architecture"] = diff_specs(architecture_spec(saved.model), architecture_spec(changed.model))
-        facts["tensors"] = diff_layouts(tensor_layout(ckpt["model"]), tensor_layout(build_model(changed.model, read_backbone_weights=False)))
+        rebuilt = build_model(changed.model, read_backbone_weights=False)
+        facts["tensors"] = diff_layouts(tensor_layout(ckpt["model"]), tensor_layout(rebuilt))
     except UserError as err:
         facts["architecture"], facts["tensors"] = [f"the changed model cannot be built: {err}"], []
     try:

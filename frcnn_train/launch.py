@@ -112,17 +112,6 @@ def describe_model_change(saved: DictConfig, requested: DictConfig) -> str:
     return "; ".join(diff_layouts(*layouts)[:6])
 
 
-def _load_for_resume(path: Path) -> dict[str, Any]:
-    """The checkpoint; when it does not load, the error names the newest one beside it that does."""
-    try:
-        return checkpoint.load_checkpoint(path)
-    except CheckpointError as err:
-        good, _ = checkpoint.newest_valid(path.parent)
-        if good is None:
-            raise
-        raise CheckpointError(f"{err} (the newest good one beside it is resume={good})") from None
-
-
 def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Train (or resume) as `cfg` says; returns a summary dict (run_dir, metrics, stop reason)."""
     setup_console()
@@ -134,7 +123,7 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
         if resumed_from is None:
             log.info("resume=auto: no checkpoint in %s; starting a new run.", Path(cfg.output_dir) / cfg.run_name)
         else:
-            ckpt = _load_for_resume(resumed_from)
+            ckpt = checkpoint.load_for_resume(resumed_from)
             try:
                 cfg, changes = merge_for_resume(ckpt["config"], cfg, overrides, str(resumed_from))
             except ResumeConflict as conflict:
@@ -151,8 +140,8 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
     seed_everything(cfg.seed, cfg.trainer.deterministic)
     if ckpt is None:  # before the data is read or generated
         for key in ("init_from", "model.backbone.weights"):
-            if OmegaConf.select(cfg, key):
-                checkpoint.require_file(OmegaConf.select(cfg, key), key)
+            if value := OmegaConf.select(cfg, key):
+                checkpoint.require_file(value, key)
     with_masks = cfg.model.arch == "mask_rcnn"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", DataWarning)
@@ -210,10 +199,9 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
         trainer.load_state_dict(ckpt)
         moved = apply_current_schedule(scheduler)
         if moved:
-            log.warning(
-                f"The LR schedule changed with this resume ({'; '.join(changes)}): the LR at step "
-                f"{trainer.global_step + 1} is {moved[1]:.6g}, not {moved[0]:.6g} as on the checkpoint's schedule; "
-                "resume with the checkpoint's value of the key to keep the old curve.")
+            log.warning("The LR schedule changed with this resume (%s): the LR at step %d is %.6g, not %.6g as on "
+                        "the checkpoint's schedule; resume with the checkpoint's value of the key to keep the old "
+                        "curve.", "; ".join(changes), trainer.global_step + 1, moved[1], moved[0])
         trainer.history.append({
             "resumed_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "from": str(resumed_from), "epoch": trainer.epoch, "global_step": trainer.global_step,

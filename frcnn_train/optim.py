@@ -149,4 +149,3 @@ def apply_current_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR) -> tupl
     for group, lr in zip(groups, wanted):
         group["lr"] = lr
     return before, wanted[0]
-

@@ -131,8 +131,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass")
     args = parser.parse_args(argv)
     try:
-        results, highest_dropped = predict(args.checkpoint, args.inputs, args.out, score_threshold=args.score_threshold,
-                          device=args.device, batch_size=args.batch_size)
+        results, highest_dropped = predict(args.checkpoint, args.inputs, args.out,
+                                           score_threshold=args.score_threshold, device=args.device,
+                                           batch_size=args.batch_size)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
