@@ -12,6 +12,7 @@ import platform
 import re
 import shutil
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -96,20 +97,42 @@ def migrate(ckpt: dict[str, Any], path: Path) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- reading
+# What torch's safe loader says when a pickle names a global (a class or function that loading
+# would call). Torch has used two wordings; both are matched, never a copied full message:
+#   "Unsupported global: GLOBAL argparse.Namespace was not an allowed global by default"
+#   "Trying to load unsupported GLOBAL posix.system whose module posix is blocked"
+_REFUSED_GLOBAL_RE = re.compile(r"unsupported(?: global:)? GLOBAL ([\w.]+)", re.IGNORECASE)
+
+
+def _is_raw_pickle(path: Path) -> bool:
+    """A file written by `pickle.dump` (protocol 3-5, which torch.save never uses): the safe loader
+    cannot parse it at all ("Unsupported operand"), whatever it holds."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return len(head) == 2 and head[0] == 0x80 and head[1] in (3, 4, 5)
+
+
 def read_file(path: str | Path, *, trust: bool = False, for_resume: bool = False) -> Any:
     """torch.load with every failure turned into one sentence naming the file."""
     path = require_file(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=not trust)
+        with warnings.catch_warnings():  # the raw-pickle case below says it in our words
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=not trust)
     except Exception as err:  # noqa: BLE001 - torch.load raises many types for damaged files
         text = str(err)
-        unsafe = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
-        if unsafe:
-            fix = ("frcnn_train checkpoints never do, so it was written by other code; to start from its weights "
-                   "use init_from= with init.trust=true" if for_resume else "if you trust its source set init.trust=true")
-            raise CheckpointError(
-                f"{path} holds pickled Python objects ({unsafe.group(1)}) that safe weights_only loading refuses; {fix}"
-            ) from None
+        refused = _REFUSED_GLOBAL_RE.search(text)
+        if refused or _is_raw_pickle(path):
+            what = (f"holds pickled Python objects whose loading calls {refused.group(1)}, code that would run "
+                    "on this machine," if refused else
+                    "is a plain Python pickle (not written by torch.save), which may hold code that would run on "
+                    "this machine when loaded,")
+            # init.trust=true is named only beside what it does: run the file's code.
+            trust = ("only if you trust whoever made the file, init.trust=true loads it and runs that code")
+            fix = (f"frcnn_train checkpoints never hold such objects, so other code wrote it; to start from its "
+                   f"weights use init_from= ({trust})" if for_resume
+                   else f"re-save its tensors with torch.save(model.state_dict(), ...), or, {trust}")
+            raise CheckpointError(f"{path} {what} so safe weights_only loading refused it; {fix}") from None
         raise CheckpointError(
             f"{path} ({path.stat().st_size} bytes) is not a readable checkpoint: it is truncated, corrupted "
             "or not a torch file; use another checkpoint or copy the file again"

@@ -329,3 +329,109 @@ def merge_for_resume(saved: dict, cfg: DictConfig, overrides: Sequence[str], sou
     if conflicts:
         raise ResumeConflict(conflicts, source, saved=merged, requested=requested)
     return merged, changes
+
+
+# ---------------------------------------------------------------- values that cannot work
+def _positive(v: Any) -> bool:
+    return isinstance(v, (int, float)) and v > 0
+
+
+def _non_negative(v: Any) -> bool:
+    return isinstance(v, (int, float)) and v >= 0
+
+
+def _fraction(v: Any) -> bool:
+    return isinstance(v, (int, float)) and 0 <= v <= 1
+
+
+def _all(check: Any) -> Any:
+    return lambda v: v is not None and len(v) > 0 and all(check(x) for x in v)
+
+
+def _or_null(check: Any) -> Any:
+    return lambda v: v is None or check(v)
+
+
+# key -> (test, the valid range as the message says it). Types are the schema's job;
+# these are values of the right type that would crash later or silently train nothing.
+VALUE_RULES: dict[str, tuple[Any, str]] = {
+    "trainer.epochs": (_positive, "a whole number >= 1"),
+    "trainer.max_steps": (_or_null(_positive), "a whole number >= 1, or null for no limit"),
+    "trainer.batch_size": (_positive, "a whole number >= 1 (images per process and step)"),
+    "trainer.accumulate": (_positive, "a whole number >= 1 (1: no gradient accumulation)"),
+    "trainer.keep_last": (_non_negative, "a whole number >= 0 (0 keeps no epoch files)"),
+    "trainer.eval_every": (_non_negative, "a whole number >= 0 (0: evaluate only at the end)"),
+    "trainer.checkpoint_every_steps": (_non_negative, "a whole number >= 0 (0: save only at epoch ends)"),
+    "trainer.log_every": (_positive, "a whole number >= 1"),
+    "trainer.vis_images": (_non_negative, "a whole number >= 0"),
+    "trainer.grad_clip": (_or_null(_positive), "a number > 0, or null for no clipping"),
+    "trainer.amp_dtype": (lambda v: v in ("fp16", "bf16"), "fp16 or bf16"),
+    # 0 is allowed: it freezes every weight (tests and BatchNorm-statistics runs use it).
+    "optim.lr": (_non_negative, "a number >= 0, e.g. 0.01"),
+    "optim.weight_decay": (_non_negative, "a number >= 0"),
+    "optim.momentum": (lambda v: _non_negative(v) and v < 1, "a number in [0, 1)"),
+    "optim.betas": (lambda v: len(v) == 2 and all(_non_negative(b) and b < 1 for b in v),
+                    "two numbers in [0, 1), e.g. [0.9, 0.999]"),
+    "schedule.warmup_steps": (_non_negative, "a whole number >= 0 (0: no warmup)"),
+    "schedule.warmup_factor": (lambda v: _positive(v) and v <= 1, "a number in (0, 1]"),
+    "schedule.gamma": (_positive, "a number > 0"),
+    "schedule.min_lr_factor": (_fraction, "a number in [0, 1]"),
+    "schedule.milestones": (lambda v: all(_positive(m) for m in v), "epochs > 0"),
+    "model.num_classes": (_or_null(_positive), "a whole number >= 1 (background excluded), or null"),
+    "model.min_size": (_positive, "a whole number of pixels >= 1"),
+    "model.max_size": (_positive, "a whole number of pixels >= model.min_size"),
+    "model.image_std": (lambda v: len(v) == 3 and all(_positive(s) for s in v), "three numbers > 0"),
+    "model.image_mean": (lambda v: len(v) == 3, "three numbers"),
+    "model.anchor_sizes": (_all(_positive), "one or more sizes in pixels > 0"),
+    "model.aspect_ratios": (_all(_positive), "one or more ratios > 0"),
+    "model.rpn_pre_nms_top_n_train": (_positive, "a whole number >= 1"),
+    "model.rpn_pre_nms_top_n_test": (_positive, "a whole number >= 1"),
+    "model.rpn_post_nms_top_n_train": (_positive, "a whole number >= 1"),
+    "model.rpn_post_nms_top_n_test": (_positive, "a whole number >= 1"),
+    "model.rpn_batch_size_per_image": (_positive, "a whole number >= 1"),
+    "model.box_batch_size_per_image": (_positive, "a whole number >= 1"),
+    "model.box_head_dim": (_positive, "a whole number >= 1"),
+    "model.box_score_thresh": (_fraction, "a number in [0, 1]"),
+    "model.box_nms_thresh": (_fraction, "a number in [0, 1]"),
+    "model.box_detections_per_img": (_positive, "a whole number >= 1"),
+    "model.mask_head_layers": (_positive, "a whole number >= 1"),
+    "model.mask_head_dim": (_positive, "a whole number >= 1"),
+    "model.backbone.fpn_channels": (_positive, "a whole number >= 1"),
+    "model.backbone.trainable_layers": (_or_null(_non_negative), "a whole number >= 0, or null for all"),
+    "model.attention.reduction": (_positive, "a whole number >= 1"),
+    "model.attention.heads": (_positive, "a whole number >= 1"),
+    "data.num_workers": (_non_negative, "a whole number >= 0 (0: load in the main process)"),
+    "data.hflip_prob": (_fraction, "a probability in [0, 1]"),
+    "data.shapes.num_train": (_positive, "a whole number >= 1"),
+    "data.shapes.num_val": (_positive, "a whole number >= 1"),
+    "data.shapes.image_size": (_positive, "a whole number of pixels >= 1"),
+    "data.shapes.max_objects": (_positive, "a whole number >= 1"),
+}
+
+
+def check_values(cfg: DictConfig, keys: Sequence[str] | None = None) -> None:
+    """Refuse values that cannot work, before any data or model work, in one ConfigError sentence.
+
+    `keys` limits the check to those keys and the keys under them (evaluate checks
+    only what it lets a user change); None checks every rule.
+    """
+    def wanted(key: str) -> bool:
+        return keys is None or any(key == k or key.startswith(k + ".") for k in keys)
+
+    problems = []
+    for key, (valid, allowed) in VALUE_RULES.items():
+        if not wanted(key) or OmegaConf.is_missing(cfg, key):
+            continue
+        value = OmegaConf.select(cfg, key)
+        try:
+            ok = bool(valid(value))
+        except TypeError:  # a list where a number belongs, or the reverse
+            ok = False
+        if not ok:
+            value = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+            problems.append(f"{key}={value} must be {allowed}")
+    low, high = OmegaConf.select(cfg, "model.min_size"), OmegaConf.select(cfg, "model.max_size")
+    if wanted("model.max_size") and _positive(low) and _positive(high) and high < low:
+        problems.append(f"model.max_size={high} must be >= model.min_size={low}")
+    if problems:
+        raise ConfigError(f"{'; '.join(problems)}; fix {'this value' if len(problems) == 1 else 'these values'}")

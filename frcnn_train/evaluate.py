@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from frcnn_train import checkpoint
-from frcnn_train.config import compose_config, with_schema
+from frcnn_train.config import check_values, compose_config, with_schema
 from frcnn_train.data import build_datasets, build_eval_loader
 from frcnn_train.errors import CheckpointError, ConfigError, UserError
 from frcnn_train.evaluation import evaluate, format_table
@@ -108,6 +108,7 @@ def run_evaluation(ckpt_path: str | Path, overrides: Sequence[str] = (),
         path = path / "best.pth" if (path / "best.pth").exists() else path / "last.pth"
     ckpt = checkpoint.load_checkpoint(path)
     cfg = apply_overrides(ckpt["config"], overrides)
+    check_values(cfg, keys=("data", "trainer.batch_size", "trainer.amp_dtype"))  # what evaluate lets a user change
     with_masks = cfg.model.arch == "mask_rcnn"
     device = resolve_device(cfg.device)
     # The run evaluated under these settings; matching them keeps the numbers identical.

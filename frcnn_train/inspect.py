@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -395,15 +396,29 @@ def main(argv: list[str]) -> int:
     if args.config and facts["kind"] == "checkpoint":
         facts["config"] = data["config"]
     if args.json:
-        print(json.dumps(facts, indent=2, default=str))
-        return 0
+        return _print(json.dumps(facts, indent=2, default=str))
     lines = _RENDER[facts["kind"]](facts)
     if args.keys and "keys" in facts:
         lines += ["keys:"] + _table(["name", "shape", "dtype"], [[k["name"], "x".join(map(str, k["shape"])) or "scalar",
                                                                  k["dtype"]] for k in facts["keys"]])
     if args.config and facts["kind"] == "checkpoint":
         lines += ["config:", OmegaConf.to_yaml(data["config"]).rstrip()]
-    print("\n".join(lines))
+    return _print("\n".join(lines))
+
+
+def _print(text: str) -> int:
+    """Print to stdout; a reader that closed the pipe early (`| head`) is no error.
+
+    Python's documented recipe (signal module, "Note on SIGPIPE"): point stdout at
+    devnull so the interpreter's final flush does not raise again, and exit 1.
+    """
+    try:
+        print(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
     return 0
 
 

@@ -22,7 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from frcnn_train import checkpoint, distributed
-from frcnn_train.config import ResumeConflict, merge_for_resume
+from frcnn_train.config import ResumeConflict, check_values, merge_for_resume
 from frcnn_train.data import DataWarning, build_datasets
 from frcnn_train.errors import CheckpointError, ConfigError, UserError
 from frcnn_train.evaluation import format_table
@@ -115,6 +115,7 @@ def describe_model_change(saved: DictConfig, requested: DictConfig) -> str:
 def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Train (or resume) as `cfg` says; returns a summary dict (run_dir, metrics, stop reason)."""
     setup_console()
+    check_values(cfg)  # before any file, data or model work
     ckpt, resumed_from, changes = None, None, []
     if cfg.resume:
         resumed_from, skipped = checkpoint.resolve_resume(cfg.resume, Path(cfg.output_dir) / cfg.run_name)
@@ -128,6 +129,7 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
                 cfg, changes = merge_for_resume(ckpt["config"], cfg, overrides, str(resumed_from))
             except ResumeConflict as conflict:
                 raise conflict.with_modules(describe_model_change(conflict.saved, conflict.requested)) from None
+            check_values(cfg)  # the checkpoint's values with the mutable keys this resume changed
             cfg.resume = str(resumed_from)
     run_dir = resumed_from.parent if resumed_from else Path(cfg.output_dir) / cfg.run_name
 
@@ -249,11 +251,15 @@ def _log_start(cfg: DictConfig, trainer: Trainer, model: torch.nn.Module, device
 def _log_summary(summary: dict[str, Any], trainer: Trainer, run_dir: Path) -> None:
     launcher = (f"torchrun --nproc_per_node={distributed.world_size()} -m" if distributed.world_size() > 1
                 else "python -m")
-    command = f"{launcher} frcnn_train.train resume={run_dir / 'last.pth'}"
-    if summary["completed"]:
-        command += " trainer.epochs=<more>"
-    elif trainer.s.max_steps is not None and trainer.global_step >= trainer.s.max_steps:
-        command += " trainer.max_steps=null"  # the checkpoint keeps max_steps; without this nothing would train
+    # Name only a file that exists: a run that trained nothing may have saved nothing.
+    existing = checkpoint.checkpoint_files(run_dir) if run_dir.is_dir() else []
+    command = "nothing was saved to resume from"
+    if existing:
+        command = f"{launcher} frcnn_train.train resume={existing[0]}"
+        if summary["completed"]:
+            command += " trainer.epochs=<more>"
+        elif trainer.s.max_steps is not None and trainer.global_step >= trainer.s.max_steps:
+            command += " trainer.max_steps=null"  # the checkpoint keeps max_steps; without it nothing would train
     if summary["completed"]:
         log.info("Finished %d epoch%s (%d steps) in %.0f s.", trainer.epoch, "s" * (trainer.epoch != 1),
                  trainer.global_step, summary["seconds"])

@@ -108,6 +108,40 @@ def test_pickled_objects_are_refused_without_running_them(tmp_path: Path) -> Non
         checkpoint.load_checkpoint(path)
 
 
+class _RunsACommand:
+    """Pickles as a call to os.system, as a malicious file would (the command only touches a marker)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "pickle.dump"])
+@pytest.mark.parametrize("for_resume", [False, True])
+def test_a_file_whose_pickle_calls_a_function_is_called_code(tmp_path: Path, writer: str, for_resume: bool) -> None:
+    """Against the torch installed, whatever its wording (2.14: "unsupported GLOBAL posix.system whose
+    module posix is blocked"; earlier: "Unsupported global: GLOBAL ..."), and never executed."""
+    import pickle
+
+    marker, path = tmp_path / "it_ran", tmp_path / "evil.pth"
+    payload = {"model": {"w": torch.zeros(2)}, "extra": _RunsACommand(marker)}
+    if writer == "torch.save":
+        torch.save(payload, path)
+    else:  # protocol 4+: the safe loader cannot even parse it
+        path.write_bytes(pickle.dumps(payload, protocol=4))
+    with pytest.raises(CheckpointError) as info:
+        checkpoint.read_file(path, for_resume=for_resume)
+    message = str(info.value)
+    assert message.startswith(str(path)) and "code that would run on this machine" in message, message
+    if writer == "torch.save":
+        assert f"calls {os.system.__module__}.system" in message, message
+    assert "init.trust=true loads it and runs that code" in message and "\n" not in message
+    assert ("use init_from=" in message) == for_resume
+    assert not marker.exists()
+
+
 def test_missing_path_lists_existing_checkpoints(tmp_path: Path) -> None:
     checkpoint.save_checkpoint(fake_checkpoint(), tmp_path / "epoch_0001.pth")
     with pytest.raises(CheckpointError, match="epoch_0001.pth"):

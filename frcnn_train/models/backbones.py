@@ -24,6 +24,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from frcnn_train.errors import CheckpointError, ConfigError
+from frcnn_train.logs import log
 from frcnn_train.weights import read_state_dict
 
 # Backbone name -> torchvision classifier whose feature layers it reuses.
@@ -233,5 +234,11 @@ def load_imagenet_weights(classifier: nn.Module, weights: str, name: str) -> Non
     # The head keeps its own init (detection never uses it), and so does num_batches_tracked
     # when an old file lacks it; every other tensor was checked above.
     own = classifier.state_dict()
-    merged = {k: state[k] if k in state and not k.startswith(_HEAD_PREFIXES) else v for k, v in own.items()}
+    used = {k for k in own if k in state and not k.startswith(_HEAD_PREFIXES)}
+    merged = {k: state[k] if k in used else v for k, v in own.items()}
     classifier.load_state_dict(merged, strict=True)
+    # Confirms the file in the run's output; a wrong one would otherwise show only as a low AP.
+    head = sum(k.startswith(_HEAD_PREFIXES) for k in state)
+    counters = len(state) - len(used) - head
+    log.info("%s: loaded %d %s tensors from %s; skipped %d classifier-head tensor(s) and %d BatchNorm step "
+             "counter(s), which detection does not use.", where, len(used), tv_name, path, head, counters)

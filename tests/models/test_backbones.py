@@ -51,6 +51,21 @@ def test_resnet_weights_load_with_frozen_bn(resnet18_file) -> None:
     assert isinstance(bb.body.bn1, FrozenBatchNorm2d)
 
 
+def test_loading_says_what_it_took_from_which_file(resnet18_file, caplog: pytest.LogCaptureFixture) -> None:
+    path, state = resnet18_file
+    caplog.set_level("INFO", logger="frcnn_train")
+    _build(weights=str(path))  # frozen BN: the file's num_batches_tracked have nowhere to go
+    _build(weights=str(path), norm="bn")
+    counters = sum(k.endswith("num_batches_tracked") for k in state)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("model.backbone.weights: loaded")]
+    assert lines == [
+        f"model.backbone.weights: loaded {len(state) - 2 - counters} resnet18 tensors from {path}; skipped 2 "
+        f"classifier-head tensor(s) and {counters} BatchNorm step counter(s), which detection does not use.",
+        f"model.backbone.weights: loaded {len(state) - 2} resnet18 tensors from {path}; skipped 2 "
+        "classifier-head tensor(s) and 0 BatchNorm step counter(s), which detection does not use.",
+    ]
+
+
 def test_module_prefixed_weights_load(resnet18_file, tmp_path: Path) -> None:
     path, state = resnet18_file
     prefixed = tmp_path / "ddp.pth"
