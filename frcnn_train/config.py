@@ -15,7 +15,18 @@ from omegaconf import DictConfig, OmegaConf
 
 from frcnn_train.errors import CheckpointError, ConfigError
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+
+
+def _find_config_dir() -> str:
+    """configs/ inside the installed package (a wheel), else beside it (a source checkout or editable install)."""
+    package = Path(__file__).resolve().parent
+    for candidate in (package / "configs", package.parent / "configs"):
+        if (candidate / "train.yaml").is_file():
+            return str(candidate)
+    raise RuntimeError(f"frcnn_train's configs/ is missing (looked in {package} and {package.parent}); reinstall frcnn_train")
+
+
+CONFIG_DIR = _find_config_dir()
 
 
 @dataclass
@@ -156,7 +167,9 @@ class TrainerConfig:
     max_steps: Optional[int] = None  # stop (and save) after this many optimizer steps
     log_every: int = 20  # steps between TensorBoard scalar writes
     vis_images: int = 4  # validation images drawn into TensorBoard
-    deterministic: bool = True
+    # auto: on for CPU (bitwise resume), off on CUDA (cudnn.benchmark, TF32). true | false force it.
+    # A string, so that old checkpoints' booleans still load (as "True" / "False").
+    deterministic: str = "auto"
     progress: bool = True
     best_metric: str = "bbox/AP"  # validation metric that picks best.pth (higher is better)
 
@@ -200,13 +213,30 @@ MUTABLE_ON_RESUME = (
     "trainer.eval_every",
     "trainer.checkpoint_every_steps",
     "trainer.keep_last",
+    # Precision may change with the machine (a CPU run continued on a GPU); launch warns in one line.
+    "trainer.amp",
+    "trainer.amp_dtype",
 )
 # Keys that say how to start, not what to train; never compared on resume.
 START_KEYS = ("resume", "run_name", "output_dir", "init_from", "init")
 
 
+def _job_suffix() -> str:
+    """"_<job number>" inside a Hydra multirun, else "": the default run_name of each job differs."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return ""
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return ""
+    return f"_{hydra_cfg.job.num}"
+
+
 def register_schema() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    OmegaConf.register_new_resolver("frcnn_job_suffix", _job_suffix, replace=True)
 
 
 def with_schema(config: Any) -> DictConfig:
@@ -241,29 +271,65 @@ def flatten(cfg: DictConfig | dict) -> dict[str, Any]:
     return out
 
 
-def _group_file_keys(group: str, option: str) -> list[str] | None:
-    """The config keys that `configs/<group>/<option>.yaml` itself sets (not its nested defaults).
+def _config_dirs() -> list[Path]:
+    """Where group files are found: a Hydra app's file search path (`--config-dir` included), then configs/."""
+    from hydra.core.hydra_config import HydraConfig
 
-    A file under `# @package _global_` (data/shapes.yaml) counts only for its own
-    node (`data.*`): its model sizes are a preset, not a request.
+    dirs: list[Path] = []
+    if HydraConfig.initialized():
+        dirs = [Path(source.path) for source in HydraConfig.get().runtime.config_sources
+                if source.schema == "file" and source.path]
+    return dirs + [Path(CONFIG_DIR)]
+
+
+def _package(text: str, group: str) -> str:
+    """The node a group file fills: its `# @package` header (`_global_`: the root), else the group's path."""
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        if line.lstrip("# ").startswith("@package"):
+            name = line.split("@package", 1)[1].strip()
+            return "" if name == "_global_" else name
+    return group.replace("/", ".")
+
+
+def _group_file_keys(group: str, option: str) -> list[str] | None:
+    """The config keys that `<group>/<option>.yaml` sets, itself or through the choices it makes.
+
+    Counted: its own values, the options of its own group it includes, and the
+    groups it overrides (`override /model: mask_rcnn` in an experiment asks for
+    `model.arch`). Not counted: the defaults of its subgroups (`model=mask_rcnn`
+    does not ask for the backbone a checkpoint was trained with).
     """
-    path = Path(CONFIG_DIR) / group / f"{option}.yaml"
-    if not path.is_file():
+    group = group.strip("/")
+    path = next((d / group / f"{option}.yaml" for d in _config_dirs() if (d / group / f"{option}.yaml").is_file()), None)
+    if path is None:
         return None
-    node = OmegaConf.load(path)
-    is_global = "@package _global_" in path.read_text(encoding="utf-8").split("\n", 1)[0]
-    package = "" if is_global else group.replace("/", ".")
-    keys = [f"{package}.{k}" if package else k for k in flatten(node) if not k.startswith("defaults")]
-    own = group.split("/")[0]
-    return [k for k in keys if not is_global or k.startswith(own + ".")]
+    text = path.read_text(encoding="utf-8")
+    package = _package(text, group)
+    node = OmegaConf.create(text)
+    # Unresolved: a file may interpolate keys it does not set (run_name: trees_${seed}).
+    own = flatten(OmegaConf.to_container(node, resolve=False))
+    keys = [f"{package}.{k}" if package else k for k in own if not k.startswith("defaults")]
+    for entry in node.get("defaults", []) or []:
+        if isinstance(entry, str):  # another option of this group, or _self_
+            chosen = (group, entry) if entry != "_self_" else None
+        else:
+            (target, choice), = entry.items()
+            target = str(target).removeprefix("optional ")
+            chosen = (target.removeprefix("override ").strip(), str(choice)) if target.startswith("override ") else None
+        if chosen:
+            keys += _group_file_keys(*chosen) or []
+    return keys
 
 
 def requested_keys(cfg: DictConfig, overrides: Sequence[str]) -> dict[str, Any]:
     """The leaves a user asked for on the command line, with their values in `cfg`.
 
-    `key=value` names one key. A group choice (`model/attention=none`, `model=mask_rcnn`)
-    names the keys its YAML file sets: `model=mask_rcnn` asks for `model.arch`, not for
-    the backbone or attention a checkpoint was trained with.
+    `key=value` names one key. A group choice (`model/attention=none`, `model=mask_rcnn`,
+    `+experiment=my_trees`, also from a `--config-dir`) names the keys its YAML file sets:
+    `model=mask_rcnn` asks for `model.arch`, not for the backbone or attention a
+    checkpoint was trained with.
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -273,11 +339,11 @@ def requested_keys(cfg: DictConfig, overrides: Sequence[str]) -> dict[str, Any]:
         path = override.key_or_group.replace("/", ".")
         if path.startswith("hydra"):
             continue
-        if not isinstance(OmegaConf.select(cfg, path), DictConfig):
+        keys = None if override.is_delete() else _group_file_keys(override.key_or_group, str(override.value()))
+        if keys is None and not isinstance(OmegaConf.select(cfg, path), DictConfig):
             if path in flat_cfg:
                 requested[path] = flat_cfg[path]
             continue
-        keys = _group_file_keys(override.key_or_group, str(override.value()))
         for key in keys if keys is not None else [k for k in flat_cfg if k.startswith(path + ".")]:
             if key in flat_cfg:
                 requested[key] = flat_cfg[key]
@@ -293,8 +359,8 @@ class ResumeConflict(ConfigError):
         super().__init__(
             f"cannot resume {source} with a changed config: {'; '.join(conflicts)}"
             f"{f' (modules that would change: {modules})' if modules else ''}; "
-            "a resume may change only trainer.epochs, trainer.max_steps, device, data locations and workers, "
-            "and logging, evaluation and checkpoint cadence, so drop the other overrides to resume, "
+            "a resume may change only trainer.epochs, trainer.max_steps, device, precision (trainer.amp, "
+            "trainer.amp_dtype), data locations and workers, and logging, evaluation and checkpoint cadence, so drop the other overrides to resume, "
             f"or start a new run from these weights with init_from={source}"
         )
 

@@ -19,9 +19,10 @@ from omegaconf import DictConfig, OmegaConf
 from frcnn_train import checkpoint
 from frcnn_train.config import check_values, compose_config, with_schema
 from frcnn_train.data import build_datasets, build_eval_loader
-from frcnn_train.errors import CheckpointError, ConfigError, UserError
+from frcnn_train.errors import CheckpointError, ConfigError
 from frcnn_train.evaluation import evaluate, format_table
 from frcnn_train.models import build_model, diff_layouts, tensor_layout
+from frcnn_train.runtime import amp_dtype, cli, resolve_device, seed_everything
 
 # Leaf keys evaluate may change besides anything under `data`.
 ALLOWED_KEYS = ("device", "trainer.batch_size", "trainer.amp", "trainer.amp_dtype")
@@ -101,8 +102,6 @@ def load_model(ckpt: dict[str, Any], cfg: DictConfig, source: str) -> torch.nn.M
 def run_evaluation(ckpt_path: str | Path, overrides: Sequence[str] = (),
                    out: str | Path | None = None) -> tuple[dict[str, float], Path]:
     """Evaluate a checkpoint; returns the metrics and the COCO results file written."""
-    from frcnn_train.launch import amp_dtype, resolve_device, seed_everything
-
     path = Path(ckpt_path)
     if path.is_dir():
         path = path / "best.pth" if (path / "best.pth").exists() else path / "last.pth"
@@ -112,7 +111,7 @@ def run_evaluation(ckpt_path: str | Path, overrides: Sequence[str] = (),
     with_masks = cfg.model.arch == "mask_rcnn"
     device = resolve_device(cfg.device)
     # The run evaluated under these settings; matching them keeps the numbers identical.
-    seed_everything(cfg.seed, cfg.trainer.deterministic)
+    seed_everything(cfg.seed, cfg.trainer.deterministic, device)
     data = build_datasets(cfg.data, with_masks=with_masks)
     if list(data.classes) != list(ckpt["classes"]):
         raise ConfigError(
@@ -121,8 +120,9 @@ def run_evaluation(ckpt_path: str | Path, overrides: Sequence[str] = (),
         )
     model = load_model(ckpt, cfg, str(path)).to(device)
     loader = build_eval_loader(data.val, batch_size=cfg.trainer.batch_size, num_workers=cfg.data.num_workers)
+    dtype = amp_dtype(cfg.trainer.amp, cfg.trainer.amp_dtype, device)
     metrics, results = evaluate(model, loader, coco_gt=data.val.coco, label_to_cat_id=data.val.label_to_cat_id,
-                                device=device, with_masks=with_masks, autocast_dtype=amp_dtype(cfg, device))
+                                device=device, with_masks=with_masks, autocast_dtype=dtype)
     # COCO.loadRes adds area / id / iscrowd (and box polygons) to the dicts it is given; write only ours.
     keep = ("image_id", "category_id", "bbox", "score") + (("segmentation",) if with_masks else ())
     results = [{k: r[k] for k in keep if k in r} for r in results]
@@ -132,18 +132,15 @@ def run_evaluation(ckpt_path: str | Path, overrides: Sequence[str] = (),
     return metrics, out_path
 
 
-def main(argv: list[str]) -> int:
+@cli
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m frcnn_train.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="checkpoint file (or run directory: best.pth, else last.pth)")
     parser.add_argument("overrides", nargs="*", help="data=..., data.*=..., device=..., trainer.batch_size=...")
     parser.add_argument("--out", help="COCO results JSON (default: <ckpt dir>/detections_<ckpt stem>.json)")
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON instead of a table")
     args = parser.parse_args(argv)
-    try:
-        metrics, out = run_evaluation(args.checkpoint, args.overrides, args.out)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    metrics, out = run_evaluation(args.checkpoint, args.overrides, args.out)
     if args.json:
         print(json.dumps({"metrics": metrics, "detections": str(out)}))
     else:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from frcnn_train.errors import CheckpointError, UserError
 from frcnn_train.evaluate import compose_overrides
 from frcnn_train.models import architecture_spec, build_model, diff_layouts, diff_specs, tensor_layout
 from frcnn_train.models.builder import resolve_sites, valid_attention_sites
+from frcnn_train.runtime import cli
 from frcnn_train.weights import extract_state_dict, load_init_weights, module_group, wrapper_prefixes
 
 _STATS = ("running_mean", "running_var", "num_batches_tracked")  # buffers, not parameters
@@ -91,6 +93,7 @@ def describe_checkpoint(path: Path, ckpt: dict[str, Any]) -> dict[str, Any]:
         "scheduler": {"name": cfg.get("schedule", {}).get("name"),
                       "last_step": ckpt.get("scheduler", {}).get("last_epoch")},
         "scaler_scale": (ckpt.get("scaler") or {}).get("scale"),
+        "launch": ckpt.get("launch"),
         "history": counters.get("history", []),
     }
 
@@ -132,13 +135,23 @@ def render_checkpoint(f: dict[str, Any]) -> list[str]:
     ])
     lines += _table(["group", "lr", "x", "weight_decay", "tensors"],
                     [[g["name"], g["lr"], g["lr_mult"], g["weight_decay"], g["tensors"]] for g in f["param_groups"]])
+    launch = f.get("launch") or {}
     lines += _rows([("scheduler", f"{f['scheduler']['name']}, last step {f['scheduler']['last_step']}"),
                     ("scaler", f"scale {f['scaler_scale']:g}" if f["scaler_scale"] is not None else "off"),
+                    ("launched", f"{launch['started_at']} on {launch['device']} ({launch['precision']}): "
+                     f"{_command(launch['overrides'])}" if launch else "not recorded (an older checkpoint)"),
                     ("resumes", len(f["history"]) or "none")])
     for h in f["history"]:
         changes = "; ".join(h.get("changes", [])) or "no changes"
         lines.append(f"  {h.get('resumed_at')} at epoch {h.get('epoch')}, step {h.get('global_step')}: {changes}")
+        if "overrides" in h:
+            lines.append(f"    on {h.get('device')} ({h.get('precision')}): {_command(h['overrides'])}")
     return lines
+
+
+def _command(overrides: list[str]) -> str:
+    """The overrides as a shell would take them after `frcnn-train`."""
+    return shlex.join(overrides) or "no overrides"
 
 
 # ---------------------------------------------------------------- foreign weights
@@ -372,7 +385,8 @@ def inspect_paths(paths: list[str], overrides: list[str], *, trust: bool = False
 _RENDER = {"checkpoint": render_checkpoint, "weights": render_weights, "run_dir": render_run_dir, "diff": render_diff}
 
 
-def main(argv: list[str]) -> int:
+@cli
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m frcnn_train.inspect", description=__doc__.splitlines()[0])
     parser.add_argument("items", nargs="+",
                         help="1-2 paths (checkpoint, weights file, run directory), then key=value overrides")
@@ -385,11 +399,7 @@ def main(argv: list[str]) -> int:
     overrides = [i for i in args.items if "=" in i]
     paths = [i for i in args.items if "=" not in i]
     trust = args.trust or "init.trust=true" in overrides
-    try:
-        facts, data = inspect_paths(paths, overrides, trust=trust)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    facts, data = inspect_paths(paths, overrides, trust=trust)
     state = None if data is None else data.get("model", data.get("state"))
     if args.keys and state is not None:
         facts["keys"] = _keys(state)

@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import datetime
 import logging
-import os
-import random
 import sys
 import time
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -30,44 +27,32 @@ from frcnn_train.logs import RunLogger, log, setup_console
 from frcnn_train.models import build_model
 from frcnn_train.models.fingerprint import architecture_spec, diff_layouts, diff_specs, fingerprint, tensor_layout
 from frcnn_train.optim import apply_current_schedule, build_optimizer, build_scheduler, group_summary
+from frcnn_train.runtime import amp_dtype, precision_name, resolve_device, seed_everything
 from frcnn_train.trainer import Trainer, TrainerSettings, steps_per_epoch
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        name = f"cuda:{distributed.local_rank()}"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"device={name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={name} but CUDA is not available on this machine; use device=cpu (device may change on resume)")
-    return device
+def launch_record(overrides: Sequence[str], precision: str, device: torch.device) -> dict[str, Any]:
+    """What the checkpoint keeps of a run's first launch (inspect shows it)."""
+    return {"started_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "overrides": list(overrides), "precision": precision, "device": str(device),
+            "world_size": distributed.world_size()}
 
 
-def seed_everything(seed: int, deterministic: bool) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.backends.cudnn.benchmark = False
-        # warn_only: a few CUDA kernels (roi_align backward) have no deterministic version.
-        torch.use_deterministic_algorithms(True, warn_only=True)
+def describe_precision_change(ckpt: dict[str, Any], precision: str, device: torch.device) -> str:
+    """One warning line when a resume trains in another precision than the checkpoint did; "" when the same.
 
-
-def amp_dtype(cfg: DictConfig, device: torch.device) -> torch.dtype | None:
-    if not cfg.trainer.amp:
-        return None
-    if device.type != "cuda":
-        log.warning("trainer.amp applies to CUDA only; training in fp32 on %s.", device)
-        return None
-    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16}
-    if cfg.trainer.amp_dtype not in dtypes:
-        raise ConfigError(f"trainer.amp_dtype={cfg.trainer.amp_dtype!r} is not supported; choose fp16 or bf16")
-    return dtypes[cfg.trainer.amp_dtype]
+    trainer.amp / amp_dtype are mutable on resume, and amp applies to CUDA only, so a
+    CPU run continued on a GPU may switch from fp32 to autocast without any key changing.
+    """
+    records = [ckpt.get("launch") or {}] + list(ckpt["trainer"].get("history", []))
+    before = next((r["precision"] for r in reversed(records) if r.get("precision")), None)
+    if before is None and not ckpt["config"]["trainer"].get("amp"):
+        before = "fp32"  # older checkpoints: without trainer.amp it was fp32 on any device
+    if before in (None, precision):
+        return ""
+    return (f"Precision changes with this resume: the checkpoint trained in {before}, training continues in "
+            f"{precision} on {device}; the loss curve may shift, and the run is no longer bitwise comparable "
+            "to one trained in a single precision.")
 
 
 def _resolve_classes(cfg: DictConfig, classes: list[str], saved_classes: list[str] | None) -> None:
@@ -139,7 +124,7 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
         log.setLevel(logging.WARNING)  # one copy of the progress lines, from rank 0
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    seed_everything(cfg.seed, cfg.trainer.deterministic)
+    seed_everything(cfg.seed, cfg.trainer.deterministic, device)
     if ckpt is None:  # before the data is read or generated
         for key in ("init_from", "model.backbone.weights"):
             if value := OmegaConf.select(cfg, key):
@@ -170,7 +155,10 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
     per_epoch = steps_per_epoch(len(data.train), cfg.trainer.batch_size, cfg.trainer.accumulate)
     scheduler = build_scheduler(optimizer, cfg.schedule, steps_per_epoch=per_epoch,
                                 total_steps=per_epoch * cfg.trainer.epochs)
-    dtype = amp_dtype(cfg, device)
+    dtype = amp_dtype(cfg.trainer.amp, cfg.trainer.amp_dtype, device)
+    precision = precision_name(dtype)
+    if ckpt and (change := describe_precision_change(ckpt, precision, device)):
+        notes.append((logging.WARNING, change))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     wrapped = model
     if distributed.world_size() > 1:
@@ -195,6 +183,8 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
             "config": OmegaConf.to_container(cfg, resolve=True),
             "architecture": {"fingerprint": digest, "spec": spec},
             "classes": list(data.classes),
+            # How the run was first started; each resume adds its own line to trainer.history.
+            "launch": ckpt.get("launch") if ckpt else launch_record(overrides, precision, device),
         },
     )
     if ckpt:
@@ -208,11 +198,14 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
             "resumed_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "from": str(resumed_from), "epoch": trainer.epoch, "global_step": trainer.global_step,
             "changes": changes, "versions": checkpoint.library_versions(),
+            "overrides": list(overrides), "precision": precision, "device": str(device),
         })
     if distributed.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     _log_start(cfg, trainer, model, device, run_dir, resumed_from, changes)
+    if overrides and distributed.is_main():
+        log.info("Overrides: %s", " ".join(overrides))
 
     started = time.perf_counter()
     try:
@@ -221,6 +214,7 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
         logger.close()
     summary = {"run_dir": str(run_dir), "metrics": metrics, "stop_reason": trainer.stop_reason,
                "epoch": trainer.epoch, "global_step": trainer.global_step, "completed": trainer.completed(),
+               "best_metric": trainer.best_metric,
                "seconds": time.perf_counter() - started}
     if distributed.is_main():
         _log_summary(summary, trainer, run_dir)

@@ -19,9 +19,10 @@ from PIL import Image, UnidentifiedImageError
 
 from frcnn_train import checkpoint
 from frcnn_train.config import with_schema
-from frcnn_train.errors import DataError, UserError
+from frcnn_train.errors import DataError
 from frcnn_train.evaluate import load_model
 from frcnn_train.evaluation import detections_to_coco
+from frcnn_train.runtime import cli, resolve_device
 from frcnn_train.visualize import draw_detections
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
@@ -81,8 +82,6 @@ def predict(ckpt_path: str | Path, inputs: list[str], out_dir: str | Path, *, sc
 
     Returns the results kept and the highest score among those dropped by `score_threshold` (None: none).
     """
-    from frcnn_train.launch import resolve_device
-
     if batch_size < 1:
         raise DataError(f"--batch-size {batch_size} must be at least 1")
     files = collect_images(inputs)
@@ -120,7 +119,8 @@ def predict(ckpt_path: str | Path, inputs: list[str], out_dir: str | Path, *, sc
     return results, highest_dropped
 
 
-def main(argv: list[str]) -> int:
+@cli
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m frcnn_train.predict", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="checkpoint file")
     parser.add_argument("inputs", nargs="+", help="image files or directories (jpg, jpeg, png, bmp)")
@@ -130,13 +130,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass")
     args = parser.parse_args(argv)
-    try:
-        results, highest_dropped = predict(args.checkpoint, args.inputs, args.out,
-                                           score_threshold=args.score_threshold, device=args.device,
-                                           batch_size=args.batch_size)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    results, highest_dropped = predict(args.checkpoint, args.inputs, args.out, score_threshold=args.score_threshold,
+                                       device=args.device, batch_size=args.batch_size)
     print(f"{len(results)} detections; drawn images and predictions.json in {args.out}")
     if not results and highest_dropped is not None:
         print(f"every detection scored below --score-threshold {args.score_threshold} (highest "

@@ -1,27 +1,108 @@
-"""`python -m frcnn_train.train [overrides]`: compose the config with Hydra, then run it."""
+"""`frcnn-train [overrides]` (or `python -m frcnn_train.train`): compose the config with Hydra, then run it.
+
+`-m` (Hydra multirun) runs one job per combination; each job is a run of its own
+(output_dir/run_name, the default run_name ending in _<job number>), a job that
+fails with a user error is reported and the next one starts, and each job returns
+its best validation metric for sweepers to optimise. Exit codes: README "Exit codes".
+"""
 from __future__ import annotations
 
+import json
+import math
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from frcnn_train.config import register_schema
+from frcnn_train.config import CONFIG_DIR, register_schema
 from frcnn_train.errors import UserError
 from frcnn_train.launch import run
+from frcnn_train.runtime import EXIT_OK, EXIT_USER_ERROR, exit_code_for, interrupt_exit_code
+from frcnn_train.trainer import Trainer
 
 register_schema()
 
+# Exit codes of the jobs this process ran (a multirun runs several); the worst one is the process's.
+_codes: list[int] = []
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="train")
-def main(cfg: DictConfig) -> None:
+
+class Interrupted(BaseException):
+    """Ends the process (and a sweep) after a Ctrl-C or a stop signal; Hydra lets BaseExceptions through."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+def _during_training(err: BaseException) -> bool:
+    """Whether a KeyboardInterrupt came out of the training loop (a repeated Ctrl-C), not start-up."""
+    tb = err.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code is Trainer.fit.__code__:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _record_job(status: str, run_dir: str | None, best: float) -> None:
+    """One line per job in the sweep directory: which run directory holds which result."""
+    hydra_cfg = HydraConfig.get()
+    record = {"job": hydra_cfg.job.num, "overrides": list(hydra_cfg.overrides.task), "status": status,
+              "run_dir": run_dir, "best_metric": None if math.isnan(best) else best}
+    sweep_dir = Path(hydra_cfg.sweep.dir)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    with open(sweep_dir / "jobs.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> float:
+    """Train one job; returns its best validation metric (trainer.best_metric; nan: never evaluated)."""
+    hydra_cfg = HydraConfig.get()
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    job = f"job {hydra_cfg.job.num} ({' '.join(hydra_cfg.overrides.task)}): " if multirun else ""
     try:
-        run(cfg, overrides=HydraConfig.get().overrides.task)
+        summary = run(cfg, overrides=list(hydra_cfg.overrides.task))
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        print(f"error: {job}{err}", file=sys.stderr)
+        _codes.append(EXIT_USER_ERROR)
+        if multirun:
+            _record_job("user error", None, math.nan)
+        return math.nan  # a failed trial for sweepers; the next job still runs
+    except KeyboardInterrupt as err:
+        if _during_training(err):
+            print(f"{job}interrupted again: stopped at once without saving; the run directory keeps its last "
+                  "checkpoint, resume from it", file=sys.stderr)
+        else:
+            print(f"{job}interrupted during start-up: nothing was trained", file=sys.stderr)
+        raise Interrupted(interrupt_exit_code()) from None
+    best = summary.get("best_metric")
+    best = math.nan if best is None else float(best)
+    code = exit_code_for(summary)
+    _codes.append(code)
+    if multirun:
+        _record_job("finished" if code == EXIT_OK else f"stopped ({summary['stop_reason']})", summary["run_dir"], best)
+        if code != EXIT_OK:  # a stop signal ends the sweep, not just this job
+            print(f"sweep stopped at job {hydra_cfg.job.num}: {summary['stop_reason']}", file=sys.stderr)
+            raise Interrupted(code)
+    return best
+
+
+def cli() -> None:
+    """The `frcnn-train` command: Hydra's main, then the exit code of the worst job."""
+    _codes.clear()
+    try:
+        main()
+    except Interrupted as stop:
+        sys.exit(stop.code)
+    except KeyboardInterrupt:  # while Hydra composed the config, before any job started
+        print("interrupted during start-up: nothing was trained", file=sys.stderr)
+        sys.exit(interrupt_exit_code())
+    sys.exit(max(_codes, default=EXIT_OK))
 
 
 if __name__ == "__main__":
-    main()
+    cli()

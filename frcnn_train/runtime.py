@@ -1,0 +1,159 @@
+"""What every command shares: device choice, AMP dtype, seeding and determinism, exit codes.
+
+Training, `evaluate` and `predict` pick the device and the autocast dtype the
+same way, so a checkpoint evaluated after training scores what the run logged.
+The four CLIs end the same way: a user error is one line on stderr and exit 2.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import random
+import re
+import signal
+import sys
+from typing import Any, Callable, TypeVar
+
+import numpy as np
+import torch
+
+from frcnn_train import distributed
+from frcnn_train.errors import ConfigError, UserError
+
+# Exit codes of every frcnn-* command (README "Exit codes").
+EXIT_OK = 0  # finished (or stopped where asked: trainer.max_steps)
+EXIT_USER_ERROR = 2  # one sentence on stderr names the cause; nothing on disk changed
+# Stopped by a signal after saving last.pth: resumable. The shell's 128 + signal
+# number, so schedulers and scripts read it as "interrupted" (SIGINT 130, SIGTERM 143).
+EXIT_SIGNAL_BASE = 128
+
+_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto`, `cpu`, `cuda` or `cuda:N` as a torch.device; under torchrun `cuda` is this rank's GPU.
+
+    `cuda:N` under torchrun with several processes is refused: it would put every
+    rank on one GPU. GPUs are chosen with CUDA_VISIBLE_DEVICES, as torchrun expects.
+    """
+    name = str(name)
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if name.startswith("cuda:") and launched > 1:
+        raise ConfigError(
+            f"device={name} under torchrun ({launched} processes) would put every process on GPU "
+            f"{name.split(':', 1)[1]}; use device=cuda, which gives each process the GPU of its LOCAL_RANK, "
+            "and pick the GPUs with CUDA_VISIBLE_DEVICES"
+        )
+    if name == "cuda":
+        name = f"cuda:{distributed.local_rank()}"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device={name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name} but CUDA is not available on this machine; use device=cpu "
+                          "(device may change on resume)")
+    return device
+
+
+def deterministic_mode(value: Any, device: torch.device) -> bool:
+    """`trainer.deterministic` (auto / true / false) for this device: auto is on for CPU, off for CUDA.
+
+    Old checkpoints hold a bool; the schema stores it as the string "True"/"False".
+    """
+    text = str(value).strip().lower()
+    if text == "auto":
+        return device.type != "cuda"
+    if text in ("true", "false"):
+        return text == "true"
+    raise ConfigError(f"trainer.deterministic={value!r} is not a choice; use auto, true or false")
+
+
+def seed_everything(seed: int, deterministic: Any, device: torch.device) -> bool:
+    """Seed python, numpy and torch, and set the determinism switches; returns whether it is on.
+
+    On: deterministic algorithms, no cudnn autotuning, no TF32 (bitwise resume on
+    CPU). Off: cudnn.benchmark and TF32 matmul/conv, the fast CUDA settings.
+    """
+    on = deterministic_mode(deterministic, device)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    # warn_only: a few CUDA kernels (roi_align backward) have no deterministic version.
+    torch.use_deterministic_algorithms(on, warn_only=True)
+    torch.backends.cudnn.benchmark = not on
+    torch.backends.cudnn.deterministic = on
+    _allow_tf32(not on)
+    return on
+
+
+def _allow_tf32(allow: bool) -> None:
+    # torch >= 2.9 has per-backend fp32_precision and refuses mixing it with the old allow_tf32 flags.
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        torch.backends.cuda.matmul.fp32_precision = "tf32" if allow else "ieee"
+        torch.backends.cudnn.conv.fp32_precision = "tf32" if allow else "ieee"
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = allow
+        torch.backends.cudnn.allow_tf32 = allow
+
+
+def amp_dtype(amp: bool, dtype_name: str, device: torch.device, *, warn: bool = True) -> torch.dtype | None:
+    """The autocast dtype for `trainer.amp` / `trainer.amp_dtype` on `device`; None: fp32."""
+    if not amp:
+        return None
+    if device.type != "cuda":
+        if warn:
+            from frcnn_train.logs import log
+
+            log.warning("trainer.amp applies to CUDA only; training in fp32 on %s.", device)
+        return None
+    if dtype_name not in _DTYPES:
+        raise ConfigError(f"trainer.amp_dtype={dtype_name!r} is not supported; choose fp16 or bf16")
+    return _DTYPES[dtype_name]
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    """"fp32", "fp16" or "bf16": how a run's precision is recorded in its checkpoint."""
+    return {None: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+
+
+def exit_code_for(summary: dict[str, Any]) -> int:
+    """A finished run (or one stopped at trainer.max_steps) 0; stopped by a signal after saving: 128 + its number."""
+    reason = summary.get("stop_reason") or ""
+    if summary.get("completed") or not reason or "max_steps" in reason:
+        return EXIT_OK
+    named = re.search(r"\bSIG[A-Z]+\b", reason)
+    # Another rank's signal ("another process received a stop signal") reads as SIGTERM, what torchrun forwards.
+    signum = getattr(signal, named.group(0), signal.SIGTERM) if named else signal.SIGTERM
+    return EXIT_SIGNAL_BASE + int(signum)
+
+
+def interrupt_exit_code() -> int:
+    """Ctrl-C that ended the process at once (start-up, or a repeated Ctrl-C): 130, as a shell reports it."""
+    return EXIT_SIGNAL_BASE + int(signal.SIGINT)
+
+
+def user_error_exit(err: UserError) -> int:
+    """Print a user error as the one line every command prints; returns the exit code."""
+    print(f"error: {err}", file=sys.stderr)
+    return EXIT_USER_ERROR
+
+
+F = TypeVar("F", bound=Callable[..., int])
+
+
+def cli(func: F) -> F:
+    """Wrap a CLI's `main(argv) -> int`: a UserError becomes one line on stderr and exit code 2."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> int:
+        try:
+            return func(*args, **kwargs)
+        except UserError as err:
+            return user_error_exit(err)
+
+    return wrapper  # type: ignore[return-value]
