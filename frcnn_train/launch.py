@@ -19,6 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from frcnn_train import checkpoint, distributed
+from frcnn_train.checkpointer import Checkpointer
 from frcnn_train.config import ResumeConflict, check_values, merge_for_resume
 from frcnn_train.data import DataWarning, build_datasets
 from frcnn_train.errors import CheckpointError, ConfigError, UserError
@@ -174,18 +175,21 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
             epochs=cfg.trainer.epochs, batch_size=cfg.trainer.batch_size, seed=cfg.seed,
             num_workers=cfg.data.num_workers, amp_dtype=dtype, grad_clip=cfg.trainer.grad_clip,
             accumulate=cfg.trainer.accumulate, eval_every=cfg.trainer.eval_every,
-            checkpoint_every_steps=cfg.trainer.checkpoint_every_steps, keep_last=cfg.trainer.keep_last,
+            checkpoint_every_steps=cfg.trainer.checkpoint_every_steps,
             max_steps=cfg.trainer.max_steps, log_every=cfg.trainer.log_every, vis_images=cfg.trainer.vis_images,
             progress=cfg.trainer.progress and sys.stderr.isatty(), best_metric=cfg.trainer.best_metric,
         ),
         device=device, run_dir=run_dir, logger=logger, with_masks=with_masks,
-        checkpoint_extras={
-            "config": OmegaConf.to_container(cfg, resolve=True),
-            "architecture": {"fingerprint": digest, "spec": spec},
-            "classes": list(data.classes),
-            # How the run was first started; each resume adds its own line to trainer.history.
-            "launch": ckpt.get("launch") if ckpt else launch_record(overrides, precision, device),
-        },
+        checkpointer=Checkpointer(
+            run_dir, keep_last=cfg.trainer.keep_last, logger=logger, enabled=distributed.is_main(),
+            extras={
+                "config": OmegaConf.to_container(cfg, resolve=True),
+                "architecture": {"fingerprint": digest, "spec": spec},
+                "classes": list(data.classes),
+                # How the run was first started; each resume adds its own line to trainer.history.
+                "launch": ckpt.get("launch") if ckpt else launch_record(overrides, precision, device),
+            },
+        ),
     )
     if ckpt:
         trainer.load_state_dict(ckpt)

@@ -4,7 +4,6 @@ It takes built objects and plain settings; only `launch.py` reads the config.
 """
 from __future__ import annotations
 
-import random
 import signal
 import time
 from contextlib import nullcontext
@@ -12,11 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from frcnn_train import checkpoint, distributed
+from frcnn_train.checkpointer import Checkpointer, gather_rng, restore_rng
 from frcnn_train.data import DataBundle, batches_per_epoch, build_eval_loader, build_train_loader
 from frcnn_train.errors import UserError
 from frcnn_train.evaluation import evaluate, format_table
@@ -39,7 +38,6 @@ class TrainerSettings:
     accumulate: int = 1
     eval_every: int = 1
     checkpoint_every_steps: int = 0
-    keep_last: int = 3
     max_steps: int | None = None
     log_every: int = 20
     vis_images: int = 4
@@ -59,32 +57,6 @@ def steps_per_epoch(num_images: int, batch_size: int, accumulate: int) -> int:
     return steps
 
 
-def rng_state() -> dict[str, Any]:
-    """Every global RNG the training step can draw from, as weights_only-loadable values."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    version, internal, gauss = random.getstate()
-    return {
-        "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
-        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    if not state:  # migrated pre-v1 checkpoints carry none
-        return
-    py = state["python"]
-    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
-    npy = state["numpy"]
-    np.random.set_state((npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"],
-                         npy["has_gauss"], npy["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
-
-
 class Trainer:
     def __init__(
         self,
@@ -99,20 +71,21 @@ class Trainer:
         run_dir: Path,
         logger: RunLogger,
         with_masks: bool,
-        checkpoint_extras: dict[str, Any],
+        checkpointer: Checkpointer,
     ) -> None:
         self.model = model  # possibly DDP-wrapped; `bare` is what gets saved
         self.bare = checkpoint.unwrap_model(model)
         self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
         self.data, self.s, self.device = data, settings, device
         self.run_dir, self.logger, self.with_masks = run_dir, logger, with_masks
-        self.extras = checkpoint_extras  # config, architecture, classes: fixed for the run
+        self.checkpointer = checkpointer
         self.steps_per_epoch = steps_per_epoch(len(data.train), settings.batch_size, settings.accumulate)
         # Counters: epochs completed, optimizer steps done, steps done inside the current epoch.
         self.epoch = 0
         self.global_step = 0
         self.step_in_epoch = 0
         self.best_metric: float | None = None
+        self.best_step: int | None = None  # the step best.pth was saved at
         self.history: list[dict[str, Any]] = []
         self.last_metrics: dict[str, float] = {}
         self._stop_reason: str | None = None
@@ -126,13 +99,12 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "trainer": {
                 "epoch": self.epoch, "global_step": self.global_step, "step_in_epoch": self.step_in_epoch,
-                "best_metric": self.best_metric, "best_metric_name": self.s.best_metric,
+                "best_metric": self.best_metric, "best_step": self.best_step,
+                "best_metric_name": self.s.best_metric,
                 "last_metrics": dict(self.last_metrics), "history": list(self.history),
             },
-            # Each rank draws from its own RNG streams (RPN sampling depends on its images).
-            "rng": {**rng_state(), "ranks": distributed.gather_lists([rng_state()]),
-                    "data": {"seed": self.s.seed, "epoch": self.epoch,
-                             "start_batch": self.step_in_epoch * self.s.accumulate}},
+            "rng": gather_rng({"seed": self.s.seed, "epoch": self.epoch,
+                               "start_batch": self.step_in_epoch * self.s.accumulate}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -149,17 +121,14 @@ class Trainer:
         self.epoch, self.global_step = counters["epoch"], counters["global_step"]
         self.step_in_epoch = counters["step_in_epoch"]
         self.best_metric = counters["best_metric"]
+        self.best_step = counters.get("best_step")  # absent before best.pth repair existed
         self.last_metrics = dict(counters.get("last_metrics", {}))
         self.history = list(counters["history"])
-        ranks = state["rng"].get("ranks", [])
-        set_rng_state(ranks[distributed.rank()] if len(ranks) == distributed.world_size() else state["rng"])
+        restore_rng(state["rng"])
 
-    def save(self, name: str) -> Path:
-        path = self.run_dir / name
-        state = self.state_dict()  # on every rank: it gathers their RNG states
-        if distributed.is_main():
-            checkpoint.save_checkpoint(checkpoint.make_checkpoint(**self.extras, **state), path)
-        return path
+    def save(self, *, epoch_end: bool = False, best: bool = False) -> Path:
+        """last.pth now (on every rank: the state gathers their RNG streams); at an epoch end the epoch file."""
+        return self.checkpointer.save(self.state_dict(), epoch_end=self.epoch if epoch_end else None, best=best)
 
     # ------------------------------------------------------------ training
     def fit(self) -> dict[str, float]:
@@ -217,7 +186,7 @@ class Trainer:
             stop = self._stop_reason is not None or (s.max_steps is not None and self.global_step >= s.max_steps)
             if distributed.any_rank(stop, self.device):
                 self._stop_reason = self._stop_reason or f"trainer.max_steps={s.max_steps} reached"
-                self.save("last.pth")
+                self.save()
                 return False
         if progress is not None:
             progress.close()
@@ -282,7 +251,7 @@ class Trainer:
                          self.step_in_epoch, self.steps_per_epoch, total, lr, images_per_s,
                          _duration(self._steps_left() / steps_per_s))
         if self.s.checkpoint_every_steps and self.global_step % self.s.checkpoint_every_steps == 0:
-            self.save("last.pth")
+            self.save()
 
     def _steps_left(self) -> int:
         """Optimizer steps until the run ends (trainer.epochs or trainer.max_steps, whichever is first)."""
@@ -309,15 +278,8 @@ class Trainer:
                 value = metrics.get(self.s.best_metric)
                 is_best = value is not None and (self.best_metric is None or value > self.best_metric)
                 if is_best:
-                    self.best_metric = value
-        last = self.save("last.pth")
-        if distributed.is_main():
-            if is_best:
-                checkpoint.copy_checkpoint(last, self.run_dir / "best.pth")
-            if self.s.keep_last > 0:
-                checkpoint.copy_checkpoint(last, self.run_dir / f"epoch_{self.epoch:04d}.pth")
-                for old in sorted(self.run_dir.glob("epoch_*.pth"))[: -self.s.keep_last]:
-                    old.unlink()
+                    self.best_metric, self.best_step = value, self.global_step
+        self.save(epoch_end=True, best=is_best)
         distributed.barrier()
 
     def evaluate(self) -> dict[str, float]:
