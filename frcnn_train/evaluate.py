@@ -22,7 +22,7 @@ from frcnn_train.data import build_datasets, build_eval_loader
 from frcnn_train.errors import CheckpointError, ConfigError
 from frcnn_train.evaluation import evaluate, format_table
 from frcnn_train.models import build_model, diff_layouts, tensor_layout
-from frcnn_train.runtime import amp_dtype, cli, resolve_device, seed_everything
+from frcnn_train.runtime import amp_dtype, cli, prog_name, resolve_device, seed_everything
 
 # Leaf keys evaluate may change besides anything under `data`.
 ALLOWED_KEYS = ("device", "trainer.batch_size", "trainer.amp", "trainer.amp_dtype")
@@ -134,7 +134,7 @@ def run_evaluation(ckpt_path: str | Path, overrides: Sequence[str] = (),
 
 @cli
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m frcnn_train.evaluate", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=prog_name("frcnn_train.evaluate"), description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="checkpoint file (or run directory: best.pth, else last.pth)")
     parser.add_argument("overrides", nargs="*", help="data=..., data.*=..., device=..., trainer.batch_size=...")
     parser.add_argument("--out", help="COCO results JSON (default: <ckpt dir>/detections_<ckpt stem>.json)")

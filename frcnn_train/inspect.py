@@ -27,7 +27,7 @@ from frcnn_train.errors import CheckpointError, UserError
 from frcnn_train.evaluate import compose_overrides
 from frcnn_train.models import architecture_spec, build_model, diff_layouts, diff_specs, tensor_layout
 from frcnn_train.models.builder import resolve_sites, valid_attention_sites
-from frcnn_train.runtime import cli
+from frcnn_train.runtime import cli, prog_name
 from frcnn_train.weights import extract_state_dict, load_init_weights, module_group, wrapper_prefixes
 
 _STATS = ("running_mean", "running_var", "num_batches_tracked")  # buffers, not parameters
@@ -387,7 +387,7 @@ _RENDER = {"checkpoint": render_checkpoint, "weights": render_weights, "run_dir"
 
 @cli
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m frcnn_train.inspect", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=prog_name("frcnn_train.inspect"), description=__doc__.splitlines()[0])
     parser.add_argument("items", nargs="+",
                         help="1-2 paths (checkpoint, weights file, run directory), then key=value overrides")
     parser.add_argument("--config", action="store_true", help="print the checkpoint's resolved config as YAML")

@@ -22,7 +22,7 @@ from frcnn_train.config import with_schema
 from frcnn_train.errors import DataError
 from frcnn_train.evaluate import load_model
 from frcnn_train.evaluation import detections_to_coco
-from frcnn_train.runtime import cli, resolve_device
+from frcnn_train.runtime import cli, prog_name, resolve_device
 from frcnn_train.visualize import draw_detections
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
@@ -121,7 +121,7 @@ def predict(ckpt_path: str | Path, inputs: list[str], out_dir: str | Path, *, sc
 
 @cli
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m frcnn_train.predict", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=prog_name("frcnn_train.predict"), description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="checkpoint file")
     parser.add_argument("inputs", nargs="+", help="image files or directories (jpg, jpeg, png, bmp)")
     parser.add_argument("--out", required=True, help="output directory")

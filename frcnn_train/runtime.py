@@ -137,6 +137,12 @@ def interrupt_exit_code() -> int:
     return EXIT_SIGNAL_BASE + int(signal.SIGINT)
 
 
+def prog_name(module: str) -> str:
+    """How the user called a CLI, for its usage line: `frcnn-evaluate` or `python -m frcnn_train.evaluate`."""
+    called = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return called if called.startswith("frcnn-") else f"python -m {module}"
+
+
 def user_error_exit(err: UserError) -> int:
     """Print a user error as the one line every command prints; returns the exit code."""
     print(f"error: {err}", file=sys.stderr)

@@ -19,9 +19,6 @@ from omegaconf import DictConfig
 
 from frcnn_train.config import CONFIG_DIR, register_schema
 from frcnn_train.errors import UserError
-from frcnn_train.launch import run
-from frcnn_train.runtime import EXIT_OK, EXIT_USER_ERROR, exit_code_for, interrupt_exit_code
-from frcnn_train.trainer import Trainer
 
 register_schema()
 
@@ -39,6 +36,8 @@ class Interrupted(BaseException):
 
 def _during_training(err: BaseException) -> bool:
     """Whether a KeyboardInterrupt came out of the training loop (a repeated Ctrl-C), not start-up."""
+    from frcnn_train.trainer import Trainer
+
     tb = err.__traceback__
     while tb is not None:
         if tb.tb_frame.f_code is Trainer.fit.__code__:
@@ -65,14 +64,22 @@ def main(cfg: DictConfig) -> float:
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     job = f"job {hydra_cfg.job.num} ({' '.join(hydra_cfg.overrides.task)}): " if multirun else ""
     try:
+        # Imported here, inside the try: a Ctrl-C while torch loads is start-up too.
+        from frcnn_train.launch import run
+        from frcnn_train.runtime import EXIT_OK, exit_code_for
+
         summary = run(cfg, overrides=list(hydra_cfg.overrides.task))
     except UserError as err:
+        from frcnn_train.runtime import EXIT_USER_ERROR
+
         print(f"error: {job}{err}", file=sys.stderr)
         _codes.append(EXIT_USER_ERROR)
         if multirun:
             _record_job("user error", None, math.nan)
         return math.nan  # a failed trial for sweepers; the next job still runs
     except KeyboardInterrupt as err:
+        from frcnn_train.runtime import interrupt_exit_code
+
         if _during_training(err):
             print(f"{job}interrupted again: stopped at once without saving; the run directory keeps its last "
                   "checkpoint, resume from it", file=sys.stderr)
@@ -100,8 +107,8 @@ def cli() -> None:
         sys.exit(stop.code)
     except KeyboardInterrupt:  # while Hydra composed the config, before any job started
         print("interrupted during start-up: nothing was trained", file=sys.stderr)
-        sys.exit(interrupt_exit_code())
-    sys.exit(max(_codes, default=EXIT_OK))
+        sys.exit(130)  # runtime.interrupt_exit_code(), without importing torch at this point
+    sys.exit(max(_codes, default=0))
 
 
 if __name__ == "__main__":

@@ -110,7 +110,7 @@ def test_signal_at_a_random_step_then_resume_is_exact(compose_tiny, reference, t
             os.killpg(proc.pid, signum) if signum == signal.SIGINT else proc.send_signal(signum)
             break
     output += proc.stdout.readlines()
-    assert proc.wait(timeout=120) == 0, "".join(output)
+    assert proc.wait(timeout=120) == 128 + signum, "".join(output)  # stopped and resumable: README "Exit codes"
     text = "".join(output)
     name = signal.Signals(signum).name
     assert f"received {name}" in text and "resume=" in text and text.count(f"{name}: finishing") == 1, text

@@ -1,0 +1,98 @@
+"""`frcnn-train` as a process: exit codes, Ctrl-C in start-up, Hydra multirun and sweeps."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import tiny_overrides
+
+
+def tiny(shapes_cache: Path) -> list[str]:
+    """Four training images, two steps and an evaluation per epoch: a job in a few seconds."""
+    return tiny_overrides(shapes_cache, Path("outputs")) + ["data.shapes.num_train=4", "data.shapes.num_val=2"]
+
+
+def train(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "frcnn_train.train", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_multirun_gives_each_job_a_run_directory_and_survives_a_failing_job(shapes_cache: Path,
+                                                                             tmp_path: Path) -> None:
+    args = [a for a in tiny(shapes_cache) if not a.startswith("run_name=")]
+    proc = train(tmp_path, "-m", *args, "init_from=/nonexistent/w.pth,null", "seed=1,2")
+    assert proc.returncode == 2, "a job failed with a user error: " + proc.stderr[-2000:]
+    assert "Traceback" not in proc.stdout + proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and all("init_from=/nonexistent/w.pth does not exist" in e for e in errors), proc.stderr
+    assert errors[0].startswith("error: job 0 (") and errors[1].startswith("error: job 1 (")
+
+    (sweep,) = (tmp_path / "outputs" / "sweeps").iterdir()
+    jobs = [json.loads(line) for line in (sweep / "jobs.jsonl").read_text().splitlines()]
+    assert [j["status"] for j in jobs] == ["user error", "user error", "finished", "finished"]
+    run_dirs = [tmp_path / j["run_dir"] for j in jobs[2:]]
+    # The sweep's jobs started within one second of each other: the job number keeps them apart.
+    assert run_dirs[0] != run_dirs[1] and all((d / "last.pth").is_file() for d in run_dirs)
+    assert [d.name[-2:] for d in run_dirs] == ["_2", "_3"]
+    assert all(isinstance(j["best_metric"], float) for j in jobs[2:]), "main returns trainer.best_metric"
+    assert (sweep / "multirun.yaml").is_file()
+    assert not (tmp_path / "multirun").exists()
+    empty = [p for p in (tmp_path / "outputs").rglob("*") if p.is_dir() and not any(p.iterdir())]
+    assert not empty, f"empty directories left behind: {empty}"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is None,
+                    reason="hydra-optuna-sweeper not installed (pip install frcnn_train[sweep])")
+def test_optuna_sweep_over_the_learning_rate(shapes_cache: Path, tmp_path: Path) -> None:
+    args = [a for a in tiny(shapes_cache) if not a.startswith(("run_name=", "optim.lr="))]
+    proc = train(tmp_path, "-m", *args, "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2",
+                 "hydra.sweeper.direction=maximize", "optim.lr=interval(0.001,0.02)")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (sweep,) = (tmp_path / "outputs" / "sweeps").iterdir()
+    results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert 0.001 <= results["best_params"]["optim.lr"] <= 0.02 and isinstance(results["best_value"], float)
+    assert len((sweep / "jobs.jsonl").read_text().splitlines()) == 2
+
+
+def _started(proc: subprocess.Popen, marker: str) -> list[str]:
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if marker in line:
+            return lines
+    raise AssertionError("".join(lines))
+
+
+def test_exit_codes_finished_stopped_and_interrupted_in_start_up(shapes_cache: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    base = tiny(shapes_cache)
+    # Ctrl-C while the data is being read, before the training loop: one line, nothing trained.
+    proc = subprocess.Popen([sys.executable, "-m", "frcnn_train.train", *base, "run_name=early"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    _started(proc, "data: synthetic shapes in")
+    proc.send_signal(signal.SIGINT)
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 130, err
+    assert err.strip() == "interrupted during start-up: nothing was trained"
+    assert not (tmp_path / "outputs" / "early" / "last.pth").exists()
+
+    # SIGTERM in the loop: last.pth saved, resumable, exit 128 + 15.
+    proc = subprocess.Popen([sys.executable, "-m", "frcnn_train.train", *base, "run_name=stopped", "trainer.epochs=4"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    _started(proc, "step 1/2")
+    proc.send_signal(signal.SIGTERM)
+    out = proc.stdout.read()
+    assert proc.wait(timeout=120) == 143, out
+    assert "received SIGTERM" in out and (tmp_path / "outputs" / "stopped" / "last.pth").is_file()
+
+    finished = train(tmp_path, *base, "run_name=done")
+    assert finished.returncode == 0, finished.stderr
