@@ -52,9 +52,9 @@ def detections_to_coco(
 
 
 def coco_metrics(coco_gt: COCO, results: list[dict[str, Any]], iou_type: str) -> dict[str, float]:
-    """AP, AP50, AP75, APs, APm, APl for one IoU type ("bbox" or "segm")."""
+    """AP, AP50, AP75, APs, APm, APl and "AP-<class>" per category for one IoU type ("bbox" or "segm")."""
     if not results:  # loadRes cannot take an empty list; no detection scores zero
-        return {name: 0.0 for name in METRIC_NAMES}
+        return {**{name: 0.0 for name in METRIC_NAMES}, **_no_detections_per_class(coco_gt)}
     # loadRes adds keys to the dicts it gets, so give it copies. For masks drop the
     # box, or pycocotools takes the size ranges (APs/APm/APl) from box areas (as detectron2 does).
     drop = {"bbox"} if iou_type == "segm" else {"segmentation"}
@@ -68,7 +68,55 @@ def coco_metrics(coco_gt: COCO, results: list[dict[str, Any]], iou_type: str) ->
         evaluator.accumulate()
         evaluator.summarize()
     # -1 (pycocotools' convention) means "no ground truth of that size", e.g. APl on small images.
-    return {name: float(v) for name, v in zip(METRIC_NAMES, evaluator.stats[:6])}
+    return {**{name: float(v) for name, v in zip(METRIC_NAMES, evaluator.stats[:6])}, **per_class_ap(evaluator)}
+
+
+# ---------------------------------------------------------------- per-class AP
+PER_CLASS_PREFIX = "AP-"  # "bbox/AP-circle", as detectron2 names them
+
+
+def per_class_ap(evaluator: COCOeval) -> dict[str, float]:
+    """{"AP-<name>": AP} per category from an accumulated COCOeval (as detectron2 computes it).
+
+    AP over IoU 0.50:0.95, all areas, 100 detections: the mean of the precision
+    array's defined entries for that category; -1 for a category without ground truth.
+    """
+    precision = evaluator.eval["precision"]  # [IoU thresholds, recall points, categories, areas, max dets]
+    names = [c["name"] for c in evaluator.cocoGt.loadCats(evaluator.params.catIds)]
+    out = {}
+    for k, name in enumerate(names):
+        values = precision[:, :, k, 0, -1]
+        values = values[values > -1]
+        out[f"{PER_CLASS_PREFIX}{name}"] = float(np.mean(values)) if values.size else -1.0
+    return out
+
+
+def _no_detections_per_class(coco_gt: COCO) -> dict[str, float]:
+    """Per-class AP when nothing was detected: 0 for a category with ground truth, -1 without."""
+    return {f"{PER_CLASS_PREFIX}{c['name']}": 0.0 if coco_gt.getAnnIds(catIds=[c["id"]]) else -1.0
+            for c in coco_gt.loadCats(sorted(coco_gt.getCatIds()))}
+
+
+def summary_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """The metrics without the per-class entries: what fits on one line."""
+    return {k: v for k, v in metrics.items() if not k.split("/")[-1].startswith(PER_CLASS_PREFIX)}
+
+
+def format_per_class(metrics: dict[str, float], columns: int = 3) -> str:
+    """Per-class AP under the AP table: "name  AP" pairs, `columns` to a row, per IoU type."""
+    lines = []
+    for iou_type in sorted({k.split("/")[0] for k in metrics}, key=lambda t: t != "bbox"):
+        pairs = [(k.split("/", 1)[1][len(PER_CLASS_PREFIX):], v) for k, v in metrics.items()
+                 if k.startswith(f"{iou_type}/{PER_CLASS_PREFIX}")]
+        if not pairs:
+            continue
+        width = max(len(name) for name, _ in pairs)
+        cells = [f"{name:<{width}} {100 * v:5.1f}" if v >= 0 else f"{name:<{width}} {'-':>5}" for name, v in pairs]
+        lines.append(f"per-class {iou_type} AP:")
+        lines += ["  " + "    ".join(cells[i:i + columns]) for i in range(0, len(cells), columns)]
+    if any(v < 0 for k, v in metrics.items() if PER_CLASS_PREFIX in k):
+        lines.append("(- : the split has no objects of that class)")
+    return "\n".join(lines)
 
 
 @torch.no_grad()
@@ -108,7 +156,9 @@ def evaluate(
 
 
 def format_table(metrics: dict[str, float]) -> str:
-    """A short aligned AP table: one row per IoU type."""
+    """A short aligned AP table, one row per IoU type, and AP per class under it."""
+    per_class = format_per_class(metrics)
+    metrics = summary_metrics(metrics)
     types = sorted({key.split("/")[0] for key in metrics}, key=lambda t: t != "bbox")
     lines = ["       " + "".join(f"{name:>8}" for name in METRIC_NAMES)]
     for iou_type in types:
@@ -117,4 +167,6 @@ def format_table(metrics: dict[str, float]) -> str:
         lines.append(f"{iou_type:<7}{row}")
     if any(v < 0 for v in metrics.values()):
         lines.append("(- : the split has no objects of that size)")
+    if per_class:
+        lines.append(per_class)
     return "\n".join(lines)

@@ -25,6 +25,7 @@ from frcnn_train.checkpoint import strip_wrapper_prefixes
 from frcnn_train.config import START_KEYS, flatten, merge_for_resume, requested_keys, with_schema
 from frcnn_train.errors import CheckpointError, UserError
 from frcnn_train.evaluate import compose_overrides
+from frcnn_train.evaluation import summary_metrics
 from frcnn_train.models import architecture_spec, build_model, diff_layouts, diff_specs, tensor_layout
 from frcnn_train.models.builder import resolve_sites, valid_attention_sites
 from frcnn_train.runtime import cli, prog_name
@@ -125,7 +126,8 @@ def render_checkpoint(f: dict[str, Any]) -> list[str]:
         ("written", f"{f['created']} by {versions}"),
         ("progress", f"epoch {f['epoch']}, global step {f['global_step']} (step {f['step_in_epoch']} in the epoch)"),
         ("best", f"{best['name']} = {_fmt(best['value'])}" if best["value"] is not None else "none yet"),
-        ("last metrics", "  ".join(f"{k} {v:.4f}" for k, v in f["last_metrics"].items()) or "none yet"),
+        ("last metrics", "  ".join(f"{k} {v:.4f}" for k, v in summary_metrics(f["last_metrics"]).items())
+         or "none yet"),
         ("model", f"{f['arch']} / {f['backbone']}, attention {f['attention']['type']} ({sites})"),
         ("classes", f"{f['num_classes']}: {classes}"),
         ("parameters", f"{f['parameters'] / 1e6:.2f}M{trainable} in {f['tensors']} tensors"),
