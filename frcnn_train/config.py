@@ -189,6 +189,8 @@ class TrainConfig:
     seed: int = 42
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     resume: Optional[str] = None
+    # A new run into a directory that holds a run moves the old one aside (to <run_name>.old-<time>).
+    overwrite: bool = False
     init_from: Optional[str] = None
     init: InitConfig = field(default_factory=InitConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -218,7 +220,7 @@ MUTABLE_ON_RESUME = (
     "trainer.amp_dtype",
 )
 # Keys that say how to start, not what to train; never compared on resume.
-START_KEYS = ("resume", "run_name", "output_dir", "init_from", "init")
+START_KEYS = ("resume", "run_name", "output_dir", "overwrite", "init_from", "init")
 
 
 def _job_suffix() -> str:

@@ -18,3 +18,7 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint or weights file that is missing, damaged or incompatible."""
+
+
+class RunDirError(UserError):
+    """A run directory this run may not write: another run's, read-only, or in use by another process."""

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from frcnn_train import checkpoint, distributed
+from frcnn_train import checkpoint, distributed, rundir
 from frcnn_train.checkpointer import Checkpointer
 from frcnn_train.config import ResumeConflict, check_values, merge_for_resume
 from frcnn_train.data import DataWarning, build_datasets
@@ -102,22 +102,24 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Train (or resume) as `cfg` says; returns a summary dict (run_dir, metrics, stop reason)."""
     setup_console()
     check_values(cfg)  # before any file, data or model work
-    ckpt, resumed_from, changes = None, None, []
-    if cfg.resume:
-        resumed_from, skipped = checkpoint.resolve_resume(cfg.resume, Path(cfg.output_dir) / cfg.run_name)
-        for note in skipped:
-            log.warning(note)
-        if resumed_from is None:
-            log.info("resume=auto: no checkpoint in %s; starting a new run.", Path(cfg.output_dir) / cfg.run_name)
-        else:
-            ckpt = checkpoint.load_for_resume(resumed_from)
-            try:
-                cfg, changes = merge_for_resume(ckpt["config"], cfg, overrides, str(resumed_from))
-            except ResumeConflict as conflict:
-                raise conflict.with_modules(describe_model_change(conflict.saved, conflict.requested)) from None
-            check_values(cfg)  # the checkpoint's values with the mutable keys this resume changed
-            cfg.resume = str(resumed_from)
-    run_dir = resumed_from.parent if resumed_from else Path(cfg.output_dir) / cfg.run_name
+    target = rundir.resolve(cfg)
+    # Refusals (another run's directory, read-only, in use) come here, before any data or model work.
+    with rundir.claim(target, overwrite=cfg.overwrite) as notes:
+        return _run_in(target, cfg, overrides, notes)
+
+
+def _run_in(target: rundir.Target, cfg: DictConfig, overrides: Sequence[str], early: rundir.Notes) -> dict[str, Any]:
+    """run(), in a run directory this process holds; `early`: notes already shown, for train.log."""
+    ckpt, resumed_from, changes, run_dir = None, target.resume_from, [], target.run_dir
+    if resumed_from is not None:
+        ckpt = checkpoint.load_for_resume(resumed_from)
+        try:
+            cfg, changes = merge_for_resume(ckpt["config"], cfg, overrides, str(resumed_from))
+        except ResumeConflict as conflict:
+            raise conflict.with_modules(describe_model_change(conflict.saved, conflict.requested)) from None
+        check_values(cfg)  # the checkpoint's values with the mutable keys this resume changed
+        cfg.resume = str(resumed_from)
+        early += rundir.going_back(resumed_from, ckpt)
 
     device = resolve_device(cfg.device)
     distributed.init_from_env(device)
@@ -165,8 +167,12 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
     if distributed.world_size() > 1:
         wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    logger = RunLogger(run_dir, enabled=distributed.is_main(),
-                       purge_step=ckpt["trainer"]["global_step"] + 1 if ckpt else None)
+    resumed_at = None  # where TensorBoard and metrics.jsonl continue: later lines are a killed run's
+    if ckpt:
+        resumed_at = (ckpt["trainer"]["global_step"], ckpt["trainer"]["epoch"])
+    elif target.restart:
+        resumed_at = (0, 0)
+    logger = RunLogger(run_dir, enabled=distributed.is_main(), resumed_at=resumed_at, earlier=early)
     for level, note in notes:
         log.log(level, note)
     trainer = Trainer(
