@@ -17,7 +17,7 @@ from typing import Iterator
 import pytest
 
 from frcnn_train import checkpoint, rundir
-from frcnn_train.errors import ConfigError, RunDirError
+from frcnn_train.errors import ConfigError, DataError, RunDirError
 from frcnn_train.launch import run
 from frcnn_train.logs import trim_metrics
 
@@ -305,6 +305,6 @@ def test_trim_keeps_what_the_checkpoint_had_seen(tmp_path: Path) -> None:
 
 def test_a_run_refused_later_leaves_no_empty_run_directory(compose_tiny, outputs: Path) -> None:
     """The lock makes the directory early; a run that fails before writing anything takes it away again."""
-    with pytest.raises(Exception, match="/nonexistent/coco"):
+    with pytest.raises(DataError, match="/nonexistent/coco"):
         run(compose_tiny("data=coco", "data.root=/nonexistent/coco"))
     assert not outputs.exists()
