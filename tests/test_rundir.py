@@ -196,21 +196,22 @@ def test_only_global_rank_0_takes_the_lock(tmp_path: Path, monkeypatch: pytest.M
 
 # ---------------------------------------------------------------- read-only
 @contextlib.contextmanager
-def read_only(path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[bool]:
-    """Make `path` really read-only (chmod when not root; as root a read-only bind mount or chattr +i).
+def read_only(path: Path, monkeypatch: pytest.MonkeyPatch, *, bind: bool = True) -> Iterator[bool]:
+    """Make `path` (a directory or file) really read-only: chmod when not root; as root a read-only bind
+    mount (the whole file system below `path`) or chattr +i (only the entries of `path` itself).
 
-    Yields False when neither works here and the check is only made to see the directory as read-only.
+    Yields False when neither works here and the check is only made to see `path` as read-only.
     """
     if os.geteuid() != 0:
         mode = path.stat().st_mode
-        path.chmod(0o555)
+        path.chmod(0o555 if path.is_dir() else 0o444)
         try:
             yield True
         finally:
             path.chmod(mode)
         return
-    for on, off in ((["mount", "--bind", "-o", "ro", str(path), str(path)], ["umount", str(path)]),
-                    (["chattr", "+i", str(path)], ["chattr", "-i", str(path)])):
+    ways = [(["mount", "--bind", "-o", "ro", str(path), str(path)], ["umount", str(path)])] if bind else []
+    for on, off in ways + [(["chattr", "+i", str(path)], ["chattr", "-i", str(path)])]:
         if shutil.which(on[0]) and subprocess.run(on, capture_output=True).returncode == 0:
             try:
                 yield True
@@ -225,7 +226,7 @@ def read_only(path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[bool]:
 REASON = r"\((read-only file system|permission denied|operation not permitted)\)"
 
 
-@pytest.mark.parametrize("probe_only", [False, True], ids=["checked", "probed"])
+@pytest.mark.parametrize("probe_only", [False, True], ids=["as_is", "access_check_fooled"])
 def test_a_read_only_output_dir_refuses_a_new_run(compose_tiny, outputs: Path, no_data, probe_only: bool,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     before = old_run(outputs / "other_run", "config.yaml")
@@ -241,7 +242,7 @@ def test_a_read_only_output_dir_refuses_a_new_run(compose_tiny, outputs: Path, n
     assert snapshot(outputs) == before and not no_data[1].exists()
 
 
-@pytest.mark.parametrize("probe_only", [False, True], ids=["checked", "probed"])
+@pytest.mark.parametrize("probe_only", [False, True], ids=["as_is", "access_check_fooled"])
 def test_a_read_only_run_dir_refuses_a_resume(compose_tiny, outputs: Path, no_data, probe_only: bool,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """Refused before the checkpoint is read: this last.pth is not even a checkpoint."""
@@ -258,6 +259,31 @@ def test_a_read_only_run_dir_refuses_a_resume(compose_tiny, outputs: Path, no_da
     assert re.fullmatch(rf"cannot resume in {run_dir}: {run_dir} is not writable {REASON} and a resume writes "
                         r"there; make it writable, or copy the run directory to a writable place and resume "
                         r"from the copy", str(refused.value)), refused
+    assert snapshot(outputs) == before and not no_data[1].exists()
+
+
+def test_a_read_only_log_file_refuses_a_resume(compose_tiny, outputs: Path, no_data,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """train.log is appended to in place: a writable directory is not enough."""
+    run_dir = outputs / "tiny"
+    before = old_run(run_dir, "config.yaml", "last.pth", "train.log")
+    overrides = [f"resume={run_dir}", no_data[0]]
+    with read_only(run_dir / "train.log", monkeypatch):
+        with pytest.raises(RunDirError, match=rf"^cannot resume in {run_dir}: {run_dir / 'train.log'} is not "
+                                              rf"writable {REASON} and a resume writes there; make it writable"):
+            run(compose_tiny(*overrides), overrides=overrides)
+    assert snapshot(outputs) == before and not no_data[1].exists()
+
+
+def test_overwrite_in_a_read_only_output_dir_is_refused(compose_tiny, outputs: Path, no_data,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The old run is renamed inside output_dir: its own directory being writable is not enough."""
+    run_dir = outputs / "tiny"
+    before = old_run(run_dir, "config.yaml", "last.pth")
+    with read_only(outputs, monkeypatch, bind=False):  # chattr +i: tiny/ itself stays writable
+        with pytest.raises(RunDirError, match=rf"^cannot write the run directory {run_dir}: {outputs} is not "
+                                              rf"writable {REASON}; make it writable or set output_dir="):
+            run(compose_tiny("overwrite=true", no_data[0]))
     assert snapshot(outputs) == before and not no_data[1].exists()
 
 
