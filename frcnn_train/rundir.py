@@ -45,7 +45,7 @@ class Target:
 
 def check_run_name(run_name: Any) -> None:
     name = str(run_name)
-    if name in ("", ".", "..") or "/" in name or (os.altsep and os.altsep in name):
+    if name in ("", ".", "..") or "/" in name or "\0" in name or (os.altsep and os.altsep in name):
         raise ConfigError(
             f"run_name={name!r} must be a single directory name (not empty, no '/', not '.' or '..') "
             "because the run directory is output_dir/run_name; set output_dir= for the parent directory "
@@ -193,14 +193,16 @@ def _make_dirs(run_dir: Path, *, new: bool) -> list[Path]:
     while not directory.exists():
         missing.append(directory)
         directory = directory.parent
+    created = []
     for directory in reversed(missing):
         try:
             directory.mkdir()
         except FileExistsError:
-            continue
+            continue  # another process made it this instant: it is theirs to remove
         except OSError as err:  # what os.access could not foresee (root on some file systems)
             raise _read_only(run_dir, directory.parent, _reason(err), new=new) from None
-    return list(reversed(missing))
+        created.append(directory)
+    return created
 
 
 def _move_aside(run_dir: Path, lock: str, notes: Notes) -> str:

@@ -93,7 +93,7 @@ def test_overwrite_and_resume_together_are_refused(compose_tiny, outputs: Path) 
     assert not outputs.exists()
 
 
-@pytest.mark.parametrize("name", ["a/b", "..", ".", "", "../elsewhere"])
+@pytest.mark.parametrize("name", ["a/b", "..", ".", "", "../elsewhere", "nul\0byte"])
 def test_run_name_is_one_path_component(compose_tiny, tmp_path: Path, name: str) -> None:
     cfg = compose_tiny()
     cfg.run_name = name
