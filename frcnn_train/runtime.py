@@ -153,7 +153,8 @@ F = TypeVar("F", bound=Callable[..., int])
 
 
 def cli(func: F) -> F:
-    """Wrap a CLI's `main(argv) -> int`: a UserError becomes one line on stderr and exit code 2."""
+    """Wrap a CLI's `main(argv) -> int`: a UserError becomes one line on stderr and exit code 2,
+    Ctrl-C one line and exit code 130."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> int:
@@ -161,5 +162,8 @@ def cli(func: F) -> F:
             return func(*args, **kwargs)
         except UserError as err:
             return user_error_exit(err)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return interrupt_exit_code()
 
     return wrapper  # type: ignore[return-value]

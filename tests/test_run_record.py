@@ -57,3 +57,16 @@ def test_precision_keys_are_mutable_on_resume(key: str, value: str) -> None:
     saved = OmegaConf.to_container(compose_config(), resolve=True)
     _, changes = merge_for_resume(saved, compose_config([f"{key}={value}"]), [f"{key}={value}"], "last.pth")
     assert changes and changes[0].startswith(f"{key}: ")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_cpu_run_continued_on_a_gpu_with_amp_warns_once(compose_tiny, caplog: pytest.LogCaptureFixture) -> None:
+    first = ["device=cpu", "trainer.amp=true", "trainer.max_steps=1"]
+    run_dir = Path(run(compose_tiny(*first), overrides=first)["run_dir"])
+    again = [f"resume={run_dir}", "device=cuda", "trainer.max_steps=2"]
+    caplog.clear()
+    run(compose_tiny(*again), overrides=again)
+    warnings = [r.message for r in caplog.records if "Precision changes" in r.message]
+    assert len(warnings) == 1 and "trained in fp32, training continues in fp16 on cuda:0" in warnings[0]
+    assert not torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.benchmark, "auto on CUDA: fast"

@@ -92,3 +92,12 @@ def test_cli_turns_a_user_error_into_one_line_and_exit_2(capsys) -> None:
     assert main([]) == EXIT_USER_ERROR
     err = capsys.readouterr().err
     assert err == "error: images/ does not exist; point data.root at the dataset\n"
+
+
+def test_cli_turns_ctrl_c_into_one_line_and_exit_130(capsys) -> None:
+    @cli
+    def main(argv: list[str] | None = None) -> int:
+        raise KeyboardInterrupt
+
+    assert main([]) == 130
+    assert capsys.readouterr().err == "interrupted\n"
