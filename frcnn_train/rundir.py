@@ -68,7 +68,6 @@ def resolve(cfg: DictConfig) -> Target:
     for note in skipped:
         log.warning(note)
     if found is None:
-        log.info("resume=auto: no checkpoint in %s; starting a new run.", run_dir)
         return Target(run_dir, restart=True)
     return Target(found.parent, found)
 
@@ -95,6 +94,8 @@ def claim(target: Target, *, overwrite: bool) -> Iterator[Notes]:
     held = _run_files(run_dir, allow_config=target.restart) if new else []
     if held and not overwrite:
         raise RunDirError(_existing_run_message(run_dir, held, restart=target.restart))
+    if target.restart:
+        log.info("resume=auto: no checkpoint in %s; starting a new run.", run_dir)
     created = _make_dirs(run_dir, new=new)
     lock = _acquire(run_dir, notes, new=new)
     try:

@@ -112,13 +112,16 @@ def test_resume_auto_restarts_a_run_killed_before_its_first_checkpoint(compose_t
     assert summary["global_step"] == 1 and (run_dir / "metrics.jsonl").read_text() == ""
 
 
-def test_resume_auto_over_only_damaged_checkpoints_is_refused(compose_tiny, outputs: Path, no_data) -> None:
+def test_resume_auto_over_only_damaged_checkpoints_is_refused(compose_tiny, outputs: Path, no_data,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
     before = old_run(outputs / "tiny", "config.yaml", "last.pth")
     overrides = ["resume=auto", no_data[0]]
+    caplog.set_level(logging.INFO)
     with pytest.raises(RunDirError, match=r"resume=auto found no readable checkpoint in .*tiny, which holds "
                                           r"last.pth .* set overwrite=true instead of resume=auto"):
         run(compose_tiny(*overrides), overrides=overrides)
     assert snapshot(outputs) == before and not no_data[1].exists()
+    assert "resume=auto skipped" in caplog.text and "starting a new run" not in caplog.text
 
 
 # ---------------------------------------------------------------- the lock
