@@ -12,13 +12,19 @@ import math
 import sys
 from pathlib import Path
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
-from omegaconf import DictConfig
+STARTUP_INTERRUPTED = "interrupted during start-up: nothing was trained"
 
-from frcnn_train.config import CONFIG_DIR, register_schema
-from frcnn_train.errors import UserError
+try:  # a Ctrl-C while Python loads Hydra is start-up too: one line, not an import traceback
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import DictConfig
+
+    from frcnn_train.config import CONFIG_DIR, register_schema
+    from frcnn_train.errors import UserError
+except KeyboardInterrupt:
+    print(STARTUP_INTERRUPTED, file=sys.stderr)
+    raise SystemExit(130) from None
 
 register_schema()
 
@@ -84,7 +90,7 @@ def main(cfg: DictConfig) -> float:
             print(f"{job}interrupted again: stopped at once without saving; the run directory keeps its last "
                   "checkpoint, resume from it", file=sys.stderr)
         else:
-            print(f"{job}interrupted during start-up: nothing was trained", file=sys.stderr)
+            print(f"{job}{STARTUP_INTERRUPTED}", file=sys.stderr)
         raise Interrupted(interrupt_exit_code()) from None
     best = summary.get("best_metric")
     best = math.nan if best is None else float(best)
@@ -106,7 +112,7 @@ def cli() -> None:
     except Interrupted as stop:
         sys.exit(stop.code)
     except KeyboardInterrupt:  # while Hydra composed the config, before any job started
-        print("interrupted during start-up: nothing was trained", file=sys.stderr)
+        print(STARTUP_INTERRUPTED, file=sys.stderr)
         sys.exit(130)  # runtime.interrupt_exit_code(), without importing torch at this point
     sys.exit(max(_codes, default=0))
 

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -72,19 +73,31 @@ def _started(proc: subprocess.Popen, marker: str) -> list[str]:
     raise AssertionError("".join(lines))
 
 
-def test_exit_codes_finished_stopped_and_interrupted_in_start_up(shapes_cache: Path, tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    base = tiny(shapes_cache)
-    # Ctrl-C while the data is being read, before the training loop: one line, nothing trained.
-    proc = subprocess.Popen([sys.executable, "-m", "frcnn_train.train", *base, "run_name=early"], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    _started(proc, "data: synthetic shapes in")
-    proc.send_signal(signal.SIGINT)
-    err = proc.stderr.read()
-    assert proc.wait(timeout=120) == 130, err
-    assert err.strip() == "interrupted during start-up: nothing was trained"
-    assert not (tmp_path / "outputs" / "early" / "last.pth").exists()
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
+
+def test_ctrl_c_in_start_up_is_one_line_and_exit_130(shapes_cache: Path, tmp_path: Path) -> None:
+    """Ctrl-C while the dataset is being generated, long before the training loop: nothing trained, nothing left."""
+    env, base = ENV, tiny(shapes_cache)
+    cache = tmp_path / "fresh_cache"
+    proc = subprocess.Popen([sys.executable, "-m", "frcnn_train.train", *base, f"data.cache_dir={cache}",
+                             "data.shapes.num_train=5000", "trainer.max_steps=1", "run_name=early"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    while not list(cache.glob("shapes/.tmp-*/train/*.png")):  # generation has begun
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out + err
+    assert err.strip() == "interrupted during start-up: nothing was trained"
+    early = tmp_path / "outputs" / "early"
+    assert not (early / "last.pth").exists() and not (early / ".lock").exists(), "the run directory is released"
+    assert not list((cache / "shapes").iterdir()), "the half-generated dataset is removed"
+
+
+def test_exit_codes_finished_0_stopped_by_sigterm_143(shapes_cache: Path, tmp_path: Path) -> None:
+    env, base = ENV, tiny(shapes_cache)
     # SIGTERM in the loop: last.pth saved, resumable, exit 128 + 15.
     proc = subprocess.Popen([sys.executable, "-m", "frcnn_train.train", *base, "run_name=stopped", "trainer.epochs=4"],
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
