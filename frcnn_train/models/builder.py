@@ -1,4 +1,4 @@
-"""`model` config -> a torchvision FasterRCNN / MaskRCNN.
+"""`model` config -> a torchvision FasterRCNN / MaskRCNN (our subclasses in models/heads.py).
 
 The only place that reads `model.*`. Parts are torchvision's own classes with
 torchvision's attribute names, so model-zoo state dicts map onto the default
@@ -28,7 +28,6 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
-from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
@@ -38,6 +37,7 @@ from torchvision.ops import MultiScaleRoIAlign
 from frcnn_train.errors import ConfigError
 from frcnn_train.models.attention import BLOCKS, attach_after, attach_to_heads, attach_to_levels
 from frcnn_train.models.backbones import build_backbone, resolve_norm, stage_names
+from frcnn_train.models.heads import Detector, MaskDetector
 
 ARCHS: tuple[str, ...] = ("faster_rcnn", "mask_rcnn")
 ATTENTION_TYPES: tuple[str, ...] = ("none", *BLOCKS)
@@ -182,7 +182,7 @@ def build_model(model_cfg: DictConfig, *, read_backbone_weights: bool = True) ->
             dim=_positive(model_cfg.mask_head_dim, "mask_head_dim"),
             num_classes=num_classes,
         )
-        model: nn.Module = MaskRCNN(
+        model: nn.Module = MaskDetector(
             backbone,
             num_classes=None,  # the predictors above already carry it
             mask_roi_pool=mask_roi_pool,
@@ -191,7 +191,7 @@ def build_model(model_cfg: DictConfig, *, read_backbone_weights: bool = True) ->
             **kwargs,
         )
     else:
-        model = FasterRCNN(backbone, num_classes=None, **kwargs)
+        model = Detector(backbone, num_classes=None, **kwargs)
 
     _add_attention(model, attention, stages=stage_names(bb.name, returned_layers),
                    identity_init=resolve_identity_init(model_cfg.attention.identity_init, bb.weights))
