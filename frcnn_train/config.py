@@ -172,6 +172,8 @@ class TrainerConfig:
     deterministic: str = "auto"
     progress: bool = True
     best_metric: str = "bbox/AP"  # validation metric that picks best.pth (higher is better)
+    channels_last: bool = False  # NHWC convolutions (models/options.py)
+    compile: bool = False  # torch.compile of backbone + FPN; checkpoints are unaffected
 
 
 @dataclass
@@ -210,6 +212,8 @@ MUTABLE_ON_RESUME = (
     "data.root",
     "data.cache_dir",
     "trainer.log_every",
+    "trainer.channels_last",
+    "trainer.compile",
     "trainer.vis_images",
     "trainer.progress",
     "trainer.eval_every",

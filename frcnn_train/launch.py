@@ -25,7 +25,7 @@ from frcnn_train.data import DataWarning, build_datasets
 from frcnn_train.errors import CheckpointError, ConfigError, UserError
 from frcnn_train.evaluation import format_table
 from frcnn_train.logs import RunLogger, log, setup_console
-from frcnn_train.models import build_model
+from frcnn_train.models import build_model, prepare_for_training
 from frcnn_train.models.fingerprint import architecture_spec, diff_layouts, diff_specs, fingerprint, tensor_layout
 from frcnn_train.optim import apply_current_schedule, build_optimizer, build_scheduler, group_summary
 from frcnn_train.runtime import amp_dtype, precision_name, resolve_device, seed_everything
@@ -154,6 +154,7 @@ def _run_in(target: rundir.Target, cfg: DictConfig, overrides: Sequence[str], ea
     model.to(device)
     spec = architecture_spec(cfg.model)
     digest = _check_fingerprint(ckpt, model, spec, resumed_from) if ckpt else fingerprint(spec, model)
+    prepare_for_training(model, channels_last=cfg.trainer.channels_last, compile=cfg.trainer.compile)
     optimizer = build_optimizer(model, cfg.optim)
     per_epoch = steps_per_epoch(len(data.train), cfg.trainer.batch_size, cfg.trainer.accumulate)
     scheduler = build_scheduler(optimizer, cfg.schedule, steps_per_epoch=per_epoch,

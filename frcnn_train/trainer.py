@@ -89,6 +89,9 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.last_metrics: dict[str, float] = {}
         self._stop_reason: str | None = None
+        # Loss sums on the device since the last log line (read every trainer.log_every steps).
+        self._loss_sums: dict[str, torch.Tensor] = {}
+        self._loss_steps = 0
 
     # ------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -193,9 +196,13 @@ class Trainer:
         self.logger.scalars({"time/epoch_s": time.perf_counter() - started}, self.global_step)
         return True
 
-    def _train_step(self, micro_batches: list[tuple[list, list]]) -> dict[str, float]:
-        """One optimizer step over `accumulate` micro-batches: losses, sum, finite check, backward, step."""
-        totals: dict[str, float] = {}
+    def _train_step(self, micro_batches: list[tuple[list, list]]) -> dict[str, torch.Tensor]:
+        """One optimizer step over `accumulate` micro-batches: losses, sum, backward, finite check, step.
+
+        The losses stay on the device (detached); the finiteness check is the step's
+        one read back to the host, so the host can queue the next step meanwhile.
+        """
+        totals: dict[str, torch.Tensor] = {}
         for i, (images, targets) in enumerate(micro_batches):
             images = [image.to(self.device, non_blocking=True) for image in images]
             targets = [{k: v.to(self.device, non_blocking=True) for k, v in t.items()} for t in targets]
@@ -207,14 +214,14 @@ class Trainer:
                                     enabled=self.s.amp_dtype is not None):
                     loss_dict = self.model(images, targets)
                 loss = sum(loss_dict.values())
-                self._check_finite(loss, loss_dict)
                 self.scaler.scale(loss / len(micro_batches)).backward()
             for name, value in loss_dict.items():
-                totals[name] = totals.get(name, 0.0) + value.item() / len(micro_batches)
+                totals[name] = totals.get(name, 0) + value.detach().float() / len(micro_batches)
+        # Checked once, after every backward and before the update: a non-finite loss never reaches the weights.
+        self._check_finite(totals)
         if self.s.grad_clip is not None:
             self.scaler.unscale_(self.optimizer)
-            grad_norm = nn.utils.clip_grad_norm_(self.bare.parameters(), self.s.grad_clip)
-            totals["grad_norm"] = float(grad_norm)
+            totals["grad_norm"] = nn.utils.clip_grad_norm_(self.bare.parameters(), self.s.grad_clip).detach()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -223,9 +230,10 @@ class Trainer:
         self.step_in_epoch += 1
         return totals
 
-    def _check_finite(self, loss: torch.Tensor, loss_dict: dict[str, torch.Tensor]) -> None:
+    def _check_finite(self, losses: dict[str, torch.Tensor]) -> None:
+        loss = sum(losses.values())
         if distributed.any_rank(not torch.isfinite(loss).item(), self.device):
-            terms = ", ".join(f"{k}={v.item():.4g}" for k, v in loss_dict.items())
+            terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
             last = self.run_dir / "last.pth"
             kept = f"the last good checkpoint {last} is untouched" if last.exists() else "no checkpoint was written"
             raise TrainingError(
@@ -233,20 +241,30 @@ class Trainer:
                 f"{kept}; lower optim.lr, lengthen schedule.warmup_steps or set trainer.grad_clip"
             )
 
-    def _after_step(self, losses: dict[str, float], images_per_s: float, steps_per_s: float, progress: Any) -> None:
-        lr = self.optimizer.param_groups[0]["lr"]
-        total = sum(v for k, v in losses.items() if k.startswith("loss"))
+    def _after_step(self, losses: dict[str, torch.Tensor], images_per_s: float, steps_per_s: float,
+                    progress: Any) -> None:
+        """Sum the step's losses on the device; every trainer.log_every steps read them (one sync) and log means."""
+        for name, value in losses.items():
+            self._loss_sums[name] = self._loss_sums.get(name, 0) + value
+        self._loss_steps += 1
         if progress is not None:
-            progress.set_postfix(loss=f"{total:.3f}", lr=f"{lr:.2e}", refresh=False)
             progress.update(1)
-        if self.global_step % self.s.log_every == 0:
-            scalars = {f"train/{k}": v for k, v in losses.items()}
+        if self.global_step % self.s.log_every == 0 and self._loss_steps:
+            names = list(self._loss_sums)
+            values = torch.stack([self._loss_sums[n] for n in names]).div_(self._loss_steps).tolist()
+            means = dict(zip(names, values))
+            self._loss_sums, self._loss_steps = {}, 0
+            lr = self.optimizer.param_groups[0]["lr"]
+            total = sum(v for k, v in means.items() if k.startswith("loss"))
+            scalars = {f"train/{k}": v for k, v in means.items()}
             scalars["train/loss"] = total
             scalars["train/images_per_s"] = images_per_s
             for group in self.optimizer.param_groups:
                 scalars[f"lr/{group.get('name', 'default')}"] = group["lr"]
             self.logger.scalars(scalars, self.global_step)
-            if progress is None:
+            if progress is not None:
+                progress.set_postfix(loss=f"{total:.3f}", lr=f"{lr:.2e}", refresh=False)
+            else:
                 log.info("epoch %d step %d/%d  loss %.4f  lr %.3g  %.1f img/s  ETA %s", self.epoch + 1,
                          self.step_in_epoch, self.steps_per_epoch, total, lr, images_per_s,
                          _duration(self._steps_left() / steps_per_s))

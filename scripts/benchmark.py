@@ -1,12 +1,15 @@
-"""Training-step speed and memory per backbone / meta-architecture, printed as a table.
+"""Training speed: per backbone (a table), or frcnn_train against torchvision's own training loop.
 
+    python scripts/benchmark.py --vs-torchvision         # ours vs the plain torchvision loop, same model and data
+    python scripts/benchmark.py --vs-torchvision --device cuda --steps 20
     python scripts/benchmark.py                          # every backbone, faster_rcnn, default shapes sizes
     python scripts/benchmark.py --arch mask_rcnn --backbones resnet18_fpn resnet50_fpn --steps 10
     python scripts/benchmark.py --device cuda --batch-size 8 model.min_size=800 model.max_size=1333
 
 Overrides (key=value) apply to every row. Times are medians over --steps timed
 optimizer steps after --warmup untimed ones, on real shapes batches. Each row runs
-in a fresh process, so its CPU peak memory is its own.
+in a fresh process, so its CPU peak memory is its own. --vs-torchvision is
+described in scripts/vs_torchvision.py.
 """
 from __future__ import annotations
 
@@ -66,11 +69,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="faster_rcnn", choices=["faster_rcnn", "mask_rcnn"])
     parser.add_argument("--backbones", nargs="+", default=list(BACKBONES))
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=None, help="table: default 4; --vs-torchvision: the config's")
+    parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps (per round with --vs-torchvision)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--vs-torchvision", action="store_true",
+                        help="alternate rounds of torchvision's plain loop and our Trainer; last line is the ratio")
+    parser.add_argument("--rounds", type=int, default=5, help="--vs-torchvision: timed rounds per side")
     args, overrides = parser.parse_known_args()
+    if args.vs_torchvision:
+        from vs_torchvision import compare  # scripts/ is on sys.path when this file runs
+
+        batch = [f"trainer.batch_size={args.batch_size}"] if args.batch_size else []
+        compare(device_name=args.device, steps=args.steps, rounds=args.rounds, warmup=args.warmup,
+                overrides=batch + overrides)
+        return
+    args.batch_size = args.batch_size or 4
     device = torch.device(args.device)
     print(f"{args.arch}, batch {args.batch_size}, {device}, median of {args.steps} steps; overrides: {overrides or 'none'}")
     print(f"{'backbone':<18}{'params (M)':>11}{'step (s)':>10}{'images/s':>10}{'peak mem (MB)':>15}")
