@@ -12,17 +12,20 @@ In one process, alternating rounds of
 Both sides start from the same weights (theirs loads our state dict, which also
 proves the architectures are the same), see the same dataset, batch size, AMP
 setting and SGD settings. Printed: images/s per side (median over rounds), peak
-memory (CUDA max_memory_allocated; CPU: the process's resident set while that
-side ran, both models resident), the checkpoint blocking time (ours, and a plain
+memory (CUDA max_memory_allocated; CPU: the peak resident set of a fresh process
+running only that side for the same steps), the checkpoint blocking time (ours, and a plain
 synchronous torch.save of the same state), and last the ratio of images/s.
 """
 from __future__ import annotations
 
+import gc
 import math
+import multiprocessing
+import resource
 import statistics
 import tempfile
-import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -105,22 +108,6 @@ def torchvision_model(model_cfg: DictConfig, num_classes: int) -> nn.Module:
 
 def _tuple_collate(batch: list) -> tuple:
     return tuple(zip(*batch))  # references/detection/utils.collate_fn
-
-
-class PeakRSS:
-    """Highest resident set size (MB) seen while active, sampled every 5 ms."""
-
-    def __init__(self) -> None:
-        self.peak, self.active = 0.0, False
-        threading.Thread(target=self._sample, daemon=True).start()
-
-    def _sample(self) -> None:
-        page_mb = 4096 / 2**20
-        while True:
-            if self.active:
-                with open("/proc/self/statm") as f:
-                    self.peak = max(self.peak, int(f.read().split()[1]) * page_mb)
-            time.sleep(0.005)
 
 
 class TheirLoop:
@@ -222,22 +209,19 @@ def _timed(fn: Callable[[], Any], device: torch.device) -> float:
 def compare(*, device_name: str, steps: int, rounds: int, warmup: int, overrides: list[str]) -> None:
     device = torch.device(device_name)
     defaults = CUDA_DEFAULTS if device.type == "cuda" else []
-    cfg = compose_config([*defaults, f"device={device}", "trainer.progress=false", *overrides])
+    cfg_overrides = [*defaults, f"device={device}", "trainer.progress=false", *overrides]
+    cfg = compose_config(cfg_overrides)
     torch.manual_seed(cfg.seed)
     data = build_datasets(cfg.data, with_masks=cfg.model.arch == "mask_rcnn")
     cfg.model.num_classes = len(data.classes)
     batch = cfg.trainer.batch_size * cfg.trainer.accumulate
     with tempfile.TemporaryDirectory() as tmp:
-        ours = OurLoop(cfg, data, device, Path(tmp) / "run")
-        theirs_model = torchvision_model(cfg.model, cfg.model.num_classes)
-        theirs_model.load_state_dict(ours.initial_state)  # same weights; fails loudly if the architectures differ
-        theirs = TheirLoop(theirs_model, cfg, data.train, device, amp_dtype(cfg, device))
-        sides = {"torchvision": theirs, "frcnn_train": ours}
+        sides = build_sides(cfg, data, device, Path(tmp))
+        ours = sides["frcnn_train"]
         print(f"{cfg.model.arch} {cfg.model.backbone.name} (FPN {cfg.model.backbone.fpn_channels}), "
               f"{cfg.model.min_size}-{cfg.model.max_size} px, batch {batch}, "
               f"AMP {amp_dtype(cfg, device) or 'off'}, {device}; {rounds} rounds of {steps} steps per side, "
               f"interleaved; torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
-        rss = PeakRSS()
         speed: dict[str, list[float]] = {name: [] for name in sides}
         memory = {name: 0.0 for name in sides}
         for name, side in sides.items():
@@ -247,14 +231,16 @@ def compare(*, device_name: str, steps: int, rounds: int, warmup: int, overrides
             for name, side in (sides.items() if r % 2 == 0 else reversed(sides.items())):
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
-                rss.peak, rss.active = 0.0, True
                 seconds = _timed(lambda: [side.step() for _ in range(steps)], device)
-                rss.active = False
                 speed[name].append(steps * batch / seconds)
-                peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else rss.peak
-                memory[name] = max(memory[name], peak)
+                if device.type == "cuda":
+                    memory[name] = max(memory[name], torch.cuda.max_memory_allocated(device) / 2**20)
             print(f"  round {r + 1}: " + "  ".join(f"{n} {speed[n][-1]:.2f} img/s" for n in sides), flush=True)
-        kind = "CUDA max_memory_allocated" if device.type == "cuda" else "process RSS"
+        kind = "CUDA max_memory_allocated" if device.type == "cuda" else "peak RSS of a process running only it"
+        if device.type == "cpu":
+            for name in sides:
+                with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as fresh:
+                    memory[name] = fresh.submit(side_peak_rss, name, cfg_overrides, warmup + steps).result()
         for name in sides:
             print(f"{name:<12} {statistics.median(speed[name]):8.2f} images/s (median)   peak memory "
                   f"{memory[name]:8.0f} MB ({kind})")
@@ -264,6 +250,29 @@ def compare(*, device_name: str, steps: int, rounds: int, warmup: int, overrides
         ours.trainer.logger.close()
     ratio = statistics.median(speed["frcnn_train"]) / statistics.median(speed["torchvision"])
     print(f"ratio frcnn_train/torchvision = {ratio:.2f}")
+
+
+def build_sides(cfg: DictConfig, data: Any, device: torch.device, tmp: Path) -> dict[str, Any]:
+    ours = OurLoop(cfg, data, device, tmp / "run")
+    theirs_model = torchvision_model(cfg.model, cfg.model.num_classes)
+    theirs_model.load_state_dict(ours.initial_state)  # same weights; fails loudly if the architectures differ
+    return {"torchvision": TheirLoop(theirs_model, cfg, data.train, device, amp_dtype(cfg, device)),
+            "frcnn_train": ours}
+
+
+def side_peak_rss(name: str, cfg_overrides: list[str], steps: int) -> float:
+    """Peak resident set (MB) of this fresh process after `steps` steps of one side alone."""
+    cfg = compose_config(cfg_overrides)
+    torch.manual_seed(cfg.seed)
+    data = build_datasets(cfg.data, with_masks=cfg.model.arch == "mask_rcnn")
+    cfg.model.num_classes = len(data.classes)
+    with tempfile.TemporaryDirectory() as tmp:
+        sides = build_sides(cfg, data, torch.device("cpu"), Path(tmp))
+        del sides["frcnn_train" if name == "torchvision" else "torchvision"]
+        gc.collect()
+        for _ in range(steps):
+            sides[name].step()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def checkpoint_blocking(trainer: Trainer, tmp: Path, repeats: int = 3) -> tuple[float, float]:
