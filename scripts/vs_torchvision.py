@@ -38,7 +38,8 @@ from torch.utils.data import DataLoader
 from frcnn_train import checkpoint
 from frcnn_train.config import compose_config
 from frcnn_train.data import build_datasets, build_train_loader
-from frcnn_train.launch import amp_dtype
+from frcnn_train.checkpointer import Checkpointer
+from frcnn_train.runtime import amp_dtype as _amp_dtype
 from frcnn_train.logs import RunLogger
 from frcnn_train.models import architecture_spec, build_model, fingerprint, prepare_for_training
 from frcnn_train.optim import build_optimizer, build_scheduler
@@ -106,6 +107,10 @@ def torchvision_model(model_cfg: DictConfig, num_classes: int) -> nn.Module:
     return FasterRCNN(backbone, num_classes=None, **parts, **sizes)
 
 
+def amp_dtype(cfg: DictConfig, device: torch.device) -> torch.dtype | None:
+    return _amp_dtype(cfg.trainer.amp, cfg.trainer.amp_dtype, device, warn=False)
+
+
 def _tuple_collate(batch: list) -> tuple:
     return tuple(zip(*batch))  # references/detection/utils.collate_fn
 
@@ -167,6 +172,11 @@ class OurLoop:
         scheduler = build_scheduler(optimizer, cfg.schedule, steps_per_epoch=per_epoch,
                                     total_steps=per_epoch * cfg.trainer.epochs)
         dtype = amp_dtype(cfg, device)
+        logger = RunLogger(run_dir, enabled=True)
+        extras = {"config": OmegaConf.to_container(cfg, resolve=True),
+                  "architecture": {"fingerprint": fingerprint(architecture_spec(cfg.model), model),
+                                   "spec": architecture_spec(cfg.model)},
+                  "classes": list(data.classes)}
         self.trainer = Trainer(
             model=model, optimizer=optimizer, scheduler=scheduler,
             scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16), data=data,
@@ -174,11 +184,8 @@ class OurLoop:
                                      num_workers=cfg.data.num_workers, amp_dtype=dtype,
                                      accumulate=cfg.trainer.accumulate, log_every=cfg.trainer.log_every,
                                      progress=False),
-            device=device, run_dir=run_dir, logger=RunLogger(run_dir, enabled=True), with_masks=cfg.model.arch == "mask_rcnn",
-            checkpoint_extras={"config": OmegaConf.to_container(cfg, resolve=True),
-                               "architecture": {"fingerprint": fingerprint(architecture_spec(cfg.model), model),
-                                                "spec": architecture_spec(cfg.model)},
-                               "classes": list(data.classes)},
+            device=device, run_dir=run_dir, logger=logger, with_masks=cfg.model.arch == "mask_rcnn",
+            checkpointer=Checkpointer(run_dir, extras=extras, keep_last=1, logger=logger),
         )
         self.cfg, self.data, self.epoch = cfg, data, 0
         self.batches: Iterator = iter(())
@@ -280,9 +287,10 @@ def checkpoint_blocking(trainer: Trainer, tmp: Path, repeats: int = 3) -> tuple[
     ours, plain = [], []
 
     def plain_save(i: int) -> None:
-        torch.save(checkpoint.make_checkpoint(**trainer.extras, **trainer.state_dict()), tmp / f"plain_{i}.pth")
+        torch.save(checkpoint.make_checkpoint(**trainer.checkpointer.extras, **trainer.state_dict()),
+                   tmp / f"plain_{i}.pth")
 
     for i in range(repeats):
-        ours.append(_timed(lambda: trainer.save("last.pth"), trainer.device) * 1000)
+        ours.append(_timed(trainer.save, trainer.device) * 1000)
         plain.append(_timed(lambda: plain_save(i), trainer.device) * 1000)
     return statistics.median(ours), statistics.median(plain)
