@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,9 +18,13 @@ REPO = Path(__file__).resolve().parent.parent
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The wheel built from this checkout, installed (without dependencies: the venv has them) into a directory."""
     tmp = tmp_path_factory.mktemp("wheel")
+    # From a clean copy: a stale build/ in the checkout could put deleted modules into the wheel.
+    source = tmp / "source"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns("build", "*.egg-info", ".git", "outputs",
+                                                                "__pycache__", ".pytest_cache"))
     # No build isolation: the venv's setuptools builds it, no index needed.
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp),
-                    str(REPO)], check=True, capture_output=True, cwd=tmp)
+                    str(source)], check=True, capture_output=True, cwd=tmp)
     (wheel,) = tmp.glob("frcnn_train-*.whl")
     site = tmp / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
