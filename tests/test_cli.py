@@ -109,3 +109,17 @@ def test_exit_codes_finished_0_stopped_by_sigterm_143(shapes_cache: Path, tmp_pa
 
     finished = train(tmp_path, *base, "run_name=done")
     assert finished.returncode == 0, finished.stderr
+
+
+def test_a_stop_signal_ends_the_whole_sweep(shapes_cache: Path, tmp_path: Path) -> None:
+    args = [a for a in tiny(shapes_cache) if not a.startswith("run_name=")]
+    proc = subprocess.Popen([sys.executable, "-m", "frcnn_train.train", "-m", *args, "trainer.epochs=4", "seed=1,2"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    _started(proc, "step 1/2")
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, out + err
+    assert "sweep stopped at job 0: received SIGTERM" in err and "Traceback" not in out + err
+    (sweep,) = (tmp_path / "outputs" / "sweeps").iterdir()
+    (job,) = [json.loads(line) for line in (sweep / "jobs.jsonl").read_text().splitlines()]
+    assert job["status"] == "stopped (received SIGTERM)" and (tmp_path / job["run_dir"] / "last.pth").is_file()
