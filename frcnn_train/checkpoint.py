@@ -7,6 +7,7 @@ code from the file. See DESIGN.md ("Checkpoint file") for the keys.
 from __future__ import annotations
 
 import datetime
+import errno
 import os
 import platform
 import re
@@ -167,16 +168,75 @@ def make_checkpoint(**parts: Any) -> dict[str, Any]:
     }
 
 
+def temporary_path(path: Path) -> Path:
+    """Where this process writes `path` before renaming it: hidden, beside it, named by our pid."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+_TEMPORARY_RE = re.compile(r"^\.(.+)\.tmp-(\d+)$")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def remove_stale_temporaries(directory: Path, name: str | None = None) -> list[Path]:
+    """Delete temporaries (of `name`, or of any file) that no live process is writing.
+
+    A temporary belongs to the pid in its name: one of ours left by an earlier failure,
+    or one of a process killed mid-write. A live process's temporary is never touched.
+    """
+    removed = []
+    for tmp in directory.glob(f".{name or '*'}.tmp-*"):
+        match = _TEMPORARY_RE.match(tmp.name)
+        if match and (int(match.group(2)) == os.getpid() or not _pid_alive(int(match.group(2)))):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+class _ErrnoKeepingFile:
+    """A binary file whose failed write keeps its OSError: torch.save reports it only as
+    'unexpected pos', losing the errno that says the disk is full or read-only."""
+
+    def __init__(self, f: Any) -> None:
+        self._f = f
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        self._f.flush()
+
+
 def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
     """Write to a temporary file beside `path`, fsync, then rename over it.
 
     A crash at any instant leaves either the old file or the new one, never a mix.
+    OSErrors (full disk, read-only directory) come out as themselves, errno intact.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temporary_path(path)
     try:
         with open(tmp, "wb") as f:
-            write(f)
+            kept = _ErrnoKeepingFile(f)
+            try:
+                write(kept)
+            except Exception:
+                if kept.error is not None:
+                    raise kept.error from None
+                raise
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -198,14 +258,51 @@ def _fsync_dir(directory: Path) -> None:
 
 def save_checkpoint(ckpt: dict[str, Any], path: str | Path) -> None:
     path = Path(path)
-    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a process killed mid-write
-        stale.unlink(missing_ok=True)
+    if path.parent.is_dir():
+        remove_stale_temporaries(path.parent, path.name)
     _atomic_write(path, lambda f: torch.save(ckpt, f))
 
 
 def copy_checkpoint(src: str | Path, dst: str | Path) -> None:
     with open(src, "rb") as source:
         _atomic_write(Path(dst), lambda f: shutil.copyfileobj(source, f))
+
+
+# link(2) is not supported here (FAT, some network and FUSE file systems, across devices).
+_NO_HARD_LINKS = {errno.EPERM, errno.EXDEV, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS}
+
+
+def link_checkpoint(src: str | Path, dst: str | Path) -> None:
+    """Make `dst` the same file as `src` (a hard link: no bytes copied), replacing `dst` atomically.
+
+    `src` is never rewritten in place (every save renames a new file over it), so the
+    link keeps this version. Where hard links are unsupported, an atomic copy.
+    """
+    src, dst = Path(src), Path(dst)
+    tmp = temporary_path(dst)
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError as err:
+        if err.errno not in _NO_HARD_LINKS:
+            raise
+        copy_checkpoint(src, dst)
+        return
+    try:
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(dst.parent)
+
+
+def peek_counters(path: Path) -> dict[str, Any] | None:
+    """The `trainer` counters of a checkpoint, read through mmap (cheap), or None when it does not load."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return dict(ckpt["trainer"])
+    except Exception:  # noqa: BLE001 - missing, damaged or foreign: all mean "no usable counters"
+        return None
 
 
 # ---------------------------------------------------------------- finding checkpoints

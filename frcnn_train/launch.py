@@ -200,6 +200,7 @@ def _run_in(target: rundir.Target, cfg: DictConfig, overrides: Sequence[str], ea
     )
     if ckpt:
         trainer.load_state_dict(ckpt)
+        trainer.checkpointer.repair_links(resumed_from, ckpt["trainer"])
         moved = apply_current_schedule(scheduler)
         if moved:
             log.warning("The LR schedule changed with this resume (%s): the LR at step %d is %.6g, not %.6g as on "

@@ -151,10 +151,14 @@ class Trainer:
                 self._end_of_epoch()
                 if self.s.max_steps is not None and self.global_step >= self.s.max_steps:
                     self._stop_reason = f"trainer.max_steps={self.s.max_steps} reached"
+            self.checkpointer.wait()  # the last save is on disk before fit returns; its failure is raised
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-            self.logger.flush()
+            try:  # never leave a write behind, not on an error either (a second signal may still cut it)
+                self.checkpointer.wait(raise_error=False)
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+                self.logger.flush()
         return self.last_metrics
 
     def _on_signal(self, signum: int, frame: Any) -> None:
@@ -180,6 +184,7 @@ class Trainer:
             if len(micro) < s.accumulate:
                 continue
             losses = self._train_step(micro)
+            self.checkpointer.check()  # a failed background save ends the run here, in one sentence
             images_seen += sum(len(batch[0]) for batch in micro) * distributed.world_size()
             micro = []
             elapsed = time.perf_counter() - started
