@@ -111,13 +111,12 @@ class Checkpointer:
     """
 
     def __init__(self, run_dir: Path, *, extras: dict[str, Any], keep_last: int, logger: RunLogger,
-                 enabled: bool = True, background: bool = True) -> None:
+                 enabled: bool = True) -> None:
         self.run_dir = run_dir
         self.extras = extras  # config, architecture, classes: fixed for the run
         self.keep_last = keep_last
         self.logger = logger
         self.enabled = enabled
-        self.background = background
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._pinned: dict[tuple, torch.Tensor] = {}  # CUDA tensors' CPU copies, kept for the next save
@@ -179,8 +178,6 @@ class Checkpointer:
                    best=best, synced=synced, blocking_s=blocking_s)
         self._thread = threading.Thread(target=self._write, kwargs=job, name="checkpoint-writer")
         self._thread.start()  # not a daemon: the interpreter waits for it even on an unexpected exit
-        if not self.background:
-            self.wait()
         return self.last_path
 
     def check(self) -> None:

@@ -58,6 +58,26 @@ def test_rotation_keeps_epoch_files_ahead_of_a_resume_from_an_older_epoch(tmp_pa
     assert sorted(p.name for p in tmp_path.glob("epoch_*")) == ["epoch_0002.pth", "epoch_0005.pth"]
 
 
+
+def test_a_save_deletes_only_temporaries_no_live_process_is_writing(tmp_path: Path) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])  # a pid that has exited
+    dead.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        for pid in (dead.pid, live.pid):
+            for name in ("last.pth", "best.pth"):
+                (tmp_path / f".{name}.tmp-{pid}").write_bytes(b"partial")
+        checkpoint.save_checkpoint(checkpoint.make_checkpoint(**trainer_state(1)), tmp_path / "last.pth")
+        assert sorted(p.name for p in tmp_path.glob(".*")) == sorted(
+            [f".best.pth.tmp-{dead.pid}", f".best.pth.tmp-{live.pid}", f".last.pth.tmp-{live.pid}"])
+        make_checkpointer(tmp_path)  # a run starting here cleans every dead writer's temporaries
+        assert sorted(p.name for p in tmp_path.glob(".*")) == sorted(
+            [f".best.pth.tmp-{live.pid}", f".last.pth.tmp-{live.pid}"])
+    finally:
+        live.kill()
+        live.wait()
+
+
 def slow_writes(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
     """Every background write first sleeps: the training thread's next moves happen during it."""
     real = checkpoint.save_checkpoint
@@ -207,6 +227,26 @@ def test_failed_link_names_the_link_and_the_new_last(tmp_path: Path, monkeypatch
     ckpt.save(trainer_state(2, epoch=1), best=True)
     with pytest.raises(CheckpointWriteError, match=r"^cannot write .*best.pth: permission denied; last.pth \(step 2\)"):
         ckpt.wait()
+
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_state_is_copied_into_reused_pinned_buffers_before_the_next_step(tmp_path: Path) -> None:
+    ckpt = make_checkpointer(tmp_path)
+    for step in (1, 2):
+        state = trainer_state(step, size=5_000_000)
+        state["model"]["w"] = state["model"]["w"].cuda()
+        ckpt.save(state)
+        state["model"]["w"].add_(100)  # the next optimizer step, queued on the same stream as the copy
+        ckpt.wait()
+        saved = checkpoint.load_checkpoint(tmp_path / "last.pth")["model"]["w"]
+        assert torch.equal(saved, torch.full((5_000_000,), float(step)))
+        buffer = ckpt._pinned[("model", "w")]
+        assert buffer.is_pinned()
+        if step == 1:
+            first = buffer.data_ptr()
+    assert buffer.data_ptr() == first, "the pinned buffer is reused between saves"
 
 
 # ---------------------------------------------------------------- kill -9

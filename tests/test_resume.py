@@ -197,7 +197,9 @@ def test_resume_and_evaluate_do_not_need_the_backbone_weights_file(compose_tiny,
 def test_damaged_last_names_the_newest_good_checkpoint_beside_it(compose_tiny) -> None:
     run_dir = Path(run(compose_tiny("run_name=damaged"))["run_dir"])
     last = run_dir / "last.pth"
-    last.write_bytes(last.read_bytes()[:50_000])
+    data = last.read_bytes()
+    last.unlink()  # a new, damaged file: written in place it would damage its hard links best.pth and epoch_0001.pth
+    last.write_bytes(data[:50_000])
     before = {p.name: p.stat().st_size for p in run_dir.iterdir()}
     overrides = [f"resume={run_dir}"]
     with pytest.raises(CheckpointError,
