@@ -111,6 +111,9 @@ class DataConfig:
     val_split: str = "val"
     classes: Optional[List[str]] = None
     skip_empty: bool = True  # drop training images without annotations
+    # A truncated or undecodable image: error (stop, naming the file; last.pth saved first) or
+    # skip (leave it out of its batch, with a warning naming it).
+    bad_images: str = "error"
     hflip_prob: float = 0.5
     # [min, max] random rescale factor applied before the model's own resize; None: off.
     scale_jitter: Optional[List[float]] = None
@@ -210,6 +213,7 @@ MUTABLE_ON_RESUME = (
     "trainer.max_steps",
     "device",
     "data.num_workers",
+    "data.bad_images",  # a run stopped by a bad image may go on without it
     "data.root",
     "data.cache_dir",
     "trainer.log_every",
@@ -381,6 +385,7 @@ VALUE_RULES: dict[str, tuple[Any, str]] = {
     "model.attention.heads": (_positive, "a whole number >= 1"),
     "data.num_workers": (_non_negative, "a whole number >= 0 (0: load in the main process)"),
     "data.hflip_prob": (_fraction, "a probability in [0, 1]"),
+    "data.bad_images": (lambda v: v in ("error", "skip"), "error or skip"),
     "data.shapes.num_train": (_positive, "a whole number >= 1"),
     "data.shapes.num_val": (_positive, "a whole number >= 1"),
     "data.shapes.image_size": (_positive, "a whole number of pixels >= 1"),

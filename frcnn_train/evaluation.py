@@ -139,6 +139,8 @@ def evaluate(
     model.eval()
     results: list[dict[str, Any]] = []
     for images, targets in loader:
+        if not images:  # every image of the batch was skipped (data.bad_images=skip)
+            continue
         images = [image.to(device) for image in images]
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
             outputs = model(images)

@@ -17,7 +17,7 @@ from torch import nn
 from frcnn_train import checkpoint, distributed
 from frcnn_train.checkpointer import Checkpointer, gather_rng, restore_rng
 from frcnn_train.data import DataBundle, batches_per_epoch, build_eval_loader, build_train_loader
-from frcnn_train.errors import UserError
+from frcnn_train.errors import DataError, UserError
 from frcnn_train.evaluation import evaluate, format_table
 from frcnn_train.logs import RunLogger, log
 from frcnn_train.visualize import draw_detections
@@ -92,6 +92,7 @@ class Trainer:
         # Loss sums on the device since the last log line (read every trainer.log_every steps).
         self._loss_sums: dict[str, torch.Tensor] = {}
         self._loss_steps = 0
+        self._saved_step = 0  # global_step of the newest last.pth (step 0: nothing to lose yet)
 
     # ------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -128,10 +129,26 @@ class Trainer:
         self.last_metrics = dict(counters.get("last_metrics", {}))
         self.history = list(counters["history"])
         restore_rng(state["rng"])
+        self._saved_step = self.global_step
 
     def save(self, *, epoch_end: bool = False, best: bool = False) -> Path:
         """last.pth now (on every rank: the state gathers their RNG streams); at an epoch end the epoch file."""
+        self._saved_step = self.global_step
         return self.checkpointer.save(self.state_dict(), epoch_end=self.epoch if epoch_end else None, best=best)
+
+    def _save_before_data_error(self) -> None:
+        """A bad image stopped training (the DataError names it): save the steps done since the last save,
+        so that a resume after fixing the file loses nothing. Single process only: the other ranks of a
+        distributed run are not at this point, so they cannot join the save."""
+        if self.global_step == self._saved_step or distributed.world_size() > 1:
+            return  # nothing new to keep (and every existing file stays as it was)
+        if self.step_in_epoch == 0 and self.epoch > 0:
+            # The epoch trained to its end and its evaluation failed: saved as "all steps done, epoch not
+            # ended", the resume runs that evaluation and the epoch-end saves, as an unbroken run would.
+            self.epoch, self.step_in_epoch = self.epoch - 1, self.steps_per_epoch
+        path = self.save()
+        log.warning("Saved %s at step %d before stopping; once the image is fixed, resume=%s goes on from there.",
+                    path, self.global_step, path)
 
     # ------------------------------------------------------------ training
     def fit(self) -> dict[str, float]:
@@ -152,6 +169,12 @@ class Trainer:
                 if self.s.max_steps is not None and self.global_step >= self.s.max_steps:
                     self._stop_reason = f"trainer.max_steps={self.s.max_steps} reached"
             self.checkpointer.wait()  # the last save is on disk before fit returns; its failure is raised
+        except DataError as err:
+            # The traceback's DataLoader frames hold the iterator, whose workers (they ignore SIGTERM)
+            # would then outlive the error and hang the exit; the message alone says what to fix.
+            err.with_traceback(None)
+            self._save_before_data_error()  # written before the `finally` below returns
+            raise
         finally:
             try:  # never leave a write behind, not on an error either (a second signal may still cut it)
                 self.checkpointer.wait(raise_error=False)
@@ -179,7 +202,9 @@ class Trainer:
         self.model.train()
         progress = self._progress_bar(len(loader) // s.accumulate)
         started, images_seen, micro, first_step = time.perf_counter(), 0, [], self.step_in_epoch
+        skipped = 0  # bad images data.bad_images=skip left out (each named in a warning)
         for images, targets in loader:
+            skipped += s.batch_size - len(images)
             micro.append((images, targets))
             if len(micro) < s.accumulate:
                 continue
@@ -198,6 +223,8 @@ class Trainer:
                 return False
         if progress is not None:
             progress.close()
+        if skipped:
+            log.warning("epoch %d: data.bad_images=skip left out %d bad image(s), named above.", self.epoch + 1, skipped)
         self.logger.scalars({"time/epoch_s": time.perf_counter() - started}, self.global_step)
         return True
 
@@ -209,6 +236,8 @@ class Trainer:
         """
         totals: dict[str, torch.Tensor] = {}
         for i, (images, targets) in enumerate(micro_batches):
+            if not images:  # every image of this batch was bad and skipped (data.bad_images=skip)
+                continue
             images = [image.to(self.device, non_blocking=True) for image in images]
             targets = [{k: v.to(self.device, non_blocking=True) for k, v in t.items()} for t in targets]
             last = i == len(micro_batches) - 1
@@ -222,13 +251,14 @@ class Trainer:
                 self.scaler.scale(loss / len(micro_batches)).backward()
             for name, value in loss_dict.items():
                 totals[name] = totals.get(name, 0) + value.detach().float() / len(micro_batches)
-        # Checked once, after every backward and before the update: a non-finite loss never reaches the weights.
-        self._check_finite(totals)
-        if self.s.grad_clip is not None:
-            self.scaler.unscale_(self.optimizer)
-            totals["grad_norm"] = nn.utils.clip_grad_norm_(self.bare.parameters(), self.s.grad_clip).detach()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        if totals:  # else every image was skipped (data.bad_images=skip): no gradient, only counters and LR move
+            # Checked once, after every backward and before the update: a non-finite loss never reaches the weights.
+            self._check_finite(totals)
+            if self.s.grad_clip is not None:
+                self.scaler.unscale_(self.optimizer)
+                totals["grad_norm"] = nn.utils.clip_grad_norm_(self.bare.parameters(), self.s.grad_clip).detach()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.global_step += 1
@@ -251,7 +281,7 @@ class Trainer:
         """Sum the step's losses on the device; every trainer.log_every steps read them (one sync) and log means."""
         for name, value in losses.items():
             self._loss_sums[name] = self._loss_sums.get(name, 0) + value
-        self._loss_steps += 1
+        self._loss_steps += bool(losses)  # a step whose images were all skipped has no losses to average
         if progress is not None:
             progress.update(1)
         if self.global_step % self.s.log_every == 0 and self._loss_steps:
@@ -329,7 +359,7 @@ class Trainer:
         if count == 0:
             return
         self.bare.eval()
-        images = [self.data.val[i][0] for i in range(count)]
+        images = [sample[0] for sample in (self.data.val[i] for i in range(count)) if sample is not None]
         outputs = self.bare([image.to(self.device) for image in images])
         self.bare.train()
         for i, (image, output) in enumerate(zip(images, outputs)):

@@ -1,10 +1,12 @@
 """Tiny configs composed with Hydra's compose(), shared by every test."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import pytest
+import torch
 from omegaconf import DictConfig
 
 from frcnn_train.config import compose_config
@@ -74,3 +76,47 @@ def tiny_runs(shapes_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> C
         return done[name]
 
     return get
+
+
+# ---------------------------------------------------------------- comparing training states
+def _assert_same(a: Any, b: Any, where: str) -> None:
+    """Equal values, recursing into dicts (same keys), lists and tuples (same length), tensors (bitwise)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        assert isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor), f"{where}: a tensor and a {type(b)}"
+        assert a.dtype == b.dtype and a.shape == b.shape, f"{where}: {a.dtype}{list(a.shape)} vs {b.dtype}{list(b.shape)}"
+        assert torch.equal(a, b), f"{where} differs"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict), f"{where}: a dict and a {type(b)}"
+        assert set(a) == set(b), f"{where}: keys only in one: {sorted(set(a) ^ set(b), key=str)}"
+        for key in a:
+            _assert_same(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), f"{where}: lengths {len(a)} vs {len(b)}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{where}[{i}]")
+    elif isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        pass
+    else:
+        assert type(a) is type(b) and a == b, f"{where}: {a!r} vs {b!r}"
+
+
+# Checkpoint parts that are the training state. `config` (mutable keys may change on resume),
+# `created`, `versions` and the resume history legitimately differ between a straight and a resumed run.
+TRAINING_STATE = ("model", "optimizer", "scheduler", "scaler", "rng")
+# Checked to be present, so that a renamed counter cannot drop out of the comparison unnoticed.
+TRAINER_COUNTERS = ("epoch", "global_step", "step_in_epoch", "best_metric", "best_metric_name", "last_metrics")
+
+
+def assert_same_training(a: dict, b: dict) -> None:
+    """Two checkpoints hold the same training state, bitwise: model, optimizer state and param_groups,
+    scheduler, scaler, the Trainer's counters and best metric, and every RNG stream (python, numpy,
+    torch, CUDA, each rank's) with the data-order state."""
+    for part in TRAINING_STATE:
+        assert (part in a) == (part in b), f"{part} in only one checkpoint"
+        _assert_same(a.get(part), b.get(part), part)
+    for rng in ("python", "numpy", "torch", "cuda", "ranks", "data"):
+        assert rng in a["rng"], f"the checkpoint has no rng.{rng}: the comparison would miss it"
+    assert set(TRAINER_COUNTERS) <= set(a["trainer"]), "a Trainer counter is missing from the checkpoint"
+    # Every counter, also ones added later; only the resume history differs by design.
+    _assert_same({k: v for k, v in a["trainer"].items() if k != "history"},
+                 {k: v for k, v in b["trainer"].items() if k != "history"}, "trainer")

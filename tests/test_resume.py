@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import assert_same_training
 from frcnn_train import checkpoint
 from frcnn_train.config import compose_config
 from frcnn_train.errors import CheckpointError, ConfigError
@@ -23,18 +24,6 @@ EPOCHS = ("trainer.epochs=2", "schedule.warmup_steps=6")
 
 def final_state(run_dir: Path) -> dict:
     return checkpoint.load_checkpoint(run_dir / "last.pth")
-
-
-def assert_same_training(a: dict, b: dict) -> None:
-    for key, tensor in a["model"].items():
-        assert torch.equal(tensor, b["model"][key]), f"model tensor {key} differs"
-    for (ka, va), (kb, vb) in zip(a["optimizer"]["state"].items(), b["optimizer"]["state"].items()):
-        for name in va:
-            assert torch.equal(va[name], vb[name]), f"optimizer state {ka}.{name} differs"
-    assert a["scheduler"] == b["scheduler"]
-    assert a["trainer"]["global_step"] == b["trainer"]["global_step"]
-    assert a["trainer"]["last_metrics"] == b["trainer"]["last_metrics"]
-    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +49,44 @@ def references(shapes_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 def reference(references, request) -> dict:
     """The uninterrupted run for the test's extra overrides (indirect parameter), default none."""
     return references(*getattr(request, "param", ()))
+
+
+def _mutations() -> dict:
+    """One change per part of the training state, each of which assert_same_training must see."""
+    def first_param_state(c):
+        return next(iter(c["optimizer"]["state"].values()))
+
+    return {
+        "model tensor": lambda c: c["model"][next(iter(c["model"]))].view(-1)[0].add_(1.0),
+        "model key removed": lambda c: c["model"].pop(next(iter(c["model"]))),
+        "optimizer state value": lambda c: first_param_state(c)["momentum_buffer"].view(-1)[0].add_(1.0),
+        "optimizer state entry removed": lambda c: c["optimizer"]["state"].pop(next(iter(c["optimizer"]["state"]))),
+        "param_group lr": lambda c: c["optimizer"]["param_groups"][-1].update(lr=c["optimizer"]["param_groups"][-1]["lr"] * 2),
+        "param_group removed": lambda c: c["optimizer"]["param_groups"].pop(),
+        "scheduler": lambda c: c["scheduler"].update(last_epoch=c["scheduler"]["last_epoch"] + 1),
+        "scaler": lambda c: c.update(scaler={"scale": 65536.0}),
+        "step_in_epoch": lambda c: c["trainer"].update(step_in_epoch=c["trainer"]["step_in_epoch"] + 1),
+        "best metric": lambda c: c["trainer"].update(best_metric=(c["trainer"]["best_metric"] or 0.0) + 1e-9),
+        "python rng": lambda c: c["rng"]["python"]["state"].view(-1)[5].add_(1),
+        "numpy rng": lambda c: c["rng"]["numpy"].update(pos=c["rng"]["numpy"]["pos"] + 1),
+        "torch rng": lambda c: c["rng"]["torch"].view(-1)[10].add_(1),
+        "cuda rng": lambda c: c["rng"]["cuda"].append(torch.zeros(16, dtype=torch.uint8)),
+        "a rank's rng": lambda c: c["rng"]["ranks"][0]["torch"].view(-1)[10].add_(1),
+        "data order": lambda c: c["rng"]["data"].update(start_batch=c["rng"]["data"]["start_batch"] + 1),
+    }
+
+
+@pytest.mark.parametrize("part", list(_mutations()))
+def test_assert_same_training_sees_every_part_of_the_state(reference, part: str) -> None:
+    import copy
+
+    assert_same_training(reference, copy.deepcopy(reference))
+    changed = copy.deepcopy(reference)
+    _mutations()[part](changed)
+    with pytest.raises(AssertionError):
+        assert_same_training(reference, changed)
+    with pytest.raises(AssertionError):
+        assert_same_training(changed, reference)  # either side may be the shorter one
 
 
 @pytest.mark.parametrize("stop_at", [3, 4])  # mid-epoch, and exactly at the epoch boundary

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -23,9 +24,15 @@ from torch import Tensor
 
 from frcnn_train.errors import DataError
 
+_log = logging.getLogger("frcnn_train")
 
 class DataWarning(UserWarning):
     """Boxes were repaired or dropped while loading a dataset."""
+
+
+# data.bad_images: what a truncated or undecodable image does. `error` stops (naming the file);
+# `skip` leaves it out of its batch with a warning (batches with it are one image short).
+BAD_IMAGES = ("error", "skip")
 
 
 def _fix(key: str | None, what: str) -> str:
@@ -101,11 +108,16 @@ class CocoDetection(torch.utils.data.Dataset):
         classes: list[str] | None = None,
         ann_key: str | None = None,
         images_key: str | None = None,
+        bad_images: str = "error",
     ) -> None:
         self.images_dir = Path(images_dir).expanduser()
         self.with_masks = with_masks
         self.train = train
         self.transforms = transforms
+        if bad_images not in BAD_IMAGES:
+            raise DataError(f"data.bad_images={bad_images!r} is not a choice; use {' or '.join(BAD_IMAGES)}")
+        self.bad_images = bad_images
+        self._images_key = images_key
         if not self.images_dir.is_dir():
             raise DataError(
                 f"{_prefix(images_key)}image directory {self.images_dir} does not exist; "
@@ -210,13 +222,34 @@ class CocoDetection(torch.utils.data.Dataset):
                 f"{self.images_dir} (first: {missing[0]}); restore them or "
                 f"{_fix(images_key, 'directory')}"
             )
-        for info in out.values():
+        for image_id, info in list(out.items()):
             if not info["width"] or not info["height"]:
                 # Old or hand-made files omit the size; reading the header is cheap.
-                with Image.open(self.images_dir / info["file_name"]) as im:
-                    info["width"], info["height"] = im.size
+                try:
+                    with Image.open(self.images_dir / info["file_name"]) as im:
+                        info["width"], info["height"] = im.size
+                except Exception as err:  # noqa: BLE001 - PIL raises many types for a bad file
+                    self._bad_image(self.images_dir / info["file_name"], err)
+                    del out[image_id]  # skipped: no size, so no usable annotation either
+                    continue
             info["width"], info["height"] = int(info["width"]), int(info["height"])
         return out
+
+    def _bad_image(self, path: Path, err: Exception) -> None:
+        """A file that does not decode: one DataError sentence, or (data.bad_images=skip) a warning."""
+        if isinstance(err, MemoryError):
+            raise err
+        where = f"{self._images_key}=" if self._images_key else ""
+        cause = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if self.bad_images == "skip":
+            # Logged, not warnings.warn: it may happen in a DataLoader worker, where warnings are not collected.
+            _log.warning("data.bad_images=skip: skipped %s, which does not decode (%s).", path, cause)
+            return
+        raise DataError(
+            f"image {path} ({where}{self.images_dir}, listed in {self.source}) is truncated or corrupt "
+            f"({cause}); replace the file, remove it from the annotations, or set data.bad_images=skip to "
+            "train without it"
+        )
 
     def _annotations(
         self, annotations: list[dict], images: dict[int, dict], cat_to_label: dict[int, int], skip_empty: bool
@@ -331,8 +364,12 @@ class CocoDetection(torch.utils.data.Dataset):
         image_id = self.image_ids[index]
         rec = self._records[image_id]
         path = self.images_dir / rec["file_name"]
-        with Image.open(path) as im:
-            image = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.uint8).copy())
+        try:
+            with Image.open(path) as im:
+                image = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.uint8).copy())
+        except Exception as err:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError ... for bad files
+            self._bad_image(path, err)
+            return None  # type: ignore[return-value]  # skipped; `collate` drops it from the batch
         height, width = rec["size"]
         if tuple(image.shape[:2]) != (height, width):
             raise DataError(

@@ -76,6 +76,10 @@ def _train_transforms(data_cfg: DictConfig) -> Compose:
     return Compose(transforms)
 
 
+def _bad_images(data_cfg: DictConfig) -> str:
+    return str(_get(data_cfg, "bad_images") or "error")
+
+
 def shapes_cache_dir(data_cfg: DictConfig) -> Path:
     base = _get(data_cfg, "cache_dir") or os.environ.get("FRCNN_DATA_CACHE") or "~/.cache/frcnn_train"
     return Path(base).expanduser() / "shapes"
@@ -94,9 +98,9 @@ def _shapes_datasets(data_cfg: DictConfig, *, with_masks: bool, transforms: Comp
     log.info("data: synthetic shapes in %s", root)
     skip_empty = bool(_get(data_cfg, "skip_empty"))
     train = CocoDetection(root / "train", root / "instances_train.json", with_masks=with_masks, train=True,
-                          skip_empty=skip_empty, transforms=transforms)
+                          skip_empty=skip_empty, transforms=transforms, bad_images=_bad_images(data_cfg))
     val = CocoDetection(root / "val", root / "instances_val.json", with_masks=with_masks, train=False,
-                        classes=train.classes)
+                        classes=train.classes, bad_images=_bad_images(data_cfg))
     return train, val
 
 
@@ -121,11 +125,11 @@ def _coco_datasets(data_cfg: DictConfig, *, with_masks: bool, transforms: Compos
         _path(data_cfg, "train_images"), _path(data_cfg, "train_ann"), with_masks=with_masks, train=True,
         skip_empty=bool(_get(data_cfg, "skip_empty")), transforms=transforms,
         classes=list(classes) if classes is not None else None,
-        ann_key="data.train_ann", images_key="data.train_images",
+        ann_key="data.train_ann", images_key="data.train_images", bad_images=_bad_images(data_cfg),
     )
     val = CocoDetection(
         _path(data_cfg, "val_images"), _path(data_cfg, "val_ann"), with_masks=with_masks, train=False,
-        classes=train.classes, ann_key="data.val_ann", images_key="data.val_images",
+        classes=train.classes, ann_key="data.val_ann", images_key="data.val_images", bad_images=_bad_images(data_cfg),
     )
     return train, val
 
@@ -148,9 +152,9 @@ def _voc_datasets(data_cfg: DictConfig, *, with_masks: bool, transforms: Compose
     val_dict = load_voc(root, str(_get(data_cfg, "val_split")), classes=classes)
     train = CocoDetection(root / "JPEGImages", train_dict, with_masks=False, train=True,
                           skip_empty=bool(_get(data_cfg, "skip_empty")), transforms=transforms,
-                          images_key="data.root")
+                          images_key="data.root", bad_images=_bad_images(data_cfg))
     val = CocoDetection(root / "JPEGImages", val_dict, with_masks=False, train=False, classes=train.classes,
-                        images_key="data.root")
+                        images_key="data.root", bad_images=_bad_images(data_cfg))
     return train, val
 
 
@@ -223,8 +227,12 @@ def batches_per_epoch(dataset_len: int, batch_size: int, world_size: int = 1) ->
     return (dataset_len // world_size) // batch_size
 
 
-def collate(batch: Sequence[tuple[Tensor, dict]]) -> tuple[list[Tensor], list[dict]]:
-    """Images differ in size, so keep lists; the model batches them itself."""
+def collate(batch: Sequence[tuple[Tensor, dict] | None]) -> tuple[list[Tensor], list[dict]]:
+    """Images differ in size, so keep lists; the model batches them itself.
+
+    None is an image that data.bad_images=skip left out: the batch is one image short.
+    """
+    batch = [sample for sample in batch if sample is not None]
     images, targets = zip(*batch) if batch else ((), ())
     return list(images), list(targets)
 
