@@ -1,6 +1,7 @@
 """Resume is exact: a run stopped anywhere and resumed ends bitwise equal to one never stopped."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -233,3 +234,111 @@ def test_damaged_last_names_the_newest_good_checkpoint_beside_it(compose_tiny) -
                        match=r"truncated.*newest good one beside it is resume=.*(epoch_0001|best)\.pth\)$"):
         run(compose_tiny(*overrides), overrides=overrides)
     assert {p.name: p.stat().st_size for p in run_dir.iterdir()} == before
+
+
+@pytest.fixture(scope="module")
+def coco_copy(shapes_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, tuple[str, ...]]:
+    """The tiny shapes dataset as a COCO folder of our own (its files get damaged), and the overrides to use it."""
+    import shutil
+
+    from conftest import tiny_overrides
+    from frcnn_train.data import build_datasets
+
+    cfg = compose_config(tiny_overrides(shapes_cache, tmp_path_factory.mktemp("unused")))
+    root = tmp_path_factory.mktemp("coco") / "coco"
+    shutil.copytree(build_datasets(cfg.data, with_masks=False).train.images_dir.parent, root)
+    return root, ("data=coco", f"data.root={root}", "data.train_images=train", "data.val_images=val",
+                  "data.train_ann=instances_train.json", "data.val_ann=instances_val.json")
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_bad_image_saves_first_and_a_resume_after_the_fix_is_exact(compose_tiny, references, coco_copy,
+                                                                    split: str) -> None:
+    """A damaged image mid-run (a training batch at step 3, or the evaluation ending epoch 1): last.pth is
+    saved before the error, and once the file is fixed the resumed run equals one never interrupted."""
+    from frcnn_train.data import ResumableSampler
+    from frcnn_train.errors import DataError
+
+    root, data = coco_copy
+    reference = references(*data)
+    if split == "train":  # the first image of the third batch: two steps are done when it is read
+        order = ResumableSampler(8, batch_size=2, seed=42, epoch=0).order()
+        names = [p.name for p in sorted((root / "train").iterdir())]  # image ids follow the file names
+        image, saved_at = root / "train" / names[order[4][0]], 2
+    else:
+        image, saved_at = sorted((root / "val").iterdir())[0], 4
+    good = image.read_bytes()
+    image.write_bytes(good[: len(good) // 2])
+    try:
+        with pytest.raises(DataError, match=f"image {image} .*truncated or corrupt"):
+            run(compose_tiny(*EPOCHS, *data, f"run_name=bad_{split}"))
+    finally:
+        image.write_bytes(good)
+    run_dir = Path(compose_tiny(f"run_name=bad_{split}").output_dir) / f"bad_{split}"
+    saved = final_state(run_dir)
+    assert saved["trainer"]["global_step"] == saved_at
+    if split == "val":  # saved as "every step of epoch 1 done, not yet ended", so the resume evaluates it
+        assert (saved["trainer"]["epoch"], saved["trainer"]["step_in_epoch"]) == (0, 4)
+    overrides = [f"resume={run_dir}"]
+    resumed = run(compose_tiny(*EPOCHS, *data, *overrides), overrides=overrides)
+    assert resumed["completed"]
+    assert_same_training(reference, final_state(run_dir))
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [1, 2]
+
+
+@pytest.mark.slow
+def test_random_stop_resume_chain_is_bitwise_exact(compose_tiny, shapes_cache: Path, tmp_path: Path) -> None:
+    """At least 10 stops of the real CLI by SIGTERM (to the process) or SIGINT (to its group, as Ctrl-C),
+    at random: after a training step, at an epoch's end (during evaluation and the saves), or while a
+    checkpoint is being written; each resumed with resume=auto. The end equals a run never stopped."""
+    import queue
+    import random
+    import threading
+
+    from conftest import tiny_overrides
+
+    epochs = ("trainer.epochs=6", "schedule.warmup_steps=6", "trainer.checkpoint_every_steps=1", "trainer.keep_last=2")
+    reference = run(compose_tiny(*epochs, "run_name=straight"))
+    assert reference["completed"] and reference["global_step"] == 24
+    args = tiny_overrides(shapes_cache, tmp_path / "outputs") + list(epochs) + ["run_name=chain", "resume=auto"]
+    run_dir, rng = tmp_path / "outputs" / "chain", random.Random(12)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    stops: list[tuple[str, str, int]] = []
+    for attempt in range(40):
+        proc = subprocess.Popen([sys.executable, "-m", "frcnn_train.train", *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+        lines: queue.Queue = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout] + [lines.put(None)],
+                         daemon=True).start()
+        when, signum = rng.choice(["step", "epoch_end", "saving"]), rng.choice([signal.SIGTERM, signal.SIGINT])
+        output, sent, finished = [], False, False
+        while True:
+            try:
+                line = lines.get(timeout=0.01)
+            except queue.Empty:
+                line = ""
+            if line is None:
+                break
+            output.append(line)
+            started = any(" step " in text and "/4" in text for text in output)
+            last_step = "epoch 6 step 4/4" in line  # after it the handlers go: a signal would be too late
+            due = not sent and started and not last_step and (
+                (when == "step" and " step " in line) or (when == "epoch_end" and "step 4/4" in line)
+                or (when == "saving" and any(p.name.startswith(".") and "tmp" in p.name for p in run_dir.iterdir())))
+            if due:
+                os.killpg(proc.pid, signum) if signum == signal.SIGINT else proc.send_signal(signum)
+                sent = True
+        proc.wait(timeout=300)
+        text = "".join(output)
+        assert "Traceback" not in text, text
+        finished = "Finished 6 epochs" in text
+        if sent and not finished:
+            step = checkpoint.load_checkpoint(run_dir / "last.pth")["trainer"]["global_step"]
+            stops.append((when, signal.Signals(signum).name, step))
+        if finished:
+            break
+    assert finished, stops
+    assert len(stops) >= 10, f"only {len(stops)} stops landed before the run finished: {stops}"
+    assert {s[1] for s in stops} == {"SIGTERM", "SIGINT"} and {s[0] for s in stops} == {"step", "epoch_end", "saving"}
+    assert_same_training(final_state(Path(reference["run_dir"])), final_state(run_dir))

@@ -118,6 +118,7 @@ class CocoDetection(torch.utils.data.Dataset):
             raise DataError(f"data.bad_images={bad_images!r} is not a choice; use {' or '.join(BAD_IMAGES)}")
         self.bad_images = bad_images
         self._images_key = images_key
+        self._unreadable: set[int] = set()  # images data.bad_images=skip left out at construction
         if not self.images_dir.is_dir():
             raise DataError(
                 f"{_prefix(images_key)}image directory {self.images_dir} does not exist; "
@@ -230,7 +231,8 @@ class CocoDetection(torch.utils.data.Dataset):
                         info["width"], info["height"] = im.size
                 except Exception as err:  # noqa: BLE001 - PIL raises many types for a bad file
                     self._bad_image(self.images_dir / info["file_name"], err)
-                    del out[image_id]  # skipped: no size, so no usable annotation either
+                    self._unreadable.add(image_id)  # skipped, with its annotations
+                    del out[image_id]
                     continue
             info["width"], info["height"] = int(info["width"]), int(info["height"])
         return out
@@ -266,6 +268,8 @@ class CocoDetection(torch.utils.data.Dataset):
                 raise self._error(f"lists annotation id {ann['id']} twice", "give every annotation a unique id")
             seen_ids.add(ann["id"])
             image_id, cat_id = ann.get("image_id"), ann.get("category_id")
+            if image_id in self._unreadable:
+                continue
             if image_id not in images:
                 raise self._error(
                     f"has annotation id {ann.get('id')} for image_id {image_id}, which is not in 'images'",

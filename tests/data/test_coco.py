@@ -322,3 +322,34 @@ def test_build_datasets_coco_paths_under_root(tiny: Callable, compose_tiny: Call
     assert len(bundle.train) == 2 and len(bundle.val) == 4
     with pytest.raises(DataError, match=f"data.val_ann: annotation file {root / 'missing.json'} does not exist"):
         build_datasets(compose_tiny("data=coco", *paths, "data.val_ann=missing.json").data, with_masks=True)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not an image"])
+def test_a_bad_image_is_named_or_skipped(tiny: Callable, damage: str, caplog: pytest.LogCaptureFixture) -> None:
+    images_dir, ann = tiny()
+    rgb = images_dir / "rgb.png"
+    data = rgb.read_bytes()
+    rgb.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\x89PNG garbage")
+    strict = CocoDetection(images_dir, ann, with_masks=False, train=True, images_key="data.train_images")
+    with pytest.raises(DataError) as info:
+        by_id(strict, 1)
+    message = str(info.value)
+    assert message.startswith(f"image {rgb} (data.train_images={images_dir}, listed in {ann}) is truncated or corrupt")
+    assert message.endswith("or set data.bad_images=skip to train without it") and "\n" not in message
+    lenient = CocoDetection(images_dir, ann, with_masks=False, train=True, bad_images="skip")
+    caplog.set_level("WARNING", logger="frcnn_train")
+    assert by_id(lenient, 1) is None and by_id(lenient, 2)[0].shape == (3, 32, 32)  # only the bad one is left out
+    warned = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith(f"data.bad_images=skip: skipped {rgb}, which does not decode")
+
+
+def test_a_bad_image_without_a_size_is_named_at_construction(tiny: Callable) -> None:
+    def no_size(data: dict) -> None:
+        del data["images"][0]["width"], data["images"][0]["height"]
+
+    images_dir, ann = tiny(no_size)
+    (images_dir / "rgb.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match=f"image {images_dir / 'rgb.png'} .*truncated or corrupt"):
+        CocoDetection(images_dir, ann, with_masks=False, train=True)
+    skipped = CocoDetection(images_dir, ann, with_masks=False, train=False, bad_images="skip")
+    assert 1 not in skipped.image_ids and 2 in skipped.image_ids

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import pickle
 from pathlib import Path
 from typing import Callable
 
@@ -164,7 +163,7 @@ def test_eval_loader_is_sequential_and_sharded(bundle: DataBundle) -> None:
     assert image.shape == (3, 64, 64) and target["masks"].shape[-2:] == (64, 64)
 
 
-def test_collate_is_picklable() -> None:
-    assert pickle.loads(pickle.dumps(collate)) is collate
-    images, targets = collate([(torch.zeros(1), {"a": 1}), (torch.ones(1), {"a": 2})])
-    assert isinstance(images, list) and [t["a"] for t in targets] == [1, 2]
+def test_collate_keeps_lists_and_drops_skipped_images() -> None:
+    images, targets = collate([(torch.zeros(1), {"a": 1}), None, (torch.ones(1), {"a": 2})])
+    assert isinstance(images, list) and [t["a"] for t in targets] == [1, 2] and float(images[1]) == 1.0
+    assert collate([None, None]) == ([], [])  # every image of the batch was skipped (data.bad_images=skip)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -54,8 +55,11 @@ def test_spec_resolves_norm_from_weights(compose_tiny) -> None:
 
 
 def test_fingerprint_is_stable_and_ignores_untensored_keys(compose_tiny) -> None:
-    base = _fp(_cfg(compose_tiny))
-    assert len(base) == 64 and int(base, 16) >= 0
+    cfg = _cfg(compose_tiny)
+    base = _fp(cfg)
+    assert re.fullmatch(r"[0-9a-f]{64}", base), base  # a sha256 hex digest, as DESIGN.md states
+    # dtypes are part of it: a float64 build of the same config is another architecture to load into.
+    assert fingerprint(architecture_spec(cfg.model), build_model(cfg.model).double()) != base
     assert _fp(_cfg(compose_tiny)) == base
     assert _fp(_cfg(compose_tiny, "model.min_size=96", "model.box_score_thresh=0.5")) == base
     assert _fp(_cfg(compose_tiny, "model.backbone.trainable_layers=2")) == base

@@ -1,0 +1,402 @@
+"""Every bad input a user can give ends in one sentence, a non-zero exit, and no file touched.
+
+Each case prepares its own files, runs a CLI, and checks: a non-zero exit; no traceback; the
+file or config key named in the message; and the same bytes in every file that existed before
+(the shared trained run, the dataset, the case's own files). Most cases run in this process
+through the CLIs' own code (seconds each); a few run as real subprocesses, for what only a
+process shows (Hydra's own errors, DataLoader workers, a clean exit).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import tiny_overrides
+from frcnn_train import evaluate, inspect, predict
+from frcnn_train.config import compose_config
+from frcnn_train.errors import UserError
+from frcnn_train.launch import run
+
+
+@dataclass
+class Ctx:
+    tmp: Path  # the case's own directory
+    run_dir: Path  # the shared tiny run: every case must leave it as it was
+    shapes: Path  # the shared shapes cache
+    coco_source: Path  # a COCO-layout dataset (the tiny shapes), copied per case on demand
+
+    @property
+    def last(self) -> Path:
+        return self.run_dir / "last.pth"
+
+    def train_args(self, *extra: str) -> list[str]:
+        return tiny_overrides(self.shapes, self.tmp / "outputs") + ["trainer.max_steps=2", *extra]
+
+    def coco(self) -> Path:
+        """The case's own copy of the COCO dataset (made on first call)."""
+        root = self.tmp / "coco"
+        if not root.exists():
+            shutil.copytree(self.coco_source, root)
+        return root
+
+    def coco_args(self, *extra: str) -> list[str]:
+        root = self.coco()
+        return self.train_args("data=coco", f"data.root={root}", "data.train_images=train", "data.val_images=val",
+                               "data.train_ann=instances_train.json", "data.val_ann=instances_val.json", *extra)
+
+    def evil_pickle(self) -> Path:
+        """A weights file whose unpickling would call os.system (harmless command, never run)."""
+        path = self.tmp / "evil.pth"
+        torch.save({"model": {"w": torch.zeros(1)}, "x": _RunsACommand(self.tmp / "it_ran")}, path)
+        return path
+
+    def truncated_copy(self, source: Path, name: str = "truncated.pth") -> Path:
+        path = self.tmp / name
+        path.write_bytes(source.read_bytes()[:20_000])
+        return path
+
+
+class _RunsACommand:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _voc(ctx: Ctx) -> Path:
+    """A two-image Pascal VOC tree whose second image has a class outside data.classes."""
+    root = ctx.tmp / "VOC"
+    for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        (root / sub).mkdir(parents=True)
+    for voc_id, name in (("a", "dog"), ("b", "zebra")):
+        (root / "Annotations" / f"{voc_id}.xml").write_text(
+            f"<annotation><size><width>48</width><height>32</height></size><object><name>{name}</name>"
+            "<difficult>0</difficult><bndbox><xmin>2</xmin><ymin>2</ymin><xmax>20</xmax><ymax>20</ymax></bndbox>"
+            "</object></annotation>")
+        Image.fromarray(np.zeros((32, 48, 3), dtype=np.uint8)).save(root / "JPEGImages" / f"{voc_id}.jpg")
+    for split in ("train", "val"):
+        (root / "ImageSets/Main" / f"{split}.txt").write_text("a\nb\n")
+    return root
+
+
+# ---------------------------------------------------------------- the cases
+# name -> (CLI, prepare(ctx) -> (argv, strings the message must contain)).
+# CLI: train (in process: compose + launch.run, as train.py does), train-process (the real
+# `python -m frcnn_train.train`), evaluate / predict / inspect (their main(argv) in process).
+Case = Callable[[Ctx], tuple[list[str], list[str]]]
+CASES: dict[str, tuple[str, Case]] = {}
+
+
+def case(cli: str) -> Callable[[Case], Case]:
+    def register(prepare: Case) -> Case:
+        CASES[prepare.__name__] = (cli, prepare)
+        return prepare
+    return register
+
+
+# -- config values that cannot work (refused before any data or model work)
+for _override, _shown, _allowed in [
+    ("trainer.batch_size=0", "trainer.batch_size=0", ">= 1"), ("trainer.accumulate=0", "trainer.accumulate=0", ">= 1"),
+    ("optim.lr=-1", "optim.lr=-1.0", ">= 0"), ("model.min_size=0", "model.min_size=0", ">= 1"),
+    ("trainer.epochs=0", "trainer.epochs=0", ">= 1"), ("trainer.max_steps=0", "trainer.max_steps=0", ">= 1"),
+    ("trainer.keep_last=-1", "trainer.keep_last=-1", ">= 0"),
+    ("schedule.warmup_steps=-1", "schedule.warmup_steps=-1", ">= 0"),
+    ("trainer.log_every=0", "trainer.log_every=0", ">= 1"),
+    ("data.bad_images=maybe", "data.bad_images=maybe", "error or skip"),
+]:
+    def _bad_value(ctx: Ctx, override: str = _override, shown: str = _shown, allowed: str = _allowed):
+        return ctx.train_args(override), [shown, allowed]
+    _bad_value.__name__ = f"value_{_override.split('=')[0]}"
+    case("train")(_bad_value)
+
+
+@case("train")
+def value_max_size_below_min_size(ctx: Ctx):
+    return ctx.train_args("model.min_size=96", "model.max_size=64"), ["model.max_size=64", "model.min_size=96"]
+
+
+@case("train-process")
+def unknown_key(ctx: Ctx):
+    return ctx.train_args("model.box_head_dm=3"), ["model.box_head_dm"]
+
+
+@case("train-process")
+def unknown_group_option(ctx: Ctx):
+    return ctx.train_args("model/backbone=resnet19_fpn"), ["model/backbone/resnet19_fpn"]
+
+
+# -- datasets
+@case("train")
+def coco_root_missing(ctx: Ctx):
+    return ctx.train_args("data=coco", f"data.root={ctx.tmp / 'nowhere'}"), [str(ctx.tmp / "nowhere"), "data."]
+
+
+@case("train")
+def coco_invalid_json(ctx: Ctx):
+    args = ctx.coco_args()
+    (ctx.coco() / "instances_train.json").write_text('{"images": [')
+    return args, ["data.train_ann", str(ctx.coco() / "instances_train.json"), "not valid JSON"]
+
+
+@case("train")
+def coco_unknown_category_id(ctx: Ctx):
+    args, ann = ctx.coco_args(), ctx.coco() / "instances_val.json"
+    data = json.loads(ann.read_text())
+    data["annotations"][0]["category_id"] = 99
+    ann.write_text(json.dumps(data))
+    return args, ["data.val_ann", str(ann), "category_id 99"]
+
+
+@case("train")
+def coco_annotation_file_missing(ctx: Ctx):
+    args = ctx.coco_args()
+    (ctx.coco() / "instances_train.json").unlink()
+    return args, ["data.train_ann", str(ctx.coco() / "instances_train.json"), "does not exist"]
+
+
+@case("train")
+def coco_image_missing(ctx: Ctx):
+    args = ctx.coco_args()
+    (ctx.coco() / "val" / "000002.png").unlink()
+    return args, ["data.val_images", "000002.png", "missing"]
+
+
+@case("train")
+def coco_truncated_train_image(ctx: Ctx):
+    args = ctx.coco_args("trainer.max_steps=1", "data.num_workers=0")
+    for image in (ctx.coco() / "train").iterdir():  # whichever comes first in the shuffled order
+        _truncate(image)
+    return args, ["data.train_images=", str(ctx.coco() / "train"), "truncated or corrupt", "data.bad_images=skip"]
+
+
+@case("train-process")
+def coco_truncated_image_in_a_worker(ctx: Ctx):
+    """Raised in a DataLoader worker: still one sentence, and the process exits (workers included)."""
+    args = ctx.coco_args("trainer.max_steps=1", "data.num_workers=2")
+    for image in (ctx.coco() / "train").iterdir():
+        _truncate(image)
+    return args, ["data.train_images=", str(ctx.coco() / "train"), "truncated or corrupt"]
+
+
+@case("train")
+def coco_corrupt_val_image(ctx: Ctx):
+    # The val split is read at the end of the epoch: after the 4 steps (saved first, see test_resume).
+    args = ctx.coco_args("trainer.max_steps=null", "trainer.epochs=1", "trainer.batch_size=4")
+    for image in (ctx.coco() / "val").iterdir():
+        image.write_bytes(os.urandom(300))
+    return args, ["data.val_images=", str(ctx.coco() / "val"), "truncated or corrupt"]
+
+
+@case("train")
+def voc_class_not_in_data_classes(ctx: Ctx):
+    root = _voc(ctx)
+    return (ctx.train_args("data=voc", f"data.root={root}", "data.classes=[dog,cat]"),
+            [str(root / "Annotations" / "b.xml"), "'zebra'", "data.classes"])
+
+
+@case("train")
+def voc_root_missing(ctx: Ctx):
+    return ctx.train_args("data=voc", f"data.root={ctx.tmp / 'VOCdevkit'}"), [str(ctx.tmp / "VOCdevkit")]
+
+
+# -- resume, init_from, weights
+@case("train")
+def resume_with_a_changed_key(ctx: Ctx):
+    return ctx.train_args(f"resume={ctx.run_dir}", "model.box_head_dim=64"), [
+        "model.box_head_dim (checkpoint 32, requested 64)", "init_from="]
+
+
+@case("train")
+def resume_truncated_checkpoint(ctx: Ctx):
+    path = ctx.truncated_copy(ctx.last)
+    return ctx.train_args(f"resume={path}"), [str(path), "truncated"]
+
+
+@case("train")
+def resume_missing_file(ctx: Ctx):
+    return ctx.train_args(f"resume={ctx.tmp / 'lsat.pth'}"), [str(ctx.tmp / "lsat.pth"), "does not exist"]
+
+
+@case("train")
+def resume_a_pickle_that_runs_code(ctx: Ctx):
+    path = ctx.evil_pickle()
+    return ctx.train_args(f"resume={path}"), [str(path), "posix.system" if os.name == "posix" else ".system",
+                                              "code that would run"]
+
+
+@case("train")
+def init_from_missing_file(ctx: Ctx):
+    return ctx.train_args(f"init_from={ctx.tmp / 'w.pth'}"), [f"init_from={ctx.tmp / 'w.pth'}", "does not exist"]
+
+
+@case("train-process")
+def init_from_a_pickle_that_runs_code(ctx: Ctx):
+    path = ctx.evil_pickle()
+    return ctx.train_args(f"init_from={path}"), [str(path), ".system", "init.trust=true loads it and runs that code"]
+
+
+@case("train")
+def init_from_a_truncated_file(ctx: Ctx):
+    path = ctx.truncated_copy(ctx.last)
+    return ctx.train_args(f"init_from={path}"), [str(path), "truncated"]
+
+
+@case("train")
+def backbone_weights_missing(ctx: Ctx):
+    path = ctx.tmp / "r18.pth"
+    return ctx.train_args(f"model.backbone.weights={path}"), [f"model.backbone.weights={path}", "does not exist"]
+
+
+@case("train")
+def backbone_weights_of_another_network(ctx: Ctx):
+    from torchvision.models import mobilenet_v2
+
+    path = ctx.tmp / "mobilenet.pth"
+    torch.save(mobilenet_v2(weights=None).state_dict(), path)
+    return ctx.train_args(f"model.backbone.weights={path}"), ["model.backbone.weights", str(path), "resnet18"]
+
+
+@case("train")
+def device_without_cuda(ctx: Ctx):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    return ctx.train_args("device=cuda:7"), ["device=cuda:7", "device=cpu"]
+
+
+# -- evaluate, predict, inspect
+@case("evaluate")
+def evaluate_truncated_checkpoint(ctx: Ctx):
+    path = ctx.truncated_copy(ctx.last)
+    return [str(path)], [str(path), "truncated"]
+
+
+@case("evaluate")
+def evaluate_overrides_the_model(ctx: Ctx):
+    return [str(ctx.last), "model.box_head_dim=64"], ["model.box_head_dim", "cannot be overridden"]
+
+
+@case("evaluate")
+def evaluate_batch_size_zero(ctx: Ctx):
+    return [str(ctx.last), "trainer.batch_size=0"], ["trainer.batch_size=0", ">= 1"]
+
+
+@case("evaluate")
+def evaluate_on_a_missing_dataset(ctx: Ctx):
+    return [str(ctx.last), "data=coco", f"data.root={ctx.tmp / 'nowhere'}"], [str(ctx.tmp / "nowhere")]
+
+
+@case("predict")
+def predict_a_corrupt_image(ctx: Ctx):
+    image = ctx.tmp / "photo.jpg"
+    image.write_bytes(b"\xff\xd8\xff" + os.urandom(200))
+    return [str(ctx.last), str(image), "--out", str(ctx.tmp / "preds")], [str(image), "could not be decoded"]
+
+
+@case("predict")
+def predict_a_missing_input(ctx: Ctx):
+    return [str(ctx.last), str(ctx.tmp / "nope.jpg"), "--out", str(ctx.tmp / "p")], [str(ctx.tmp / "nope.jpg")]
+
+
+@case("inspect")
+def inspect_missing_file(ctx: Ctx):
+    return [str(ctx.tmp / "x.pth")], [str(ctx.tmp / "x.pth"), "does not exist"]
+
+
+@case("inspect")
+def inspect_truncated_checkpoint(ctx: Ctx):
+    path = ctx.truncated_copy(ctx.last)
+    return [str(path)], [str(path), "truncated"]
+
+
+@case("inspect")
+def inspect_a_pickle_that_runs_code(ctx: Ctx):
+    path = ctx.evil_pickle()
+    return [str(path)], [str(path), ".system", "code that would run"]
+
+
+# ---------------------------------------------------------------- running them
+@pytest.fixture(scope="module")
+def shared(tiny_runs, shapes_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One tiny trained run (1 step) and a COCO-layout dataset, shared by every case."""
+    from frcnn_train.data import build_datasets
+
+    run_dir = tiny_runs("shared", "trainer.max_steps=1")
+    data_cfg = compose_config(tiny_overrides(shapes_cache, tmp_path_factory.mktemp("unused"))).data
+    source = build_datasets(data_cfg, with_masks=False).train.images_dir.parent
+    coco = tmp_path_factory.mktemp("coco_source") / "coco"
+    shutil.copytree(source, coco)
+    return {"run_dir": run_dir, "shapes": shapes_cache, "coco": coco}
+
+
+def _snapshot(*roots: Path) -> dict[Path, str]:
+    return {p: hashlib.sha256(p.read_bytes()).hexdigest()
+            for root in roots if root.exists() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _run_cli(cli: str, argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
+    if cli == "train-process":
+        proc = subprocess.run([sys.executable, "-m", "frcnn_train.train", *argv], capture_output=True, text=True,
+                              timeout=180, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+        return proc.returncode, proc.stdout + proc.stderr
+    if cli == "train":  # what train.py's main does, without Hydra's command-line parsing
+        try:
+            run(compose_config(argv), overrides=argv)
+        except UserError as err:
+            print(f"error: {err}", file=sys.stderr)
+            code = 2
+        else:
+            code = 0
+    else:
+        code = {"evaluate": evaluate.main, "predict": predict.main, "inspect": inspect.main}[cli](argv)
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_is_one_sentence_and_touches_nothing(name: str, shared, tmp_path: Path, capsys) -> None:
+    cli, prepare = CASES[name]
+    ctx = Ctx(tmp=tmp_path, run_dir=shared["run_dir"], shapes=shared["shapes"], coco_source=shared["coco"])
+    argv, expected = prepare(ctx)
+    roots = (tmp_path, shared["run_dir"], shared["coco"])
+    before = _snapshot(*roots)
+    code, output = _run_cli(cli, argv, capsys)
+    assert code != 0, output
+    assert "Traceback" not in output, output
+    errors = [line for line in output.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 or cli == "train-process" and "Could not" in output, output
+    message = errors[0] if errors else output
+    for text in expected:
+        assert text in message, f"{text!r} not in {message!r}"
+    after = _snapshot(*roots)
+    changed = [str(p) for p, digest in before.items() if after.get(p) != digest]
+    assert not changed, f"files changed or removed: {changed}"
+    assert not (tmp_path / "it_ran").exists(), "a pickled command was executed"
+
+
+def test_inspect_into_a_closed_pipe_exits_quietly(shared, tmp_path: Path) -> None:
+    """`inspect x.pth | head`: the reader goes away before the output is written."""
+    proc = subprocess.Popen([sys.executable, "-m", "frcnn_train.inspect", str(shared["run_dir"] / "last.pth"),
+                             "--keys"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    proc.stdout.close()  # as `head` does after its lines; here before the first one, so every write fails
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 1, stderr
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr and "Exception ignored" not in stderr, stderr
