@@ -224,7 +224,8 @@ class Trainer:
         if progress is not None:
             progress.close()
         if skipped:
-            log.warning("epoch %d: data.bad_images=skip left out %d bad image(s), named above.", self.epoch + 1, skipped)
+            log.warning("epoch %d: data.bad_images=skip left out %d bad image(s), named above.",
+                        self.epoch + 1, skipped)
         self.logger.scalars({"time/epoch_s": time.perf_counter() - started}, self.global_step)
         return True
 
@@ -358,8 +359,10 @@ class Trainer:
         count = min(self.s.vis_images, len(self.data.val))
         if count == 0:
             return
-        self.bare.eval()
         images = [sample[0] for sample in (self.data.val[i] for i in range(count)) if sample is not None]
+        if not images:  # data.bad_images=skip left every one of them out
+            return
+        self.bare.eval()
         outputs = self.bare([image.to(self.device) for image in images])
         self.bare.train()
         for i, (image, output) in enumerate(zip(images, outputs)):

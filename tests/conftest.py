@@ -83,7 +83,8 @@ def _assert_same(a: Any, b: Any, where: str) -> None:
     """Equal values, recursing into dicts (same keys), lists and tuples (same length), tensors (bitwise)."""
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         assert isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor), f"{where}: a tensor and a {type(b)}"
-        assert a.dtype == b.dtype and a.shape == b.shape, f"{where}: {a.dtype}{list(a.shape)} vs {b.dtype}{list(b.shape)}"
+        assert a.dtype == b.dtype and a.shape == b.shape, \
+            f"{where}: {a.dtype}{list(a.shape)} vs {b.dtype}{list(b.shape)}"
         assert torch.equal(a, b), f"{where} differs"
     elif isinstance(a, dict):
         assert isinstance(b, dict), f"{where}: a dict and a {type(b)}"

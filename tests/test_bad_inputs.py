@@ -400,3 +400,17 @@ def test_inspect_into_a_closed_pipe_exits_quietly(shared, tmp_path: Path) -> Non
     stderr = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 1, stderr
     assert "Traceback" not in stderr and "BrokenPipeError" not in stderr and "Exception ignored" not in stderr, stderr
+
+
+def test_bad_images_skip_trains_on_and_counts_them(shared, tmp_path: Path, caplog) -> None:
+    """data.bad_images=skip: the damaged image is left out of its batch, named, and counted per epoch."""
+    ctx = Ctx(tmp=tmp_path, run_dir=shared["run_dir"], shapes=shared["shapes"], coco_source=shared["coco"])
+    args = ctx.coco_args("trainer.max_steps=null", "trainer.epochs=1", "data.bad_images=skip", "trainer.eval_every=0")
+    bad = sorted((ctx.coco() / "train").iterdir())[0]
+    _truncate(bad)
+    caplog.set_level("WARNING", logger="frcnn_train")
+    summary = run(compose_config(args), overrides=args)
+    assert summary["completed"] and summary["global_step"] == 4
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum(m.startswith(f"data.bad_images=skip: skipped {bad}, which does not decode") for m in messages) == 1
+    assert "epoch 1: data.bad_images=skip left out 1 bad image(s), named above." in messages
