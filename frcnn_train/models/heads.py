@@ -87,7 +87,7 @@ def _split_per_image(keep: Tensor, image: Tensor, num_images: int, top: int) -> 
     keep = keep[torch.argsort(image[keep], stable=True)]  # image order, score order inside
     counts = torch.bincount(image[keep], minlength=num_images)
     starts = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(keep.numel(), device=keep.device) - starts.repeat_interleave(counts)
+    rank = torch.arange(keep.numel(), device=keep.device) - starts.repeat_interleave(counts, output_size=keep.numel())
     keep, image_of_kept = keep[rank < top], image[keep][rank < top]
     sizes = torch.bincount(image_of_kept, minlength=num_images).tolist()  # the step's one host sync here
     return list(keep.split(sizes))
@@ -134,7 +134,8 @@ class BatchedRoIHeads(RoIHeads):
     ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         device, num_classes, num_images = class_logits.device, class_logits.shape[-1], len(proposals)
         counts = torch.tensor([p.shape[0] for p in proposals], device=device)
-        image = torch.repeat_interleave(torch.arange(num_images, device=device), counts)
+        image = torch.repeat_interleave(torch.arange(num_images, device=device), counts,
+                                        output_size=class_logits.shape[0])  # known size: no host sync
         sizes = torch.tensor(image_shapes, dtype=torch.float32, device=device)[image]
         boxes = self.box_coder.decode(box_regression.float(), proposals)  # [N, classes, 4]
         boxes = _clip(boxes, sizes[:, 0, None, None], sizes[:, 1, None, None])[:, 1:]  # background out
