@@ -99,8 +99,8 @@ def snapshot_bytes(state: Any) -> int:
 class Checkpointer:
     """Writes last.pth in a background thread, links best.pth / epoch_NNNN.pth to it, keeps `keep_last`.
 
-    A save costs the training thread only a copy of the state to CPU memory (into
-    pinned buffers reused between saves when the state lives on CUDA); serialising,
+    A save costs the training thread only a copy of the state into CPU buffers reused
+    between saves (pinned when the state lives on CUDA); serialising,
     fsync and rename happen in a writer thread. One write is in flight at most: the
     next save waits for it. A failed write is raised on the training thread by the
     next `check()` (every step) or `wait()`, as one sentence; last.pth is then the
@@ -119,7 +119,7 @@ class Checkpointer:
         self.enabled = enabled
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
-        self._pinned: dict[tuple, torch.Tensor] = {}  # CUDA tensors' CPU copies, kept for the next save
+        self._buffers: dict[tuple, torch.Tensor] = {}  # CPU copies of the state's tensors, by position
         if enabled and run_dir.is_dir():  # temporaries of this run's killed processes
             for tmp in checkpoint.remove_stale_temporaries(run_dir):
                 log.info("Removed %s, left by a process killed while writing it.", tmp)
@@ -169,7 +169,7 @@ class Checkpointer:
         if not self.enabled:
             return self.last_path
         started = time.perf_counter()
-        self.wait()  # the previous write reads the pinned buffers this copy reuses
+        self.wait()  # the previous write reads the buffers this copy reuses
         copied, synced = self._snapshot(state)
         blocking_s = time.perf_counter() - started
         step = state["trainer"]["global_step"]
@@ -202,24 +202,25 @@ class Checkpointer:
         return self._thread is not None and self._thread.is_alive()
 
     def _snapshot(self, state: dict[str, Any]) -> tuple[dict[str, Any], torch.cuda.Event | None]:
-        """A deep copy on the CPU, taken before the next optimizer step changes anything.
+        """A deep copy on the CPU, taken before the next optimizer step changes anything in place.
 
-        CPU tensors are cloned (the live ones change in place); CUDA tensors are copied
-        asynchronously into pinned buffers, ordered on the stream before the next step's
-        kernels; the returned event tells the writer when those copies have landed.
+        Each tensor is copied into a CPU buffer kept for the next save (pinned for CUDA
+        tensors): a second copy of the state stays allocated, and saves after the first
+        neither allocate nor page-fault. CUDA copies are asynchronous, queued on the
+        stream before the next step's kernels; the returned event says when they landed.
         """
-        on_cuda = []
+        on_cuda = False
 
         def copy(value: Any, key: tuple) -> Any:
+            nonlocal on_cuda
             if isinstance(value, torch.Tensor):
-                if value.device.type != "cuda":
-                    return value.detach().clone()
-                buffer = self._pinned.get(key)
+                cuda = value.device.type == "cuda"
+                buffer = self._buffers.get(key)
                 if buffer is None or buffer.shape != value.shape or buffer.dtype != value.dtype:
-                    buffer = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
-                    self._pinned[key] = buffer
-                buffer.copy_(value.detach(), non_blocking=True)
-                on_cuda.append(value)
+                    buffer = torch.empty(value.shape, dtype=value.dtype, pin_memory=cuda)
+                    self._buffers[key] = buffer
+                buffer.copy_(value.detach(), non_blocking=cuda)
+                on_cuda = on_cuda or cuda
                 return buffer
             if isinstance(value, dict):
                 return {k: copy(v, (*key, k)) for k, v in value.items()}

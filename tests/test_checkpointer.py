@@ -242,7 +242,7 @@ def test_cuda_state_is_copied_into_reused_pinned_buffers_before_the_next_step(tm
         ckpt.wait()
         saved = checkpoint.load_checkpoint(tmp_path / "last.pth")["model"]["w"]
         assert torch.equal(saved, torch.full((5_000_000,), float(step)))
-        buffer = ckpt._pinned[("model", "w")]
+        buffer = ckpt._buffers[("model", "w")]
         assert buffer.is_pinned()
         if step == 1:
             first = buffer.data_ptr()
