@@ -38,8 +38,9 @@ class BackboneConfig:
     weights: Optional[str] = None
     # How many stages (counted from the top) train; the rest are frozen. None: all.
     trainable_layers: Optional[int] = None
-    # auto: FrozenBatchNorm2d with pretrained weights (as torchvision does), BatchNorm2d from scratch.
-    norm: str = "auto"  # auto | frozen_bn | bn
+    # auto: FrozenBatchNorm2d with pretrained weights (as torchvision does), BatchNorm2d from scratch
+    # (SyncBatchNorm under DDP on CUDA). syncbn: SyncBatchNorm under DDP, BatchNorm2d on one process.
+    norm: str = "auto"  # auto | frozen_bn | bn | syncbn
     # Backbone stages that feed the FPN; None: the torchvision default for the backbone.
     returned_layers: Optional[List[int]] = None
     fpn_channels: int = 256

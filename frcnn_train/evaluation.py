@@ -132,8 +132,9 @@ def evaluate(
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Run the model over `loader` and score it; returns ("bbox/AP"-style metrics, COCO results).
 
-    Under torchrun each rank predicts its shard; rank 0 gathers and scores, the
-    others return empty metrics.
+    Under torchrun each rank predicts its shard; only rank 0 receives the
+    detections and runs pycocotools; every rank gets the metrics, and the
+    results on rank 0 only (others get []).
     """
     was_training = model.training
     model.eval()
@@ -147,14 +148,14 @@ def evaluate(
         image_ids = [int(t["image_id"]) for t in targets]
         results += detections_to_coco(outputs, image_ids, label_to_cat_id, with_masks=with_masks)
     model.train(was_training)
-    results = distributed.gather_lists(results)
-    if not distributed.is_main():
-        return {}, []
+    # One order for any world size: by image, each image's detections as the model gave them.
+    results = sorted(distributed.gather_lists(results), key=lambda r: r["image_id"])
     metrics = {}
-    for iou_type in ("bbox", "segm") if with_masks else ("bbox",):
-        for name, value in coco_metrics(coco_gt, results, iou_type).items():
-            metrics[f"{iou_type}/{name}"] = value
-    return metrics, results
+    if distributed.is_main():
+        for iou_type in ("bbox", "segm") if with_masks else ("bbox",):
+            for name, value in coco_metrics(coco_gt, results, iou_type).items():
+                metrics[f"{iou_type}/{name}"] = value
+    return distributed.broadcast_from_main(metrics), results
 
 
 def format_table(metrics: dict[str, float]) -> str:

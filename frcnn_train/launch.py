@@ -26,6 +26,7 @@ from frcnn_train.errors import CheckpointError, ConfigError, UserError
 from frcnn_train.evaluation import format_table
 from frcnn_train.logs import RunLogger, log, setup_console
 from frcnn_train.models import build_model, prepare_for_training
+from frcnn_train.models.backbones import resolve_norm
 from frcnn_train.models.fingerprint import architecture_spec, diff_layouts, diff_specs, fingerprint, tensor_layout
 from frcnn_train.optim import apply_current_schedule, build_optimizer, build_scheduler, group_summary
 from frcnn_train.runtime import amp_dtype, precision_name, resolve_device, seed_everything
@@ -98,6 +99,30 @@ def describe_model_change(saved: DictConfig, requested: DictConfig) -> str:
     return "; ".join(diff_layouts(*layouts)[:6])
 
 
+def keep_global_batch(cfg: DictConfig, ckpt: dict[str, Any], world: int) -> str | None:
+    """On a resume with another number of processes, set trainer.accumulate so that
+    processes x trainer.batch_size x trainer.accumulate stays the checkpoint's global batch
+    (the LR schedule and the data order are defined per global batch). Returns the line to log."""
+    saved = ckpt["trainer"]
+    # Checkpoints written before these keys existed: one RNG state per process, the config's batch.
+    old_world = saved.get("world_size") or max(len(ckpt["rng"].get("ranks", [])), 1)
+    old_accumulate = saved.get("accumulate", cfg.trainer.accumulate)
+    batch = cfg.trainer.batch_size  # not mutable on resume: the checkpoint's
+    if old_world == world:
+        return None
+    global_batch = old_world * saved.get("batch_size", batch) * old_accumulate
+    if global_batch % (world * batch):
+        raise ConfigError(
+            f"cannot resume a run trained with a global batch of {global_batch} images ({old_world} processes x "
+            f"trainer.batch_size={batch} x trainer.accumulate={old_accumulate}) on {world} processes, because "
+            f"{world} x trainer.batch_size={batch} does not divide it; resume on a number of processes that divides "
+            f"{global_batch // batch}"
+        )
+    cfg.trainer.accumulate = global_batch // (world * batch)
+    return (f"world size {old_world} -> {world}: trainer.accumulate {old_accumulate} -> {cfg.trainer.accumulate} "
+            f"keeps the global batch of {global_batch} images ({world} x {batch} x {cfg.trainer.accumulate})")
+
+
 def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Train (or resume) as `cfg` says; returns a summary dict (run_dir, metrics, stop reason)."""
     setup_console()
@@ -125,8 +150,11 @@ def _run_in(target: rundir.Target, cfg: DictConfig, overrides: Sequence[str], ea
     distributed.init_from_env(device)
     if not distributed.is_main():
         log.setLevel(logging.WARNING)  # one copy of the progress lines, from rank 0
+    if ckpt is not None and (regrouped := keep_global_batch(cfg, ckpt, distributed.world_size())):
+        changes.append(regrouped)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    _check_same_start(cfg, resumed_from, ckpt, device)
     seed_everything(cfg.seed, cfg.trainer.deterministic, device)
     if ckpt is None:  # before the data is read or generated
         for key in ("init_from", "model.backbone.weights"):
@@ -164,9 +192,7 @@ def _run_in(target: rundir.Target, cfg: DictConfig, overrides: Sequence[str], ea
     if ckpt and (change := describe_precision_change(ckpt, precision, device)):
         notes.append((logging.WARNING, change))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    wrapped = model
-    if distributed.world_size() > 1:
-        wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    wrapped = distributed.wrap_model(model, norm=ddp_norm(cfg, device), device=device)
 
     resumed_at = None  # where TensorBoard and metrics.jsonl continue: later lines are a killed run's
     if ckpt:
@@ -234,6 +260,32 @@ def _run_in(target: rundir.Target, cfg: DictConfig, overrides: Sequence[str], ea
     return summary
 
 
+def _check_same_start(cfg: DictConfig, resumed_from: Path | None, ckpt: dict[str, Any] | None,
+                      device: torch.device) -> None:
+    """Every process must resume from the same checkpoint; a node that cannot see rank 0's files
+    would otherwise start afresh (resume=auto) and train a different model in silence."""
+    if distributed.world_size() <= 1:
+        return
+    mine = f"{resumed_from} at step {ckpt['trainer']['global_step']}" if ckpt else "a new run"
+    main = distributed.broadcast_from_main(mine)
+    if distributed.any_rank(mine != main, device):
+        raise ConfigError(
+            f"the processes disagree on where to start (rank 0: {main}; rank {distributed.rank()}: {mine}); "
+            f"output_dir={cfg.output_dir} must be storage that every node sees at the same path"
+        )
+
+
+def ddp_norm(cfg: DictConfig, device: torch.device) -> str:
+    """The backbone norm under DDP. From scratch (`auto` without weights) it is SyncBatchNorm on CUDA:
+    detection trains on a few images per GPU, too few for BatchNorm statistics of their own, and
+    synchronised statistics are the same on every rank, so what rank 0 saves is what was trained.
+    torch's SyncBatchNorm has no CPU kernels, so on CPU `auto` stays per-process BatchNorm."""
+    bb = cfg.model.backbone
+    if bb.norm == "auto" and not bb.weights:
+        return "syncbn" if device.type == "cuda" else "bn"
+    return resolve_norm(bb.norm, bb.weights)
+
+
 def _log_start(cfg: DictConfig, trainer: Trainer, model: torch.nn.Module, device: torch.device,
                run_dir: Path, resumed_from: Path | None, changes: list[str]) -> None:
     if not distributed.is_main():
@@ -255,8 +307,7 @@ def _log_start(cfg: DictConfig, trainer: Trainer, model: torch.nn.Module, device
 
 
 def _log_summary(summary: dict[str, Any], trainer: Trainer, run_dir: Path) -> None:
-    launcher = (f"torchrun --nproc_per_node={distributed.world_size()} -m" if distributed.world_size() > 1
-                else "python -m")
+    launcher = distributed.launcher()
     # Name only a file that exists: a run that trained nothing may have saved nothing.
     existing = checkpoint.checkpoint_files(run_dir) if run_dir.is_dir() else []
     command = "nothing was saved to resume from"

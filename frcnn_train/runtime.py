@@ -126,6 +126,11 @@ def exit_code_for(summary: dict[str, Any]) -> int:
     reason = summary.get("stop_reason") or ""
     if summary.get("completed") or not reason or "max_steps" in reason:
         return EXIT_OK
+    if os.environ.get("TORCHELASTIC_RUN_ID"):
+        # Under torchrun the agent reads a non-zero exit as a failed rank: it would report a failure
+        # or, with --max-restarts, restart the group, which resume=auto would train on. The agent
+        # itself exits with its own code when it was the one signalled.
+        return EXIT_OK
     named = re.search(r"\bSIG[A-Z]+\b", reason)
     # Another rank's signal ("another process received a stop signal") reads as SIGTERM, what torchrun forwards.
     signum = getattr(signal, named.group(0), signal.SIGTERM) if named else signal.SIGTERM

@@ -4,13 +4,14 @@ It takes built objects and plain settings; only `launch.py` reads the config.
 """
 from __future__ import annotations
 
-import signal
+import random
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -46,8 +47,8 @@ class TrainerSettings:
 
 
 def steps_per_epoch(num_images: int, batch_size: int, accumulate: int) -> int:
-    """Optimizer steps in one epoch (incomplete batches and accumulations are dropped)."""
-    steps = batches_per_epoch(num_images, batch_size, distributed.world_size()) // accumulate
+    """Optimizer steps in one epoch: whole global batches (processes x batch_size x accumulate) only."""
+    steps = batches_per_epoch(num_images, batch_size, distributed.world_size(), accumulate) // accumulate
     if steps < 1:
         raise TrainingError(
             f"the training split has {num_images} images, fewer than one optimizer step needs "
@@ -93,6 +94,7 @@ class Trainer:
         self._loss_sums: dict[str, torch.Tensor] = {}
         self._loss_steps = 0
         self._saved_step = 0  # global_step of the newest last.pth (step 0: nothing to lose yet)
+        self._signals = distributed.StopRequest()
 
     # ------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -106,9 +108,11 @@ class Trainer:
                 "best_metric": self.best_metric, "best_step": self.best_step,
                 "best_metric_name": self.s.best_metric,
                 "last_metrics": dict(self.last_metrics), "history": list(self.history),
+                # What a resume on another number of processes needs to keep the global batch.
+                "world_size": distributed.world_size(), "batch_size": self.s.batch_size,
+                "accumulate": self.s.accumulate,
             },
-            "rng": gather_rng({"seed": self.s.seed, "epoch": self.epoch,
-                               "start_batch": self.step_in_epoch * self.s.accumulate}),
+            "rng": gather_rng({"seed": self.s.seed, "epoch": self.epoch, "consumed": self._consumed()}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -129,7 +133,17 @@ class Trainer:
         self.last_metrics = dict(counters.get("last_metrics", {}))
         self.history = list(counters["history"])
         restore_rng(state["rng"])
+        if len(state["rng"].get("ranks", [])) not in (0, distributed.world_size()):
+            # Another number of processes: a new stream per rank, the same on every such resume.
+            seed = distributed.seed_for(self.s.seed, distributed.rank(), self.global_step)
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            torch.manual_seed(seed)
         self._saved_step = self.global_step
+
+    def _consumed(self) -> int:
+        """Samples of this epoch's global sequence already trained on (the same for any world size)."""
+        return self.step_in_epoch * self.s.batch_size * self.s.accumulate * distributed.world_size()
 
     def save(self, *, epoch_end: bool = False, best: bool = False) -> Path:
         """last.pth now (on every rank: the state gathers their RNG streams); at an epoch end the epoch file."""
@@ -153,7 +167,10 @@ class Trainer:
     # ------------------------------------------------------------ training
     def fit(self) -> dict[str, float]:
         """Train until trainer.epochs, trainer.max_steps or a stop signal; returns the last metrics."""
-        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        with self._signals:
+            return self._fit()
+
+    def _fit(self) -> dict[str, float]:
         try:
             if self.s.max_steps is not None and self.global_step >= self.s.max_steps:  # a resume already there
                 self._stop_reason = f"trainer.max_steps={self.s.max_steps} reached"
@@ -179,24 +196,34 @@ class Trainer:
             try:  # never leave a write behind, not on an error either (a second signal may still cut it)
                 self.checkpointer.wait(raise_error=False)
             finally:
-                for sig, handler in previous.items():
-                    signal.signal(sig, handler)
                 self.logger.flush()
         return self.last_metrics
 
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        if self._stop_reason is not None:  # second signal: the user really wants out
-            raise KeyboardInterrupt
-        self._stop_reason = f"received {signal.Signals(signum).name}"
-        log.warning("%s: finishing this step, then saving last.pth (send again to abort without saving).",
-                    signal.Signals(signum).name)
+    def _agreed_stop(self, epoch_done: bool) -> bool:
+        """Whether every rank stops after this step: asked on every rank at every step, so all agree.
+
+        A stop signal on any rank counts. max_steps at an epoch's last step is left to the
+        epoch end (evaluation and the epoch checkpoint happen as in a run never stopped).
+        """
+        max_hit = self.s.max_steps is not None and self.global_step >= self.s.max_steps and not epoch_done
+        if not distributed.any_rank(self._signals.reason is not None or max_hit, self.device):
+            return False
+        self._stop_reason = (self._signals.reason or (f"trainer.max_steps={self.s.max_steps} reached" if max_hit
+                                                      else "another process received a stop signal"))
+        return True
+
+    def _seed_micro_batch(self, index: int) -> None:
+        """Seed the RNG (RPN / RoI sampling) from the step and the micro-batch's place in the global
+        batch, so each micro-batch draws the same numbers whichever rank trains it."""
+        chunk = index * distributed.world_size() + distributed.rank()
+        torch.manual_seed(distributed.seed_for(self.s.seed, self.global_step, chunk))
 
     def _train_epoch(self) -> bool:
         """One epoch from step_in_epoch on. False when it stopped early (signal / max_steps)."""
         s = self.s
         loader = build_train_loader(
             self.data.train, batch_size=s.batch_size, num_workers=s.num_workers, seed=s.seed,
-            epoch=self.epoch, start_batch=self.step_in_epoch * s.accumulate,
+            epoch=self.epoch, consumed=self._consumed(), accumulate=s.accumulate,
             rank=distributed.rank(), world_size=distributed.world_size(),
         )
         self.model.train()
@@ -214,13 +241,14 @@ class Trainer:
             micro = []
             elapsed = time.perf_counter() - started
             self._after_step(losses, images_seen / elapsed, (self.step_in_epoch - first_step) / elapsed, progress)
-            if self.step_in_epoch == self.steps_per_epoch:
-                break
-            stop = self._stop_reason is not None or (s.max_steps is not None and self.global_step >= s.max_steps)
-            if distributed.any_rank(stop, self.device):
-                self._stop_reason = self._stop_reason or f"trainer.max_steps={s.max_steps} reached"
-                self.save()
+            epoch_done = self.step_in_epoch == self.steps_per_epoch
+            if self._agreed_stop(epoch_done):
+                # At an epoch's last step too: the resume then runs an empty rest of the epoch and its end.
+                if self._saved_step != self.global_step:  # not already saved by the step cadence
+                    self.save()
                 return False
+            if epoch_done:
+                break
         if progress is not None:
             progress.close()
         if skipped:
@@ -239,6 +267,7 @@ class Trainer:
         for i, (images, targets) in enumerate(micro_batches):
             if not images:  # every image of this batch was bad and skipped (data.bad_images=skip)
                 continue
+            self._seed_micro_batch(i)
             images = [image.to(self.device, non_blocking=True) for image in images]
             targets = [{k: v.to(self.device, non_blocking=True) for k, v in t.items()} for t in targets]
             last = i == len(micro_batches) - 1
@@ -339,14 +368,15 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """COCO AP on the validation split; logs it and draws a few predictions into TensorBoard."""
         started = time.perf_counter()
+        distributed.broadcast_buffers(self.bare)  # rank 0's BatchNorm statistics, which the checkpoint holds
         loader = build_eval_loader(self.data.val, batch_size=self.s.batch_size, num_workers=self.s.num_workers,
                                    rank=distributed.rank(), world_size=distributed.world_size())
         metrics, _ = evaluate(self.bare, loader, coco_gt=self.data.val.coco,
                               label_to_cat_id=self.data.val.label_to_cat_id, device=self.device,
                               with_masks=self.with_masks, autocast_dtype=self.s.amp_dtype)
-        if not distributed.is_main():
-            return {}
         self.last_metrics = metrics
+        if not distributed.is_main():
+            return metrics
         self.logger.scalars({f"val/{k}": v for k, v in metrics.items()}, self.global_step)
         self.logger.scalars({"time/eval_s": time.perf_counter() - started}, self.global_step)
         self.logger.metrics_line({"epoch": self.epoch, "step": self.global_step, **metrics})

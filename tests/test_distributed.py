@@ -1,34 +1,268 @@
-"""torchrun: two CPU processes (gloo) train, stop, and resume exactly."""
+"""torchrun with CPU processes (gloo): stop, signals, restarts after kill -9, other world sizes, several nodes.
+
+Each torchrun here trains the tiny config (8 images, batch 1, 2 epochs: 4 steps per epoch on 2 processes).
+The long variants are marked slow: `python -m pytest -m slow tests/test_distributed.py`.
+"""
 from __future__ import annotations
 
+import os
+import random
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import tiny_overrides
-from frcnn_train import checkpoint
+from frcnn_train import checkpoint, distributed
+from frcnn_train.config import compose_config
+from frcnn_train.launch import run
+
+EPOCHS = ["trainer.epochs=2", "trainer.batch_size=1"]
+STEPS = 8  # 2 epochs x 8 images / (2 processes x batch 1)
 
 
-def torchrun(*args: str) -> str:
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           "-m", "frcnn_train.train", *args], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
-def test_torchrun_stop_and_resume_matches_an_uninterrupted_run(shapes_cache: Path, tmp_path: Path) -> None:
-    base = tiny_overrides(shapes_cache, tmp_path) + ["trainer.epochs=2", "trainer.batch_size=1"]
+def torchrun_cmd(*args: str, nproc: int = 2, launcher: tuple[str, ...] = ()) -> list[str]:
+    launcher = launcher or (f"--nproc_per_node={nproc}", f"--master-port={free_port()}")
+    return [sys.executable, "-m", "torch.distributed.run", *launcher, "-m", "frcnn_train.train", *args]
+
+
+def start(cmd: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        raise AssertionError(f"torchrun did not finish in {timeout} s:\n{out[-4000:]}") from None
+    return out
+
+
+def torchrun(*args: str, nproc: int = 2, rc: int = 0) -> str:
+    proc = start(torchrun_cmd(*args, nproc=nproc))
+    out = finish(proc)
+    assert proc.returncode == rc, out[-4000:]
+    return out
+
+
+def workers(proc: subprocess.Popen) -> list[int]:
+    """The rank processes torchrun started (its children)."""
+    with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+        return [int(pid) for pid in f.read().split()]
+
+
+def saved_step(path: Path) -> int:
+    """The global step of the checkpoint at `path`, -1 when there is none yet (atomic writes: never half a file)."""
+    try:
+        return checkpoint.load_checkpoint(path)["trainer"]["global_step"]
+    except Exception:  # noqa: BLE001 - not there yet
+        return -1
+
+
+def wait_for_step(path: Path, step: int, proc: subprocess.Popen, timeout: float = 240) -> int:
+    deadline = time.monotonic() + timeout
+    while (found := saved_step(path)) < step:
+        assert proc.poll() is None, f"torchrun ended before step {step}:\n{finish(proc)[-4000:]}"
+        assert time.monotonic() < deadline, f"no checkpoint at step {step} after {timeout} s"
+        time.sleep(0.2)
+    return found
+
+
+def assert_bitwise_equal(a: dict, b: dict) -> None:
+    assert a["trainer"]["global_step"] == b["trainer"]["global_step"]
+    for key, tensor in b["model"].items():
+        assert torch.equal(tensor, a["model"][key]), key
+    for (ka, va), vb in zip(a["optimizer"]["state"].items(), b["optimizer"]["state"].values()):
+        for name in va:
+            assert torch.equal(va[name], vb[name]), f"optimizer state {ka}.{name}"
+    assert a["trainer"]["last_metrics"] == b["trainer"]["last_metrics"]
+
+
+@pytest.fixture(scope="module")
+def base(shapes_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    return tiny_overrides(shapes_cache, tmp_path_factory.mktemp("dist")) + EPOCHS
+
+
+@pytest.fixture(scope="module")
+def reference(base: list[str]) -> dict:
+    """An uninterrupted 2-process run, shared by the tests of this module."""
+    torchrun(*base, "run_name=reference")
+    return checkpoint.load_checkpoint(Path(_output_dir(base)) / "reference" / "last.pth")
+
+
+def _output_dir(args: list[str]) -> str:
+    return next(a.split("=", 1)[1] for a in args if a.startswith("output_dir="))
+
+
+def test_torchrun_stop_and_resume_matches_an_uninterrupted_run(base: list[str], reference: dict) -> None:
     out = torchrun(*base, "run_name=stopped", "trainer.max_steps=3")
     assert out.count("step 3/4") == 1, "only rank 0 prints progress"
     assert "torchrun --nproc_per_node=2 -m frcnn_train.train resume=" in out
-    torchrun(*base, f"resume={tmp_path / 'stopped'}", "trainer.max_steps=null")
-    torchrun(*base, "run_name=reference")
-    resumed = checkpoint.load_checkpoint(tmp_path / "stopped" / "last.pth")
-    reference = checkpoint.load_checkpoint(tmp_path / "reference" / "last.pth")
-    assert resumed["trainer"]["global_step"] == reference["trainer"]["global_step"] == 8
-    assert len(resumed["rng"]["ranks"]) == 2
-    for key, tensor in reference["model"].items():
-        assert torch.equal(tensor, resumed["model"][key]), key
-    assert resumed["trainer"]["last_metrics"] == reference["trainer"]["last_metrics"]
+    torchrun(*base, f"resume={_output_dir(base)}/stopped", "trainer.max_steps=null")
+    resumed = checkpoint.load_checkpoint(Path(_output_dir(base)) / "stopped" / "last.pth")
+    assert resumed["trainer"]["global_step"] == STEPS and len(resumed["rng"]["ranks"]) == 2
+    assert resumed["trainer"]["world_size"] == 2
+    assert_bitwise_equal(resumed, reference)
+
+
+def test_ap_logged_by_a_ddp_run_is_what_evaluate_reports_on_its_checkpoint(base: list[str], reference: dict) -> None:
+    """Each rank evaluates its shard with rank 0's BatchNorm statistics, which the checkpoint holds."""
+    from frcnn_train.evaluate import run_evaluation
+
+    metrics, _ = run_evaluation(Path(_output_dir(base)) / "reference" / "last.pth")
+    assert metrics == reference["trainer"]["last_metrics"] and metrics["bbox/AP"] > 0
+
+
+# ------------------------------------------------------------------ signals
+SIGNALS = {
+    "ctrl-c on torchrun": lambda proc: os.kill(proc.pid, signal.SIGINT),
+    "kill -TERM torchrun": lambda proc: os.kill(proc.pid, signal.SIGTERM),
+    "SIGTERM to every rank (SLURM)": lambda proc: [os.kill(pid, signal.SIGTERM) for pid in workers(proc)],
+    "SIGTERM to rank 1 only": lambda proc: os.kill(workers(proc)[1], signal.SIGTERM),
+}
+
+
+@pytest.mark.parametrize("how", [
+    "ctrl-c on torchrun",
+    pytest.param("kill -TERM torchrun", marks=pytest.mark.slow),
+    pytest.param("SIGTERM to every rank (SLURM)", marks=pytest.mark.slow),
+    pytest.param("SIGTERM to rank 1 only", marks=pytest.mark.slow),  # the others learn it at the same step
+])
+def test_a_signal_stops_every_rank_at_one_step_and_saves_once(base: list[str], tmp_path: Path, how: str) -> None:
+    run_dir = tmp_path / "sig"
+    args = [*base, f"output_dir={tmp_path}", "run_name=sig", "trainer.epochs=50", "trainer.eval_every=0",
+            "trainer.keep_last=0"]
+    proc = start(torchrun_cmd(*args))
+    wait_for_step(run_dir / "last.pth", 4, proc)  # the end of epoch 1
+    SIGNALS[how](proc)
+    sent = time.monotonic()
+    out = finish(proc, timeout=60)
+    took = time.monotonic() - sent
+    assert took < 15, f"{took:.0f} s after the signal; torchrun kills the ranks after 30 s"
+    assert "forcefully exiting" not in out and "KeyboardInterrupt" not in out and "Error executing job" not in out, out
+    # Ranks exit 0; torchrun itself reports the signal it got, unless only the ranks were signalled.
+    assert proc.returncode == (1 if "torchrun" in how else 0), out[-3000:]
+    assert out.count("Stopped during epoch") == 1, out[-3000:]
+    stopped = checkpoint.load_checkpoint(run_dir / "last.pth")
+    step = stopped["trainer"]["global_step"]
+    assert f"at step {step} (received SIG" in out or f"at step {step} (another process" in out
+    assert "Resume with:   torchrun --nproc_per_node=2 -m frcnn_train.train resume=" in out
+    assert step > 4 and [p.name for p in run_dir.glob("*.pth")] == ["last.pth"]
+    assert not list(run_dir.glob(".*tmp*")), "no temporary file left"
+
+
+def test_the_first_signal_stops_a_repeat_within_the_debounce_is_the_same_one_a_later_one_aborts() -> None:
+    with distributed.StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)  # torchrun forwarding the terminal's Ctrl-C: same request
+        assert stop.reason == "received SIGTERM"
+        time.sleep(distributed.SIGNAL_DEBOUNCE_S + 0.1)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+# ------------------------------------------------------------------ torchrun restarts
+def kill_ranks(base: list[str], tmp_path: Path, kills: int) -> tuple[dict, str]:
+    """Train with torchrun's restarts and resume=auto, killing (-9) a random rank at `kills` random steps."""
+    rng = random.Random(kills)
+    args = [*base, f"output_dir={tmp_path}", "run_name=restarts", "resume=auto", "trainer.checkpoint_every_steps=1"]
+    proc = start(torchrun_cmd(*args, launcher=("--nproc_per_node=2", f"--master-port={free_port()}",
+                                               f"--max-restarts={kills}")))
+    last, step = tmp_path / "restarts" / "last.pth", 0
+    for step in sorted(rng.sample(range(1, STEPS - 1), kills)):
+        wait_for_step(last, step, proc)
+        time.sleep(rng.uniform(0, 0.5))
+        os.kill(rng.choice(workers(proc)), signal.SIGKILL)
+        time.sleep(1)  # until the agent has stopped the group
+    out = finish(proc, timeout=600)
+    assert proc.returncode == 0, out[-4000:]
+    assert out.count("Resuming") >= kills and "connectFullMesh" not in out, out[-4000:]
+    return checkpoint.load_checkpoint(last), out
+
+
+def test_torchrun_restarts_after_a_rank_is_killed_and_ends_as_if_never_stopped(
+        base: list[str], reference: dict, tmp_path: Path) -> None:
+    final, _ = kill_ranks(base, tmp_path, kills=1)
+    assert_bitwise_equal(final, reference)
+
+
+@pytest.mark.slow
+def test_five_kills_of_random_ranks_at_random_steps(base: list[str], reference: dict, tmp_path: Path) -> None:
+    final, _ = kill_ranks(base, tmp_path, kills=5)
+    assert_bitwise_equal(final, reference)
+
+
+# ------------------------------------------------------------------ another world size
+def test_resume_on_one_then_two_processes_keeps_the_global_batch(base: list[str], reference: dict) -> None:
+    """2 processes x 1 image -> 1 process x 1 image x accumulate 2 -> 2 processes again: same images, same LR;
+    parameters equal a straight 2-process run up to float rounding (gradients are summed in another order)."""
+    out_dir = Path(_output_dir(base))
+    torchrun(*base, "run_name=regrouped", "trainer.max_steps=3")  # mid-epoch 1
+    overrides = [f"resume={out_dir}/regrouped", "trainer.max_steps=6"]  # on to mid-epoch 2, on one process
+    summary = run(compose_config([*base, *overrides]), overrides=overrides)
+    assert summary["global_step"] == 6
+    one = checkpoint.load_checkpoint(out_dir / "regrouped" / "last.pth")
+    assert (one["trainer"]["world_size"], one["trainer"]["accumulate"], one["config"]["trainer"]["accumulate"]) == (1, 2, 2)
+    assert "world size 2 -> 1: trainer.accumulate 1 -> 2 keeps the global batch of 2 images (1 x 1 x 2)" in \
+        one["trainer"]["history"][-1]["changes"]
+    torchrun(*base, f"resume={out_dir}/regrouped", "trainer.max_steps=null")
+    final = checkpoint.load_checkpoint(out_dir / "regrouped" / "last.pth")
+    assert final["trainer"]["global_step"] == STEPS and final["trainer"]["accumulate"] == 1
+    assert final["scheduler"]["last_epoch"] == reference["scheduler"]["last_epoch"]
+    assert final["optimizer"]["param_groups"][0]["lr"] == reference["optimizer"]["param_groups"][0]["lr"]
+    # BatchNorm running statistics are left out: under DDP they are rank 0's images only.
+    params = [k for k in reference["model"] if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    for key in params:
+        torch.testing.assert_close(final["model"][key], reference["model"][key], rtol=1e-4, atol=1e-5, msg=key)
+    assert any(not torch.equal(final["model"][k], reference["model"][k]) for k in params), "not the same sums"
+
+
+def test_a_global_batch_the_new_world_size_cannot_keep_is_refused_naming_the_keys(compose_tiny) -> None:
+    from frcnn_train.errors import ConfigError
+    from frcnn_train.launch import keep_global_batch
+
+    cfg = compose_tiny("trainer.batch_size=2")
+    ckpt = {"trainer": {"world_size": 2, "batch_size": 2, "accumulate": 1}, "rng": {}}
+    with pytest.raises(ConfigError, match=r"global batch of 4 images \(2 processes x trainer.batch_size=2 x "
+                                          r"trainer.accumulate=1\) on 3 processes.*divides 2$"):
+        keep_global_batch(cfg, ckpt, 3)
+    assert keep_global_batch(cfg, {**ckpt, "trainer": {**ckpt["trainer"], "world_size": 4}}, 1) == \
+        "world size 4 -> 1: trainer.accumulate 1 -> 4 keeps the global batch of 8 images (1 x 2 x 4)"
+    assert cfg.trainer.accumulate == 4
+
+
+# ------------------------------------------------------------------ several nodes
+def test_two_nodes_train_stop_on_a_signal_and_resume(base: list[str], reference: dict, tmp_path: Path) -> None:
+    """Two torchrun agents (two "nodes" of one process each) meet through a c10d rendezvous."""
+    def nodes(*args: str, outputs: tuple[Path, Path]) -> list[subprocess.Popen]:
+        launcher = ("--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
+                    f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-id=two-nodes")
+        return [start(torchrun_cmd(*base, *args, f"output_dir={out}", launcher=launcher)) for out in outputs]
+
+    shared, elsewhere = tmp_path / "shared", tmp_path / "node1"
+    first = nodes("run_name=nodes", "resume=auto", "trainer.checkpoint_every_steps=1", outputs=(shared, elsewhere))
+    wait_for_step(shared / "nodes" / "last.pth", 2, first[0])
+    for proc in first:  # scancel: SIGTERM to every agent
+        os.kill(proc.pid, signal.SIGTERM)
+    outs = [finish(proc, timeout=60) for proc in first]
+    assert sum(out.count("Stopped during epoch") for out in outs) == 1, outs
+    assert "--nnodes=2 --nproc_per_node=1" in outs[0]
+    assert not elsewhere.exists(), "only global rank 0 writes files"
+    second = nodes("run_name=nodes", "resume=auto", outputs=(shared, shared))
+    outs = [finish(proc) for proc in second]
+    assert all(proc.returncode == 0 for proc in second), outs[0][-3000:] + outs[1][-3000:]
+    assert_bitwise_equal(checkpoint.load_checkpoint(shared / "nodes" / "last.pth"), reference)

@@ -167,64 +167,72 @@ def _seed_state(*words: int) -> np.random.SeedSequence:
 
 
 class ResumableSampler(Sampler[tuple[int, int]]):
-    """Yields `(index, sample_seed)` for one epoch of one rank, optionally from mid-epoch.
+    """Yields `(index, sample_seed)` for one rank's share of one epoch, optionally from mid-epoch.
 
-    The permutation depends on (seed, epoch) only; a sample's seed on
-    (seed, epoch, index) only. Every rank gets the same number of samples
-    (the tail of the permutation that does not divide evenly is dropped), so
-    ranks never wait for each other at an epoch's end.
+    An epoch is one global sequence: a permutation that depends on (seed, epoch)
+    only, cut to whole optimizer steps of the global batch (batch_size x accumulate
+    x world_size) and then into chunks of batch_size images; each chunk is one
+    micro-batch of one rank, dealt out to the ranks in turn. Neither the chunks nor
+    the images in them depend on the world size, so a resume with another number of
+    processes goes on with exactly the chunks not yet consumed, and every rank gets
+    the same number of them (ranks never wait for each other at an epoch's end).
+    A sample's seed depends on (seed, epoch, index) only.
     """
 
-    def __init__(self, dataset_len: int, *, batch_size: int, seed: int, epoch: int, start_batch: int = 0,
-                 rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, dataset_len: int, *, batch_size: int, seed: int, epoch: int, consumed: int = 0,
+                 accumulate: int = 1, rank: int = 0, world_size: int = 1) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        total = batches_per_epoch(dataset_len, batch_size, world_size)
-        if not 0 <= start_batch <= total:
-            raise ValueError(f"start_batch={start_batch} is outside this epoch's {total} batches")
+        if batch_size < 1 or accumulate < 1:
+            raise ValueError(f"batch_size and accumulate must be >= 1, got {batch_size} and {accumulate}")
+        self.total = batches_per_epoch(dataset_len, batch_size, world_size, accumulate) * batch_size * world_size
+        if not 0 <= consumed <= self.total or consumed % (batch_size * world_size):
+            raise ValueError(f"consumed={consumed} is not a whole number of global batches "
+                             f"of this epoch's {self.total} samples")
         self.dataset_len, self.batch_size = dataset_len, batch_size
-        self.seed, self.epoch, self.start_batch = seed, epoch, start_batch
+        self.seed, self.epoch, self.consumed = seed, epoch, consumed
         self.rank, self.world_size = rank, world_size
 
-    def order(self) -> list[tuple[int, int]]:
-        """This rank's whole epoch, before skipping `start_batch` batches."""
+    def global_order(self) -> list[tuple[int, int]]:
+        """The whole epoch's global sequence, every rank's samples, before any is consumed."""
         n = self.dataset_len
-        perm = np.random.default_rng(_seed_state(self.seed, self.epoch, 0)).permutation(n)
+        perm = np.random.default_rng(_seed_state(self.seed, self.epoch, 0)).permutation(n)[: self.total]
         seeds = _seed_state(self.seed, self.epoch, 1).generate_state(max(n, 1), dtype=np.uint64)
-        per_rank = n // self.world_size
-        mine = perm[: per_rank * self.world_size][self.rank :: self.world_size]
-        # Whole batches only, as BatchSampler(drop_last=True) will use them.
-        mine = mine[: (per_rank // self.batch_size) * self.batch_size]
-        return [(int(i), int(seeds[i])) for i in mine]
+        return [(int(i), int(seeds[i])) for i in perm]
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        return iter(self.order()[self.start_batch * self.batch_size :])
+        rest = self.global_order()[self.consumed :]
+        b, w = self.batch_size, self.world_size
+        chunks = [rest[start : start + b] for start in range((self.rank) * b, len(rest), b * w)]
+        return iter([sample for chunk in chunks for sample in chunk])
 
     def __len__(self) -> int:
-        batches = batches_per_epoch(self.dataset_len, self.batch_size, self.world_size)
-        return (batches - self.start_batch) * self.batch_size
+        return (self.total - self.consumed) // self.world_size
 
 
-class ShardSampler(Sampler[int]):
-    """Sequential indices rank, rank + world_size, ... (evaluation; every image once overall)."""
+class ShardSampler(Sampler[list[int]]):
+    """Evaluation batches [0..b), [b..2b), ... dealt out to the ranks in turn (a batch sampler).
 
-    def __init__(self, dataset_len: int, *, rank: int = 0, world_size: int = 1) -> None:
+    Each image is predicted in the same batch as on one process, so the detections,
+    and the AP, do not depend on the world size (batch padding can change the numbers).
+    """
+
+    def __init__(self, dataset_len: int, *, batch_size: int, rank: int = 0, world_size: int = 1) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
-        self.indices = range(rank, dataset_len, world_size)
+        starts = range(rank * batch_size, dataset_len, batch_size * world_size)
+        self.batches = [list(range(start, min(start + batch_size, dataset_len))) for start in starts]
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices)
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return len(self.batches)
 
 
-def batches_per_epoch(dataset_len: int, batch_size: int, world_size: int = 1) -> int:
-    """Batches each rank's train loader yields in a full epoch (incomplete batches dropped)."""
-    return (dataset_len // world_size) // batch_size
+def batches_per_epoch(dataset_len: int, batch_size: int, world_size: int = 1, accumulate: int = 1) -> int:
+    """Batches each rank's train loader yields in a full epoch (whole optimizer steps only)."""
+    return dataset_len // (batch_size * accumulate * world_size) * accumulate
 
 
 def collate(batch: Sequence[tuple[Tensor, dict] | None]) -> tuple[list[Tensor], list[dict]]:
@@ -238,14 +246,15 @@ def collate(batch: Sequence[tuple[Tensor, dict] | None]) -> tuple[list[Tensor], 
 
 
 def build_train_loader(dataset: Dataset, *, batch_size: int, num_workers: int, seed: int, epoch: int,
-                       start_batch: int = 0, rank: int = 0, world_size: int = 1) -> DataLoader:
+                       consumed: int = 0, accumulate: int = 1, rank: int = 0, world_size: int = 1) -> DataLoader:
+    """This rank's batches of the epoch's global sequence after `consumed` samples (see ResumableSampler)."""
     if batches_per_epoch(len(dataset), batch_size, world_size) == 0:
         raise ConfigError(
             f"trainer.batch_size={batch_size} is larger than the {len(dataset) // world_size} training images "
             f"per process, so an epoch has no batch; lower trainer.batch_size or use more data"
         )
-    sampler = ResumableSampler(len(dataset), batch_size=batch_size, seed=seed, epoch=epoch,
-                               start_batch=start_batch, rank=rank, world_size=world_size)
+    sampler = ResumableSampler(len(dataset), batch_size=batch_size, seed=seed, epoch=epoch, consumed=consumed,
+                               accumulate=accumulate, rank=rank, world_size=world_size)
     # Worker base seeds come from this generator instead of the global RNG, so
     # starting an iterator leaves the global torch RNG (saved in checkpoints) alone.
     loader_seed = int(_seed_state(seed, epoch, 2).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
@@ -269,10 +278,9 @@ def ignore_stop_signals(worker_id: int) -> None:
 
 def build_eval_loader(dataset: Dataset, *, batch_size: int, num_workers: int, rank: int = 0,
                       world_size: int = 1) -> DataLoader:
-    sampler = ShardSampler(len(dataset), rank=rank, world_size=world_size)
     return DataLoader(
         dataset,
-        batch_sampler=BatchSampler(sampler, batch_size=batch_size, drop_last=False),
+        batch_sampler=ShardSampler(len(dataset), batch_size=batch_size, rank=rank, world_size=world_size),
         num_workers=num_workers,
         collate_fn=collate,
         worker_init_fn=ignore_stop_signals,

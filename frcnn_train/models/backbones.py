@@ -38,8 +38,11 @@ _CLASSIFIERS: dict[str, str] = {
 }
 BACKBONES: tuple[str, ...] = tuple(_CLASSIFIERS)
 
-NORMS: tuple[str, ...] = ("auto", "frozen_bn", "bn")
-_NORM_LAYERS: dict[str, Callable[..., nn.Module]] = {"frozen_bn": FrozenBatchNorm2d, "bn": nn.BatchNorm2d}
+NORMS: tuple[str, ...] = ("auto", "frozen_bn", "bn", "syncbn")
+# syncbn is built as BatchNorm2d and converted to SyncBatchNorm only under DDP (launch.py), so
+# a bn and a syncbn model have the same state-dict keys and one checkpoint serves both.
+_NORM_LAYERS: dict[str, Callable[..., nn.Module]] = {"frozen_bn": FrozenBatchNorm2d, "bn": nn.BatchNorm2d,
+                                                     "syncbn": nn.BatchNorm2d}
 
 # torchvision builds the FPN with 256 channels; we rebuild it only when asked for another width.
 _TORCHVISION_FPN_CHANNELS = 256

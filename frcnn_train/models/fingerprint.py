@@ -47,7 +47,8 @@ def architecture_spec(model_cfg: DictConfig) -> dict[str, Any]:
         "model.arch": arch,
         "model.num_classes": check_num_classes(model_cfg.num_classes),
         "model.backbone.name": str(bb.name),
-        "model.backbone.norm": resolve_norm(bb.norm, bb.weights),
+        # bn and syncbn hold the same tensors; syncbn only changes how DDP computes the statistics.
+        "model.backbone.norm": resolve_norm(bb.norm, bb.weights).replace("syncbn", "bn"),
         "model.backbone.returned_layers": resolve_returned_layers(bb.name, returned),
         "model.backbone.fpn_channels": int(bb.fpn_channels),
         "model.anchor_sizes": [int(s) for s in model_cfg.anchor_sizes],

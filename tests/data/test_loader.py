@@ -98,8 +98,36 @@ def test_sampler_shards_are_disjoint_and_equal() -> None:
     indices = [[i for i, _ in s] for s in shards]
     assert len(indices[0]) == len(indices[1]) == len(shards[0]) == batches_per_epoch(103, 4, 2) * 4 == 48
     assert not set(indices[0]) & set(indices[1])
-    with pytest.raises(ValueError, match="start_batch"):
-        ResumableSampler(103, batch_size=4, seed=0, epoch=0, start_batch=13, rank=0, world_size=2)
+    with pytest.raises(ValueError, match="consumed=4 is not a whole number of global batches"):
+        ResumableSampler(103, batch_size=4, seed=0, epoch=0, consumed=4, rank=0, world_size=2)
+
+
+def micro_batches(sampler: ResumableSampler) -> list[list[int]]:
+    ids = [i for i, _ in sampler]
+    return [ids[k : k + sampler.batch_size] for k in range(0, len(ids), sampler.batch_size)]
+
+
+def test_a_resume_on_another_world_size_trains_the_rest_of_the_epoch_in_the_same_micro_batches() -> None:
+    """2 processes x 2 images for 3 steps, then 1 process x 2 images x accumulate 2, then 4 x 2 x ...: the images
+    of the epoch are seen once each, in the micro-batches a 2-process run never stopped trains."""
+    n, batch, global_batch = 53, 2, 8  # 6 whole global batches of 8; 5 images left out
+    def shard(world: int, consumed: int) -> list[list[list[int]]]:
+        accumulate = global_batch // (world * batch)
+        return [micro_batches(ResumableSampler(n, batch_size=batch, seed=5, epoch=1, consumed=consumed,
+                                               accumulate=accumulate, rank=r, world_size=world))
+                for r in range(world)]
+
+    def steps(ranks: list[list[list[int]]], count: int) -> list[list[int]]:
+        """The micro-batches of the first `count` optimizer steps, in global order (micro-step, then rank)."""
+        per_step = global_batch // (len(ranks) * batch)
+        return [ranks[r][s * per_step + m] for s in range(count) for m in range(per_step) for r in range(len(ranks))]
+
+    straight = steps(shard(2, 0), 6)
+    resumed = steps(shard(2, 0), 3) + steps(shard(1, 3 * global_batch), 1) + steps(shard(4, 4 * global_batch), 2)
+    assert sorted(map(sorted, resumed)) == sorted(map(sorted, straight))  # the same micro-batches
+    seen = [i for chunk in resumed for i in chunk]
+    assert len(seen) == len(set(seen)) == 6 * global_batch  # each image once in the epoch
+    assert [len(s) for s in shard(4, 4 * global_batch)] == [2, 2, 2, 2]  # every rank the same share
 
 
 def test_batches_per_epoch() -> None:
@@ -118,7 +146,7 @@ def test_batch_larger_than_dataset(bundle: DataBundle) -> None:
 def test_resume_mid_epoch_gives_the_same_batches(bundle: DataBundle, num_workers: int) -> None:
     def loader(start_batch: int, workers: int, epoch: int = 1) -> torch.utils.data.DataLoader:
         return build_train_loader(bundle.train, batch_size=BATCH, num_workers=workers, seed=7, epoch=epoch,
-                                  start_batch=start_batch)
+                                  consumed=start_batch * BATCH)
 
     full = run(loader(0, 0))
     total = batches_per_epoch(len(bundle.train), BATCH)
@@ -158,7 +186,8 @@ def test_eval_loader_is_sequential_and_sharded(bundle: DataBundle) -> None:
     shards = [image_ids(run(build_eval_loader(bundle.val, batch_size=2, num_workers=0, rank=r, world_size=2)))
               for r in range(2)]
     assert sorted(shards[0] + shards[1]) == sorted(bundle.val.image_ids)
-    assert shards[0] == bundle.val.image_ids[0::2]
+    # Whole batches per rank, so every image is predicted in the batch it has on one process.
+    assert shards[0] == bundle.val.image_ids[0:2] and shards[1] == bundle.val.image_ids[2:4]
     image, target = batches[0][0][0], batches[0][1][0]
     assert image.shape == (3, 64, 64) and target["masks"].shape[-2:] == (64, 64)
 
