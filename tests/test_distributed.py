@@ -128,6 +128,37 @@ def test_ap_logged_by_a_ddp_run_is_what_evaluate_reports_on_its_checkpoint(base:
     assert metrics == reference["trainer"]["last_metrics"]
 
 
+def test_ddp_evaluation_gives_one_process_detections_to_rank_0_and_the_metrics_to_all(
+        shapes_cache: Path, tmp_path: Path) -> None:
+    """Shards of whole batches, rank 0's BatchNorm statistics, detections gathered on rank 0 only: exactly the
+    detections (and so the AP) of one process; every rank gets the metrics. Untrained weights, so no AP of 0."""
+    import json
+
+    from frcnn_train.data import build_datasets, build_eval_loader
+    from frcnn_train.evaluation import evaluate
+    from frcnn_train.models import build_model
+
+    overrides = tiny_overrides(shapes_cache, tmp_path) + ["model.box_score_thresh=0.0", "trainer.batch_size=1"]
+    worker = Path(__file__).parent / "distributed_eval_worker.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master-port={free_port()}",
+           str(worker), str(tmp_path), *overrides]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+
+    cfg = compose_config(overrides)
+    data = build_datasets(cfg.data, with_masks=False)
+    cfg.model.num_classes = len(data.classes)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, read_backbone_weights=False)
+    metrics, results = evaluate(model, build_eval_loader(data.val, batch_size=1, num_workers=0),
+                                coco_gt=data.val.coco, label_to_cat_id=data.val.label_to_cat_id,
+                                device=torch.device("cpu"), with_masks=False)
+    assert len(results) > 10 and {r["image_id"] for r in results} == set(data.val.image_ids)
+    assert ranks[0]["results"] == json.loads(json.dumps(results)) and ranks[1]["results"] == []
+    assert ranks[0]["metrics"] == ranks[1]["metrics"] == metrics
+
+
 # ------------------------------------------------------------------ signals
 SIGNALS = {
     "ctrl-c on torchrun": lambda proc: os.kill(proc.pid, signal.SIGINT),
