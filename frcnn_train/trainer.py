@@ -224,7 +224,7 @@ class Trainer:
         loader = build_train_loader(
             self.data.train, batch_size=s.batch_size, num_workers=s.num_workers, seed=s.seed,
             epoch=self.epoch, consumed=self._consumed(), accumulate=s.accumulate,
-            rank=distributed.rank(), world_size=distributed.world_size(),
+            rank=distributed.rank(), world_size=distributed.world_size(), pin_memory=self.device.type == "cuda",
         )
         self.model.train()
         progress = self._progress_bar(len(loader) // s.accumulate)
@@ -370,7 +370,8 @@ class Trainer:
         started = time.perf_counter()
         distributed.broadcast_buffers(self.bare)  # rank 0's BatchNorm statistics, which the checkpoint holds
         loader = build_eval_loader(self.data.val, batch_size=self.s.batch_size, num_workers=self.s.num_workers,
-                                   rank=distributed.rank(), world_size=distributed.world_size())
+                                   rank=distributed.rank(), world_size=distributed.world_size(),
+                                   pin_memory=self.device.type == "cuda")
         metrics, _ = evaluate(self.bare, loader, coco_gt=self.data.val.coco,
                               label_to_cat_id=self.data.val.label_to_cat_id, device=self.device,
                               with_masks=self.with_masks, autocast_dtype=self.s.amp_dtype)

@@ -125,3 +125,12 @@ def test_cpu_checkpoint_resumes_on_cuda(compose_tiny) -> None:
     overrides = [f"resume={cpu_run['run_dir']}", "device=cuda", "trainer.max_steps=null"]
     summary = run(compose_tiny(*overrides), overrides=overrides)
     assert summary["completed"] and summary["global_step"] == 8
+
+
+def test_trainer_loaders_pin_batches_on_cuda(compose_tiny) -> None:
+    from frcnn_train.data import build_train_loader
+
+    data = build_datasets(compose_tiny().data, with_masks=False)
+    images, targets = next(iter(build_train_loader(data.train, batch_size=2, num_workers=0, seed=0, epoch=0,
+                                                   pin_memory=True)))
+    assert all(image.is_pinned() for image in images) and targets[0]["boxes"].is_pinned()

@@ -246,7 +246,8 @@ def collate(batch: Sequence[tuple[Tensor, dict] | None]) -> tuple[list[Tensor], 
 
 
 def build_train_loader(dataset: Dataset, *, batch_size: int, num_workers: int, seed: int, epoch: int,
-                       consumed: int = 0, accumulate: int = 1, rank: int = 0, world_size: int = 1) -> DataLoader:
+                       consumed: int = 0, accumulate: int = 1, rank: int = 0, world_size: int = 1,
+                       pin_memory: bool = False) -> DataLoader:
     """This rank's batches of the epoch's global sequence after `consumed` samples (see ResumableSampler)."""
     if batches_per_epoch(len(dataset), batch_size, world_size) == 0:
         raise ConfigError(
@@ -258,13 +259,24 @@ def build_train_loader(dataset: Dataset, *, batch_size: int, num_workers: int, s
     # Worker base seeds come from this generator instead of the global RNG, so
     # starting an iterator leaves the global torch RNG (saved in checkpoints) alone.
     loader_seed = int(_seed_state(seed, epoch, 2).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+    return _loader(dataset, BatchSampler(sampler, batch_size=batch_size, drop_last=True), num_workers=num_workers,
+                   seed=loader_seed, pin_memory=pin_memory)
+
+
+def _loader(dataset: Dataset, batch_sampler: Any, *, num_workers: int, seed: int, pin_memory: bool) -> DataLoader:
+    """The one DataLoader both builders make: our collate, workers that ignore stop signals, a seeded generator.
+
+    `pin_memory` (on CUDA) lets the step's non_blocking copies overlap the previous step's kernels.
+    Workers do not persist: a new epoch (or a resume) makes a new sampler, and so a new loader.
+    """
     return DataLoader(
         dataset,
-        batch_sampler=BatchSampler(sampler, batch_size=batch_size, drop_last=True),
+        batch_sampler=batch_sampler,
         num_workers=num_workers,
         collate_fn=collate,
         worker_init_fn=ignore_stop_signals,
-        generator=torch.Generator().manual_seed(loader_seed),
+        generator=torch.Generator().manual_seed(seed),
+        pin_memory=pin_memory,
         persistent_workers=False,
     )
 
@@ -277,13 +289,6 @@ def ignore_stop_signals(worker_id: int) -> None:
 
 
 def build_eval_loader(dataset: Dataset, *, batch_size: int, num_workers: int, rank: int = 0,
-                      world_size: int = 1) -> DataLoader:
-    return DataLoader(
-        dataset,
-        batch_sampler=ShardSampler(len(dataset), batch_size=batch_size, rank=rank, world_size=world_size),
-        num_workers=num_workers,
-        collate_fn=collate,
-        worker_init_fn=ignore_stop_signals,
-        generator=torch.Generator().manual_seed(0),
-        persistent_workers=False,
-    )
+                      world_size: int = 1, pin_memory: bool = False) -> DataLoader:
+    return _loader(dataset, ShardSampler(len(dataset), batch_size=batch_size, rank=rank, world_size=world_size),
+                   num_workers=num_workers, seed=0, pin_memory=pin_memory)

@@ -196,3 +196,12 @@ def test_collate_keeps_lists_and_drops_skipped_images() -> None:
     images, targets = collate([(torch.zeros(1), {"a": 1}), None, (torch.ones(1), {"a": 2})])
     assert isinstance(images, list) and [t["a"] for t in targets] == [1, 2] and float(images[1]) == 1.0
     assert collate([None, None]) == ([], [])  # every image of the batch was skipped (data.bad_images=skip)
+
+
+def test_train_and_eval_loaders_are_made_alike_and_pin_on_request(bundle: DataBundle) -> None:
+    made = [build_train_loader(bundle.train, batch_size=2, num_workers=0, seed=0, epoch=0, pin_memory=pin)
+            for pin in (False, True)]
+    made += [build_eval_loader(bundle.val, batch_size=2, num_workers=0, pin_memory=pin) for pin in (False, True)]
+    assert [loader.pin_memory for loader in made] == [False, True, False, True]
+    assert all(loader.collate_fn is made[0].collate_fn and loader.worker_init_fn is made[0].worker_init_fn
+               and not loader.persistent_workers for loader in made)
