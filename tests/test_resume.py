@@ -73,7 +73,7 @@ def _mutations() -> dict:
         "torch rng": lambda c: c["rng"]["torch"].view(-1)[10].add_(1),
         "cuda rng": lambda c: c["rng"]["cuda"].append(torch.zeros(16, dtype=torch.uint8)),
         "a rank's rng": lambda c: c["rng"]["ranks"][0]["torch"].view(-1)[10].add_(1),
-        "data order": lambda c: c["rng"]["data"].update(start_batch=c["rng"]["data"]["start_batch"] + 1),
+        "data order": lambda c: c["rng"]["data"].update(consumed=c["rng"]["data"]["consumed"] + 1),
     }
 
 

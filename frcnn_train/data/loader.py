@@ -200,11 +200,17 @@ class ResumableSampler(Sampler[tuple[int, int]]):
         seeds = _seed_state(self.seed, self.epoch, 1).generate_state(max(n, 1), dtype=np.uint64)
         return [(int(i), int(seeds[i])) for i in perm]
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        rest = self.global_order()[self.consumed :]
+    def order(self) -> list[tuple[int, int]]:
+        """This rank's share of the whole epoch, before `consumed` samples are skipped."""
+        return self._share(self.global_order())
+
+    def _share(self, sequence: list[tuple[int, int]]) -> list[tuple[int, int]]:
         b, w = self.batch_size, self.world_size
-        chunks = [rest[start : start + b] for start in range((self.rank) * b, len(rest), b * w)]
-        return iter([sample for chunk in chunks for sample in chunk])
+        chunks = [sequence[start : start + b] for start in range(self.rank * b, len(sequence), b * w)]
+        return [sample for chunk in chunks for sample in chunk]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return iter(self._share(self.global_order()[self.consumed :]))
 
     def __len__(self) -> int:
         return (self.total - self.consumed) // self.world_size
