@@ -16,6 +16,14 @@ import yaml
 from conftest import tiny_overrides
 
 
+def _has_optuna_sweeper() -> bool:
+    # find_spec of a submodule raises when the parent package (hydra_plugins) is missing too.
+    try:
+        return importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is not None
+    except ModuleNotFoundError:
+        return False
+
+
 def tiny(shapes_cache: Path) -> list[str]:
     """Four training images, two steps and an evaluation per epoch: a job in a few seconds."""
     return tiny_overrides(shapes_cache, Path("outputs")) + ["data.shapes.num_train=4", "data.shapes.num_val=2"]
@@ -51,7 +59,7 @@ def test_multirun_gives_each_job_a_run_directory_and_survives_a_failing_job(shap
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is None,
+@pytest.mark.skipif(not _has_optuna_sweeper(),
                     reason="hydra-optuna-sweeper not installed (pip install frcnn_train[sweep])")
 def test_optuna_sweep_over_the_learning_rate(shapes_cache: Path, tmp_path: Path) -> None:
     args = [a for a in tiny(shapes_cache) if not a.startswith(("run_name=", "optim.lr="))]
