@@ -220,7 +220,7 @@ class _ErrnoKeepingFile:
         self._f.flush()
 
 
-def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
+def atomic_write(path: Path, write: Callable[[Any], None]) -> None:
     """Write to a temporary file beside `path`, fsync, then rename over it.
 
     A crash at any instant leaves either the old file or the new one, never a mix.
@@ -260,12 +260,12 @@ def save_checkpoint(ckpt: dict[str, Any], path: str | Path) -> None:
     path = Path(path)
     if path.parent.is_dir():
         remove_stale_temporaries(path.parent, path.name)
-    _atomic_write(path, lambda f: torch.save(ckpt, f))
+    atomic_write(path, lambda f: torch.save(ckpt, f))
 
 
 def copy_checkpoint(src: str | Path, dst: str | Path) -> None:
     with open(src, "rb") as source:
-        _atomic_write(Path(dst), lambda f: shutil.copyfileobj(source, f))
+        atomic_write(Path(dst), lambda f: shutil.copyfileobj(source, f))
 
 
 # link(2) is not supported here (FAT, some network and FUSE file systems, across devices).

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 import torch
 
-from frcnn_train.checkpoint import _atomic_write
+from frcnn_train.checkpoint import atomic_write
 
 log = logging.getLogger("frcnn_train")
 
@@ -37,7 +37,7 @@ def trim_metrics(path: Path, step: int, epoch: int) -> int:
     lines = path.read_text(encoding="utf-8").splitlines()
     kept = [line + "\n" for line in lines if _written_by(line, (step, epoch))]
     if len(kept) < len(lines):
-        _atomic_write(path, lambda f: f.write("".join(kept).encode("utf-8")))
+        atomic_write(path, lambda f: f.write("".join(kept).encode("utf-8")))
     return len(lines) - len(kept)
 
 
