@@ -378,7 +378,7 @@ VALUE_RULES: dict[str, tuple[Any, str]] = {
     "model.box_score_thresh": (_fraction, "a number in [0, 1]"),
     "model.box_nms_thresh": (_fraction, "a number in [0, 1]"),
     "model.box_detections_per_img": (_positive, "a whole number >= 1"),
-    "model.mask_head_layers": (_positive, "a whole number >= 1"),
+    "model.mask_head_layers": (_non_negative, "a whole number >= 0 (0: the predictor reads the pooled features)"),
     "model.mask_head_dim": (_positive, "a whole number >= 1"),
     "model.backbone.fpn_channels": (_positive, "a whole number >= 1"),
     "model.backbone.trainable_layers": (_or_null(_non_negative), "a whole number >= 0, or null for all"),
