@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime
 import os
 import signal
+import sys
 import time
 import uuid
 from typing import Any
@@ -206,6 +207,12 @@ class StopRequest:
         name = signal.Signals(signum).name
         if self.reason is None:
             self.reason, self._first = f"received {name}", time.monotonic()
-            log.warning("%s: finishing this step, then saving last.pth (send again to abort without saving).", name)
+            # Straight to the file descriptor: logging from a signal handler can land inside a write the
+            # main thread is making and fail as a reentrant call. train.log gets the reason at the stop.
+            line = f"{name}: finishing this step, then saving last.pth (send again to abort without saving).\n"
+            try:
+                os.write(sys.stderr.fileno(), line.encode())
+            except (OSError, ValueError):  # stderr closed or not a real file
+                pass
         elif time.monotonic() - self._first > SIGNAL_DEBOUNCE_S:
             raise KeyboardInterrupt

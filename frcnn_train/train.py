@@ -9,10 +9,26 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import sys
 from pathlib import Path
 
 STARTUP_INTERRUPTED = "interrupted during start-up: nothing was trained"
+
+# Python's own Ctrl-C handler, which also remembers that it fired: C code can swallow the
+# KeyboardInterrupt it raises and raise something else instead (NumPy's __array__ fallback turns
+# it into a TypeError), and that must still read as a Ctrl-C, not as a crash.
+_ctrl_c_seen = False
+
+
+def _on_ctrl_c(signum: int, frame: object) -> None:
+    global _ctrl_c_seen
+    _ctrl_c_seen = True
+    raise KeyboardInterrupt
+
+
+if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where the shell ignores it (nohup, &)
+    signal.signal(signal.SIGINT, _on_ctrl_c)
 
 try:  # a Ctrl-C while Python loads Hydra is start-up too: one line, not an import traceback
     import hydra
@@ -92,6 +108,11 @@ def main(cfg: DictConfig) -> float:
         else:
             print(f"{job}{STARTUP_INTERRUPTED}", file=sys.stderr)
         raise Interrupted(interrupt_exit_code()) from None
+    except Exception:
+        if not _ctrl_c_seen:
+            raise
+        print(f"{job}{STARTUP_INTERRUPTED}", file=sys.stderr)  # a Ctrl-C that C code turned into another error
+        raise Interrupted(130) from None
     best = summary.get("best_metric")
     best = math.nan if best is None else float(best)
     code = exit_code_for(summary)

@@ -104,6 +104,24 @@ def test_ctrl_c_in_start_up_is_one_line_and_exit_130(shapes_cache: Path, tmp_pat
     assert not list((cache / "shapes").iterdir()), "the half-generated dataset is removed"
 
 
+def test_ctrl_c_that_c_code_turns_into_another_error_still_reads_as_ctrl_c(shapes_cache: Path, tmp_path: Path) -> None:
+    """NumPy's __array__ fallback can swallow the KeyboardInterrupt and raise a TypeError in its place (seen in CI)."""
+    swallow = ("import os, signal, sys, time\n"
+               "import frcnn_train.launch, frcnn_train.train as t\n"
+               "def run(cfg, overrides):\n"
+               "    try:\n"
+               "        os.kill(os.getpid(), signal.SIGINT); time.sleep(5)\n"
+               "    except KeyboardInterrupt:\n"
+               "        pass\n"
+               "    raise TypeError(\"__array__() got an unexpected keyword argument 'copy'\")\n"
+               "frcnn_train.launch.run = run\n"
+               "sys.argv[0] = 'frcnn-train'\n"
+               "t.cli()\n")
+    proc = subprocess.run([sys.executable, "-c", swallow, *tiny(shapes_cache)], cwd=tmp_path, capture_output=True,
+                          text=True, env=ENV, timeout=120)
+    assert (proc.returncode, proc.stderr.strip()) == (130, "interrupted during start-up: nothing was trained")
+
+
 def test_exit_codes_finished_0_stopped_by_sigterm_143(shapes_cache: Path, tmp_path: Path) -> None:
     env, base = ENV, tiny(shapes_cache)
     # SIGTERM in the loop: last.pth saved, resumable, exit 128 + 15.
