@@ -38,6 +38,7 @@ from frcnn_train.errors import ConfigError
 from frcnn_train.models.attention import BLOCKS, attach_after, attach_to_heads, attach_to_levels
 from frcnn_train.models.backbones import build_backbone, resolve_norm, stage_names
 from frcnn_train.models.heads import Detector, MaskDetector
+from frcnn_train.models.roi_align import MatmulMultiScaleRoIAlign
 
 ARCHS: tuple[str, ...] = ("faster_rcnn", "mask_rcnn")
 ATTENTION_TYPES: tuple[str, ...] = ("none", *BLOCKS)
@@ -108,7 +109,7 @@ def build_box_branch(
     *, in_channels: int, featmap_names: list[str], head_dim: int, num_classes: int
 ) -> tuple[MultiScaleRoIAlign, TwoMLPHead, FastRCNNPredictor]:
     """RoI pooling, two-FC head and predictor; `num_classes` includes background."""
-    roi_pool = MultiScaleRoIAlign(featmap_names=featmap_names, output_size=BOX_ROI_SIZE, sampling_ratio=2)
+    roi_pool = MatmulMultiScaleRoIAlign(featmap_names=featmap_names, output_size=BOX_ROI_SIZE, sampling_ratio=2)
     head = TwoMLPHead(in_channels * BOX_ROI_SIZE**2, representation_size=head_dim)
     return roi_pool, head, FastRCNNPredictor(head_dim, num_classes)
 
@@ -117,7 +118,7 @@ def build_mask_branch(
     *, in_channels: int, featmap_names: list[str], layers: int, dim: int, num_classes: int
 ) -> tuple[MultiScaleRoIAlign, MaskRCNNHeads, MaskRCNNPredictor]:
     """RoI pooling, `layers` 3x3 convs of width `dim`, and the upsampling predictor."""
-    roi_pool = MultiScaleRoIAlign(featmap_names=featmap_names, output_size=MASK_ROI_SIZE, sampling_ratio=2)
+    roi_pool = MatmulMultiScaleRoIAlign(featmap_names=featmap_names, output_size=MASK_ROI_SIZE, sampling_ratio=2)
     head = MaskRCNNHeads(in_channels, [dim] * layers, dilation=1)
     # With no conv layers the predictor sees the FPN features directly.
     predictor_in = dim if layers > 0 else in_channels
