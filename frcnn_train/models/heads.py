@@ -11,7 +11,8 @@ offsets boxes by `class * (max_coord + 1)`, which overflows fp16. Here:
 - the RPN proposal filter and the detection post-processing work on the whole
   batch at once (one grouped NMS with the image index folded into the group)
   instead of torchvision's per-image Python loops. Results equal torchvision's
-  (tests/models/test_heads.py compares them on random inputs).
+  (tests/models/test_heads.py compares them on random inputs);
+- an image already at the model's size is not resampled (`SameSizeTransform`).
 
 Only methods change: every module, attribute and state-dict key is torchvision's,
 so model-zoo weights and older checkpoints load unchanged.
@@ -21,11 +22,13 @@ from __future__ import annotations
 from typing import Any, TypeVar
 
 import torch
+import torchvision
 from torch import Tensor, nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import boxes as box_ops
 
 # Boxes per NMS call on CUDA: the coordinate-offset trick keeps a [n, n/64] mask, so the
@@ -149,6 +152,28 @@ class BatchedRoIHeads(RoIHeads):
         return [boxes[k] for k in per_image], [scores[k] for k in per_image], [labels[k] for k in per_image]
 
 
+class SameSizeTransform(GeneralizedRCNNTransform):
+    """torchvision's transform, without resampling an image that is already at its target size.
+
+    At scale 1 torchvision's bilinear resize returns the image unchanged (every output
+    pixel samples exactly one input pixel), its boxes times 1 and its masks as uint8; the
+    128 px shapes images are all such, and the resize was a per-image cost in every step.
+    """
+
+    def resize(self, image: Tensor, target: dict[str, Tensor] | None = None) -> tuple[Tensor, Any]:
+        h, w = image.shape[-2:]
+        same = (len(self.min_size) == 1 and self.fixed_size is None and not torchvision._is_tracing()
+                and not (self.training and getattr(self, "_skip_resize", False))
+                and min(self.min_size[0] / min(h, w), self.max_size / max(h, w)) == 1.0)
+        if not same:
+            return super().resize(image, target)
+        if self.training:
+            self.torch_choice(self.min_size)  # the random draw torchvision makes, so the RNG moves on alike
+        if target is not None and "masks" in target:
+            target["masks"] = target["masks"].to(torch.uint8)
+        return image, target
+
+
 M = TypeVar("M", bound=nn.Module)
 
 
@@ -171,6 +196,7 @@ class _Fp32Inference:
         super().__init__(*args, **kwargs)
         self.rpn = specialise(self.rpn, BatchedRPN)
         self.roi_heads = specialise(self.roi_heads, BatchedRoIHeads)
+        self.transform = specialise(self.transform, SameSizeTransform)
         for part in (self.rpn, self.roi_heads):
             part.box_coder = Fp32BoxCoder(part.box_coder.weights, part.box_coder.bbox_xform_clip)
 

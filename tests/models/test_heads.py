@@ -124,3 +124,29 @@ def test_training_proposals_are_decoded_in_fp32_under_autocast(compose_tiny) -> 
         losses = model(images, targets)
     assert seen == [(torch.float32, torch.bfloat16)]  # the head ran in bf16, the decode in fp32
     assert all(torch.isfinite(v) for v in losses.values())
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("sizes", [[(128, 128), (128, 128)], [(128, 128), (64, 80)], [(96, 128)]])
+def test_same_size_transform_equals_torchvision(training: bool, sizes: list[tuple[int, int]]) -> None:
+    """Images at the model's size skip the resample; others are resized as torchvision does; the RNG moves alike."""
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+    from frcnn_train.models.heads import SameSizeTransform
+
+    g = torch.Generator().manual_seed(sum(h + w for h, w in sizes) + training)
+    images = [torch.rand(3, h, w, generator=g) for h, w in sizes]
+    targets = [{"boxes": _random_boxes(3, 90, g), "labels": torch.ones(3, dtype=torch.int64),
+                "masks": torch.rand(3, h, w, generator=g) > 0.5} for h, w in sizes]
+    stock = GeneralizedRCNNTransform(128, 128, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    ours = specialise(copy.deepcopy(stock), SameSizeTransform)
+    results = []
+    for module in (stock, ours):
+        module.train(training)
+        torch.manual_seed(0)
+        batch, out_targets = module([i.clone() for i in images], copy.deepcopy(targets))
+        results.append((batch.tensors, batch.image_sizes, out_targets, torch.rand(1)))
+    (want, want_sizes, want_targets, want_next), (got, got_sizes, got_targets, got_next) = results
+    assert torch.equal(got, want) and got_sizes == want_sizes and torch.equal(got_next, want_next)
+    for w, o in zip(want_targets, got_targets):
+        assert w.keys() == o.keys() and all(torch.equal(w[k], o[k]) and w[k].dtype == o[k].dtype for k in w)
