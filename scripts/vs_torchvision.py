@@ -14,7 +14,8 @@ proves the architectures are the same), see the same dataset, batch size, AMP
 setting and SGD settings. Printed: images/s per side (median over rounds), peak
 memory (CUDA max_memory_allocated; CPU: the peak resident set of a fresh process
 running only that side for the same steps), the checkpoint blocking time (ours, and a plain
-synchronous torch.save of the same state), and last the ratio of images/s.
+synchronous torch.save of the same state), and last the median of the per-round
+ratios of images/s.
 """
 from __future__ import annotations
 
@@ -255,8 +256,11 @@ def compare(*, device_name: str, steps: int, rounds: int, warmup: int, overrides
         print(f"checkpoint blocking the training thread: frcnn_train {ours_ms:.0f} ms, "
               f"plain synchronous torch.save of the same state {plain_ms:.0f} ms")
         ours.trainer.logger.close()
-    ratio = statistics.median(speed["frcnn_train"]) / statistics.median(speed["torchvision"])
-    print(f"ratio frcnn_train/torchvision = {ratio:.2f}")
+    # Each round runs both sides back to back, so a host that slows down for a while slows
+    # both: the median of the per-round ratios is steadier than the ratio of the medians.
+    ratios = sorted(ours / theirs for ours, theirs in zip(speed["frcnn_train"], speed["torchvision"]))
+    print(f"per-round ratios: {' '.join(f'{r:.2f}' for r in ratios)}")
+    print(f"ratio frcnn_train/torchvision = {statistics.median(ratios):.2f}")
 
 
 def build_sides(cfg: DictConfig, data: Any, device: torch.device, tmp: Path) -> dict[str, Any]:
