@@ -93,7 +93,7 @@ class ModelConfig:
 class ShapesConfig:
     num_train: int = 400
     num_val: int = 60
-    image_size: int = 128
+    image_size: int = 96
     max_objects: int = 4
     seed: int = 0
 

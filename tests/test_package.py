@@ -50,7 +50,7 @@ def test_installed_wheel_composes_and_trains_outside_the_repository(installed: P
                                                                     tmp_path: Path) -> None:
     shown = _run(installed, tmp_path, sys.executable, "-m", "frcnn_train.train", "--cfg", "job")
     assert shown.returncode == 0, shown.stderr
-    assert "name: resnet18_fpn" in shown.stdout and "min_size: 128" in shown.stdout
+    assert "name: resnet18_fpn" in shown.stdout and "min_size: 96" in shown.stdout
     where = _run(installed, tmp_path, sys.executable, "-c", "import frcnn_train.config as c; print(c.CONFIG_DIR)")
     assert where.stdout.strip() == str(installed / "frcnn_train" / "configs")
 

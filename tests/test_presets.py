@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 from frcnn_train.config import ResumeConflict, compose_config, merge_for_resume
 from frcnn_train.overrides import requested_keys
 
-SHAPES_SIZES = {"min_size": 128, "box_head_dim": 256, "rpn_post_nms_top_n_train": 150}
+SHAPES_SIZES = {"min_size": 96, "box_head_dim": 256, "rpn_post_nms_top_n_train": 150}
 TORCHVISION_SIZES = {"min_size": 800, "box_head_dim": 1024, "rpn_post_nms_top_n_train": 2000}
 
 

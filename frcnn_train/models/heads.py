@@ -157,7 +157,7 @@ class SameSizeTransform(GeneralizedRCNNTransform):
 
     At scale 1 torchvision's bilinear resize returns the image unchanged (every output
     pixel samples exactly one input pixel), its boxes times 1 and its masks as uint8; the
-    128 px shapes images are all such, and the resize was a per-image cost in every step.
+    shapes images are all such, and the resize was a per-image cost in every step.
     """
 
     def resize(self, image: Tensor, target: dict[str, Tensor] | None = None) -> tuple[Tensor, Any]:
