@@ -297,26 +297,30 @@ def test_five_kills_of_random_ranks_at_random_steps(base: list[str], reference: 
 # ------------------------------------------------------------------ another world size
 def test_resume_on_one_then_two_processes_keeps_the_global_batch(base: list[str], reference: dict) -> None:
     """2 processes x 1 image -> 1 process x 1 image x accumulate 2 -> 2 processes again: same images, same LR;
-    parameters equal a straight 2-process run up to float rounding (gradients are summed in another order,
-    which may or may not round differently)."""
+    parameters equal a straight 2-process run up to float rounding (gradients are summed in another order).
+
+    Compared at the end of epoch 1 (step 4): in runs this tiny a one-ulp difference grows to percents of the
+    weights within four more steps (the samplers' discrete choices flip), so a later comparison measures that.
+    """
     out_dir = Path(_output_dir(base))
-    torchrun(*base, "run_name=regrouped", "trainer.max_steps=3")  # mid-epoch 1
-    overrides = [f"resume={out_dir}/regrouped", "trainer.max_steps=6"]  # on to mid-epoch 2, on one process
+    torchrun(*base, "run_name=regrouped", "trainer.max_steps=2")
+    overrides = [f"resume={out_dir}/regrouped", "trainer.max_steps=3"]  # one step on one process
     summary = run(compose_config([*base, *overrides]), overrides=overrides)
-    assert summary["global_step"] == 6
+    assert summary["global_step"] == 3
     one = checkpoint.load_checkpoint(out_dir / "regrouped" / "last.pth")
     assert (one["trainer"]["world_size"], one["trainer"]["accumulate"], one["config"]["trainer"]["accumulate"]) == (1, 2, 2)
     assert "world size 2 -> 1: trainer.accumulate 1 -> 2 keeps the global batch of 2 images (1 x 1 x 2)" in \
         one["trainer"]["history"][-1]["changes"]
-    torchrun(*base, f"resume={out_dir}/regrouped", "trainer.max_steps=null")
+    torchrun(*base, f"resume={out_dir}/regrouped", "trainer.max_steps=4")
     final = checkpoint.load_checkpoint(out_dir / "regrouped" / "last.pth")
-    assert final["trainer"]["global_step"] == STEPS and final["trainer"]["accumulate"] == 1
-    assert final["scheduler"]["last_epoch"] == reference["scheduler"]["last_epoch"]
-    assert final["optimizer"]["param_groups"][0]["lr"] == reference["optimizer"]["param_groups"][0]["lr"]
+    at_4 = checkpoint.load_checkpoint(out_dir / "reference" / "epoch_0001.pth")
+    assert final["trainer"]["global_step"] == at_4["trainer"]["global_step"] == 4 and final["trainer"]["accumulate"] == 1
+    assert final["scheduler"]["last_epoch"] == at_4["scheduler"]["last_epoch"]
+    assert final["optimizer"]["param_groups"][0]["lr"] == at_4["optimizer"]["param_groups"][0]["lr"]
     # BatchNorm running statistics are left out: under DDP they are rank 0's images only.
-    params = [k for k in reference["model"] if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    params = [k for k in at_4["model"] if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
     for key in params:
-        torch.testing.assert_close(final["model"][key], reference["model"][key], rtol=1e-4, atol=1e-5, msg=key)
+        torch.testing.assert_close(final["model"][key], at_4["model"][key], rtol=1e-5, atol=1e-6, msg=key)
     assert any(not torch.equal(final["model"][k], one["model"][k]) for k in params), "trained on after the regroup"
 
 

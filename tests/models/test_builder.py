@@ -113,7 +113,7 @@ def test_config_keys_reach_the_model(compose_tiny) -> None:
     assert roi.box_predictor.cls_score.out_features == 4  # 3 classes + background
     assert roi.box_predictor.bbox_pred.out_features == 16
     # 5 FPN levels and 5 sizes: one size per level, so anchors per location = ratios.
-    assert rpn.anchor_generator.sizes == ((16,), (32,), (64,), (128,), (256,))
+    assert rpn.anchor_generator.sizes == ((12,), (24,), (48,), (96,), (192,))  # the shapes preset's
     assert rpn.head.cls_logits.out_channels == 4
     convs = [m for m in roi.mask_head.modules() if isinstance(m, torch.nn.Conv2d)]
     assert [c.out_channels for c in convs] == [24, 24, 24]

@@ -38,7 +38,7 @@ def test_spec_is_flat_plain_and_resolved(compose_tiny) -> None:
     assert spec["model.backbone.fpn_channels"] == 32
     assert spec["model.box_head_dim"] == 32
     assert (spec["model.mask_head_layers"], spec["model.mask_head_dim"]) == (1, 16)
-    assert spec["model.anchor_sizes"] == [16, 32, 64, 128, 256]
+    assert spec["model.anchor_sizes"] == [12, 24, 48, 96, 192]
     assert spec["model.attention.type"] == "none" and spec["model.attention.sites"] == []
     assert {"model.attention.reduction", "model.attention.overrides"} <= set(spec)
     for absent in ("model.min_size", "model.box_score_thresh", "model.rpn_pre_nms_top_n_train", "model.backbone.weights",
