@@ -143,6 +143,15 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(value.item())
 
 
+def max_over_ranks(flags: torch.Tensor) -> torch.Tensor:
+    """Element-wise maximum of a bool tensor over all ranks (one all_reduce); itself on one process."""
+    if not dist.is_initialized():
+        return flags
+    values = flags.to(torch.int32)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return values.bool()
+
+
 def seed_for(seed: int, *words: int) -> int:
     """A 63-bit seed that depends only on `seed` and `words` (e.g. step and sample chunk)."""
     state = np.random.SeedSequence([w % 2**64 for w in (seed, *words)]).generate_state(1, dtype=np.uint64)

@@ -95,6 +95,7 @@ class Trainer:
         self._loss_steps = 0
         self._saved_step = 0  # global_step of the newest last.pth (step 0: nothing to lose yet)
         self._signals = distributed.StopRequest()
+        self._signalled_anywhere = False  # a stop signal reached some rank by this step's check
 
     # ------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -202,11 +203,16 @@ class Trainer:
     def _agreed_stop(self, epoch_done: bool) -> bool:
         """Whether every rank stops after this step: asked on every rank at every step, so all agree.
 
-        A stop signal on any rank counts. max_steps at an epoch's last step is left to the
-        epoch end (evaluation and the epoch checkpoint happen as in a run never stopped).
+        A stop signal on any rank counts. Under torchrun it travels in _check_finite's
+        collective (one per step), so a signal that arrives after that, during the update,
+        stops every rank one step later; one process looks at its own flag. max_steps at an
+        epoch's last step is left to the epoch end (evaluation and the epoch checkpoint
+        happen as in a run never stopped).
         """
         max_hit = self.s.max_steps is not None and self.global_step >= self.s.max_steps and not epoch_done
-        if not distributed.any_rank(self._signals.reason is not None or max_hit, self.device):
+        alone = distributed.world_size() == 1
+        signalled = self._signals.reason is not None if alone else self._signalled_anywhere
+        if not (signalled or max_hit):  # the same on every rank: no collective needed here
             return False
         self._stop_reason = (self._signals.reason or (f"trainer.max_steps={self.s.max_steps} reached" if max_hit
                                                       else "another process received a stop signal"))
@@ -281,9 +287,9 @@ class Trainer:
                 self.scaler.scale(loss / len(micro_batches)).backward()
             for name, value in loss_dict.items():
                 totals[name] = totals.get(name, 0) + value.detach().float() / len(micro_batches)
+        # Checked once, after every backward and before the update: a non-finite loss never reaches the weights.
+        self._check_finite(totals)
         if totals:  # else every image was skipped (data.bad_images=skip): no gradient, only counters and LR move
-            # Checked once, after every backward and before the update: a non-finite loss never reaches the weights.
-            self._check_finite(totals)
             if self.s.grad_clip is not None:
                 self.scaler.unscale_(self.optimizer)
                 totals["grad_norm"] = nn.utils.clip_grad_norm_(self.bare.parameters(), self.s.grad_clip).detach()
@@ -296,8 +302,15 @@ class Trainer:
         return totals
 
     def _check_finite(self, losses: dict[str, torch.Tensor]) -> None:
-        loss = sum(losses.values())
-        if distributed.any_rank(not torch.isfinite(loss).item(), self.device):
+        """The step's one read from the device, and under torchrun its one collective: whether the
+        loss is non-finite on any rank (the run ends) and whether a stop signal reached any rank
+        (every rank stops after this step, see _agreed_stop)."""
+        flags = torch.stack([
+            ~torch.isfinite(sum(losses.values())) if losses else torch.zeros((), dtype=torch.bool, device=self.device),
+            torch.full((), self._signals.reason is not None, dtype=torch.bool, device=self.device),  # no copy, no sync
+        ])
+        nonfinite, self._signalled_anywhere = (bool(v) for v in distributed.max_over_ranks(flags).tolist())
+        if nonfinite:
             terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
             last = self.run_dir / "last.pth"
             kept = f"the last good checkpoint {last} is untouched" if last.exists() else "no checkpoint was written"
