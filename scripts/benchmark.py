@@ -1,6 +1,7 @@
 """Training speed: per backbone (a table), or frcnn_train against torchvision's own training loop.
 
     python scripts/benchmark.py --vs-torchvision         # ours vs the plain torchvision loop, same model and data
+    python scripts/benchmark.py --vs-torchvision --accuracy   # both sides trained the whole schedule: AP each
     python scripts/benchmark.py --vs-torchvision --device cuda --steps 20
     python scripts/benchmark.py                          # every backbone, faster_rcnn, default shapes sizes
     python scripts/benchmark.py --arch mask_rcnn --backbones resnet18_fpn resnet50_fpn --steps 10
@@ -76,9 +77,16 @@ def main() -> None:
     parser.add_argument("--vs-torchvision", action="store_true",
                         help="alternate rounds of torchvision's plain loop and our Trainer; last line is the ratio")
     parser.add_argument("--rounds", type=int, default=5, help="--vs-torchvision: timed rounds per side")
+    parser.add_argument("--accuracy", action="store_true",
+                        help="with --vs-torchvision: train both sides the whole schedule and print each side's AP")
     args, overrides = parser.parse_known_args()
+    if args.vs_torchvision and args.accuracy:
+        from vs_torchvision import accuracy  # scripts/ is on sys.path when this file runs
+
+        accuracy(device_name=args.device, overrides=overrides)
+        return
     if args.vs_torchvision:
-        from vs_torchvision import compare  # scripts/ is on sys.path when this file runs
+        from vs_torchvision import compare
 
         batch = [f"trainer.batch_size={args.batch_size}"] if args.batch_size else []
         compare(device_name=args.device, steps=args.steps, rounds=args.rounds, warmup=args.warmup,

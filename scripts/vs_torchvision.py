@@ -5,7 +5,8 @@ In one process, alternating rounds of
       builders do not take, its own classes: ResNet, BackboneWithFPN, FasterRCNN),
       trained by a loop written like references/detection/engine.py's
       train_one_epoch (loss dict, sum, .item() of every loss, backward, step,
-      warmup LR), on a plain DataLoader;
+      warmup LR), on a plain shuffled DataLoader whose every visit of an image
+      draws fresh augmentation (as torchvision's references do);
   (b) frcnn_train: the Trainer's own step (`Trainer._train_step` and
       `_after_step`) on the Trainer's loader, with the model, optimizer and
       options our builders make from the same config.
@@ -16,6 +17,9 @@ memory (CUDA max_memory_allocated; CPU: the peak resident set of a fresh process
 running only that side for the same steps), the checkpoint blocking time (ours, and a plain
 synchronous torch.save of the same state), and last the median of the per-round
 ratios of images/s.
+
+`--accuracy` instead trains each side the config's whole schedule and prints each
+side's AP (see `accuracy`): the same accuracy is the other half of the comparison.
 """
 from __future__ import annotations
 
@@ -41,6 +45,7 @@ from frcnn_train.config import compose_config
 from frcnn_train.data import build_datasets, build_train_loader
 from frcnn_train.checkpointer import Checkpointer
 from frcnn_train.runtime import amp_dtype as _amp_dtype
+from frcnn_train.runtime import seed_everything
 from frcnn_train.logs import RunLogger
 from frcnn_train.models import architecture_spec, build_model, fingerprint, prepare_for_training
 from frcnn_train.optim import build_optimizer, build_scheduler
@@ -116,6 +121,22 @@ def _tuple_collate(batch: list) -> tuple:
     return tuple(zip(*batch))  # references/detection/utils.collate_fn
 
 
+class _ShuffleWithFreshAugmentation(torch.utils.data.Sampler):
+    """A shuffled epoch whose every visit draws new augmentation, from torch's global RNG, as
+    torchvision's references/detection/transforms.py does. (Our datasets take (index, seed):
+    a bare index would give each image the same flip in every epoch.)"""
+
+    def __init__(self, length: int) -> None:
+        self.length = length
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for index in torch.randperm(self.length).tolist():
+            yield index, int(torch.randint(2**62, ()))
+
+    def __len__(self) -> int:
+        return self.length
+
+
 class TheirLoop:
     """references/detection/engine.py train_one_epoch, one optimizer step at a time."""
 
@@ -126,7 +147,8 @@ class TheirLoop:
         self.optimizer = torch.optim.SGD(params, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
                                          weight_decay=cfg.optim.weight_decay)
         # engine.py's first-epoch warmup: LinearLR from 1/1000 over min(1000, len(loader) - 1) iterations.
-        self.loader = DataLoader(dataset, batch_size=cfg.trainer.batch_size, shuffle=True, drop_last=True,
+        self.loader = DataLoader(dataset, batch_size=cfg.trainer.batch_size, drop_last=True,
+                                 sampler=_ShuffleWithFreshAugmentation(len(dataset)),
                                  num_workers=cfg.data.num_workers, collate_fn=_tuple_collate)
         self.warmup = torch.optim.lr_scheduler.LinearLR(self.optimizer, start_factor=1.0 / 1000,
                                                         total_iters=min(1000, len(self.loader) - 1))
@@ -261,6 +283,50 @@ def compare(*, device_name: str, steps: int, rounds: int, warmup: int, overrides
     ratios = sorted(ours / theirs for ours, theirs in zip(speed["frcnn_train"], speed["torchvision"]))
     print(f"per-round ratios: {' '.join(f'{r:.2f}' for r in ratios)}")
     print(f"ratio frcnn_train/torchvision = {statistics.median(ratios):.2f}")
+
+
+def accuracy(*, device_name: str, overrides: list[str]) -> None:
+    """Train each side the config's whole schedule from the same weights, then score both with pycocotools.
+
+    Ours: launch.run, what `python -m frcnn_train.train` does. Theirs: the same model from
+    torchvision's classes, TheirLoop's steps over a plain shuffled DataLoader, with our LR
+    schedule (warmup and steps, as a torchvision user would set for this length), so the two
+    differ in implementation, not recipe. Evaluated by the same pycocotools code on the val split.
+    """
+    from frcnn_train.data import build_eval_loader
+    from frcnn_train.evaluation import evaluate
+    from frcnn_train.launch import run
+    from frcnn_train.optim import lr_factor_fn
+
+    device = torch.device(device_name)
+    cfg_overrides = [*(CUDA_DEFAULTS if device.type == "cuda" else []), f"device={device}", "trainer.progress=false",
+                     *overrides]
+    cfg = compose_config(cfg_overrides)
+    data = build_datasets(cfg.data, with_masks=cfg.model.arch == "mask_rcnn")
+    cfg.model.num_classes = len(data.classes)
+    per_epoch = steps_per_epoch(len(data.train), cfg.trainer.batch_size, cfg.trainer.accumulate)
+    total = per_epoch * cfg.trainer.epochs
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        ours = run(compose_config([*cfg_overrides, f"output_dir={tmp}", "run_name=ours"]))
+        ours_s = time.perf_counter() - started
+        seed_everything(cfg.seed, cfg.trainer.deterministic, device)  # as launch.run seeds before build_model
+        theirs_model = torchvision_model(cfg.model, cfg.model.num_classes)
+        theirs_model.load_state_dict(build_model(cfg.model).state_dict())
+        theirs = TheirLoop(theirs_model, cfg, data.train, device, amp_dtype(cfg, device))
+        theirs.warmup = torch.optim.lr_scheduler.LambdaLR(
+            theirs.optimizer, lr_factor_fn(cfg.schedule, steps_per_epoch=per_epoch, total_steps=total))
+        started = time.perf_counter()
+        for _ in range(total):
+            theirs.step()
+        loader = build_eval_loader(data.val, batch_size=cfg.trainer.batch_size, num_workers=cfg.data.num_workers)
+        metrics, _ = evaluate(theirs.model, loader, coco_gt=data.val.coco, label_to_cat_id=data.val.label_to_cat_id,
+                              device=device, with_masks=cfg.model.arch == "mask_rcnn")
+        theirs_s = time.perf_counter() - started
+    print(f"{cfg.model.arch} {cfg.model.backbone.name}, {total} steps of {cfg.trainer.batch_size} images, "
+          f"{cfg.model.min_size} px, {device}; AP / AP50 on the {len(data.val)} val images:")
+    for name, m, seconds in (("torchvision", metrics, theirs_s), ("frcnn_train", ours["metrics"], ours_s)):
+        print(f"{name:<12} AP {100 * m['bbox/AP']:5.1f}  AP50 {100 * m['bbox/AP50']:5.1f}  ({seconds:.0f} s)")
 
 
 def build_sides(cfg: DictConfig, data: Any, device: torch.device, tmp: Path) -> dict[str, Any]:

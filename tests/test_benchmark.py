@@ -32,3 +32,18 @@ def test_vs_torchvision_prints_both_sides_and_the_ratio_last(shapes_cache: Path,
     assert re.search(r"checkpoint blocking the training thread: frcnn_train \d+ ms, plain synchronous "
                      r"torch.save of the same state \d+ ms", result.stdout)
     assert "resnet18_fpn (FPN 32), 64-64 px, batch 2" in lines[0]
+    assert re.fullmatch(r"per-round ratios: [\d.]+ [\d.]+", lines[-2]), lines[-2]
+
+
+@pytest.mark.slow  # about 15 s: two tiny trainings of one epoch
+def test_accuracy_trains_both_sides_and_prints_each_sides_ap(shapes_cache: Path, tmp_path: Path) -> None:
+    overrides = [o for o in tiny_overrides(shapes_cache, tmp_path) if not o.startswith("run_name")]
+    result = subprocess.run(
+        [sys.executable, "scripts/benchmark.py", "--vs-torchvision", "--accuracy", "--device", "cpu", *overrides],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    assert "4 steps of 2 images, 64 px, cpu; AP / AP50 on the 4 val images:" in lines[-3], lines[-3]
+    for line, side in zip(lines[-2:], ("torchvision", "frcnn_train")):
+        assert re.fullmatch(side + r" +AP +[\d.]+  AP50 +[\d.]+  \(\d+ s\)", line), line
