@@ -152,7 +152,7 @@ class ScheduleConfig:
     warmup_steps: int = 100
     warmup_factor: float = 0.001
     # multistep: epochs (fractions allowed) at which the LR is multiplied by gamma.
-    milestones: List[float] = field(default_factory=lambda: [8, 11])
+    milestones: List[float] = field(default_factory=lambda: [10, 13])
     gamma: float = 0.1
     # cosine: final LR as a fraction of the base LR.
     min_lr_factor: float = 0.0
