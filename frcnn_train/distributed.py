@@ -12,7 +12,6 @@ import time
 import uuid
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -135,12 +134,10 @@ def broadcast_buffers(model: nn.Module) -> None:
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank when `flag` is true on any (a stop signal reaching one process)."""
+    """True on every rank when `flag` is true on any."""
     if not dist.is_initialized():
         return flag
-    value = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+    return bool(max_over_ranks(torch.tensor(flag, device=device)).item())
 
 
 def max_over_ranks(flags: torch.Tensor) -> torch.Tensor:
@@ -150,12 +147,6 @@ def max_over_ranks(flags: torch.Tensor) -> torch.Tensor:
     values = flags.to(torch.int32)
     dist.all_reduce(values, op=dist.ReduceOp.MAX)
     return values.bool()
-
-
-def seed_for(seed: int, *words: int) -> int:
-    """A 63-bit seed that depends only on `seed` and `words` (e.g. step and sample chunk)."""
-    state = np.random.SeedSequence([w % 2**64 for w in (seed, *words)]).generate_state(1, dtype=np.uint64)
-    return int(state[0] >> np.uint64(1))
 
 
 def wrap_model(model: nn.Module, *, norm: str, device: torch.device) -> nn.Module:

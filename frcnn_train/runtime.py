@@ -71,6 +71,16 @@ def deterministic_mode(value: Any, device: torch.device) -> bool:
     raise ConfigError(f"trainer.deterministic={value!r} is not a choice; use auto, true or false")
 
 
+def seed_sequence(*words: int) -> np.random.SeedSequence:
+    """numpy's SeedSequence over `words`; negative words (a negative user seed) still map to one stream."""
+    return np.random.SeedSequence([w % 2**64 for w in words])
+
+
+def seed_for(seed: int, *words: int) -> int:
+    """A 63-bit seed that depends only on `seed` and `words` (e.g. step and sample chunk)."""
+    return int(seed_sequence(seed, *words).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+
 def seed_everything(seed: int, deterministic: Any, device: torch.device) -> bool:
     """Seed python, numpy and torch, and set the determinism switches; returns whether it is on.
 

@@ -21,6 +21,7 @@ from frcnn_train.data import DataBundle, batches_per_epoch, build_eval_loader, b
 from frcnn_train.errors import DataError, UserError
 from frcnn_train.evaluation import evaluate, format_table
 from frcnn_train.logs import RunLogger, log
+from frcnn_train.runtime import seed_for
 from frcnn_train.visualize import draw_detections
 
 
@@ -136,7 +137,7 @@ class Trainer:
         restore_rng(state["rng"])
         if len(state["rng"].get("ranks", [])) not in (0, distributed.world_size()):
             # Another number of processes: a new stream per rank, the same on every such resume.
-            seed = distributed.seed_for(self.s.seed, distributed.rank(), self.global_step)
+            seed = seed_for(self.s.seed, distributed.rank(), self.global_step)
             random.seed(seed)
             np.random.seed(seed % 2**32)
             torch.manual_seed(seed)
@@ -222,7 +223,7 @@ class Trainer:
         """Seed the RNG (RPN / RoI sampling) from the step and the micro-batch's place in the global
         batch, so each micro-batch draws the same numbers whichever rank trains it."""
         chunk = index * distributed.world_size() + distributed.rank()
-        torch.manual_seed(distributed.seed_for(self.s.seed, self.global_step, chunk))
+        torch.manual_seed(seed_for(self.s.seed, self.global_step, chunk))
 
     def _train_epoch(self) -> bool:
         """One epoch from step_in_epoch on. False when it stopped early (signal / max_steps)."""

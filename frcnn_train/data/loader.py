@@ -25,6 +25,7 @@ from frcnn_train.data.shapes import ensure_shapes_dataset
 from frcnn_train.data.transforms import Compose, RandomHorizontalFlip, ScaleJitter
 from frcnn_train.data.voc import load_voc
 from frcnn_train.errors import ConfigError
+from frcnn_train.runtime import seed_for, seed_sequence
 
 log = logging.getLogger(__name__)
 
@@ -161,11 +162,6 @@ def _voc_datasets(data_cfg: DictConfig, *, with_masks: bool, transforms: Compose
 # --------------------------------------------------------------------------- loaders
 
 
-def _seed_state(*words: int) -> np.random.SeedSequence:
-    # SeedSequence wants non-negative words; a negative user seed still maps to one stream.
-    return np.random.SeedSequence([w % 2**64 for w in words])
-
-
 class ResumableSampler(Sampler[tuple[int, int]]):
     """Yields `(index, sample_seed)` for one rank's share of one epoch, optionally from mid-epoch.
 
@@ -196,8 +192,8 @@ class ResumableSampler(Sampler[tuple[int, int]]):
     def global_order(self) -> list[tuple[int, int]]:
         """The whole epoch's global sequence, every rank's samples, before any is consumed."""
         n = self.dataset_len
-        perm = np.random.default_rng(_seed_state(self.seed, self.epoch, 0)).permutation(n)[: self.total]
-        seeds = _seed_state(self.seed, self.epoch, 1).generate_state(max(n, 1), dtype=np.uint64)
+        perm = np.random.default_rng(seed_sequence(self.seed, self.epoch, 0)).permutation(n)[: self.total]
+        seeds = seed_sequence(self.seed, self.epoch, 1).generate_state(max(n, 1), dtype=np.uint64)
         return [(int(i), int(seeds[i])) for i in perm]
 
     def order(self) -> list[tuple[int, int]]:
@@ -264,9 +260,8 @@ def build_train_loader(dataset: Dataset, *, batch_size: int, num_workers: int, s
                                accumulate=accumulate, rank=rank, world_size=world_size)
     # Worker base seeds come from this generator instead of the global RNG, so
     # starting an iterator leaves the global torch RNG (saved in checkpoints) alone.
-    loader_seed = int(_seed_state(seed, epoch, 2).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
     return _loader(dataset, BatchSampler(sampler, batch_size=batch_size, drop_last=True), num_workers=num_workers,
-                   seed=loader_seed, pin_memory=pin_memory)
+                   seed=seed_for(seed, epoch, 2), pin_memory=pin_memory)
 
 
 def _loader(dataset: Dataset, batch_sampler: Any, *, num_workers: int, seed: int, pin_memory: bool) -> DataLoader:
