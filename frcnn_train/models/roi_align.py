@@ -41,7 +41,7 @@ def _axis_weights(start: Tensor, end: Tensor, pooled: int, grid: int, size: int)
     pos = pos.clamp(min=0.0)
     low = pos.floor()
     edge = low >= size - 1
-    low = torch.where(edge, torch.full_like(low, size - 1), low)
+    low = low.clamp(max=size - 1)
     pos = torch.where(edge, low, pos)
     high = torch.where(edge, low, low + 1)
     frac = pos - low
@@ -52,9 +52,10 @@ def _axis_weights(start: Tensor, end: Tensor, pooled: int, grid: int, size: int)
 
 
 def roi_align_matmul(features: Tensor, rois: Tensor, output_size: tuple[int, int], spatial_scale: float,
-                     sampling_ratio: int) -> Tensor:
+                     sampling_ratio: int, *, counts: list[int] | None = None) -> Tensor:
     """torchvision.ops.roi_align(features, rois, output_size, spatial_scale, sampling_ratio,
-    aligned=False) for sampling_ratio > 0, computed per image as My @ F @ Mx^T."""
+    aligned=False) for sampling_ratio > 0, computed per image as My @ F @ Mx^T.
+    `counts`: rois per image, when the caller has them already."""
     n, c, height, width = features.shape
     ph, pw = output_size
     with torch.no_grad():
@@ -63,7 +64,7 @@ def roi_align_matmul(features: Tensor, rois: Tensor, output_size: tuple[int, int
         cols = _axis_weights(boxes[:, 0], boxes[:, 2], pw, sampling_ratio, width)  # (R, pw, W)
         image = rois[:, 0].long()
     order = torch.argsort(image, stable=True)
-    counts = torch.bincount(image, minlength=n).tolist()
+    counts = counts if counts is not None else rois_per_image(rois, n)
     pieces = []
     with torch.autocast(features.device.type, enabled=False):
         maps = features.float()
@@ -84,10 +85,8 @@ def roi_align_matmul(features: Tensor, rois: Tensor, output_size: tuple[int, int
     return out.to(features.dtype)
 
 
-def _fits(features: Tensor, rois: Tensor, pooled_height: int) -> bool:
-    n, c, _, width = features.shape
-    most_per_image = int(torch.bincount(rois[:, 0].long(), minlength=n).max()) if len(rois) else 0
-    return most_per_image * pooled_height * c * width <= MAX_INTERMEDIATE
+def rois_per_image(rois: Tensor, num_images: int) -> list[int]:
+    return torch.bincount(rois[:, 0].long(), minlength=num_images).tolist()
 
 
 class MatmulMultiScaleRoIAlign(MultiScaleRoIAlign):
@@ -109,7 +108,13 @@ class MatmulMultiScaleRoIAlign(MultiScaleRoIAlign):
             if len(idx) == 0:
                 continue
             level_rois = rois[idx]
-            pool = roi_align_matmul if _fits(features, level_rois, self.output_size[0]) else roi_align
-            pooled = pool(features, level_rois, self.output_size, scale, self.sampling_ratio).to(result.dtype)
+            n, c, _, width = features.shape
+            counts = rois_per_image(level_rois, n)
+            if max(counts) * self.output_size[0] * c * width <= MAX_INTERMEDIATE:
+                pooled = roi_align_matmul(features, level_rois, self.output_size, scale, self.sampling_ratio,
+                                          counts=counts)
+            else:
+                pooled = roi_align(features, level_rois, self.output_size, scale, self.sampling_ratio)
+            pooled = pooled.to(result.dtype)
             result = pooled if len(idx) == len(rois) else result.index_copy(0, idx, pooled)  # all on one level
         return result
