@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 STARTUP_INTERRUPTED = "interrupted during start-up: nothing was trained"
+CTRL_C_EXIT = 130  # runtime.interrupt_exit_code(), known before torch is imported
 
 # Python's own Ctrl-C handler, which also remembers that it fired: C code can swallow the
 # KeyboardInterrupt it raises and raise something else instead (NumPy's __array__ fallback turns
@@ -40,7 +41,7 @@ try:  # a Ctrl-C while Python loads Hydra is start-up too: one line, not an impo
     from frcnn_train.errors import UserError
 except KeyboardInterrupt:
     print(STARTUP_INTERRUPTED, file=sys.stderr)
-    raise SystemExit(130) from None
+    raise SystemExit(CTRL_C_EXIT) from None
 
 register_schema()
 
@@ -112,7 +113,7 @@ def main(cfg: DictConfig) -> float:
         if not _ctrl_c_seen:
             raise
         print(f"{job}{STARTUP_INTERRUPTED}", file=sys.stderr)  # a Ctrl-C that C code turned into another error
-        raise Interrupted(130) from None
+        raise Interrupted(CTRL_C_EXIT) from None
     best = summary.get("best_metric")
     best = math.nan if best is None else float(best)
     code = exit_code_for(summary)
@@ -134,7 +135,7 @@ def cli() -> None:
         sys.exit(stop.code)
     except KeyboardInterrupt:  # while Hydra composed the config, before any job started
         print(STARTUP_INTERRUPTED, file=sys.stderr)
-        sys.exit(130)  # runtime.interrupt_exit_code(), without importing torch at this point
+        sys.exit(CTRL_C_EXIT)
     sys.exit(max(_codes, default=0))
 
 

@@ -141,17 +141,19 @@ class TheirLoop:
     """references/detection/engine.py train_one_epoch, one optimizer step at a time."""
 
     def __init__(self, model: nn.Module, cfg: DictConfig, dataset: Any, device: torch.device,
-                 dtype: torch.dtype | None) -> None:
+                 dtype: torch.dtype | None, lr_factor: Callable[[int], float] | None = None) -> None:
         self.model, self.device, self.dtype = model.to(device).train(), device, dtype
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.SGD(params, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
                                          weight_decay=cfg.optim.weight_decay)
-        # engine.py's first-epoch warmup: LinearLR from 1/1000 over min(1000, len(loader) - 1) iterations.
+        # engine.py's first-epoch warmup: LinearLR from 1/1000 over min(1000, len(loader) - 1) iterations;
+        # `lr_factor` (per step, as LambdaLR takes it) replaces it with a whole schedule.
         self.loader = DataLoader(dataset, batch_size=cfg.trainer.batch_size, drop_last=True,
                                  sampler=_ShuffleWithFreshAugmentation(len(dataset)),
                                  num_workers=cfg.data.num_workers, collate_fn=_tuple_collate)
-        self.warmup = torch.optim.lr_scheduler.LinearLR(self.optimizer, start_factor=1.0 / 1000,
-                                                        total_iters=min(1000, len(self.loader) - 1))
+        self.warmup = (torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor) if lr_factor else
+                       torch.optim.lr_scheduler.LinearLR(self.optimizer, start_factor=1.0 / 1000,
+                                                         total_iters=min(1000, len(self.loader) - 1)))
         self.scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
         self.batches: Iterator = iter(())
 
@@ -313,9 +315,8 @@ def accuracy(*, device_name: str, overrides: list[str]) -> None:
         seed_everything(cfg.seed, cfg.trainer.deterministic, device)  # as launch.run seeds before build_model
         theirs_model = torchvision_model(cfg.model, cfg.model.num_classes)
         theirs_model.load_state_dict(build_model(cfg.model).state_dict())
-        theirs = TheirLoop(theirs_model, cfg, data.train, device, amp_dtype(cfg, device))
-        theirs.warmup = torch.optim.lr_scheduler.LambdaLR(
-            theirs.optimizer, lr_factor_fn(cfg.schedule, steps_per_epoch=per_epoch, total_steps=total))
+        theirs = TheirLoop(theirs_model, cfg, data.train, device, amp_dtype(cfg, device),
+                           lr_factor=lr_factor_fn(cfg.schedule, steps_per_epoch=per_epoch, total_steps=total))
         started = time.perf_counter()
         for _ in range(total):
             theirs.step()
