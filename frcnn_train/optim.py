@@ -80,6 +80,26 @@ def build_param_groups(model: nn.Module, optim_cfg: DictConfig) -> list[dict[str
     return ordered
 
 
+class SGD(torch.optim.SGD):
+    """torch's SGD with momentum buffers that exist (as zeros) before the first update.
+
+    torch's fused SGD creates them with `empty_like` in the step call itself, also when
+    a GradScaler passes `found_inf` and the kernel then skips the update: the buffers stay
+    uninitialised (values like -2e19) and the next good step writes them into the weights.
+    fp16 runs usually skip their first steps (inf gradients at loss scale 65536), so this
+    made every fp16 run diverge within a few steps. A zero buffer gives the same first
+    update (0 * momentum + grad is grad), so nothing else changes.
+    """
+
+    def step(self, closure: Callable[[], float] | None = None, **scaler_args: Any) -> Any:
+        for group in self.param_groups:
+            if group["momentum"]:
+                for p in group["params"]:
+                    if p.grad is not None and self.state[p].get("momentum_buffer") is None:
+                        self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return super().step(closure, **scaler_args)
+
+
 def build_optimizer(model: nn.Module, optim_cfg: DictConfig) -> torch.optim.Optimizer:
     """SGD or AdamW over build_param_groups. Build it after the model is on its device: on CPU
     and CUDA it uses torch's fused kernels (one kernel per tensor instead of three; a quarter
@@ -87,7 +107,7 @@ def build_optimizer(model: nn.Module, optim_cfg: DictConfig) -> torch.optim.Opti
     groups = build_param_groups(model, optim_cfg)
     fused = all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"]) or None
     if optim_cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=optim_cfg.lr, momentum=optim_cfg.momentum, fused=fused)
+        return SGD(groups, lr=optim_cfg.lr, momentum=optim_cfg.momentum, fused=fused)
     if optim_cfg.name == "adamw":
         return torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), fused=fused)
     raise ConfigError(f"optim.name={optim_cfg.name!r} is not an optimizer; choose sgd or adamw")

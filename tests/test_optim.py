@@ -116,3 +116,40 @@ def test_resume_onto_a_longer_cosine_takes_the_new_curve_at_once() -> None:
     for _ in range(10):
         fresh_opt.step(); fresh.step()
     assert longer_opt.param_groups[0]["lr"] == fresh_opt.param_groups[0]["lr"]
+
+
+@pytest.mark.parametrize("settings", [
+    {"name": "sgd", "momentum": 0.9}, {"name": "sgd", "momentum": 0.0}, {"name": "adamw"},
+], ids=["sgd-momentum", "sgd-plain", "adamw"])
+def test_a_first_step_the_grad_scaler_skips_changes_nothing(settings: dict) -> None:
+    """fp16 runs start at loss scale 65536, so their first steps usually have inf gradients that the
+    GradScaler skips. torch's fused SGD made its momentum buffers with empty_like on that skipped step
+    and the next good step wrote their garbage into the weights (issue 17: diverged at step 4)."""
+    def train(skip_first: bool) -> tuple[torch.Tensor, dict]:
+        torch.manual_seed(0)
+        model = TinyDetector()
+        optimizer = build_optimizer(model, optim_cfg(lr=0.1, weight_decay=0.01, **settings))
+        scaler = torch.amp.GradScaler("cpu")
+        x = torch.rand(2, 3, 6, 6)
+
+        def step(poison: bool) -> None:
+            loss = model.roi_heads(model.backbone.fpn(model.backbone.body(x)).mean((2, 3))).sum()
+            scaler.scale(loss * (float("inf") if poison else 1.0)).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+
+        if skip_first:
+            step(poison=True)
+            assert scaler.get_scale() == 65536.0 / 2, "the scaler saw the inf and skipped the step"
+        step(poison=False)
+        step(poison=False)
+        return torch.cat([p.detach().flatten() for p in model.parameters()]), optimizer.state_dict()["state"]
+
+    after_skip, state_after_skip = train(skip_first=True)
+    clean, clean_state = train(skip_first=False)
+    assert torch.isfinite(after_skip).all()
+    assert torch.equal(after_skip, clean), f"largest difference {(after_skip - clean).abs().max():.3g}"
+    for index, entry in clean_state.items():
+        for key, value in entry.items():
+            assert torch.equal(torch.as_tensor(state_after_skip[index][key]), torch.as_tensor(value)), (index, key)
