@@ -156,6 +156,16 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
+def inference_weights(ckpt: dict[str, Any], *, raw: bool = False) -> tuple[dict[str, Any], str]:
+    """The model weights to predict with and which they are: the EMA's ("ema") when the run kept an
+    exponential moving average (trainer.ema), as detectron2 / mmdetection / Ultralytics evaluate, unless
+    `raw`; else the trained weights ("raw"). evaluate, predict, export and init_from all choose here."""
+    ema = ckpt.get("ema")
+    if ema and not raw:
+        return ema["model"], "ema"
+    return ckpt["model"], "raw"
+
+
 # ---------------------------------------------------------------- writing
 def make_checkpoint(**parts: Any) -> dict[str, Any]:
     """Stamp the format header on the parts listed in REQUIRED_KEYS (plus `scaler`)."""

@@ -85,13 +85,15 @@ def apply_overrides(saved: dict[str, Any], overrides: Sequence[str]) -> DictConf
     return cfg
 
 
-def load_model(ckpt: dict[str, Any], cfg: DictConfig, source: str) -> torch.nn.Module:
-    """The checkpoint's model rebuilt from its config, weights loaded, in eval mode on the CPU."""
+def load_model(ckpt: dict[str, Any], cfg: DictConfig, source: str, *, raw: bool = False) -> torch.nn.Module:
+    """The checkpoint's model rebuilt from its config, in eval mode on the CPU, with its inference
+    weights (checkpoint.inference_weights: the EMA's when it has them, unless `raw`)."""
     model = build_model(cfg.model, read_backbone_weights=False)
+    weights, _ = checkpoint.inference_weights(ckpt, raw=raw)
     try:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(weights)
     except RuntimeError:
-        lines = diff_layouts(tensor_layout(ckpt["model"]), tensor_layout(model))
+        lines = diff_layouts(tensor_layout(weights), tensor_layout(model))
         raise CheckpointError(
             f"the model rebuilt from {source}'s config does not match its weights ({'; '.join(lines[:4])}); "
             "use the frcnn_train version that wrote it"

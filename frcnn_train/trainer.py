@@ -242,7 +242,7 @@ class Trainer:
             micro.append((images, targets))
             if len(micro) < s.accumulate:
                 continue
-            losses = self._train_step(micro)
+            losses = self.train_step(micro)
             self.checkpointer.check()  # a failed background save ends the run here, in one sentence
             images_seen += sum(len(batch[0]) for batch in micro) * distributed.world_size()
             micro = []
@@ -264,7 +264,7 @@ class Trainer:
         self.logger.scalars({"time/epoch_s": time.perf_counter() - started}, self.global_step)
         return True
 
-    def _train_step(self, micro_batches: list[tuple[list, list]]) -> dict[str, torch.Tensor]:
+    def train_step(self, micro_batches: list[tuple[list, list]]) -> dict[str, torch.Tensor]:
         """One optimizer step over `accumulate` micro-batches: losses, sum, backward, finite check, step.
 
         The losses stay on the device (detached); the finiteness check is the step's

@@ -7,7 +7,7 @@ In one process, alternating rounds of
       train_one_epoch (loss dict, sum, .item() of every loss, backward, step,
       warmup LR), on a plain shuffled DataLoader whose every visit of an image
       draws fresh augmentation (as torchvision's references do);
-  (b) frcnn_train: the Trainer's own step (`Trainer._train_step` and
+  (b) frcnn_train: the Trainer's own step (`Trainer.train_step` and
       `_after_step`) on the Trainer's loader, with the model, optimizer and
       options our builders make from the same config.
 Both sides start from the same weights (theirs loads our state dict, which also
@@ -185,7 +185,7 @@ class TheirLoop:
 
 
 class OurLoop:
-    """The Trainer as launch.run builds it, driven step by step (its loader, _train_step, _after_step)."""
+    """The Trainer as launch.run builds it, driven step by step (its loader, train_step, _after_step)."""
 
     def __init__(self, cfg: DictConfig, data: Any, device: torch.device, run_dir: Path) -> None:
         model = build_model(cfg.model)
@@ -225,7 +225,7 @@ class OurLoop:
                 self.batches = iter(build_train_loader(self.data.train, batch_size=s.batch_size,
                                                        num_workers=s.num_workers, seed=s.seed, epoch=self.epoch))
                 self.epoch += 1
-        t._after_step(t._train_step(micro), 0.0, 1.0, None)
+        t._after_step(t.train_step(micro), 0.0, 1.0, None)
 
 
 def _timed(fn: Callable[[], Any], device: torch.device) -> float:

@@ -14,7 +14,7 @@ import torch
 
 from frcnn_train.launch import run
 
-STEP_FUNCTIONS = {"_train_epoch", "_train_step", "_check_finite", "_after_step"}
+STEP_FUNCTIONS = {"_train_epoch", "train_step", "_check_finite", "_after_step"}
 
 
 def test_step_reads_the_host_once_plus_once_per_log_line(compose_tiny, monkeypatch: pytest.MonkeyPatch) -> None:
