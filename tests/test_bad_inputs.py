@@ -332,6 +332,27 @@ def inspect_a_pickle_that_runs_code(ctx: Ctx):
     return [str(path)], [str(path), ".system", "code that would run"]
 
 
+# ---------------------------------------------------------------- odd but valid inputs
+# name -> (CLI, prepare(ctx) -> (argv, strings the output or log must contain)). Inputs that look wrong
+# but are valid: the command must succeed (exit 0, no traceback), say what it did where it did
+# something, and leave the shared run and dataset as they were.
+ACCEPTED: dict[str, tuple[str, Case]] = {}
+
+
+def accepted(cli: str) -> Callable[[Case], Case]:
+    def register(prepare: Case) -> Case:
+        ACCEPTED[prepare.__name__] = (cli, prepare)
+        return prepare
+    return register
+
+
+@accepted("train")
+def coco_grayscale_training_image(ctx: Ctx):
+    image = sorted((ctx.coco() / "train").iterdir())[0]
+    Image.open(image).convert("L").save(image)
+    return ctx.coco_args(), []
+
+
 # ---------------------------------------------------------------- running them
 @pytest.fixture(scope="module")
 def shared(tiny_runs, shapes_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
@@ -414,3 +435,21 @@ def test_bad_images_skip_trains_on_and_counts_them(shared, tmp_path: Path, caplo
     messages = [r.getMessage() for r in caplog.records]
     assert sum(m.startswith(f"data.bad_images=skip: skipped {bad}, which does not decode") for m in messages) == 1
     assert "epoch 1: data.bad_images=skip left out 1 bad image(s), named above." in messages
+
+
+@pytest.mark.parametrize("name", list(ACCEPTED))
+def test_odd_but_valid_input_is_handled(name: str, shared, tmp_path: Path, capsys, caplog) -> None:
+    cli, prepare = ACCEPTED[name]
+    ctx = Ctx(tmp=tmp_path, run_dir=shared["run_dir"], shapes=shared["shapes"], coco_source=shared["coco"])
+    argv, expected = prepare(ctx)
+    roots = (shared["run_dir"], shared["coco"])
+    before = _snapshot(*roots)
+    caplog.set_level("INFO", logger="frcnn_train")
+    code, output = _run_cli(cli, argv, capsys)
+    output += "\n".join(r.getMessage() for r in caplog.records)
+    assert code == 0, output
+    assert "Traceback" not in output, output
+    for text in expected:
+        assert text in output, f"{text!r} not in the output"
+    after = _snapshot(*roots)
+    assert before == after, "the shared run or dataset changed"
