@@ -21,10 +21,12 @@ import torch
 import torchvision
 
 from frcnn_train.errors import CheckpointError
+from frcnn_train.state import OPTIONAL_PARTS, PARTS
 
 FORMAT = "frcnn_train.checkpoint"
 FORMAT_VERSION = 1
-REQUIRED_KEYS = ("config", "architecture", "classes", "model", "optimizer", "scheduler", "trainer", "rng")
+# The run's fixed facts, then every registered part of its state (state.PARTS) a checkpoint must hold.
+REQUIRED_KEYS = ("config", "architecture", "classes") + tuple(k for k in PARTS if k not in OPTIONAL_PARTS)
 # A wrapper prefix at the start of a key or after a dot (DDP around a compiled model, ...).
 _WRAPPER_RE = re.compile(r"(^|\.)(?:module|_orig_mod)\.")
 
@@ -168,7 +170,7 @@ def inference_weights(ckpt: dict[str, Any], *, raw: bool = False) -> tuple[dict[
 
 # ---------------------------------------------------------------- writing
 def make_checkpoint(**parts: Any) -> dict[str, Any]:
-    """Stamp the format header on the parts listed in REQUIRED_KEYS (plus `scaler`)."""
+    """Stamp the format header on the parts (REQUIRED_KEYS and the optional ones)."""
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

@@ -1,68 +1,27 @@
-"""The Checkpointer: what a save holds, how it reaches disk, best/epoch links, keep_last rotation.
+"""The Checkpointer: how a save reaches disk, best/epoch links, keep_last rotation.
 
-In the spirit of fvcore's Checkpointer/PeriodicCheckpointer: the Trainer hands
-over its state (`Trainer.state_dict()`) and says which kind of save this is; this
-object owns everything about files. `checkpoint.py` owns the file format.
+In the spirit of fvcore's Checkpointer/PeriodicCheckpointer: the Trainer hands over the
+state of every registered part (state.Registry) and says which kind of save this is;
+this object adds the run's fixed facts (config, architecture, classes) and owns
+everything about files. `checkpoint.py` owns the file format.
 """
 from __future__ import annotations
 
 import errno
-import random
 import re
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from frcnn_train import checkpoint, distributed
+from frcnn_train import checkpoint
 from frcnn_train.errors import CheckpointError
 from frcnn_train.logs import RunLogger, log
 
 EPOCH_FILE_RE = re.compile(r"^epoch_(\d{4,})\.pth$")
-
-
-# ---------------------------------------------------------------- RNG streams
-def rng_state() -> dict[str, Any]:
-    """Every global RNG the training step can draw from, as weights_only-loadable values."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    version, internal, gauss = random.getstate()
-    return {
-        "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
-        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    if not state:  # migrated pre-v1 checkpoints carry none
-        return
-    py = state["python"]
-    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
-    npy = state["numpy"]
-    np.random.set_state((npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"],
-                         npy["has_gauss"], npy["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
-
-
-def gather_rng(data_order: dict[str, int]) -> dict[str, Any]:
-    """This process's RNG streams, every rank's (collective: call on all ranks), and the data order.
-
-    Each rank draws from its own streams (RPN sampling depends on its images).
-    """
-    return {**rng_state(), "ranks": distributed.gather_lists([rng_state()]), "data": dict(data_order)}
-
-
-def restore_rng(state: dict[str, Any]) -> None:
-    """This rank's streams when the world size is unchanged, else rank 0's (saved at top level)."""
-    ranks = state.get("ranks", [])
-    set_rng_state(ranks[distributed.rank()] if len(ranks) == distributed.world_size() else state)
 
 
 # ---------------------------------------------------------------- files
@@ -96,14 +55,22 @@ def snapshot_bytes(state: Any) -> int:
     return 0
 
 
+@dataclass
+class _Job:
+    thread: threading.Thread
+    slot: int  # the buffer set it reads
+    step: int
+
+
 class Checkpointer:
-    """Writes last.pth in a background thread, links best.pth / epoch_NNNN.pth to it, keeps `keep_last`.
+    """Writes last.pth in background threads, links best.pth / epoch_NNNN.pth to it, keeps `keep_last`.
 
     A save costs the training thread only a copy of the state into CPU buffers reused
-    between saves (pinned when the state lives on CUDA); serialising,
-    fsync and rename happen in a writer thread. One write is in flight at most: the
-    next save waits for it. A failed write is raised on the training thread by the
-    next `check()` (every step) or `wait()`, as one sentence; last.pth is then the
+    between saves (pinned when the state lives on CUDA); serialising, fsync and rename
+    happen in a writer thread, one file after the other in the order of the saves. With
+    two buffer sets a save never waits for the write before it, only when two are still
+    in flight (and the log line says so). A failed write is raised on the training thread
+    by the next `check()` (every step) or `wait()`, as one sentence; last.pth is then the
     previous, intact file.
 
     Only the process with `enabled` (global rank 0) touches files; every rank still
@@ -117,9 +84,11 @@ class Checkpointer:
         self.keep_last = keep_last
         self.logger = logger
         self.enabled = enabled
-        self._thread: threading.Thread | None = None
+        self._jobs: list[_Job] = []  # writes in flight, oldest first
         self._error: BaseException | None = None
-        self._buffers: dict[tuple, torch.Tensor] = {}  # CPU copies of the state's tensors, by position
+        # Two sets of CPU copies of the state's tensors, by position: a save copies into the set no write
+        # in flight is reading, so it waits only when two writes are still in flight.
+        self._buffers: list[dict[tuple, torch.Tensor]] = [{}, {}]
         if enabled and run_dir.is_dir():  # temporaries of this run's killed processes
             for tmp in checkpoint.remove_stale_temporaries(run_dir):
                 log.info("Removed %s, left by a process killed while writing it.", tmp)
@@ -169,28 +138,37 @@ class Checkpointer:
         if not self.enabled:
             return self.last_path
         started = time.perf_counter()
-        self.wait()  # the previous write reads the buffers this copy reuses
-        copied, synced = self._snapshot(state)
+        self._jobs = [job for job in self._jobs if job.thread.is_alive()]
+        waited = None
+        if len(self._jobs) == len(self._buffers):
+            # Every buffer set is still being written: saves come faster than the disk takes them.
+            oldest = self._jobs.pop(0)
+            oldest.thread.join()
+            waited = (time.perf_counter() - started, oldest.step)
+        slot = next(i for i in range(len(self._buffers)) if i not in {job.slot for job in self._jobs})
+        copied, synced = self._snapshot(state, self._buffers[slot])
         blocking_s = time.perf_counter() - started
         step = state["trainer"]["global_step"]
         self.logger.scalars({"checkpoint/blocking_ms": blocking_s * 1000}, step)
         job = dict(ckpt=checkpoint.make_checkpoint(**self.extras, **copied), step=step, epoch_end=epoch_end,
-                   best=best, synced=synced, blocking_s=blocking_s)
-        self._thread = threading.Thread(target=self._write, kwargs=job, name="checkpoint-writer")
-        self._thread.start()  # not a daemon: the interpreter waits for it even on an unexpected exit
+                   best=best, synced=synced, blocking_s=blocking_s, waited=waited,
+                   after=self._jobs[-1].thread if self._jobs else None)
+        thread = threading.Thread(target=self._write, kwargs=job, name="checkpoint-writer")
+        self._jobs.append(_Job(thread, slot, step))
+        thread.start()  # not a daemon: the interpreter waits for it even on an unexpected exit
         return self.last_path
 
     def check(self) -> None:
-        """Raise the error of a finished background write, if it failed (cheap: call every step)."""
-        if self._error is not None and not self.busy:
+        """Raise the error of a finished background write, if one failed (cheap: call every step)."""
+        if self._error is not None:
             error, self._error = self._error, None
             raise error
 
     def wait(self, *, raise_error: bool = True) -> None:
-        """Block until the write in flight (if any) is on disk, then raise its error (or only log it)."""
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        """Block until every write in flight is on disk, then raise a failure (or only log it)."""
+        for job in self._jobs:
+            job.thread.join()
+        self._jobs = []
         if raise_error:
             self.check()
         elif self._error is not None:  # another exception is on its way out; do not hide this one
@@ -199,15 +177,16 @@ class Checkpointer:
 
     @property
     def busy(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return any(job.thread.is_alive() for job in self._jobs)
 
-    def _snapshot(self, state: dict[str, Any]) -> tuple[dict[str, Any], torch.cuda.Event | None]:
+    def _snapshot(self, state: dict[str, Any], buffers: dict[tuple, torch.Tensor]
+                  ) -> tuple[dict[str, Any], torch.cuda.Event | None]:
         """A deep copy on the CPU, taken before the next optimizer step changes anything in place.
 
-        Each tensor is copied into a CPU buffer kept for the next save (pinned for CUDA
-        tensors): a second copy of the state stays allocated, and saves after the first
-        neither allocate nor page-fault. CUDA copies are asynchronous, queued on the
-        stream before the next step's kernels; the returned event says when they landed.
+        Each tensor is copied into a CPU buffer kept for later saves (pinned for CUDA
+        tensors): saves after the first neither allocate nor page-fault. CUDA copies are
+        asynchronous, queued on the stream before the next step's kernels; the returned
+        event says when they landed.
         """
         on_cuda = False
 
@@ -215,10 +194,10 @@ class Checkpointer:
             nonlocal on_cuda
             if isinstance(value, torch.Tensor):
                 cuda = value.device.type == "cuda"
-                buffer = self._buffers.get(key)
+                buffer = buffers.get(key)
                 if buffer is None or buffer.shape != value.shape or buffer.dtype != value.dtype:
                     buffer = torch.empty(value.shape, dtype=value.dtype, pin_memory=cuda)
-                    self._buffers[key] = buffer
+                    buffers[key] = buffer
                 buffer.copy_(value.detach(), non_blocking=cuda)
                 on_cuda = on_cuda or cuda
                 return buffer
@@ -236,8 +215,12 @@ class Checkpointer:
         return copied, event
 
     def _write(self, *, ckpt: dict[str, Any], step: int, epoch_end: int | None, best: bool,
-               synced: torch.cuda.Event | None, blocking_s: float) -> None:
-        """The writer thread: last.pth, then the links, then rotation. Errors are kept for `check()`."""
+               synced: torch.cuda.Event | None, blocking_s: float, waited: tuple[float, int] | None,
+               after: threading.Thread | None) -> None:
+        """A writer thread: after the write before it, last.pth, then the links, then rotation.
+        Errors are kept for `check()`."""
+        if after is not None:
+            after.join()  # files are written in the order of the saves
         started = time.perf_counter()
         target = self.last_path
         try:
@@ -255,15 +238,17 @@ class Checkpointer:
                 written.append(target.name)
                 self._rotate(epoch_end)
         except OSError as err:
-            self._error = self._write_error(err, target, snapshot_bytes(ckpt))
+            self._error = self._error or self._write_error(err, target, snapshot_bytes(ckpt))
             return
         except BaseException as err:  # noqa: BLE001 - a bug; raised as it is on the training thread
-            self._error = err
+            self._error = self._error or err
             return
         write_s = time.perf_counter() - started
         self.logger.scalars({"checkpoint/write_s": write_s}, step)
-        log.info("Saved %s at step %d: blocked training %.0f ms, written in %.2f s.", " + ".join(written), step,
-                 blocking_s * 1000, write_s)
+        waiting = (f" (of which {waited[0] * 1000:.0f} ms waiting for the write of step {waited[1]}: saves come "
+                   "faster than the disk writes them)" if waited else "")
+        log.info("Saved %s at step %d: blocked training %.0f ms%s, written in %.2f s.", " + ".join(written), step,
+                 blocking_s * 1000, waiting, write_s)
 
     def _write_error(self, err: OSError, target: Path, nbytes: int) -> CheckpointWriteError:
         """One sentence: what failed, what is on disk (read back, not assumed), how to go on."""

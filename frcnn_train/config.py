@@ -13,8 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from frcnn_train.errors import CheckpointError, ConfigError
-from frcnn_train.overrides import flatten, requested_keys
+from frcnn_train.errors import ConfigError
 
 
 
@@ -141,6 +140,10 @@ class OptimConfig:
     momentum: float = 0.9
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 1e-4
+    # optim.lr is the LR of a global batch (processes x trainer.batch_size x trainer.accumulate) of this
+    # many images; another global batch scales it linearly (Goyal et al.; detectron2's REFERENCE_WORLD_SIZE).
+    # null: optim.lr is used as it is, whatever the batch.
+    reference_batch: Optional[int] = 4
     # Norm weights and all biases get no weight decay (detectron2 / mmdetection default).
     no_decay_norm_and_bias: bool = True
     param_groups: List[ParamGroupRule] = field(default_factory=list)
@@ -159,10 +162,19 @@ class ScheduleConfig:
 
 
 @dataclass
+class EmaConfig:
+    # Exponential moving average of the weights (frcnn_train/ema.py); null: off. 0.9998 (Ultralytics) for
+    # long runs; shorter runs want less (the default run: see README "EMA").
+    decay: Optional[float] = None
+    warmup_steps: int = 2000  # the decay ramps up as decay * (1 - exp(-updates / warmup_steps)); 0: no ramp
+    every: int = 1  # optimizer steps between updates
+
+
+@dataclass
 class TrainerConfig:
     epochs: int = 12
     batch_size: int = 2
-    amp: bool = False  # CUDA only
+    amp: bool = False  # autocast: fp16 or bf16 on CUDA, bf16 on CPUs with AVX-512 (runtime.amp_dtype)
     amp_dtype: str = "fp16"  # fp16 | bf16
     grad_clip: Optional[float] = None  # max total gradient norm
     accumulate: int = 1  # batches per optimizer step
@@ -179,6 +191,7 @@ class TrainerConfig:
     best_metric: str = "bbox/AP"  # validation metric that picks best.pth (higher is better)
     channels_last: bool = False  # NHWC convolutions (models/options.py)
     compile: bool = False  # torch.compile of backbone + FPN; checkpoints are unaffected
+    ema: EmaConfig = field(default_factory=EmaConfig)
 
 
 @dataclass
@@ -187,6 +200,7 @@ class InitConfig:
     remap: List[Dict[str, str]] = field(default_factory=list)
     strict: bool = False
     trust: bool = False  # allow full unpickling of init_from files
+    raw: bool = False  # of an frcnn_train checkpoint with EMA weights, take the trained ones instead
 
 
 @dataclass
@@ -268,53 +282,6 @@ def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
         return compose(config_name="train", overrides=list(overrides))
 
 
-class ResumeConflict(ConfigError):
-    """A resume asked for non-mutable changes; carries both configs so callers can describe the model change."""
-
-    def __init__(self, conflicts: list[str], source: str, saved: DictConfig, requested: DictConfig,
-                 modules: str = "") -> None:
-        self.conflicts, self.source, self.saved, self.requested = conflicts, source, saved, requested
-        super().__init__(
-            f"cannot resume {source} with a changed config: {'; '.join(conflicts)}"
-            f"{f' (modules that would change: {modules})' if modules else ''}; "
-            "a resume may change only trainer.epochs, trainer.max_steps, device, precision (trainer.amp, "
-            "trainer.amp_dtype), data locations and workers, and logging, evaluation and checkpoint cadence, so drop the other overrides to resume, "
-            f"or start a new run from these weights with init_from={source}"
-        )
-
-    def with_modules(self, modules: str) -> "ResumeConflict":
-        return ResumeConflict(self.conflicts, self.source, self.saved, self.requested, modules)
-
-
-def merge_for_resume(saved: dict, cfg: DictConfig, overrides: Sequence[str], source: str) -> tuple[DictConfig, list[str]]:
-    """The checkpoint's config with the mutable keys the user asked to change.
-
-    Returns the config to resume with and "key: old -> new" lines for the history.
-    Any requested non-mutable change is refused, naming each key with both values.
-    """
-    try:
-        merged = with_schema(saved)
-    except Exception as err:  # noqa: BLE001 - OmegaConf validation errors
-        raise CheckpointError(f"{source} holds a config this version cannot read ({str(err).splitlines()[0]}); "
-                              "use the frcnn_train version that wrote it") from None
-    saved_flat = flatten(merged)
-    # Untyped copy: it may receive values the schema would coerce or reject (lists of rules).
-    requested = OmegaConf.create(OmegaConf.to_container(merged))
-    changes, conflicts = [], []
-    for key, value in requested_keys(cfg, overrides).items():
-        if key.split(".")[0] in START_KEYS or saved_flat.get(key) == value:
-            continue
-        OmegaConf.update(requested, key, value, merge=False)
-        if key in MUTABLE_ON_RESUME:
-            OmegaConf.update(merged, key, value, merge=False)
-            changes.append(f"{key}: {saved_flat.get(key)!r} -> {value!r}")
-        else:
-            conflicts.append(f"{key} (checkpoint {saved_flat.get(key)!r}, requested {value!r})")
-    if conflicts:
-        raise ResumeConflict(conflicts, source, saved=merged, requested=requested)
-    return merged, changes
-
-
 # ---------------------------------------------------------------- values that cannot work
 def _positive(v: Any) -> bool:
     return isinstance(v, (int, float)) and v > 0
@@ -361,6 +328,10 @@ VALUE_RULES: dict[str, tuple[Any, str]] = {
     "schedule.gamma": (_positive, "a number > 0"),
     "schedule.min_lr_factor": (_fraction, "a number in [0, 1]"),
     "schedule.milestones": (lambda v: all(_positive(m) for m in v), "epochs > 0"),
+    "optim.reference_batch": (_or_null(_positive), "a whole number of images >= 1, or null to use optim.lr as it is"),
+    "trainer.ema.decay": (_or_null(lambda v: _positive(v) and v < 1), "a number in (0, 1), e.g. 0.999, or null for no EMA"),
+    "trainer.ema.warmup_steps": (_non_negative, "a whole number >= 0 (0: the full decay from the first update)"),
+    "trainer.ema.every": (_positive, "a whole number >= 1"),
     "model.num_classes": (_or_null(_positive), "a whole number >= 1 (background excluded), or null"),
     "model.min_size": (_positive, "a whole number of pixels >= 1"),
     "model.max_size": (_positive, "a whole number of pixels >= model.min_size"),

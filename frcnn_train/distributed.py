@@ -149,6 +149,15 @@ def max_over_ranks(flags: torch.Tensor) -> torch.Tensor:
     return values.bool()
 
 
+def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """The mean of a float tensor over all ranks (one all_reduce, as torchvision's reduce_dict); itself alone."""
+    if not dist.is_initialized():
+        return values
+    values = values.clone()
+    dist.all_reduce(values)
+    return values / world_size()
+
+
 def wrap_model(model: nn.Module, *, norm: str, device: torch.device) -> nn.Module:
     """DDP around `model` under torchrun (SyncBatchNorm first when `norm` is syncbn); else `model`.
 

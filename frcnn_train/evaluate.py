@@ -102,8 +102,9 @@ def load_model(ckpt: dict[str, Any], cfg: DictConfig, source: str, *, raw: bool 
 
 
 def run_evaluation(ckpt_path: str | Path, overrides: Sequence[str] = (),
-                   out: str | Path | None = None) -> tuple[dict[str, float], Path]:
-    """Evaluate a checkpoint; returns the metrics and the COCO results file written."""
+                   out: str | Path | None = None, *, raw: bool = False) -> tuple[dict[str, float], Path, str]:
+    """Evaluate a checkpoint (its EMA weights when it has them, unless `raw`); returns the metrics, the
+    COCO results file written and which weights ran ("ema" or "raw")."""
     path = Path(ckpt_path)
     if path.is_dir():
         path = path / "best.pth" if (path / "best.pth").exists() else path / "last.pth"
@@ -120,7 +121,7 @@ def run_evaluation(ckpt_path: str | Path, overrides: Sequence[str] = (),
             f"the dataset's classes {data.classes} differ from the checkpoint's {ckpt['classes']}, so its labels "
             "would be scored as the wrong categories; evaluate on a dataset with the same classes"
         )
-    model = load_model(ckpt, cfg, str(path)).to(device)
+    model = load_model(ckpt, cfg, str(path), raw=raw).to(device)
     loader = build_eval_loader(data.val, batch_size=cfg.trainer.batch_size, num_workers=cfg.data.num_workers)
     dtype = amp_dtype(cfg.trainer.amp, cfg.trainer.amp_dtype, device)
     metrics, results = evaluate(model, loader, coco_gt=data.val.coco, label_to_cat_id=data.val.label_to_cat_id,
@@ -131,7 +132,7 @@ def run_evaluation(ckpt_path: str | Path, overrides: Sequence[str] = (),
     out_path = Path(out) if out else path.parent / f"detections_{path.stem}.json"
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(results))
-    return metrics, out_path
+    return metrics, out_path, checkpoint.inference_weights(ckpt, raw=raw)[1]
 
 
 @cli
@@ -141,12 +142,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="data=..., data.*=..., device=..., trainer.batch_size=...")
     parser.add_argument("--out", help="COCO results JSON (default: <ckpt dir>/detections_<ckpt stem>.json)")
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON instead of a table")
+    parser.add_argument("--raw", action="store_true",
+                        help="evaluate the trained weights, not the EMA's (for checkpoints of runs with trainer.ema)")
     args = parser.parse_args(argv)
-    metrics, out = run_evaluation(args.checkpoint, args.overrides, args.out)
+    metrics, out, weights = run_evaluation(args.checkpoint, args.overrides, args.out, raw=args.raw)
     if args.json:
-        print(json.dumps({"metrics": metrics, "detections": str(out)}))
+        print(json.dumps({"metrics": metrics, "detections": str(out), "weights": weights}))
     else:
-        print(f"{format_table(metrics)}\ndetections: {out}")
+        which = "the EMA weights (--raw: the trained ones)" if weights == "ema" else "the trained weights"
+        print(f"{format_table(metrics)}\nweights: {which}\ndetections: {out}")
     return 0
 
 

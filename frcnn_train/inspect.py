@@ -22,7 +22,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from frcnn_train import checkpoint
 from frcnn_train.checkpoint import strip_wrapper_prefixes
-from frcnn_train.config import START_KEYS, merge_for_resume, with_schema
+from frcnn_train.config import START_KEYS, with_schema
+from frcnn_train.resume import merge_for_resume
 from frcnn_train.errors import CheckpointError, UserError
 from frcnn_train.evaluate import compose_overrides
 from frcnn_train.evaluation import summary_metrics
@@ -30,6 +31,7 @@ from frcnn_train.models import architecture_spec, build_model, diff_layouts, dif
 from frcnn_train.models.builder import resolve_sites, valid_attention_sites
 from frcnn_train.overrides import flatten, requested_keys
 from frcnn_train.runtime import cli, prog_name
+from frcnn_train.state import PARTS, describe_position
 from frcnn_train.weights import extract_state_dict, load_init_weights, module_group, wrapper_prefixes
 
 _STATS = ("running_mean", "running_var", "num_batches_tracked")  # buffers, not parameters
@@ -75,6 +77,8 @@ def describe_checkpoint(path: Path, ckpt: dict[str, Any]) -> dict[str, Any]:
         "kind": "checkpoint", "path": str(path),
         "format": f"{ckpt.get('format')} v{ckpt.get('format_version')}",
         "complete": not [k for k in checkpoint.REQUIRED_KEYS if k not in ckpt],
+        "parts": [k for k in PARTS if ckpt.get(k) is not None],
+        "ema_updates": (ckpt.get("ema") or {}).get("updates"),
         "missing_keys": [k for k in checkpoint.REQUIRED_KEYS if k not in ckpt],
         "created": ckpt.get("created"), "versions": ckpt.get("versions", {}),
         "epoch": counters.get("epoch"), "global_step": counters.get("global_step"),
@@ -125,7 +129,9 @@ def render_checkpoint(f: dict[str, Any]) -> list[str]:
         ("format", f"{f['format']}, "
          + ("complete" if f["complete"] else f"INCOMPLETE (missing {', '.join(f['missing_keys'])})")),
         ("written", f"{f['created']} by {versions}"),
-        ("progress", f"epoch {f['epoch']}, global step {f['global_step']} (step {f['step_in_epoch']} in the epoch)"),
+        ("progress", describe_position(f) if f["global_step"] is not None else "unknown"),
+        ("state", ", ".join(f["parts"]) + (f"; the EMA has {f['ema_updates']} updates" if f["ema_updates"] is not None
+                                           else "; no EMA (trainer.ema off)")),
         ("best", f"{best['name']} = {_fmt(best['value'])}" if best["value"] is not None else "none yet"),
         ("last metrics", "  ".join(f"{k} {v:.4f}" for k, v in summary_metrics(f["last_metrics"]).items())
          or "none yet"),

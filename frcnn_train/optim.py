@@ -34,7 +34,25 @@ def _no_decay_names(model: nn.Module) -> set[str]:
     return names
 
 
-def build_param_groups(model: nn.Module, optim_cfg: DictConfig) -> list[dict[str, Any]]:
+def lr_scale(optim_cfg: DictConfig, global_batch: int) -> tuple[float, str]:
+    """The factor on optim.lr for a global batch of `global_batch` images, and the line that says so.
+
+    optim.lr is the LR of a global batch of optim.reference_batch images; another batch
+    scales it linearly (Goyal et al. 2017; detectron2's REFERENCE_WORLD_SIZE), so a
+    smaller batch (one GPU, one big image) does not diverge at the LR of a larger one.
+    """
+    reference = optim_cfg.reference_batch
+    if reference is None:
+        return 1.0, (f"LR {optim_cfg.lr:g} as given, for a global batch of {global_batch} images "
+                     "(optim.reference_batch=null: no scaling with the batch).")
+    scale = global_batch / reference
+    return scale, (f"LR {optim_cfg.lr * scale:g} = optim.lr {optim_cfg.lr:g} x {global_batch}/{reference}: linear "
+                   f"scaling from optim.reference_batch={reference} images to this run's global batch of "
+                   f"{global_batch} (processes x trainer.batch_size x trainer.accumulate); "
+                   "optim.reference_batch=null uses optim.lr as it is.")
+
+
+def build_param_groups(model: nn.Module, optim_cfg: DictConfig, *, lr_scale: float = 1.0) -> list[dict[str, Any]]:
     """Assign every trainable parameter to a group by the first matching rule.
 
     Groups are built in a fixed order (rules in config order, then "default"; each
@@ -69,7 +87,7 @@ def build_param_groups(model: nn.Module, optim_cfg: DictConfig) -> list[dict[str
         key = base + ("/no_decay" if name in no_decay else "")
         group = groups.setdefault(
             key,
-            {"name": key, "params": [], "param_names": [], "lr": optim_cfg.lr * lr_mult,
+            {"name": key, "params": [], "param_names": [], "lr": optim_cfg.lr * lr_scale * lr_mult,
              "lr_mult": lr_mult, "weight_decay": 0.0 if name in no_decay else decay},
         )
         group["params"].append(param)
@@ -100,16 +118,18 @@ class SGD(torch.optim.SGD):
         return super().step(closure, **scaler_args)
 
 
-def build_optimizer(model: nn.Module, optim_cfg: DictConfig) -> torch.optim.Optimizer:
-    """SGD or AdamW over build_param_groups. Build it after the model is on its device: on CPU
-    and CUDA it uses torch's fused kernels (one kernel per tensor instead of three; a quarter
-    less optimizer time on the CPU), elsewhere the plain loop."""
-    groups = build_param_groups(model, optim_cfg)
+def build_optimizer(model: nn.Module, optim_cfg: DictConfig, *, lr_scale: float = 1.0) -> torch.optim.Optimizer:
+    """SGD or AdamW over build_param_groups (each group's LR: optim.lr x lr_scale x its lr_mult).
+    Build it after the model is on its device: on CPU and CUDA it uses torch's fused kernels
+    (one kernel per tensor instead of three; a quarter less optimizer time on the CPU), elsewhere
+    the plain loop."""
+    groups = build_param_groups(model, optim_cfg, lr_scale=lr_scale)
     fused = all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"]) or None
+    lr = optim_cfg.lr * lr_scale
     if optim_cfg.name == "sgd":
-        return SGD(groups, lr=optim_cfg.lr, momentum=optim_cfg.momentum, fused=fused)
+        return SGD(groups, lr=lr, momentum=optim_cfg.momentum, fused=fused)
     if optim_cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), fused=fused)
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(optim_cfg.betas), fused=fused)
     raise ConfigError(f"optim.name={optim_cfg.name!r} is not an optimizer; choose sgd or adamw")
 
 

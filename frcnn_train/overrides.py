@@ -1,6 +1,6 @@
 """What a command line asks for: the config keys behind each override, group choices included.
 
-A resume compares only these keys with the checkpoint (config.merge_for_resume), so
+A resume compares only these keys with the checkpoint (resume.merge_for_resume), so
 a flag left off the command line never counts as a request, and a group choice
 (`model=mask_rcnn`, `+experiment=my_trees`, also from a `--config-dir`) counts as
 the keys its YAML file sets.

@@ -77,8 +77,9 @@ def _output_names(files: list[Path]) -> list[str]:
 
 @torch.no_grad()
 def predict(ckpt_path: str | Path, inputs: list[str], out_dir: str | Path, *, score_threshold: float = 0.5,
-            device: str = "auto", batch_size: int = 4) -> tuple[list[dict[str, Any]], float | None]:
-    """Run the checkpoint over the inputs, write drawn images and predictions.json.
+            device: str = "auto", batch_size: int = 4, raw: bool = False) -> tuple[list[dict[str, Any]], float | None]:
+    """Run the checkpoint over the inputs, write drawn images and predictions.json. The checkpoint's
+    EMA weights when it has them, unless `raw` (checkpoint.inference_weights).
 
     Returns the results kept and the highest score among those dropped by `score_threshold` (None: none).
     """
@@ -89,7 +90,7 @@ def predict(ckpt_path: str | Path, inputs: list[str], out_dir: str | Path, *, sc
     cfg = with_schema(ckpt["config"])
     classes = list(ckpt["classes"])
     dev = resolve_device(device)
-    model = load_model(ckpt, cfg, str(ckpt_path)).to(dev)
+    model = load_model(ckpt, cfg, str(ckpt_path), raw=raw).to(dev)
     with_masks = cfg.model.arch == "mask_rcnn"
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -129,9 +130,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="draw and keep detections scoring at least this")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass")
+    parser.add_argument("--raw", action="store_true",
+                        help="use the trained weights, not the EMA's (for checkpoints of runs with trainer.ema)")
     args = parser.parse_args(argv)
     results, highest_dropped = predict(args.checkpoint, args.inputs, args.out, score_threshold=args.score_threshold,
-                                       device=args.device, batch_size=args.batch_size)
+                                       device=args.device, batch_size=args.batch_size, raw=args.raw)
     print(f"{len(results)} detections; drawn images and predictions.json in {args.out}")
     if not results and highest_dropped is not None:
         print(f"every detection scored below --score-threshold {args.score_threshold} (highest "

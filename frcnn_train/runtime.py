@@ -112,18 +112,40 @@ def _allow_tf32(allow: bool) -> None:
 
 
 def amp_dtype(amp: bool, dtype_name: str, device: torch.device, *, warn: bool = True) -> torch.dtype | None:
-    """The autocast dtype for `trainer.amp` / `trainer.amp_dtype` on `device`; None: fp32."""
-    if not amp:
-        return None
-    if device.type != "cuda":
-        if warn:
-            from frcnn_train.logs import log
+    """The autocast dtype for `trainer.amp` / `trainer.amp_dtype` on `device`; None: fp32.
 
-            log.warning("trainer.amp applies to CUDA only; training in fp32 on %s.", device)
+    CUDA: fp16 (with loss scaling) or bf16. CPU: bf16 where oneDNN has bf16 kernels (AVX-512
+    and newer: about 1.3x faster steps); fp16 autocast on a CPU has no fast kernels, so it
+    trains in fp32 with a warning.
+    """
+    if not amp:
         return None
     if dtype_name not in _DTYPES:
         raise ConfigError(f"trainer.amp_dtype={dtype_name!r} is not supported; choose fp16 or bf16")
-    return _DTYPES[dtype_name]
+    if device.type == "cuda":
+        return _DTYPES[dtype_name]
+    if device.type == "cpu" and dtype_name == "bf16":
+        if not cpu_has_fast_bf16():
+            raise ConfigError(
+                f"trainer.amp_dtype=bf16 on this CPU, which has no bf16 kernels (torch sees "
+                f"{torch.backends.cpu.get_cpu_capability()}; they need AVX-512 or newer), so bf16 autocast would "
+                "be slower than fp32; set trainer.amp=false (precision may change on resume)"
+            )
+        return torch.bfloat16
+    if warn:
+        from frcnn_train.logs import log
+
+        hint = "; trainer.amp_dtype=bf16 trains in bf16 on CPUs with AVX-512" if device.type == "cpu" else ""
+        log.warning("trainer.amp with %s applies to CUDA only; training in fp32 on %s%s.", dtype_name, device, hint)
+    return None
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether oneDNN has bf16 kernels on this CPU (what torch's own CPU autocast tests ask)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN
+        return False
 
 
 def precision_name(dtype: torch.dtype | None) -> str:

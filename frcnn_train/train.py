@@ -91,7 +91,7 @@ def main(cfg: DictConfig) -> float:
         from frcnn_train.launch import run
         from frcnn_train.runtime import EXIT_OK, exit_code_for
 
-        summary = run(cfg, overrides=list(hydra_cfg.overrides.task))
+        summary = run(cfg, overrides=list(hydra_cfg.overrides.task), interrupted=lambda: _ctrl_c_seen)
     except UserError as err:
         from frcnn_train.runtime import EXIT_USER_ERROR
 

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from frcnn_train.checkpoint import FORMAT, migrate, read_file, strip_wrapper_prefixes, unwrap_model
+from frcnn_train.checkpoint import (FORMAT, inference_weights, migrate, read_file, strip_wrapper_prefixes,
+                                    unwrap_model)
 from frcnn_train.errors import CheckpointError, ConfigError
 
 # Keys under which training scripts commonly nest the model's state dict, most specific first.
@@ -43,15 +44,18 @@ def module_group(name: str) -> str:
     return ".".join(parts[: min(depth, len(parts) - 1)]) or name
 
 
-def extract_state_dict(obj: Any, source: str) -> tuple[dict[str, Tensor], str]:
-    """The tensors of a loaded file and where they were found ("model", "state_dict", "raw", ...)."""
+def extract_state_dict(obj: Any, source: str, *, raw: bool = False) -> tuple[dict[str, Tensor], str]:
+    """The tensors of a loaded file and where they were found ("model", "ema", "state_dict", "raw", ...).
+
+    Of our checkpoints, the EMA weights when it has them (checkpoint.inference_weights), unless `raw`.
+    """
     if isinstance(obj, nn.Module):  # torch.save(model), only readable with init.trust=true
         return obj.state_dict(), "pickled module"
     if isinstance(obj, dict):
-        keys = STATE_KEYS
-        if obj.get("format") == FORMAT:  # ours, possibly an older format_version
-            obj, keys = migrate(obj, Path(source)), ("model",)
-        for key in keys:
+        if obj.get("format") == FORMAT and isinstance(obj.get("model"), dict):  # ours, maybe an older version
+            weights, which = inference_weights(migrate(obj, Path(source)), raw=raw)
+            return weights, "ema" if which == "ema" else "model"
+        for key in STATE_KEYS:
             inner = obj.get(key)
             if isinstance(inner, nn.Module):
                 return inner.state_dict(), f"{key} (pickled module)"
@@ -225,14 +229,16 @@ def plan_load(model: nn.Module, state: dict[str, Tensor]) -> tuple[dict[str, Ten
     return selected, report
 
 
-def read_state_dict(path: str | Path, *, trust: bool = False) -> tuple[dict[str, Tensor], str, list[str]]:
-    """(prefix-free tensors, container, stripped wrapper prefixes) of any weights file."""
-    raw, container = extract_state_dict(read_file(path, trust=trust), str(path))
-    return strip_wrapper_prefixes(raw), container, wrapper_prefixes(list(raw))
+def read_state_dict(path: str | Path, *, trust: bool = False,
+                    raw: bool = False) -> tuple[dict[str, Tensor], str, list[str]]:
+    """(prefix-free tensors, container, stripped wrapper prefixes) of any weights file (`raw`: see extract_state_dict)."""
+    tensors, container = extract_state_dict(read_file(path, trust=trust), str(path), raw=raw)
+    return strip_wrapper_prefixes(tensors), container, wrapper_prefixes(list(tensors))
 
 
 def load_init_weights(
-    model: nn.Module, path: str | Path, *, remap: list[dict[str, str]], strict: bool, trust: bool
+    model: nn.Module, path: str | Path, *, remap: list[dict[str, str]], strict: bool, trust: bool,
+    raw: bool = False,
 ) -> LoadReport:
     """Copy every tensor of `path` that fits into `model` (parameters and buffers); return the report.
 
@@ -240,7 +246,7 @@ def load_init_weights(
     reshaped, missing or unexpected; the model is untouched in both cases.
     """
     source = str(path)
-    state, container, stripped = read_state_dict(path, trust=trust)
+    state, container, stripped = read_state_dict(path, trust=trust, raw=raw)
     state = apply_remap(state, list(remap or []))
     selected, report = plan_load(model, state)
     report.source, report.container, report.stripped = source, container, stripped

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -10,6 +11,7 @@ import torch
 from omegaconf import DictConfig
 
 from frcnn_train.config import compose_config
+from frcnn_train.state import PARTS, Counters
 
 
 def tiny_overrides(cache_dir: Path, output_dir: Path) -> list[str]:
@@ -42,6 +44,7 @@ def tiny_overrides(cache_dir: Path, output_dir: Path) -> list[str]:
         "trainer.log_every=1",
         "schedule.warmup_steps=2",
         "optim.lr=0.01",
+        "optim.reference_batch=null",  # the LR as given whatever the batch: tests assert LR values
     ]
 
 
@@ -101,11 +104,12 @@ def _assert_same(a: Any, b: Any, where: str) -> None:
         assert type(a) is type(b) and a == b, f"{where}: {a!r} vs {b!r}"
 
 
-# Checkpoint parts that are the training state. `config` (mutable keys may change on resume),
-# `created`, `versions` and the resume history legitimately differ between a straight and a resumed run.
-TRAINING_STATE = ("model", "optimizer", "scheduler", "scaler", "rng")
+# Every part the state registry declares (state.PARTS) is training state, so a part added there is compared
+# here too. `trainer` is compared below without its resume history; `config` (mutable keys may change on
+# resume), `created` and `versions` legitimately differ between a straight and a resumed run.
+TRAINING_STATE = tuple(part for part in PARTS if part != "trainer")
 # Checked to be present, so that a renamed counter cannot drop out of the comparison unnoticed.
-TRAINER_COUNTERS = ("epoch", "global_step", "step_in_epoch", "best_metric", "best_metric_name", "last_metrics")
+TRAINER_COUNTERS = tuple(f.name for f in fields(Counters))
 
 
 def assert_same_training(a: dict, b: dict) -> None:

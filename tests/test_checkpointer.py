@@ -107,19 +107,28 @@ def test_snapshot_is_a_deep_copy_taken_before_the_next_step(tmp_path: Path, monk
     assert saved["scheduler"]["_last_lr"] == [0.1, 0.2]
 
 
-def test_save_blocks_only_for_the_copy_and_waits_for_the_write_in_flight(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_save_blocks_only_for_the_copy_and_waits_only_when_two_writes_are_in_flight(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Two buffer sets: a save right after another (an epoch end after a cadence save) does not wait for
+    the first write; a third while both are still being written waits for the oldest, and says so."""
     slow_writes(monkeypatch, 1.0)
+    caplog.set_level("INFO", logger="frcnn_train")
     ckpt = make_checkpointer(tmp_path)
     started = time.perf_counter()
     ckpt.save(trainer_state(1))
-    assert time.perf_counter() - started < 0.5 and ckpt.busy  # the write goes on in the background
-    ckpt.save(trainer_state(2))  # one write in flight at most: this one waits for the first
-    assert time.perf_counter() - started >= 1.0
+    ckpt.save(trainer_state(2))
+    assert time.perf_counter() - started < 0.5 and ckpt.busy  # both writes go on in the background
+    ckpt.save(trainer_state(3))  # both buffer sets are being read: this one waits for the write of step 1
+    assert 1.0 <= time.perf_counter() - started
     assert checkpoint.load_checkpoint(tmp_path / "last.pth")["trainer"]["global_step"] == 1
     ckpt.wait()
-    assert checkpoint.load_checkpoint(tmp_path / "last.pth")["trainer"]["global_step"] == 2
+    assert checkpoint.load_checkpoint(tmp_path / "last.pth")["trainer"]["global_step"] == 3
     assert not list(tmp_path.glob(".*tmp*"))
+    saves = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Saved")]
+    assert [re.search(r"at step (\d)", line).group(1) for line in saves] == ["1", "2", "3"], "written in order"
+    assert ["waiting for the write of step" in line for line in saves] == [False, False, True], saves
+    assert re.search(r"step 3: blocked training (\d+) ms \(of which (\d+) ms waiting for the write of step 1",
+                     saves[2])
 
 
 def test_best_and_epoch_files_are_hard_links_of_the_file_just_written(tmp_path: Path) -> None:
@@ -242,7 +251,7 @@ def test_cuda_state_is_copied_into_reused_pinned_buffers_before_the_next_step(tm
         ckpt.wait()
         saved = checkpoint.load_checkpoint(tmp_path / "last.pth")["model"]["w"]
         assert torch.equal(saved, torch.full((5_000_000,), float(step)))
-        buffer = ckpt._buffers[("model", "w")]
+        buffer = ckpt._buffers[0][("model", "w")]
         assert buffer.is_pinned()
         if step == 1:
             first = buffer.data_ptr()

@@ -108,7 +108,7 @@ def test_ctrl_c_that_c_code_turns_into_another_error_still_reads_as_ctrl_c(shape
     """NumPy's __array__ fallback can swallow the KeyboardInterrupt and raise a TypeError in its place (seen in CI)."""
     swallow = ("import os, signal, sys, time\n"
                "import frcnn_train.launch, frcnn_train.train as t\n"
-               "def run(cfg, overrides):\n"
+               "def run(cfg, overrides, **kwargs):\n"
                "    try:\n"
                "        os.kill(os.getpid(), signal.SIGINT); time.sleep(5)\n"
                "    except KeyboardInterrupt:\n"

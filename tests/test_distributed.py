@@ -6,6 +6,7 @@ The long variants are marked slow: `python -m pytest -m slow tests/test_distribu
 from __future__ import annotations
 
 import os
+import re
 import random
 import signal
 import socket
@@ -124,7 +125,7 @@ def test_ap_logged_by_a_ddp_run_is_what_evaluate_reports_on_its_checkpoint(base:
     holds; rank 0 alone scores. (The tiny run's AP is 0; test_ddp_evaluation_... checks the detections.)"""
     from frcnn_train.evaluate import run_evaluation
 
-    metrics, _ = run_evaluation(Path(_output_dir(base)) / "reference" / "last.pth")
+    metrics, _, _ = run_evaluation(Path(_output_dir(base)) / "reference" / "last.pth")
     assert metrics == reference["trainer"]["last_metrics"]
 
 
@@ -188,10 +189,10 @@ def test_a_signal_stops_every_rank_at_one_step_and_saves_once(base: list[str], t
     assert "forcefully exiting" not in out and "KeyboardInterrupt" not in out and "Error executing job" not in out, out
     # Ranks exit 0; torchrun itself reports the signal it got, unless only the ranks were signalled.
     assert proc.returncode == (1 if "torchrun" in how else 0), out[-3000:]
-    assert out.count("Stopped during epoch") == 1, out[-3000:]
+    assert out.count("Stopped at step") == 1, out[-3000:]
     stopped = checkpoint.load_checkpoint(run_dir / "last.pth")
     step = stopped["trainer"]["global_step"]
-    assert f"at step {step} (received SIG" in out or f"at step {step} (another process" in out
+    assert re.search(rf"Stopped at step {step} \([^)]*\) \((received SIG|another process)", out), out[-3000:]
     assert "Resume with:   torchrun --nproc_per_node=2 -m frcnn_train.train resume=" in out
     assert step > 4 and [p.name for p in run_dir.glob("*.pth")] == ["last.pth"]
     assert not list(run_dir.glob(".*tmp*")), "no temporary file left"
@@ -203,19 +204,20 @@ def test_a_signal_during_an_epochs_last_step_stops_there_and_the_resume_ends_the
     signalled then went on while the others stopped). The resume runs the empty rest and the epoch's end."""
     from frcnn_train.trainer import Trainer
 
-    after_step = Trainer._after_step
+    train_step = Trainer.train_step
 
-    def signal_in_last_step(self, *args, **kwargs) -> None:
-        if self.global_step == 4:  # the last of epoch 1's 4 steps
+    def signal_in_last_step(self, *args, **kwargs):
+        losses = train_step(self, *args, **kwargs)
+        if self.counters.global_step == 4:  # the last of epoch 1's 4 steps
             os.kill(os.getpid(), signal.SIGTERM)
-        after_step(self, *args, **kwargs)
+        return losses
 
-    monkeypatch.setattr(Trainer, "_after_step", signal_in_last_step)
+    monkeypatch.setattr(Trainer, "train_step", signal_in_last_step)
     stopped = run(compose_tiny("trainer.epochs=2", "run_name=last_step"))
     state = checkpoint.load_checkpoint(Path(stopped["run_dir"]) / "last.pth")["trainer"]
     assert (stopped["stop_reason"], state["global_step"], state["epoch"], state["step_in_epoch"]) == \
         ("received SIGTERM", 4, 0, 4)
-    monkeypatch.setattr(Trainer, "_after_step", after_step)
+    monkeypatch.setattr(Trainer, "train_step", train_step)
     resumed = run(compose_tiny("trainer.epochs=2", f"resume={stopped['run_dir']}"))
     assert resumed["completed"] and resumed["global_step"] == 8
     assert (Path(stopped["run_dir"]) / "epoch_0001.pth").exists()
@@ -326,7 +328,7 @@ def test_resume_on_one_then_two_processes_keeps_the_global_batch(base: list[str]
 
 def test_a_global_batch_the_new_world_size_cannot_keep_is_refused_naming_the_keys(compose_tiny) -> None:
     from frcnn_train.errors import ConfigError
-    from frcnn_train.launch import keep_global_batch
+    from frcnn_train.resume import keep_global_batch
 
     cfg = compose_tiny("trainer.batch_size=2")
     ckpt = {"trainer": {"world_size": 2, "batch_size": 2, "accumulate": 1}, "rng": {}}
@@ -356,7 +358,7 @@ def test_two_nodes_train_stop_on_a_signal_and_resume(base: list[str], reference:
     for proc in first:  # scancel: SIGTERM to every agent
         os.kill(proc.pid, signal.SIGTERM)
     outs = [finish(proc, timeout=60) for proc in first]
-    assert sum(out.count("Stopped during epoch") for out in outs) == 1, outs
+    assert sum(out.count("Stopped at step") for out in outs) == 1, outs
     assert "Resume with:   torchrun --nnodes=2 --nproc_per_node=1" in "".join(outs)
     assert not elsewhere.exists(), "only global rank 0 writes files"
     second = nodes("run_name=nodes", "resume=auto", outputs=(shared, shared))

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 from omegaconf import OmegaConf
 
-from frcnn_train.config import ResumeConflict, compose_config, merge_for_resume
+from frcnn_train.config import compose_config
+from frcnn_train.resume import ResumeConflict, merge_for_resume
 from frcnn_train.overrides import requested_keys
 
 SHAPES_SIZES = {"min_size": 96, "box_head_dim": 256, "rpn_post_nms_top_n_train": 150}

@@ -113,6 +113,8 @@ def test_max_steps_stop_and_resume_is_bitwise_exact(compose_tiny, reference, sto
 def test_resume_with_workers_and_accumulation_is_exact(compose_tiny, reference) -> None:
     extra = ("data.num_workers=2", "trainer.accumulate=2", "trainer.batch_size=1")
     stopped = run(compose_tiny(*EPOCHS, "run_name=stopped", "trainer.max_steps=5", *extra))
+    assert not stopped["completed"] and stopped["global_step"] == 5, "the resume starts mid-epoch"
+    assert final_state(Path(stopped["run_dir"]))["trainer"]["step_in_epoch"] == 1
     overrides = [f"resume={stopped['run_dir']}/last.pth", "trainer.max_steps=null"]
     run(compose_tiny(*EPOCHS, *extra, *overrides), overrides=overrides)
     assert_same_training(reference, final_state(Path(stopped["run_dir"])))

@@ -8,9 +8,10 @@ import torch
 from omegaconf import OmegaConf
 
 from frcnn_train import checkpoint
-from frcnn_train.config import compose_config, merge_for_resume
+from frcnn_train.config import compose_config
 from frcnn_train.inspect import main as inspect_main
-from frcnn_train.launch import describe_precision_change, run
+from frcnn_train.launch import run
+from frcnn_train.resume import describe_precision_change, merge_for_resume
 
 
 def test_overrides_of_the_launch_and_of_each_resume_are_kept_and_shown(compose_tiny, capsys) -> None:

@@ -101,3 +101,18 @@ def test_cli_turns_ctrl_c_into_one_line_and_exit_130(capsys) -> None:
 
     assert main([]) == 130
     assert capsys.readouterr().err == "interrupted\n"
+
+
+def test_amp_on_a_cpu_is_bf16_where_it_has_bf16_kernels(monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    from frcnn_train import runtime
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: True)
+    assert runtime.amp_dtype(True, "bf16", cpu) is torch.bfloat16
+    assert runtime.amp_dtype(True, "fp16", cpu) is None  # no fast fp16 CPU kernels: fp32, with a warning
+    assert any("trainer.amp_dtype=bf16 trains in bf16 on CPUs" in r.getMessage() for r in caplog.records)
+    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: False)
+    with pytest.raises(ConfigError, match=r"^trainer.amp_dtype=bf16 on this CPU, which has no bf16 kernels .*"
+                                          r"set trainer.amp=false"):
+        runtime.amp_dtype(True, "bf16", cpu)
+    assert runtime.amp_dtype(False, "bf16", cpu) is None

@@ -13,7 +13,8 @@ from frcnn_train import checkpoint
 from frcnn_train.errors import CheckpointError
 from frcnn_train.evaluation import coco_metrics
 from frcnn_train.launch import run
-from frcnn_train.trainer import TrainingError, _duration
+from frcnn_train.progress import duration as _duration
+from frcnn_train.trainer import TrainingError
 
 
 def test_mask_rcnn_trains_evaluates_and_fills_the_run_directory(compose_tiny) -> None:
@@ -29,7 +30,7 @@ def test_mask_rcnn_trains_evaluates_and_fills_the_run_directory(compose_tiny) ->
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [line["epoch"] for line in lines] == [1, 2] and "segm/AP" in lines[0]
     train_log = (run_dir / "train.log").read_text()
-    assert "validation" in train_log and "epoch 2 step 1/" in train_log and "ETA " in train_log
+    assert "Validation after epoch 2" in train_log and "epoch 2 step 1/" in train_log and "ETA " in train_log
     events = EventAccumulator(str(run_dir), size_guidance={"images": 0})
     events.Reload()
     tags = events.Tags()
@@ -121,3 +122,97 @@ def test_amp_on_cpu_warns_once_and_trains_in_fp32(compose_tiny, caplog: pytest.L
 
 def test_eta_reads_like_a_clock() -> None:
     assert [_duration(s) for s in (0.4, 42, 425, 7_980)] == ["0s", "42s", "7m05s", "2h13m"]
+
+
+def _messages(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records]
+
+
+def test_one_save_per_step_where_the_cadence_meets_an_epoch_end(compose_tiny, caplog) -> None:
+    """The cadence save of an epoch's last step is left to the epoch end's save, which links every name."""
+    caplog.set_level("INFO", logger="frcnn_train")
+    run(compose_tiny("trainer.epochs=2", "trainer.checkpoint_every_steps=2"))
+    saves = [m for m in _messages(caplog) if m.startswith("Saved ")]
+    steps = [int(m.split(" at step ")[1].split(":")[0]) for m in saves]
+    assert steps == [2, 4, 6, 8], saves
+    assert "epoch_0001.pth" in saves[1] and "epoch_0002.pth" in saves[3]
+
+
+def test_one_numbering_of_epochs_everywhere(compose_tiny, caplog, capsys) -> None:
+    """Epochs count from 1 as the progress line does; the closing table says when it was computed."""
+    from frcnn_train import inspect
+
+    caplog.set_level("INFO", logger="frcnn_train")
+    # max_steps lands on the end of epoch 1 of 2; the last evaluation was epoch 1's.
+    stopped = run(compose_tiny("trainer.epochs=2", "trainer.max_steps=4", "run_name=numbers"))
+    messages = _messages(caplog)
+    assert any(m.startswith("Stopped at step 4 (the end of epoch 1) (trainer.max_steps=4 reached)") for m in messages)
+    assert any(m.startswith("Validation after epoch 1 (step 4):") for m in messages)
+    assert any(m.startswith("Validation at step 4 (the end of epoch 1):") for m in messages)
+    caplog.clear()
+    overrides = [f"resume={stopped['run_dir']}", "trainer.max_steps=7"]
+    run(compose_tiny("trainer.epochs=2", *overrides), overrides=overrides)
+    messages = _messages(caplog)
+    assert any(" at step 4 (the end of epoch 1) with trainer.max_steps: 4 -> 7." in m for m in messages), messages
+    assert any(m.startswith("Stopped at step 7 (step 3 of 4 in epoch 2)") for m in messages)
+    # The closing table is still epoch 1's: labelled so, not with the epoch in progress.
+    assert any(m.startswith("Validation at step 4 (the end of epoch 1):") for m in messages)
+    caplog.clear()
+    overrides = [f"resume={stopped['run_dir']}", "trainer.max_steps=null"]
+    run(compose_tiny("trainer.epochs=2", *overrides), overrides=overrides)
+    assert any(" at step 7 (step 3 of 4 in epoch 2) with " in m for m in _messages(caplog))
+    assert inspect.main([str(Path(stopped["run_dir"]) / "epoch_0001.pth")]) == 0
+    assert "step 4 (the end of epoch 1)" in capsys.readouterr().out
+
+
+def test_images_per_second_with_one_step_per_epoch(compose_tiny, caplog) -> None:
+    caplog.set_level("INFO", logger="frcnn_train")
+    run(compose_tiny("data.shapes.num_train=2", "trainer.epochs=2", "trainer.eval_every=0"))
+    rates = [float(m.split("  ")[-2].split()[0]) for m in _messages(caplog) if " img/s " in m]
+    assert len(rates) == 2 and all(rate > 0 for rate in rates), rates
+
+
+def test_a_validation_split_without_annotations_makes_no_best(compose_tiny, tmp_path: Path, caplog) -> None:
+    """COCOeval's -1 (nothing to score against) is no AP: no best.pth, said once, not 'best = -1'."""
+    import shutil
+
+    from frcnn_train.data import build_datasets
+
+    source = build_datasets(compose_tiny().data, with_masks=False).train.images_dir.parent
+    root = tmp_path / "coco"
+    shutil.copytree(source, root)
+    val = json.loads((root / "instances_val.json").read_text())
+    (root / "instances_val.json").write_text(json.dumps({**val, "annotations": []}))
+    caplog.set_level("WARNING", logger="frcnn_train")
+    summary = run(compose_tiny("data=coco", f"data.root={root}", "data.train_images=train", "data.val_images=val",
+                               "data.train_ann=instances_train.json", "data.val_ann=instances_val.json",
+                               "trainer.epochs=2"))
+    assert summary["completed"] and summary["best_metric"] is None
+    assert not (Path(summary["run_dir"]) / "best.pth").exists()
+    said = [m for m in _messages(caplog) if "is undefined on the validation split" in m]
+    assert len(said) == 1 and "it has no annotated objects" in said[0], said
+
+
+def test_the_lr_follows_the_global_batch(compose_tiny, caplog) -> None:
+    caplog.set_level("INFO", logger="frcnn_train")
+    summary = run(compose_tiny("optim.reference_batch=4", "trainer.batch_size=1", "schedule.warmup_steps=0",
+                               "trainer.max_steps=1"))
+    groups = checkpoint.load_checkpoint(Path(summary["run_dir"]) / "last.pth")["optimizer"]["param_groups"]
+    assert [g["initial_lr"] for g in groups] == [pytest.approx(0.0025)] * len(groups)
+    assert any(m.startswith("LR 0.0025 = optim.lr 0.01 x 1/4: linear scaling") for m in _messages(caplog))
+
+
+@pytest.mark.skipif(not __import__("frcnn_train.runtime").runtime.cpu_has_fast_bf16(), reason="no bf16 CPU kernels")
+def test_bf16_autocast_trains_on_a_cpu_with_bf16_kernels(compose_tiny) -> None:
+    summary = run(compose_tiny("device=cpu", "trainer.amp=true", "trainer.amp_dtype=bf16", "trainer.max_steps=2"))
+    ckpt = checkpoint.load_checkpoint(Path(summary["run_dir"]) / "last.pth")
+    assert summary["global_step"] == 2 and ckpt["launch"]["precision"] == "bf16" and ckpt["scaler"] == {}
+
+
+def test_a_ctrl_c_that_c_code_swallowed_still_ends_the_start_up(compose_tiny, tmp_path: Path) -> None:
+    """NumPy can swallow the KeyboardInterrupt a Ctrl-C raises while the dataset is generated; train.py's
+    flag is asked once more before the first file is written, so the run does not train on regardless."""
+    with pytest.raises(KeyboardInterrupt):
+        run(compose_tiny("run_name=swallowed"), interrupted=lambda: True)
+    run_dir = tmp_path / "outputs" / "swallowed"
+    assert not run_dir.exists() or not list(run_dir.iterdir()), list(run_dir.iterdir())

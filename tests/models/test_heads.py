@@ -55,7 +55,9 @@ def test_detection_postprocess_equals_torchvision(num_proposals: int) -> None:
     deltas = torch.randn(num_proposals * len(shapes), num_classes * 4, generator=g) * 0.3
     want = stock.postprocess_detections(logits, deltas, proposals, shapes)
     got = ours.postprocess_detections(logits, deltas, proposals, shapes)
+    assert len(want) == len(got) == 3, "boxes, scores and labels"
     for w, o in zip(want, got):
+        assert len(w) == len(o) == len(shapes)
         assert all(torch.equal(a, b) for a, b in zip(w, o))
     assert any(len(b) == 40 for b in got[0]) and all(len(b) > 0 for b in got[0])
 
