@@ -84,7 +84,8 @@ def resolve_out(ckpt_path: Path, fmt: str, out: str | Path | None) -> Path:
     """--out, or the checkpoint's name with the format's suffix beside it."""
     path = Path(out).expanduser() if out else ckpt_path.with_name(ckpt_path.stem + SUFFIXES[fmt])
     if path.is_dir():
-        raise UserError(f"--out {path} is a directory; give a file name, e.g. {path / (ckpt_path.stem + SUFFIXES[fmt])}")
+        example = path / (ckpt_path.stem + SUFFIXES[fmt])
+        raise UserError(f"--out {path} is a directory; give a file name, e.g. {example}")
     return path
 
 
@@ -106,6 +107,7 @@ class ExportResult:
     metadata: dict[str, Any]
     check: CheckReport | None
     has_ema: bool  # the checkpoint holds EMA weights (exported unless --raw)
+    device: str  # where the model was traced (a TorchScript trace runs there only)
 
 
 def build_metadata(ckpt: dict[str, Any], arch: str, weights: str, *, dynamic: bool,
@@ -171,6 +173,9 @@ def export(ckpt_path: str | Path, fmt: str, out: str | Path | None = None, *, dy
             raise UserError(f"--device {device} applies to --format torchscript (a trace is bound to its device); "
                             "an ONNX file is exported on the CPU and runs wherever onnxruntime does, so drop --device")
         require_onnx()
+    elif device != "cpu" and not torch.cuda.is_available():
+        raise UserError(f"--device {device} but CUDA is not available here; trace for the GPU on a machine with one, "
+                        "or use --device cpu")
     path = checkpoint_file(ckpt_path)
     out_path = resolve_out(path, fmt, out)
     dev = resolve_device(device)
@@ -201,16 +206,20 @@ def export(ckpt_path: str | Path, fmt: str, out: str | Path | None = None, *, dy
     if check_images:
         report = check_export(out_path, fmt, model, images[:check_images], names,
                               input_size=None if dynamic else list(example.shape[1:]), device=dev)
-    return ExportResult(out_path, fmt, weights, seconds, list(example.shape), metadata, report, bool(ckpt.get("ema")))
+    return ExportResult(path=out_path, format=fmt, weights=weights, seconds=seconds, input_shape=list(example.shape),
+                        metadata=metadata, check=report, has_ema=bool(ckpt.get("ema")), device=str(dev))
 
 
 def describe(result: ExportResult) -> str:
+    also_ema = " (--raw; the checkpoint also has EMA weights)" if result.has_ema else ""
     weights = ("the EMA weights (--raw exports the trained ones)" if result.weights == "ema"
-               else "the trained (raw) weights" + (" (--raw; the checkpoint also has EMA weights)" if result.has_ema else ""))
+               else f"the trained (raw) weights{also_ema}")
+    h, w = result.input_shape[1:]
     size = ("any height and width (--dynamic)" if result.metadata["input_size"] is None
-            else f"{result.input_shape[1]}x{result.input_shape[2]} only (--dynamic for any size)"
-            if result.format == "onnx" else f"traced at {result.input_shape[1]}x{result.input_shape[2]}")
-    fmt = f"ONNX opset {ONNX_OPSET}" if result.format == "onnx" else "TorchScript (a trace)"
+            else f"{h}x{w} only (--dynamic for any size)" if result.format == "onnx"
+            else f"traced and checked at {h}x{w} (--dynamic checks a second size too)")
+    fmt = (f"ONNX opset {ONNX_OPSET}" if result.format == "onnx"
+           else f"TorchScript, a trace for {result.device}")
     return (f"exported {result.path} ({fmt}, {result.metadata['arch']}, {weights}) in {result.seconds:.1f} s\n"
             f"input {INPUT_NAME}: float32 [3, H, W] RGB in [0, 1], {size}; "
             f"outputs: {', '.join(result.metadata['outputs'])}; {len(result.metadata['classes'])} class names "

@@ -111,7 +111,8 @@ def runner(path: Path, fmt: str, device: torch.device) -> Callable[[Tensor], lis
         name = session.get_inputs()[0].name
         return lambda image: [torch.from_numpy(o) for o in session.run(None, {name: image.cpu().numpy()})]
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch >= 2.10 calls TorchScript deprecated; it still loads
+        # Recent torch calls TorchScript deprecated (a DeprecationWarning in 2.11, FutureWarning in 2.14); it loads.
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.load` is deprecated")
         loaded = torch.jit.load(str(path), map_location=device)
     return lambda image: [t.cpu() for t in loaded(image.to(device))]
 

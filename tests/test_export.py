@@ -18,6 +18,8 @@ from frcnn_train.evaluate import load_model
 from frcnn_train.export import export, main
 
 pytest.importorskip("onnxruntime")  # the export extra, part of .[test]
+# Loading a TorchScript file the way users do; recent torch warns that TorchScript is deprecated.
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated")
 
 ARCHS = {"faster": (), "mask": ("model=mask_rcnn",)}
 
@@ -53,8 +55,9 @@ else:
     model = torch.jit.load(path, map_location="cpu", _extra_files=extra)
     meta = json.loads(extra["frcnn_train.json"])
     classes = meta["classes"]
+    tensor = torchvision.io.read_image(image_path, torchvision.io.ImageReadMode.RGB).float() / 255
     with torch.no_grad():
-        outputs = [t.numpy() for t in model(torch.from_numpy(image))]
+        outputs = [t.numpy() for t in model(tensor)]
     names = meta["outputs"]
 result = dict(zip(names, outputs))
 print(json.dumps({"meta": meta, "classes": classes, "shapes": {k: list(v.shape) for k, v in result.items()},
@@ -174,6 +177,8 @@ def one_sentence(capsys) -> str:
     (["--format", "tflite"], "--format tflite is not an export format; choose one of onnx, torchscript"),
     (["--format", "onnx", "--check-images", "-1"], "--check-images -1 must be 0 (no check) or more"),
     (["--format", "onnx", "--device", "cuda"], "--device cuda applies to --format torchscript"),
+    pytest.param(["--format", "torchscript", "--device", "cuda"], "--device cuda but CUDA is not available here",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")),
 ])
 def test_bad_arguments_are_one_sentence(runs: dict[str, Path], capsys, args: list[str], message: str) -> None:
     assert main([str(runs["faster"] / "last.pth"), *args]) == 2
@@ -207,3 +212,14 @@ def test_an_exporter_failure_names_the_combination(runs: dict[str, Path], tmp_pa
     err = one_sentence(capsys)
     assert "mask_rcnn with resnet18_fpn cannot be exported to onnx" in err and "operator frobnicate" in err
     assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_torchscript_traced_for_cuda_runs_there(runs: dict[str, Path], tmp_path: Path) -> None:
+    result = export(runs["mask"] / "last.pth", "torchscript", tmp_path / "cuda.pt", device="cuda", check_images=2)
+    assert result.check.passed and result.device.startswith("cuda"), result.check.summary()
+    model = torch.jit.load(str(tmp_path / "cuda.pt"), map_location="cuda")
+    with torch.no_grad():
+        boxes = model(torch.rand(3, 64, 64, device="cuda"))[0]
+    assert boxes.is_cuda and boxes.shape[1] == 4
