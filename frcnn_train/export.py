@@ -14,7 +14,9 @@ model (export_check.py).
 
 Both formats are traces of torchvision's classes (models/export_view.py), made
 with the TorchScript-based ONNX exporter (`dynamo=False`) as torchvision's own
-ONNX tests do: its default dynamo exporter does not handle torchvision's detectors.
+ONNX tests do: its default dynamo exporter stops at torchvision's data-dependent checks.
+One image per call: torchvision's detectors take a list of images, whose length a
+trace fixes.
 """
 from __future__ import annotations
 
@@ -42,8 +44,8 @@ from frcnn_train.runtime import cli, prog_name, resolve_device
 
 FORMATS = ("onnx", "torchscript")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
-# 16 has RoiAlign with the half-pixel mode torchvision's aligned=False needs; 17 is what
-# torchvision's tests export with today.
+# torchvision's nms / roi_align convert from opset 11 on, roi_align naming its coordinate mode
+# (output_half_pixel for aligned=False) from 16 on; every onnxruntime since 1.11 runs 17.
 ONNX_OPSET = 17
 INPUT_NAME = "image"
 TORCHSCRIPT_METADATA = "frcnn_train.json"  # the TorchScript extra file holding the metadata
