@@ -144,10 +144,23 @@ def _onnx_bytes(module: nn.Module, example: Tensor, names: tuple[str, ...], dyna
     torch.onnx.export(module, (example,), buffer, opset_version=ONNX_OPSET, input_names=[INPUT_NAME],
                       output_names=list(names), dynamic_axes=axes, do_constant_folding=True, **kwargs)
     proto = onnx.load_from_string(buffer.getvalue())
+    _forget_loop_shapes(proto.graph)
     # metadata_props are strings: lists and numbers as JSON.
     onnx.helper.set_model_props(proto, {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})
     proto.doc_string = f"frcnn_train {metadata['arch']} export; see metadata_props"
     return proto.SerializeToString()
+
+
+def _forget_loop_shapes(graph: Any) -> None:
+    """Drop the shapes the trace recorded for values a Loop carries (Mask R-CNN's mask pasting grows one
+    by a mask per detection): onnxruntime warned once per detection that [1, H, W] was expected."""
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("g"):
+                if node.op_type == "Loop":  # body inputs: iteration, condition, carried; outputs: condition, carried
+                    for value in [*attribute.g.input[2:], *attribute.g.output[1:]]:
+                        value.type.tensor_type.ClearField("shape")
+                _forget_loop_shapes(attribute.g)
 
 
 def _torchscript_bytes(module: nn.Module, example: Tensor, metadata: dict[str, Any]) -> bytes:

@@ -105,9 +105,7 @@ def runner(path: Path, fmt: str, device: torch.device) -> Callable[[Tensor], lis
     if fmt == "onnx":
         import onnxruntime
 
-        options = onnxruntime.SessionOptions()
-        options.log_severity_level = 3  # the detection count differs from the trace's, which it warns about
-        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         name = session.get_inputs()[0].name
         return lambda image: [torch.from_numpy(o) for o in session.run(None, {name: image.cpu().numpy()})]
     with warnings.catch_warnings():
