@@ -34,3 +34,7 @@ class CheckpointError(UserError):
 
 class RunDirError(UserError):
     """A run directory this run may not write: another run's, read-only, or in use by another process."""
+
+
+class ExportError(UserError):
+    """A model that the chosen export format cannot represent (frcnn-export)."""
