@@ -23,7 +23,7 @@ from frcnn_train.checkpointer import Checkpointer
 from frcnn_train.config import ResumeConflict, check_values, merge_for_resume
 from frcnn_train.data import DataWarning, build_datasets
 from frcnn_train.errors import CheckpointError, ConfigError, UserError
-from frcnn_train.evaluation import format_table
+from frcnn_train.evaluation import format_table, require_metric
 from frcnn_train.logs import RunLogger, log, setup_console
 from frcnn_train.models import build_model, prepare_for_training
 from frcnn_train.models.backbones import resolve_norm
@@ -167,6 +167,7 @@ def _run_in(target: rundir.Target, cfg: DictConfig, overrides: Sequence[str], ea
     # Logged once train.log is open: (level, message).
     notes = [(logging.WARNING, str(w.message)) for w in caught if issubclass(w.category, DataWarning)]
     _resolve_classes(cfg, data.classes, ckpt["classes"] if ckpt else None)
+    require_metric(cfg.trainer.best_metric, with_masks=with_masks, classes=data.classes)  # AP-<class> names
 
     if cfg.init_from and ckpt is None and cfg.model.attention.identity_init is None:
         # Attention added to a trained detector should not disturb it at step 0.
