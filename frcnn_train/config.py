@@ -6,9 +6,8 @@ Only builders read these objects; modules and the Trainer take plain arguments.
 """
 from __future__ import annotations
 
-import difflib
 import math
-from dataclasses import dataclass, field, is_dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -16,7 +15,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from frcnn_train.errors import CheckpointError, ConfigError
-from frcnn_train.overrides import flatten, requested_keys
+from frcnn_train.overrides import flatten, requested_keys, unknown_keys
 
 
 
@@ -427,7 +426,7 @@ def check_values(cfg: DictConfig, keys: Sequence[str] | None = None) -> None:
     if wanted("model.max_size") and _positive(low) and _positive(high) and high < low:
         problems.append(f"model.max_size={high} must be >= model.min_size={low}")
     if keys is None:
-        problems += _unknown_keys(OmegaConf.to_container(cfg, resolve=False), OmegaConf.structured(TrainConfig))
+        problems += unknown_keys(OmegaConf.to_container(cfg, resolve=False), OmegaConf.structured(TrainConfig))
         if not OmegaConf.is_missing(cfg, "trainer.best_metric"):
             from frcnn_train.evaluation import metric_problem
 
@@ -436,15 +435,3 @@ def check_values(cfg: DictConfig, keys: Sequence[str] | None = None) -> None:
     if problems:
         raise ConfigError(f"{'; '.join(problems)}; fix {'this value' if len(problems) == 1 else 'these values'}")
 
-
-def _unknown_keys(given: dict, schema: DictConfig, prefix: str = "") -> list[str]:
-    """Keys that `+key=value` added beyond the schema: nothing reads them, so a typo would pass in silence."""
-    problems = []
-    for key, value in given.items():
-        if key not in schema:
-            close = difflib.get_close_matches(str(key), [str(k) for k in schema.keys()], n=1)
-            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
-            problems.append(f"+{prefix}{key}= adds a key the config does not have{hint}, so nothing would read it")
-        elif isinstance(value, dict) and is_dataclass(OmegaConf.get_type(schema, key)):
-            problems += _unknown_keys(value, schema[key], f"{prefix}{key}.")
-    return problems

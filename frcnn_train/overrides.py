@@ -7,6 +7,8 @@ the keys its YAML file sets.
 """
 from __future__ import annotations
 
+import difflib
+from dataclasses import is_dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -107,3 +109,17 @@ def requested_keys(cfg: DictConfig, overrides: Sequence[str]) -> dict[str, Any]:
             if key in flat_cfg:
                 requested[key] = flat_cfg[key]
     return requested
+
+
+def unknown_keys(given: dict, schema: DictConfig, prefix: str = "") -> list[str]:
+    """Keys that `+key=value` added beyond the schema, each as a sentence: nothing reads them, so a typo
+    (`+trainer.epoch=3`) would pass in silence. Free-form dicts of the schema (attention overrides) take any key."""
+    problems = []
+    for key, value in given.items():
+        if key not in schema:
+            close = difflib.get_close_matches(str(key), [str(k) for k in schema.keys()], n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            problems.append(f"+{prefix}{key}= adds a key the config does not have{hint}, so nothing would read it")
+        elif isinstance(value, dict) and is_dataclass(OmegaConf.get_type(schema, key)):
+            problems += unknown_keys(value, schema[key], f"{prefix}{key}.")
+    return problems
