@@ -56,10 +56,16 @@ def composition_error(err: BaseException) -> ConfigError | None:
         fix = "choose one of those, or add the file" if options else "name a config that exists"
         return ConfigError(f"{_first_line(err).rstrip('.')}{options}; {fix} (your own under --config-dir)")
     if isinstance(err, OverrideParseException):
-        return ConfigError(f"the override {err.override!r} does not parse ({_first_line(err)}); write it as "
-                           "key=value, and quote a value with characters other than ASCII letters, digits, spaces "
-                           "and / . - _ : inside the override, e.g. \"output_dir='/data/runs ü'\" (the outer "
-                           "quotes are for the shell); a list is written data.classes=[a,b]")
+        lines = [line.strip() for line in str(err).splitlines() if line.strip() and not line.startswith("See ")]
+        detail = "; ".join(lines[1:] if lines[0].startswith("Error parsing override") else lines[:1])
+        if "while evaluating" in detail:  # a sweep function: choice(...), interval(...)
+            fix = ("write it as Hydra's override grammar does, e.g. choice(0.01,0.02), range(1,5), "
+                   "interval(0.001,0.1)")
+        else:
+            fix = ("write it as key=value, and quote a value with characters other than ASCII letters, digits, "
+                   "spaces and / . - _ : inside the override, e.g. \"output_dir='/data/runs ü'\" (the outer quotes "
+                   "are for the shell); a list is written data.classes=[a,b]")
+        return ConfigError(f"the override {err.override!r} does not parse ({detail}); {fix}")
     if isinstance(err, HydraException) and str(err).startswith("Ambiguous value"):
         return ConfigError(f"{_first_line(err)}: a comma makes a sweep; write a list as key=[a,b], a string with a "
                            "comma quoted inside the override as \"key='a,b'\", or sweep over the values with -m")

@@ -215,6 +215,12 @@ def override_with_a_comma_outside_a_sweep(ctx: Ctx):
     return ctx.train_args("run_name=a,b"), ["run_name=a,b", "key=[a,b]", "-m"]
 
 
+@case("train-process")
+def sweep_function_with_a_missing_argument(ctx: Ctx):
+    return ["-m", *ctx.train_args("optim.lr=interval(0.1)")], ["optim.lr=interval(0.1)", "'end'",
+                                                               "interval(0.001,0.1)"]
+
+
 @case("train")
 def unknown_key_added_with_plus(ctx: Ctx):
     return ctx.train_args("+trainer.epoch=3"), ["+trainer.epoch=", "trainer.epochs"]
@@ -601,6 +607,26 @@ def resume_auto_with_nothing_to_resume(ctx: Ctx):
 def best_metric_of_one_class(ctx: Ctx):
     return ctx.train_args("trainer.best_metric=bbox/AP-circle", "trainer.max_steps=null"), [
         "best bbox/AP-circle = "]
+
+
+@accepted("train")
+def resume_repeating_the_command_that_started_the_run(ctx: Ctx):
+    args = ctx.train_args("trainer.max_steps=1", "model/attention=se")
+    summary = run(compose_config(args), overrides=args)
+    return [*args, f"resume={summary['run_dir']}", "trainer.max_steps=2"], ["trainer.max_steps: 1 -> 2"]
+
+
+@accepted("train")
+def output_dir_through_a_symlink(ctx: Ctx):
+    (ctx.tmp / "real").mkdir()
+    (ctx.tmp / "linked").symlink_to(ctx.tmp / "real")
+    return ctx.train_args("trainer.max_steps=1", f"output_dir={ctx.tmp / 'linked'}"), [str(ctx.tmp / "linked")]
+
+
+@accepted("evaluate")
+def evaluate_with_the_overrides_it_allows(ctx: Ctx):
+    return [str(ctx.last), "device=cpu", "trainer.batch_size=1", "data.num_workers=0",
+            "--out", str(ctx.tmp / "d.json")], [str(ctx.tmp / "d.json")]
 
 
 @accepted("predict")
