@@ -389,3 +389,15 @@ def resolve_resume(resume: str, run_dir: Path) -> tuple[Path | None, list[str]]:
     if not path.exists():
         raise CheckpointError(f"resume={resume} does not exist{_existing_hint(path.parent)}")
     return path, []
+
+
+def checkpoint_in(path: str | Path) -> Path:
+    """What `evaluate` and `predict` read: a file as given, or a run directory's best.pth, else its last.pth."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        return path
+    for name in ("best.pth", "last.pth"):
+        if (path / name).is_file():
+            return path / name
+    raise CheckpointError(f"{path} is a directory without best.pth or last.pth{_existing_hint(path)}; "
+                          "give a checkpoint file, or the run directory of a run that saved one")

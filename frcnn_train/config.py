@@ -6,7 +6,9 @@ Only builders read these objects; modules and the Trainer take plain arguments.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import difflib
+import math
+from dataclasses import dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -283,16 +285,21 @@ def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
 
 
 # ---------------------------------------------------------------- values that cannot work
+# inf passes `>= 0` and nan fails every comparison, so each rule asks for a finite number first.
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def _positive(v: Any) -> bool:
-    return isinstance(v, (int, float)) and v > 0
+    return _number(v) and v > 0
 
 
 def _non_negative(v: Any) -> bool:
-    return isinstance(v, (int, float)) and v >= 0
+    return _number(v) and v >= 0
 
 
 def _fraction(v: Any) -> bool:
-    return isinstance(v, (int, float)) and 0 <= v <= 1
+    return _number(v) and 0 <= v <= 1
 
 
 def _all(check: Any) -> Any:
@@ -336,7 +343,7 @@ VALUE_RULES: dict[str, tuple[Any, str]] = {
     "model.min_size": (_positive, "a whole number of pixels >= 1"),
     "model.max_size": (_positive, "a whole number of pixels >= model.min_size"),
     "model.image_std": (lambda v: len(v) == 3 and all(_positive(s) for s in v), "three numbers > 0"),
-    "model.image_mean": (lambda v: len(v) == 3, "three numbers"),
+    "model.image_mean": (lambda v: len(v) == 3 and all(_number(m) for m in v), "three finite numbers"),
     "model.anchor_sizes": (_all(_positive), "one or more sizes in pixels > 0"),
     "model.aspect_ratios": (_all(_positive), "one or more ratios > 0"),
     "model.rpn_pre_nms_top_n_train": (_positive, "a whole number >= 1"),
@@ -365,6 +372,20 @@ VALUE_RULES: dict[str, tuple[Any, str]] = {
 }
 
 
+def unknown_keys(given: dict, schema: DictConfig, prefix: str = "") -> list[str]:
+    """Keys that `+key=value` added beyond the schema, each as a sentence: nothing reads them, so a typo
+    (`+trainer.epoch=3`) would pass in silence. Free-form dicts of the schema (attention overrides) take any key."""
+    problems = []
+    for key, value in given.items():
+        if key not in schema:
+            close = difflib.get_close_matches(str(key), [str(k) for k in schema.keys()], n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            problems.append(f"+{prefix}{key}= adds a key the config does not have{hint}, so nothing would read it")
+        elif isinstance(value, dict) and is_dataclass(OmegaConf.get_type(schema, key)):
+            problems += unknown_keys(value, schema[key], f"{prefix}{key}.")
+    return problems
+
+
 def check_values(cfg: DictConfig, keys: Sequence[str] | None = None) -> None:
     """Refuse values that cannot work, before any data or model work, in one ConfigError sentence.
 
@@ -385,9 +406,19 @@ def check_values(cfg: DictConfig, keys: Sequence[str] | None = None) -> None:
             ok = False
         if not ok:
             value = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
-            problems.append(f"{key}={value} must be {allowed}")
+            finite = "" if not isinstance(value, float) or math.isfinite(value) else "finite, "
+            problems.append(f"{key}={value} must be {finite}{allowed}")
     low, high = OmegaConf.select(cfg, "model.min_size"), OmegaConf.select(cfg, "model.max_size")
     if wanted("model.max_size") and _positive(low) and _positive(high) and high < low:
         problems.append(f"model.max_size={high} must be >= model.min_size={low}")
+    if keys is None:
+        problems += unknown_keys(OmegaConf.to_container(cfg, resolve=False), OmegaConf.structured(TrainConfig))
+        if not OmegaConf.is_missing(cfg, "trainer.best_metric"):
+            from frcnn_train.evaluation import metric_problem
+
+            if problem := metric_problem(cfg.trainer.best_metric, with_masks=cfg.model.arch == "mask_rcnn",
+                                         ema=OmegaConf.select(cfg, "trainer.ema.decay") is not None):
+                problems.append(problem)
     if problems:
         raise ConfigError(f"{'; '.join(problems)}; fix {'this value' if len(problems) == 1 else 'these values'}")
+

@@ -17,6 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from frcnn_train import checkpoint
+from frcnn_train.composition import composition_error
 from frcnn_train.config import check_values, compose_config, with_schema
 from frcnn_train.data import build_datasets, build_eval_loader
 from frcnn_train.errors import CheckpointError, ConfigError
@@ -28,21 +29,14 @@ from frcnn_train.runtime import amp_dtype, cli, prog_name, resolve_device, seed_
 ALLOWED_KEYS = ("device", "trainer.batch_size", "trainer.amp", "trainer.amp_dtype")
 
 
-def _hydra_error(err: Exception, overrides: Sequence[str]) -> ConfigError:
-    cause = f" ({str(err.__cause__).splitlines()[0]})" if err.__cause__ else ""
-    return ConfigError(f"the overrides {' '.join(overrides)} do not compose: {str(err).splitlines()[0]}{cause}; "
-                       "fix the key or the value (configs/train.yaml and frcnn_train/config.py list them)")
-
-
 def compose_overrides(overrides: Sequence[str]) -> DictConfig:
     """compose_config, with Hydra's and OmegaConf's errors turned into one ConfigError sentence."""
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
     try:
         return compose_config(list(overrides))
-    except (HydraException, OmegaConfBaseException) as err:
-        raise _hydra_error(err, overrides) from None
+    except Exception as err:
+        if (user := composition_error(err)) is None:
+            raise
+        raise user from None
 
 
 def _override_keys(overrides: Sequence[str]) -> list[str]:
@@ -52,7 +46,7 @@ def _override_keys(overrides: Sequence[str]) -> list[str]:
     try:
         parsed = OverridesParser.create().parse_overrides(list(overrides))
     except HydraException as err:
-        raise _hydra_error(err, overrides) from None
+        raise composition_error(err) from None
     return [o.key_or_group.replace("/", ".") for o in parsed]
 
 
@@ -105,9 +99,8 @@ def run_evaluation(ckpt_path: str | Path, overrides: Sequence[str] = (),
                    out: str | Path | None = None, *, raw: bool = False) -> tuple[dict[str, float], Path, str]:
     """Evaluate a checkpoint (its EMA weights when it has them, unless `raw`); returns the metrics, the
     COCO results file written and which weights ran ("ema" or "raw")."""
-    path = Path(ckpt_path)
-    if path.is_dir():
-        path = path / "best.pth" if (path / "best.pth").exists() else path / "last.pth"
+    path = checkpoint.checkpoint_in(ckpt_path)
+    out_path = _results_path(out, path)
     ckpt = checkpoint.load_checkpoint(path)
     cfg = apply_overrides(ckpt["config"], overrides)
     check_values(cfg, keys=("data", "trainer.batch_size", "trainer.amp_dtype"))  # what evaluate lets a user change
@@ -129,10 +122,26 @@ def run_evaluation(ckpt_path: str | Path, overrides: Sequence[str] = (),
     # COCO.loadRes adds area / id / iscrowd (and box polygons) to the dicts it is given; write only ours.
     keep = ("image_id", "category_id", "bbox", "score") + (("segmentation",) if with_masks else ())
     results = [{k: r[k] for k in keep if k in r} for r in results]
-    out_path = Path(out) if out else path.parent / f"detections_{path.stem}.json"
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(results))
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(results))
+    except OSError as err:
+        raise ConfigError(f"the detections could not be written to {out_path} ({err.strerror}); "
+                          "give a writable file with --out") from None
     return metrics, out_path, checkpoint.inference_weights(ckpt, raw=raw)[1]
+
+
+def _results_path(out: str | Path | None, ckpt_path: Path) -> Path:
+    """Where the COCO results go, checked before any work: --out (a directory gets the default name), else
+    beside the checkpoint; a path through a file is refused."""
+    name = f"detections_{ckpt_path.stem}.json"
+    out_path = Path(out).expanduser() if out else ckpt_path.parent / name
+    if out_path.is_dir():
+        out_path = out_path / name
+    existing = next(p for p in (out_path, *out_path.parents) if p.exists())
+    if existing != out_path and not existing.is_dir():
+        raise ConfigError(f"--out {out_path} passes through the file {existing}; give a file in a directory")
+    return out_path
 
 
 @cli
@@ -140,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=prog_name("frcnn_train.evaluate"), description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="checkpoint file (or run directory: best.pth, else last.pth)")
     parser.add_argument("overrides", nargs="*", help="data=..., data.*=..., device=..., trainer.batch_size=...")
-    parser.add_argument("--out", help="COCO results JSON (default: <ckpt dir>/detections_<ckpt stem>.json)")
+    parser.add_argument("--out", help="COCO results JSON, or a directory for it "
+                                      "(default: <ckpt dir>/detections_<ckpt stem>.json)")
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON instead of a table")
     parser.add_argument("--raw", action="store_true",
                         help="evaluate the trained weights, not the EMA's (for checkpoints of runs with trainer.ema)")

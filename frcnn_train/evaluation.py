@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import pycocotools.mask as mask_util
@@ -12,9 +12,12 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from frcnn_train import distributed
+from frcnn_train.errors import ConfigError
 
 # COCOeval.stats indices 0..5, in pycocotools' order.
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+# The EMA weights' metrics during training: "ema/bbox/AP" beside the trained weights' "bbox/AP".
+EMA_PREFIX = "ema/"
 
 
 def detections_to_coco(
@@ -95,6 +98,33 @@ def _no_detections_per_class(coco_gt: COCO) -> dict[str, float]:
     """Per-class AP when nothing was detected: 0 for a category with ground truth, -1 without."""
     return {f"{PER_CLASS_PREFIX}{c['name']}": 0.0 if coco_gt.getAnnIds(catIds=[c["id"]]) else -1.0
             for c in coco_gt.loadCats(sorted(coco_gt.getCatIds()))}
+
+
+def metric_problem(name: str, *, with_masks: bool, ema: bool, classes: Sequence[str] | None = None) -> str | None:
+    """Why `trainer.best_metric=name` is not a metric this run's evaluations produce (None: it is one).
+
+    Without `classes` (before the data is read) any "AP-<class>" name passes; with them, only the dataset's.
+    With `ema` (trainer.ema on) the EMA's metrics count too, as "ema/bbox/AP".
+    """
+    types = ("bbox", "segm") if with_masks else ("bbox",)
+    iou_type, _, metric = str(name).removeprefix(EMA_PREFIX if ema else "").partition("/")
+    if iou_type in types and (metric in METRIC_NAMES or metric.startswith(PER_CLASS_PREFIX) and (
+            classes is None or metric[len(PER_CLASS_PREFIX):] in classes)):
+        return None
+    shown = "" if classes is None else f" ({', '.join(list(classes)[:8])}{', ...' if len(classes) > 8 else ''})"
+    per_class = " or ".join(f"{t}/{PER_CLASS_PREFIX}<class>" for t in types) + f" for a class of the dataset{shown}"
+    masks = "" if with_masks else " (segm/... only with model=mask_rcnn)"
+    averaged = (f"; each also as {EMA_PREFIX}<name> for the EMA weights" if ema
+                else f" ({EMA_PREFIX}<name> needs trainer.ema.decay)")
+    return (f"trainer.best_metric={name} is not a metric this run computes, so no best.pth would ever be written; "
+            f"choose one of {', '.join(f'{t}/{m}' for t in types for m in METRIC_NAMES)}, or {per_class}{masks}"
+            f"{averaged}")
+
+
+def require_metric(name: str, *, with_masks: bool, ema: bool, classes: Sequence[str]) -> None:
+    """metric_problem as a ConfigError, once the dataset's classes are known."""
+    if problem := metric_problem(name, with_masks=with_masks, ema=ema, classes=classes):
+        raise ConfigError(problem)
 
 
 def summary_metrics(metrics: dict[str, float]) -> dict[str, float]:

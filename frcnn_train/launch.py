@@ -22,7 +22,7 @@ from frcnn_train.checkpointer import Checkpointer
 from frcnn_train.config import check_values
 from frcnn_train.data import DataBundle, DataWarning, build_datasets
 from frcnn_train.ema import ModelEma
-from frcnn_train.evaluation import format_table
+from frcnn_train.evaluation import format_table, require_metric
 from frcnn_train.logs import RunLogger, log, setup_console
 from frcnn_train.models import architecture_spec, build_model, prepare_for_training
 from frcnn_train.models.backbones import resolve_norm
@@ -111,6 +111,8 @@ def build_data(cfg: DictConfig, resume: Resume) -> DataBundle:
         data = build_datasets(cfg.data, with_masks=cfg.model.arch == "mask_rcnn")
     resume.notes += [(logging.WARNING, str(w.message)) for w in caught if issubclass(w.category, DataWarning)]
     resume.check_classes(data.classes)
+    require_metric(cfg.trainer.best_metric, with_masks=cfg.model.arch == "mask_rcnn", classes=data.classes,
+                   ema=cfg.trainer.ema.decay is not None)  # AP-<class> names are known now
     return data
 
 

@@ -59,6 +59,21 @@ def load_image(path: Path) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).float().div_(255.0)
 
 
+def _output_dir(out_dir: str | Path, files: list[Path]) -> Path:
+    """--out, refused before any work when it cannot hold the drawn images: a file (or a path through
+    one), or the folder of an input image, whose drawn copy would replace it under the same name."""
+    out = Path(out_dir).expanduser()
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        what = "is a file" if existing == out else f"passes through the file {existing}"
+        raise DataError(f"--out {out} {what}; give a directory for the drawn images and predictions.json "
+                        "(it is made if missing)")
+    if out.is_dir() and any(f.parent.resolve() == out.resolve() for f in files):
+        raise DataError(f"--out {out} holds input images, which the drawn images (same names) would replace; "
+                        "give another directory")
+    return out
+
+
 def _batches(items: list[Path], size: int) -> Iterator[tuple[int, list[Path]]]:
     for start in range(0, len(items), size):
         yield start, items[start:start + size]
@@ -86,14 +101,18 @@ def predict(ckpt_path: str | Path, inputs: list[str], out_dir: str | Path, *, sc
     if batch_size < 1:
         raise DataError(f"--batch-size {batch_size} must be at least 1")
     files = collect_images(inputs)
+    out = _output_dir(out_dir, files)
+    ckpt_path = checkpoint.checkpoint_in(ckpt_path)
     ckpt = checkpoint.load_checkpoint(ckpt_path)
     cfg = with_schema(ckpt["config"])
     classes = list(ckpt["classes"])
     dev = resolve_device(device)
     model = load_model(ckpt, cfg, str(ckpt_path), raw=raw).to(dev)
     with_masks = cfg.model.arch == "mask_rcnn"
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DataError(f"--out {out} cannot be created ({err.strerror}); give a directory you can write") from None
     names = _output_names(files)
     # Labels are 1-based indices into the checkpoint's classes; category ids are those labels.
     label_ids = {i: i for i in range(1, len(classes) + 1)}
@@ -123,7 +142,7 @@ def predict(ckpt_path: str | Path, inputs: list[str], out_dir: str | Path, *, sc
 @cli
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=prog_name("frcnn_train.predict"), description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", help="checkpoint file")
+    parser.add_argument("checkpoint", help="checkpoint file (or run directory: best.pth, else last.pth)")
     parser.add_argument("inputs", nargs="+", help="image files or directories (jpg, jpeg, png, bmp)")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--score-threshold", type=float, default=0.5,

@@ -81,6 +81,13 @@ def seed_for(seed: int, *words: int) -> int:
     return int(seed_sequence(seed, *words).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
 
 
+def global_seed(seed: int) -> int:
+    """The seed for python's, numpy's and torch's global generators: `seed` itself in [0, 2**32), numpy's
+    range (so the usual seeds keep their runs); any other integer (negative, or larger) is a fixed seed
+    too, hashed into that range, so -1 and 1 (which python's random.seed takes alike) differ."""
+    return seed if 0 <= seed < 2**32 else int(seed_sequence(seed).generate_state(1)[0])
+
+
 def seed_everything(seed: int, deterministic: Any, device: torch.device) -> bool:
     """Seed python, numpy and torch, and set the determinism switches; returns whether it is on.
 
@@ -88,6 +95,7 @@ def seed_everything(seed: int, deterministic: Any, device: torch.device) -> bool
     CPU). Off: cudnn.benchmark and TF32 matmul/conv, the fast CUDA settings.
     """
     on = deterministic_mode(deterministic, device)
+    seed = global_seed(seed)
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import sys
 from pathlib import Path
 
 STARTUP_INTERRUPTED = "interrupted during start-up: nothing was trained"
 CTRL_C_EXIT = 130  # runtime.interrupt_exit_code(), known before torch is imported
+USER_ERROR_EXIT = 2  # runtime.EXIT_USER_ERROR, for Hydra's errors, which come before torch is imported
 
 # Python's own Ctrl-C handler, which also remembers that it fired: C code can swallow the
 # KeyboardInterrupt it raises and raise something else instead (NumPy's __array__ fallback turns
@@ -47,6 +49,9 @@ register_schema()
 
 # Exit codes of the jobs this process ran (a multirun runs several); the worst one is the process's.
 _codes: list[int] = []
+# What each job returned to the sweeper (None: failed or never evaluated), and where the sweep keeps its record.
+_returned: list[float | None] = []
+_sweep: dict[str, str] = {}
 
 
 class Interrupted(BaseException):
@@ -69,20 +74,25 @@ def _during_training(err: BaseException) -> bool:
     return False
 
 
-def _record_job(status: str, run_dir: str | None, best: float) -> None:
-    """One line per job in the sweep directory: which run directory holds which result."""
+def _record_job(status: str, run_dir: str | None, best: float | None) -> None:
+    """One line per job in the sweep directory: which run directory holds which result.
+
+    A job without a metric (failed, or never evaluated) writes `"best_metric": null`: JSON has no nan.
+    """
     hydra_cfg = HydraConfig.get()
     record = {"job": hydra_cfg.job.num, "overrides": list(hydra_cfg.overrides.task), "status": status,
-              "run_dir": run_dir, "best_metric": None if math.isnan(best) else best}
+              "run_dir": run_dir, "best_metric": best}
     sweep_dir = Path(hydra_cfg.sweep.dir)
+    _sweep["dir"] = str(sweep_dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     with open(sweep_dir / "jobs.jsonl", "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(json.dumps(record, allow_nan=False) + "\n")  # strict JSON: never a bare NaN
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def main(cfg: DictConfig) -> float:
-    """Train one job; returns its best validation metric (trainer.best_metric; nan: never evaluated)."""
+def _job(cfg: DictConfig) -> float | None:
+    """Train one job; returns its best validation metric (trainer.best_metric), or None when the job
+    failed or never evaluated it: Optuna's sweeper records a trial whose value is not a number as
+    failed and goes on (nan would end the whole study with a traceback)."""
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     job = f"job {hydra_cfg.job.num} ({' '.join(hydra_cfg.overrides.task)}): " if multirun else ""
@@ -91,15 +101,18 @@ def main(cfg: DictConfig) -> float:
         from frcnn_train.launch import run
         from frcnn_train.runtime import EXIT_OK, exit_code_for
 
-        summary = run(cfg, overrides=list(hydra_cfg.overrides.task), interrupted=lambda: _ctrl_c_seen)
+        overrides = _resolved(cfg, hydra_cfg.overrides.task)
+        _sweep["metric"] = cfg.trainer.best_metric
+        summary = run(cfg, overrides=overrides, interrupted=lambda: _ctrl_c_seen)
     except UserError as err:
         from frcnn_train.runtime import EXIT_USER_ERROR
 
         print(f"error: {job}{err}", file=sys.stderr)
         _codes.append(EXIT_USER_ERROR)
+        _returned.append(None)
         if multirun:
-            _record_job("user error", None, math.nan)
-        return math.nan  # a failed trial for sweepers; the next job still runs
+            _record_job("user error", None, None)
+        return None  # a failed trial for sweepers; the next job still runs
     except KeyboardInterrupt as err:
         from frcnn_train.runtime import interrupt_exit_code
 
@@ -115,20 +128,75 @@ def main(cfg: DictConfig) -> float:
         print(f"{job}{STARTUP_INTERRUPTED}", file=sys.stderr)  # a Ctrl-C that C code turned into another error
         raise Interrupted(CTRL_C_EXIT) from None
     best = summary.get("best_metric")
-    best = math.nan if best is None else float(best)
+    best = float(best) if best is not None and math.isfinite(best) else None
     code = exit_code_for(summary)
     _codes.append(code)
+    _returned.append(best)
     if multirun:
         _record_job("finished" if code == EXIT_OK else f"stopped ({summary['stop_reason']})", summary["run_dir"], best)
         if code != EXIT_OK:  # a stop signal ends the sweep, not just this job
             print(f"sweep stopped at job {hydra_cfg.job.num}: {summary['stop_reason']}", file=sys.stderr)
             raise Interrupted(code)
+        if best is None:
+            print(f"{job}no {_sweep['metric']}: the run never evaluated it (a failed trial for a sweeper)",
+                  file=sys.stderr)
     return best
+
+
+def _resolved(cfg: DictConfig, task: object) -> list[str]:
+    """The job's overrides, once every ${...} in them and in `cfg` resolves: a bad interpolation is
+    the user's error, one sentence before any work."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from frcnn_train.composition import composition_error
+
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+        return [str(override) for override in task]
+    except OmegaConfBaseException as err:
+        raise composition_error(err) from None
+
+
+main = hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")(_job)
+
+
+def _raised_in_job(err: BaseException) -> bool:
+    tb = err.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code is _job.__code__:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _user_error_exit(err: Exception) -> int | None:
+    """The exit code after printing one line, for an error Hydra raised that is the user's; None: not one."""
+    from frcnn_train.composition import composition_error
+
+    if _raised_in_job(err):  # the job's own errors: UserErrors are handled there, anything else is a bug
+        return None
+    if (user := composition_error(err)) is not None:
+        print(f"error: {user}", file=sys.stderr)
+        return USER_ERROR_EXIT
+    if _returned and all(best is None for best in _returned):  # a sweeper with nothing to choose from
+        print(f"error: no job of the sweep returned {_sweep.get('metric', 'trainer.best_metric')} (each failed "
+              f"or never evaluated; see {Path(_sweep.get('dir', 'the sweep directory')) / 'jobs.jsonl'}), so the "
+              f"sweeper has no result ({type(err).__name__}: {str(err).strip()}); fix the failing jobs or let "
+              "them evaluate (trainer.eval_every, trainer.max_steps)", file=sys.stderr)
+        return max(USER_ERROR_EXIT, *_codes)
+    return None
 
 
 def cli() -> None:
     """The `frcnn-train` command: Hydra's main, then the exit code of the worst job."""
     _codes.clear()
+    _returned.clear()
+    _sweep.clear()
+    # Hydra prints its own errors in several lines and exits 1 unless HYDRA_FULL_ERROR=1, which lets
+    # them reach us; a user who set it gets Hydra's full traceback as asked.
+    users_choice = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         main()
     except Interrupted as stop:
@@ -136,6 +204,15 @@ def cli() -> None:
     except KeyboardInterrupt:  # while Hydra composed the config, before any job started
         print(STARTUP_INTERRUPTED, file=sys.stderr)
         sys.exit(CTRL_C_EXIT)
+    except Exception as err:
+        if users_choice == "1" or (code := _user_error_exit(err)) is None:
+            raise
+        sys.exit(code)
+    finally:
+        if users_choice is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = users_choice
     sys.exit(max(_codes, default=0))
 
 

@@ -45,8 +45,9 @@ def test_multirun_gives_each_job_a_run_directory_and_survives_a_failing_job(shap
     assert errors[0].startswith("error: job 0 (") and errors[1].startswith("error: job 1 (")
 
     (sweep,) = (tmp_path / "outputs" / "sweeps").iterdir()
-    jobs = [json.loads(line) for line in (sweep / "jobs.jsonl").read_text().splitlines()]
+    jobs = _jobs(sweep)
     assert [j["status"] for j in jobs] == ["user error", "user error", "finished", "finished"]
+    assert [j["best_metric"] for j in jobs[:2]] == [None, None], "no metric is null (README), not NaN"
     run_dirs = [tmp_path / j["run_dir"] for j in jobs[2:]]
     # The sweep's jobs started within one second of each other: the job number keeps them apart.
     assert run_dirs[0] != run_dirs[1] and all((d / "last.pth").is_file() for d in run_dirs)
@@ -70,6 +71,48 @@ def test_optuna_sweep_over_the_learning_rate(shapes_cache: Path, tmp_path: Path)
     results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert 0.001 <= results["best_params"]["optim.lr"] <= 0.02 and isinstance(results["best_value"], float)
     assert len((sweep / "jobs.jsonl").read_text().splitlines()) == 2
+
+
+def _jobs(sweep: Path) -> list[dict]:
+    """jobs.jsonl as strict JSON: a bare NaN (which Python's json writes and reads by default) fails."""
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"{constant} in jobs.jsonl is not JSON")
+    return [json.loads(line, parse_constant=refuse) for line in (sweep / "jobs.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _has_optuna_sweeper(),
+                    reason="hydra-optuna-sweeper not installed (pip install frcnn_train[sweep])")
+def test_optuna_sweep_goes_on_past_failed_and_unevaluated_trials(shapes_cache: Path, tmp_path: Path) -> None:
+    """A refused LR (a user error) and a run stopped before its evaluation reach Optuna as failed trials;
+    the study goes on, writes its result from the trial that evaluated, and the sweep exits 2 (a job failed)."""
+    args = [a for a in tiny(shapes_cache) if not a.startswith(("run_name=", "optim.lr="))]
+    proc = train(tmp_path, "-m", *args, "hydra/sweeper=optuna", "hydra/sweeper/sampler=grid",
+                 "hydra.sweeper.direction=maximize", "optim.lr=choice(0.01,-1)", "trainer.max_steps=choice(1,4)")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in out, out[-3000:]
+    (sweep,) = (tmp_path / "outputs" / "sweeps").iterdir()
+    results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert results["best_params"] == {"optim.lr": 0.01, "trainer.max_steps": 4}, results
+    jobs = sorted(_jobs(sweep), key=lambda j: j["overrides"][:2])
+    assert [(j["status"], j["best_metric"] is None) for j in jobs] == [
+        ("user error", True), ("user error", True), ("finished", True), ("finished", False)], jobs
+    assert "no bbox/AP: the run never evaluated it (a failed trial for a sweeper)" in proc.stderr
+
+
+@pytest.mark.skipif(not _has_optuna_sweeper(),
+                    reason="hydra-optuna-sweeper not installed (pip install frcnn_train[sweep])")
+def test_optuna_sweep_whose_every_trial_failed_ends_in_one_line(shapes_cache: Path, tmp_path: Path) -> None:
+    """Optuna has no best trial to report: one line says why, exit 2; each job said its own error first."""
+    args = [a for a in tiny(shapes_cache) if not a.startswith(("run_name=", "optim.lr="))]
+    proc = train(tmp_path, "-m", *args, "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2",
+                 "optim.lr=interval(-2,-1)")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 3 and all("optim.lr=-1." in e for e in errors[:2]), proc.stderr
+    assert errors[2].startswith("error: no job of the sweep returned bbox/AP (each failed or never evaluated; see ")
+    (sweep,) = (tmp_path / "outputs" / "sweeps").iterdir()
+    assert not (sweep / "optimization_results.yaml").exists() and len(_jobs(sweep)) == 2
 
 
 def _started(proc: subprocess.Popen, marker: str) -> list[str]:
