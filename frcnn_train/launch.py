@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from frcnn_train import checkpoint, distributed, rundir
 from frcnn_train.checkpointer import Checkpointer
 from frcnn_train.config import ResumeConflict, check_values, merge_for_resume
-from frcnn_train.data import DataWarning, build_datasets
+from frcnn_train.data import DataWarning, build_datasets, resolve_num_workers
 from frcnn_train.errors import CheckpointError, ConfigError, UserError
 from frcnn_train.evaluation import format_table
 from frcnn_train.logs import RunLogger, log, setup_console
@@ -206,7 +206,7 @@ def _run_in(target: rundir.Target, cfg: DictConfig, overrides: Sequence[str], ea
         model=wrapped, optimizer=optimizer, scheduler=scheduler, scaler=scaler, data=data,
         settings=TrainerSettings(
             epochs=cfg.trainer.epochs, batch_size=cfg.trainer.batch_size, seed=cfg.seed,
-            num_workers=cfg.data.num_workers, amp_dtype=dtype, grad_clip=cfg.trainer.grad_clip,
+            num_workers=resolve_num_workers(cfg.data.num_workers, device), amp_dtype=dtype, grad_clip=cfg.trainer.grad_clip,
             accumulate=cfg.trainer.accumulate, eval_every=cfg.trainer.eval_every,
             checkpoint_every_steps=cfg.trainer.checkpoint_every_steps,
             max_steps=cfg.trainer.max_steps, log_every=cfg.trainer.log_every, vis_images=cfg.trainer.vis_images,

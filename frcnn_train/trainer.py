@@ -17,7 +17,7 @@ from torch import nn
 
 from frcnn_train import checkpoint, distributed
 from frcnn_train.checkpointer import Checkpointer, gather_rng, restore_rng
-from frcnn_train.data import DataBundle, batches_per_epoch, build_eval_loader, build_train_loader
+from frcnn_train.data import DataBundle, TrainLoader, batches_per_epoch, build_eval_loader
 from frcnn_train.errors import DataError, UserError
 from frcnn_train.evaluation import evaluate, format_table
 from frcnn_train.logs import RunLogger, log
@@ -82,6 +82,10 @@ class Trainer:
         self.run_dir, self.logger, self.with_masks = run_dir, logger, with_masks
         self.checkpointer = checkpointer
         self.steps_per_epoch = steps_per_epoch(len(data.train), settings.batch_size, settings.accumulate)
+        self.train_loader = TrainLoader(  # one for the run: its workers persist across epochs
+            data.train, batch_size=settings.batch_size, num_workers=settings.num_workers, seed=settings.seed,
+            accumulate=settings.accumulate, rank=distributed.rank(), world_size=distributed.world_size(),
+            pin_memory=device.type == "cuda")
         # Counters: epochs completed, optimizer steps done, steps done inside the current epoch.
         self.epoch = 0
         self.global_step = 0
@@ -198,6 +202,7 @@ class Trainer:
             try:  # never leave a write behind, not on an error either (a second signal may still cut it)
                 self.checkpointer.wait(raise_error=False)
             finally:
+                self.train_loader.close()
                 self.logger.flush()
         return self.last_metrics
 
@@ -228,11 +233,7 @@ class Trainer:
     def _train_epoch(self) -> bool:
         """One epoch from step_in_epoch on. False when it stopped early (signal / max_steps)."""
         s = self.s
-        loader = build_train_loader(
-            self.data.train, batch_size=s.batch_size, num_workers=s.num_workers, seed=s.seed,
-            epoch=self.epoch, consumed=self._consumed(), accumulate=s.accumulate,
-            rank=distributed.rank(), world_size=distributed.world_size(), pin_memory=self.device.type == "cuda",
-        )
+        loader = self.train_loader.at(self.epoch, self._consumed())
         self.model.train()
         progress = self._progress_bar(len(loader) // s.accumulate)
         started, images_seen, micro, first_step = time.perf_counter(), 0, [], self.step_in_epoch
