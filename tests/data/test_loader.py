@@ -209,6 +209,11 @@ def test_train_and_eval_loaders_are_made_alike_and_pin_on_request(bundle: DataBu
                and not loader.persistent_workers for loader in made)
 
 
+def test_images_reach_the_batches_as_uint8_and_masks_stay_uint8(bundle: DataBundle) -> None:
+    images, targets = next(iter(build_train_loader(bundle.train, batch_size=BATCH, num_workers=0, seed=0, epoch=0)))
+    assert {image.dtype for image in images} == {torch.uint8} and targets[0]["masks"].dtype == torch.uint8
+
+
 def test_persistent_workers_give_the_batches_of_fresh_loaders(bundle: DataBundle) -> None:
     """One TrainLoader for a run: across epochs and from a mid-epoch position, exactly the batches a new
     loader per epoch gives, from the same worker processes."""
