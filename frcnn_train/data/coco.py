@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
-import math
 import os
 import warnings
 from pathlib import Path
@@ -23,6 +21,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torch import Tensor
 
+from frcnn_train.data.coco_json import check_coco_dict, finite_numbers, fix_hint, key_prefix, load_annotation_file
 from frcnn_train.data.decode import (
     EXIF_APPLIED,
     NOTES,
@@ -36,19 +35,6 @@ from frcnn_train.errors import DataError
 
 _log = logging.getLogger("frcnn_train")
 
-def _finite_numbers(values: Any) -> bool:
-    """False when a list holds a number (or numeric string) that is NaN or infinite; anything else is
-    left to the checks that follow."""
-    if not isinstance(values, list):
-        return True
-    for value in values:
-        try:
-            if not math.isfinite(float(value)):
-                return False
-        except (TypeError, ValueError):
-            pass
-    return True
-
 
 class DataWarning(UserWarning):
     """Boxes were repaired or dropped while loading a dataset."""
@@ -57,51 +43,6 @@ class DataWarning(UserWarning):
 # data.bad_images: what a truncated or undecodable image does. `error` stops (naming the file);
 # `skip` leaves it out of its batch with a warning (batches with it are one image short).
 BAD_IMAGES = ("error", "skip")
-
-
-def _fix(key: str | None, what: str) -> str:
-    return f"point {key} at another {what}" if key else f"use another {what}"
-
-
-def _prefix(key: str | None) -> str:
-    return f"{key}: " if key else ""
-
-
-def load_annotation_file(path: str | Path, *, key: str | None = None) -> dict[str, Any]:
-    """Read and shape-check a COCO instances JSON file."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise DataError(
-            f"{_prefix(key)}annotation file {path} does not exist; check the path or {_fix(key, 'file')}"
-        )
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise DataError(
-            f"{_prefix(key)}{path} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); "
-            f"fix the file or {_fix(key, 'file')}"
-        ) from None
-    except UnicodeDecodeError as e:
-        raise DataError(
-            f"{_prefix(key)}{path} is not UTF-8 text ({e.reason}); fix the file or {_fix(key, 'file')}"
-        ) from None
-    check_coco_dict(data, str(path), key=key)
-    return data
-
-
-def check_coco_dict(data: Any, source: str, *, key: str | None = None) -> None:
-    if not isinstance(data, dict):
-        raise DataError(
-            f"{_prefix(key)}{source} holds a JSON {type(data).__name__}, not a COCO object with "
-            f"'images', 'annotations' and 'categories'; {_fix(key, 'file')}"
-        )
-    missing = [k for k in ("images", "annotations", "categories") if not isinstance(data.get(k), list)]
-    if missing:
-        raise DataError(
-            f"{_prefix(key)}{source} has no {' / '.join(repr(k) for k in missing)} list, so it is not a COCO "
-            f"instances file; {_fix(key, 'file')}"
-        )
 
 
 class CocoDetection(torch.utils.data.Dataset):
@@ -147,8 +88,8 @@ class CocoDetection(torch.utils.data.Dataset):
         self._said = SaidOnce()  # notes (16-bit scaled, EXIF applied) logged once for the dataset and its workers
         if not self.images_dir.is_dir():
             raise DataError(
-                f"{_prefix(images_key)}image directory {self.images_dir} does not exist; "
-                f"check the path or {_fix(images_key, 'directory')}"
+                f"{key_prefix(images_key)}image directory {self.images_dir} does not exist; "
+                f"check the path or {fix_hint(images_key, 'directory')}"
             )
         if isinstance(annotations, dict):
             source = f"the annotations for {self.images_dir}"
@@ -176,16 +117,16 @@ class CocoDetection(torch.utils.data.Dataset):
             if images:
                 raise self._error(
                     "gives an empty training split: no image has a usable annotation",
-                    f"set data.skip_empty=false or {_fix(ann_key, 'file')}",
+                    f"set data.skip_empty=false or {fix_hint(ann_key, 'file')}",
                 )
-            raise self._error("gives an empty split: it lists no images", _fix(ann_key, "file"))
+            raise self._error("gives an empty split: it lists no images", fix_hint(ann_key, "file"))
         self.coco = COCO()
         self.coco.dataset = data
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress chatter
             self.coco.createIndex()
 
     def _error(self, problem: str, fix: str) -> DataError:
-        return DataError(f"{_prefix(self._key)}{self.source} {problem}; {fix}")
+        return DataError(f"{key_prefix(self._key)}{self.source} {problem}; {fix}")
 
     def _categories(self, categories: list[dict], classes: list[str] | None) -> tuple[list[str], dict[int, int]]:
         try:
@@ -234,7 +175,7 @@ class CocoDetection(torch.utils.data.Dataset):
             present = set(os.listdir(self.images_dir))
         except OSError as e:
             raise DataError(
-                f"{_prefix(images_key)}cannot list {self.images_dir} ({e.strerror}); check its permissions"
+                f"{key_prefix(images_key)}cannot list {self.images_dir} ({e.strerror}); check its permissions"
             ) from None
 
         def exists(name: str) -> bool:
@@ -245,9 +186,9 @@ class CocoDetection(torch.utils.data.Dataset):
         missing = [info["file_name"] for info in out.values() if not exists(info["file_name"])]
         if missing:
             raise DataError(
-                f"{_prefix(images_key)}{len(missing)} image file(s) listed in {self.source} are missing from "
+                f"{key_prefix(images_key)}{len(missing)} image file(s) listed in {self.source} are missing from "
                 f"{self.images_dir} (first: {missing[0]}); restore them or "
-                f"{_fix(images_key, 'directory')}"
+                f"{fix_hint(images_key, 'directory')}"
             )
         for image_id, info in list(out.items()):
             if not info["width"] or not info["height"]:
@@ -308,7 +249,7 @@ class CocoDetection(torch.utils.data.Dataset):
                     f"has annotation id {ann.get('id')} with category_id {cat_id}, which is not in 'categories'",
                     "add the category or remove the annotation",
                 )
-            if not _finite_numbers(ann.get("bbox")):
+            if not finite_numbers(ann.get("bbox")):
                 raise self._error(
                     f"has annotation id {ann['id']} whose 'bbox' {ann['bbox']} holds a value that is not a finite "
                     "number", "fix or remove the annotation (a NaN or infinite box makes the loss non-finite)"
