@@ -119,7 +119,9 @@ class DataConfig:
     hflip_prob: float = 0.5
     # [min, max] random rescale factor applied before the model's own resize; None: off.
     scale_jitter: Optional[List[float]] = None
-    num_workers: int = 2
+    # Loader worker processes: a number, or auto (on CUDA min(8, usable CPUs // processes on the node), on the
+    # CPU 0); frcnn_train.data.resolve_num_workers says why.
+    num_workers: Any = "auto"
     # shapes: generated once into cache_dir and reused; None: $FRCNN_DATA_CACHE or ~/.cache/frcnn_train.
     cache_dir: Optional[str] = None
     shapes: ShapesConfig = field(default_factory=ShapesConfig)
@@ -362,7 +364,8 @@ VALUE_RULES: dict[str, tuple[Any, str]] = {
     "model.backbone.trainable_layers": (_or_null(_non_negative), "a whole number >= 0, or null for all"),
     "model.attention.reduction": (_positive, "a whole number >= 1"),
     "model.attention.heads": (_positive, "a whole number >= 1"),
-    "data.num_workers": (_non_negative, "a whole number >= 0 (0: load in the main process)"),
+    "data.num_workers": (lambda v: v == "auto" or (_non_negative(v) and isinstance(v, int) and not isinstance(v, bool)),
+                         "a whole number >= 0 (0: load in the main process), or auto"),
     "data.hflip_prob": (_fraction, "a probability in [0, 1]"),
     "data.bad_images": (lambda v: v in ("error", "skip"), "error or skip"),
     "data.shapes.num_train": (_positive, "a whole number >= 1"),

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from frcnn_train import checkpoint
 from frcnn_train.composition import composition_error
 from frcnn_train.config import check_values, compose_config, with_schema
-from frcnn_train.data import build_datasets, build_eval_loader
+from frcnn_train.data import build_datasets, build_eval_loader, resolve_num_workers
 from frcnn_train.errors import CheckpointError, ConfigError
 from frcnn_train.evaluation import evaluate, format_table
 from frcnn_train.models import build_model, diff_layouts, tensor_layout
@@ -115,7 +115,8 @@ def run_evaluation(ckpt_path: str | Path, overrides: Sequence[str] = (),
             "would be scored as the wrong categories; evaluate on a dataset with the same classes"
         )
     model = load_model(ckpt, cfg, str(path), raw=raw).to(device)
-    loader = build_eval_loader(data.val, batch_size=cfg.trainer.batch_size, num_workers=cfg.data.num_workers)
+    loader = build_eval_loader(data.val, batch_size=cfg.trainer.batch_size,
+                               num_workers=resolve_num_workers(cfg.data.num_workers, device))
     dtype = amp_dtype(cfg.trainer.amp, cfg.trainer.amp_dtype, device)
     metrics, results = evaluate(model, loader, coco_gt=data.val.coco, label_to_cat_id=data.val.label_to_cat_id,
                                 device=device, with_masks=with_masks, autocast_dtype=dtype)

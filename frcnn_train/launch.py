@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from frcnn_train import checkpoint, distributed, rundir
 from frcnn_train.checkpointer import Checkpointer
 from frcnn_train.config import check_values
-from frcnn_train.data import DataBundle, DataWarning, build_datasets
+from frcnn_train.data import DataBundle, DataWarning, build_datasets, resolve_num_workers
 from frcnn_train.ema import ModelEma
 from frcnn_train.evaluation import format_table, require_metric
 from frcnn_train.logs import RunLogger, log, setup_console
@@ -193,12 +193,13 @@ def build_trainer(cfg: DictConfig, parts: Parts, data: DataBundle, device: torch
     )
     with_masks = cfg.model.arch == "mask_rcnn"
     per_epoch = steps_per_epoch(len(data.train), settings.batch_size, settings.accumulate)
+    workers = resolve_num_workers(cfg.data.num_workers, device)
     trainer = Trainer(
         model=parts.wrapped, optimizer=parts.optimizer, scheduler=parts.scheduler, scaler=parts.scaler,
-        ema=parts.ema, data=data, settings=settings, seed=cfg.seed, num_workers=cfg.data.num_workers,
+        ema=parts.ema, data=data, settings=settings, seed=cfg.seed, num_workers=workers,
         amp_dtype=parts.dtype, device=device, registry=registry, checkpointer=checkpointer,
         validator=Validator(data=data, device=device, with_masks=with_masks, batch_size=settings.batch_size,
-                            num_workers=cfg.data.num_workers, amp_dtype=parts.dtype, logger=logger,
+                            num_workers=workers, amp_dtype=parts.dtype, logger=logger,
                             vis_images=settings.vis_images, best_metric=settings.best_metric),
         step_log=StepLog(logger, log_every=settings.log_every, epochs=settings.epochs, steps_per_epoch=per_epoch,
                          progress=settings.progress and sys.stderr.isatty()),

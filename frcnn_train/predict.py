@@ -13,12 +13,12 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from frcnn_train import checkpoint
 from frcnn_train.config import with_schema
+from frcnn_train.data.decode import ImageDecodeError, ImageRangeError, read_image
 from frcnn_train.errors import DataError
 from frcnn_train.evaluate import load_model
 from frcnn_train.evaluation import detections_to_coco
@@ -49,14 +49,14 @@ def collect_images(inputs: list[str]) -> list[Path]:
 
 
 def load_image(path: Path) -> torch.Tensor:
-    """RGB float [3, H, W] in [0, 1], as the datasets produce."""
+    """The image as the datasets give it: uint8 RGB [3, H, W] (float32 in [0, 1] for 16-bit files)."""
     try:
-        with Image.open(path) as im:
-            array = np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
-    except (UnidentifiedImageError, OSError) as err:
-        raise DataError(f"{path} could not be decoded as an image ({type(err).__name__}); "
+        return read_image(path).image
+    except (ImageDecodeError, OSError) as err:
+        raise DataError(f"{path} could not be decoded as an image ({err}); "
                         "replace it with a valid jpg/png/bmp or leave it out") from None
-    return torch.from_numpy(array).permute(2, 0, 1).float().div_(255.0)
+    except ImageRangeError as err:
+        raise DataError(f"{path} {err}") from None
 
 
 def _output_dir(out_dir: str | Path, files: list[Path]) -> Path:

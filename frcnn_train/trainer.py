@@ -17,7 +17,7 @@ from frcnn_train import distributed
 from frcnn_train.checkpoint import unwrap_model
 from frcnn_train.checkpointer import Checkpointer
 from frcnn_train.config import TrainerConfig
-from frcnn_train.data import DataBundle, batches_per_epoch, build_train_loader
+from frcnn_train.data import DataBundle, TrainLoader, batches_per_epoch
 from frcnn_train.ema import ModelEma
 from frcnn_train.errors import DataError, UserError
 from frcnn_train.logs import log
@@ -66,11 +66,15 @@ class Trainer:
         self.model = model  # possibly DDP-wrapped; `bare` is what gets saved
         self.bare = unwrap_model(model)
         self.optimizer, self.scheduler, self.scaler, self.ema = optimizer, scheduler, scaler, ema
-        self.data, self.s, self.seed, self.num_workers = data, settings, seed, num_workers
+        self.data, self.s, self.seed = data, settings, seed
         self.amp_dtype, self.device = amp_dtype, device
         self.registry, self.counters = registry, registry.parts["trainer"]  # what a save holds; the counters in it
         self.checkpointer, self.validator, self.step_log = checkpointer, validator, step_log
         self.steps_per_epoch = steps_per_epoch(len(data.train), settings.batch_size, settings.accumulate)
+        self.train_loader = TrainLoader(  # one for the run: its workers persist across epochs
+            data.train, batch_size=settings.batch_size, num_workers=num_workers, seed=seed,
+            accumulate=settings.accumulate, rank=distributed.rank(), world_size=distributed.world_size(),
+            pin_memory=device.type == "cuda")
         self.stop_reason: str | None = None
         self._saved_step = 0  # the step of the newest last.pth (fit starts at the resumed one's)
         self._signals = distributed.StopRequest()
@@ -104,6 +108,7 @@ class Trainer:
                 try:  # never leave a write behind, not on an error either (a second signal may still cut it)
                     self.checkpointer.wait(raise_error=False)
                 finally:
+                    self.train_loader.close()
                     self.step_log.close()
         return self.counters.last_metrics
 
@@ -132,11 +137,7 @@ class Trainer:
     def _train_epoch(self) -> bool:
         """One epoch from step_in_epoch on. False when it stopped early (signal / max_steps)."""
         c, s, world = self.counters, self.s, distributed.world_size()
-        loader = build_train_loader(
-            self.data.train, batch_size=s.batch_size, num_workers=self.num_workers, seed=self.seed,
-            epoch=c.epoch, consumed=c.consumed(), accumulate=s.accumulate, rank=distributed.rank(),
-            world_size=world, pin_memory=self.device.type == "cuda",
-        )
+        loader = self.train_loader.at(c.epoch, c.consumed())
         self.model.train()
         self.step_log.start_epoch(c.epoch, c.step_in_epoch)
         micro: list[tuple[list, list]] = []

@@ -17,8 +17,12 @@ def draw_detections(
     score_threshold: float = 0.5,
     mask_threshold: float = 0.5,
 ) -> torch.Tensor:
-    """uint8 [3,H,W] image with boxes, "name score" labels and (if present) masks drawn."""
-    canvas = (image.detach().cpu().clamp(0, 1) * 255).to(torch.uint8)
+    """uint8 [3,H,W] image with boxes, "name score" labels and (if present) masks drawn.
+
+    `image` is what the datasets give: uint8, or float in [0, 1].
+    """
+    image = image.detach().cpu()
+    canvas = image.clone() if image.dtype == torch.uint8 else (image.clamp(0, 1) * 255).to(torch.uint8)
     keep = output["scores"].detach().cpu() >= score_threshold
     if not keep.any():
         return canvas

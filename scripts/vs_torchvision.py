@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader
 
 from frcnn_train import checkpoint
 from frcnn_train.config import compose_config
-from frcnn_train.data import build_datasets, build_train_loader
+from frcnn_train.data import build_datasets, resolve_num_workers
 from frcnn_train.checkpointer import Checkpointer
 from frcnn_train.runtime import amp_dtype as _amp_dtype
 from frcnn_train.runtime import seed_everything
@@ -118,7 +118,16 @@ def amp_dtype(cfg: DictConfig, device: torch.device) -> torch.dtype | None:
 
 
 def _tuple_collate(batch: list) -> tuple:
-    return tuple(zip(*batch))  # references/detection/utils.collate_fn
+    """references/detection/utils.collate_fn, the images made float in the worker as the references' presets
+    do (ToDtype(torch.float, scale=True)); our datasets give uint8, which torchvision's model refuses."""
+    images, targets = zip(*batch)
+    return tuple(_their_float(image) for image in images), targets
+
+
+def _their_float(image: torch.Tensor) -> torch.Tensor:
+    from torchvision.transforms.v2.functional import to_dtype
+
+    return to_dtype(image, torch.float32, scale=True) if image.dtype == torch.uint8 else image
 
 
 class _ShuffleWithFreshAugmentation(torch.utils.data.Sampler):
@@ -150,7 +159,8 @@ class TheirLoop:
         # `lr_factor` (per step, as LambdaLR takes it) replaces it with a whole schedule.
         self.loader = DataLoader(dataset, batch_size=cfg.trainer.batch_size, drop_last=True,
                                  sampler=_ShuffleWithFreshAugmentation(len(dataset)),
-                                 num_workers=cfg.data.num_workers, collate_fn=_tuple_collate)
+                                 num_workers=resolve_num_workers(cfg.data.num_workers, device),
+                                 collate_fn=_tuple_collate)
         self.warmup = (torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor) if lr_factor else
                        torch.optim.lr_scheduler.LinearLR(self.optimizer, start_factor=1.0 / 1000,
                                                          total_iters=min(1000, len(self.loader) - 1)))
@@ -206,7 +216,7 @@ class OurLoop:
             model=model, optimizer=optimizer, scheduler=scheduler,
             scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16), data=data,
             settings=TrainerSettings(epochs=cfg.trainer.epochs, batch_size=cfg.trainer.batch_size, seed=cfg.seed,
-                                     num_workers=cfg.data.num_workers, amp_dtype=dtype,
+                                     num_workers=resolve_num_workers(cfg.data.num_workers, device), amp_dtype=dtype,
                                      accumulate=cfg.trainer.accumulate, log_every=cfg.trainer.log_every,
                                      progress=False),
             device=device, run_dir=run_dir, logger=logger, with_masks=cfg.model.arch == "mask_rcnn",
@@ -222,8 +232,7 @@ class OurLoop:
             try:
                 micro.append(next(self.batches))
             except StopIteration:  # a new epoch, as Trainer._train_epoch starts it
-                self.batches = iter(build_train_loader(self.data.train, batch_size=s.batch_size,
-                                                       num_workers=s.num_workers, seed=s.seed, epoch=self.epoch))
+                self.batches = iter(t.train_loader.at(self.epoch))
                 self.epoch += 1
         t._after_step(t.train_step(micro), 0.0, 1.0, None)
 
@@ -320,7 +329,9 @@ def accuracy(*, device_name: str, overrides: list[str]) -> None:
         started = time.perf_counter()
         for _ in range(total):
             theirs.step()
-        loader = build_eval_loader(data.val, batch_size=cfg.trainer.batch_size, num_workers=cfg.data.num_workers)
+        loader = build_eval_loader(data.val, batch_size=cfg.trainer.batch_size,
+                                   num_workers=resolve_num_workers(cfg.data.num_workers, device))
+        loader = (([_their_float(image) for image in images], targets) for images, targets in loader)
         metrics, _ = evaluate(theirs.model, loader, coco_gt=data.val.coco, label_to_cat_id=data.val.label_to_cat_id,
                               device=device, with_masks=cfg.model.arch == "mask_rcnn")
         theirs_s = time.perf_counter() - started

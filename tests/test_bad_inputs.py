@@ -106,6 +106,44 @@ def _voc(ctx: Ctx) -> Path:
     return root
 
 
+def _edit_json(path: Path, edit: Callable[[dict], None]) -> None:
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def _convert_train_images(ctx: Ctx, convert: Callable[[Image.Image], tuple[Image.Image, str, dict]]) -> None:
+    """Every training image through `convert(image) -> (new image, suffix, save options)`; the JSON follows."""
+    root, renamed = ctx.coco(), {}
+    for path in sorted((root / "train").iterdir()):
+        with Image.open(path) as im:
+            new, suffix, options = convert(im.convert("RGB"))
+        path.unlink()
+        new.save(path.with_suffix(suffix), **options)
+        renamed[path.name] = path.with_suffix(suffix).name
+
+    def follow(data: dict) -> None:
+        for image in data["images"]:
+            image["file_name"] = renamed[image["file_name"]]
+    _edit_json(root / "instances_train.json", follow)
+
+
+def _exif_rotated_train_images(ctx: Ctx, json_says_displayed: bool) -> None:
+    """Photos stored 48x64 (WxH) with EXIF orientation 6, displayed 64x48, as a phone writes them; the JSON
+    gives the displayed size (as annotation tools do) or the square size of neither."""
+    def turn(im: Image.Image) -> tuple[Image.Image, str, dict]:
+        displayed = np.asarray(im)[:48]  # 64x48 as displayed
+        stored = Image.fromarray(np.ascontiguousarray(np.rot90(displayed, k=1)))  # orientation 6 turns it back
+        exif = stored.getexif()
+        exif[0x0112] = 6
+        return stored, ".jpg", {"exif": exif.tobytes(), "quality": 95}
+
+    _convert_train_images(ctx, turn)
+    if json_says_displayed:
+        _edit_json(ctx.coco() / "instances_train.json",
+                   lambda data: [image.update(width=64, height=48) for image in data["images"]])
+
+
 # ---------------------------------------------------------------- the cases
 # name -> (CLI, prepare(ctx) -> (argv, strings the message must contain)).
 # CLI: train (in process: compose + launch.run, as train.py does), train-process (the real
@@ -417,6 +455,30 @@ def coco_corrupt_val_image(ctx: Ctx):
 
 
 @case("train")
+def coco_nan_in_a_bbox(ctx: Ctx):
+    """Before: training stopped at step 1-2 blaming the learning rate (issue 18, item 8)."""
+    args, ann = ctx.coco_args(), ctx.coco() / "instances_train.json"
+    _edit_json(ann, lambda data: data["annotations"][2].update(bbox=[3.0, float("nan"), 10.0, 12.0]))
+    return args, ["data.train_ann", str(ann), "annotation id 3", "not a finite number"]
+
+
+@case("train")
+def coco_32_bit_float_images_outside_0_1(ctx: Ctx):
+    """No scale to assume (issue 18, item 4): before, convert("RGB") clipped them without a word."""
+    args = ctx.coco_args()
+    _convert_train_images(ctx, lambda im: (Image.fromarray(np.asarray(im.convert("L"), np.float32)), ".tif", {}))
+    return args, [str(ctx.coco() / "train"), "32-bit float values", "outside [0, 1]", "convert the images"]
+
+
+@case("train")
+def coco_exif_photo_whose_size_matches_neither_way(ctx: Ctx):
+    """Before, the message named the JSON's width/height alone (issue 18, item 10)."""
+    args = ctx.coco_args()
+    _exif_rotated_train_images(ctx, json_says_displayed=False)
+    return args, ["is 48x64 pixels (64x48 after its EXIF orientation 6)", "says 64x64", "'width'/'height'"]
+
+
+@case("train")
 def voc_class_not_in_data_classes(ctx: Ctx):
     root = _voc(ctx)
     return (ctx.train_args("data=voc", f"data.root={root}", "data.classes=[dog,cat]"),
@@ -657,6 +719,114 @@ def coco_grayscale_training_image(ctx: Ctx):
     image = sorted((ctx.coco() / "train").iterdir())[0]
     Image.open(image).convert("L").save(image)
     return ctx.coco_args(), []
+
+
+@accepted("train")
+def coco_16_bit_png_training_images(ctx: Ctx):
+    """Microscopy's 16-bit PNGs: scaled, not clipped to white, and said once (issue 18, item 4)."""
+    args = ctx.coco_args()
+    _convert_train_images(ctx, lambda im: (Image.fromarray(np.asarray(im.convert("L"), np.uint16) * 150), ".png", {}))
+    return args, ["16-bit images (first: ", "scaled to [0, 1] by dividing by 65535 (not clipped)"]
+
+
+@accepted("train")
+def coco_polygon_of_two_points_under_mask_rcnn(ctx: Ctx):
+    """pycocotools would read [x1, y1, x2, y2] as a box and train a rectangle mask (issue 18, item 6)."""
+    args = ctx.coco_args("model=mask_rcnn")
+    _edit_json(ctx.coco() / "instances_train.json",
+               lambda data: data["annotations"][1].update(segmentation=[[1.0, 1.0, 10.0, 10.0]]))
+    return args, ["left out 1 annotation(s)' polygons of fewer than 3 points (first: annotation id 2)",
+                  "dropped 1 object(s) left without a polygon"]
+
+
+@accepted("train")
+def coco_exif_rotated_photos_annotated_as_displayed(ctx: Ctx):
+    """Phone photos whose JSON gives the displayed size: turned as annotation tools show them (issue 18, item 10)."""
+    args = ctx.coco_args()
+    _exif_rotated_train_images(ctx, json_says_displayed=True)
+    return args, ["whose EXIF orientation turns them to the width/height the annotations give", "orientation 6"]
+
+
+@accepted("train")
+def coco_rgba_training_images(ctx: Ctx):
+    args = ctx.coco_args()
+    _convert_train_images(ctx, lambda im: (im.convert("RGBA"), ".png", {}))
+    return args, []
+
+
+@accepted("train")
+def coco_palette_training_images(ctx: Ctx):
+    args = ctx.coco_args()
+    _convert_train_images(ctx, lambda im: (im.convert("P", palette=Image.Palette.ADAPTIVE), ".png", {}))
+    return args, []
+
+
+@accepted("train")
+def coco_cmyk_jpeg_training_images(ctx: Ctx):
+    args = ctx.coco_args()
+    _convert_train_images(ctx, lambda im: (im.convert("CMYK"), ".jpg", {"quality": 95}))
+    return args, []
+
+
+@accepted("train")
+def coco_non_contiguous_category_ids(ctx: Ctx):
+    args = ctx.coco_args()
+
+    def spread(data: dict) -> None:  # ids 1..5 become 10, 20, ..., 50 (labels stay contiguous inside)
+        for category in data["categories"]:
+            category["id"] *= 10
+        for annotation in data["annotations"]:
+            annotation["category_id"] *= 10
+    for split in ("train", "val"):
+        _edit_json(ctx.coco() / f"instances_{split}.json", spread)
+    return args, []
+
+
+@accepted("train")
+def coco_boxes_outside_the_image(ctx: Ctx):
+    args, ann = ctx.coco_args(), ctx.coco() / "instances_train.json"
+    _edit_json(ann, lambda data: data["annotations"][0].update(bbox=[-5.0, 50.0, 30.0, 40.0]))
+    return args, [f"{ann}: clipped 1 box(es) that extended outside their image"]
+
+
+@accepted("train")
+def coco_crowd_regions_as_rle_under_mask_rcnn(ctx: Ctx):
+    from pycocotools import mask as mask_utils
+
+    args = ctx.coco_args("model=mask_rcnn")
+
+    def crowd(data: dict) -> None:
+        region = np.zeros((64, 64), dtype=np.uint8, order="F")
+        region[40:60, 2:30] = 1
+        rle = mask_utils.encode(region)
+        data["annotations"].append({"id": 999, "image_id": data["images"][0]["id"], "category_id": 1, "iscrowd": 1,
+                                    "bbox": [2.0, 40.0, 28.0, 20.0], "area": float(region.sum()),
+                                    "segmentation": {"size": [64, 64], "counts": rle["counts"].decode("ascii")}})
+    for split in ("train", "val"):
+        _edit_json(ctx.coco() / f"instances_{split}.json", crowd)
+    return args, []
+
+
+@accepted("train")
+def coco_unicode_and_space_file_names(ctx: Ctx):
+    args, root = ctx.coco_args(), ctx.coco()
+    for split in ("train", "val"):
+        def rename(data: dict, split: str = split) -> None:
+            for image in data["images"]:
+                new = f"Bild {image['id']} – Zürich ü.png"
+                (root / split / image["file_name"]).rename(root / split / new)
+                image["file_name"] = new
+        _edit_json(root / f"instances_{split}.json", rename)
+    return args, []
+
+
+@accepted("train")
+def coco_symlinked_image_folders(ctx: Ctx):
+    args, root = ctx.coco_args(), ctx.coco()
+    for split in ("train", "val"):
+        (root / split).rename(ctx.tmp / f"elsewhere_{split}")
+        (root / split).symlink_to(ctx.tmp / f"elsewhere_{split}", target_is_directory=True)
+    return args, []
 
 
 # ---------------------------------------------------------------- running them

@@ -42,6 +42,7 @@ IMPOSSIBLE = [
     ("trainer.log_every=0", "trainer.log_every=0 must be a whole number >= 1"),
     ("trainer.grad_clip=0", "trainer.grad_clip=0.0 must be a number > 0, or null"),
     ("data.num_workers=-1", "data.num_workers=-1 must be a whole number >= 0"),
+    ("data.num_workers=many", "data.num_workers=many must be a whole number >= 0 (0: load in the main process), or auto"),
     ("optim.betas=[0.9]", "optim.betas=[0.9] must be two numbers in [0, 1)"),
     ("model.anchor_sizes=[]", "model.anchor_sizes=[] must be one or more sizes"),
     ("trainer.amp_dtype=fp8", "trainer.amp_dtype=fp8 must be fp16 or bf16"),
@@ -72,7 +73,7 @@ def test_group_choice_requests_only_what_differs_from_defaults() -> None:
 
 
 def test_mutable_override_is_applied_and_reported() -> None:
-    saved = saved_config("model.box_head_dim=128", "trainer.epochs=2")
+    saved = saved_config("model.box_head_dim=128", "trainer.epochs=2", "data.num_workers=0")
     overrides = ["trainer.epochs=5", "data.num_workers=3", "resume=x.pth"]
     merged, changes = merge_for_resume(saved, compose_config(overrides), overrides, "x.pth")
     assert merged.trainer.epochs == 5 and merged.data.num_workers == 3
@@ -104,3 +105,15 @@ def test_changed_architecture_is_refused_with_both_values() -> None:
     assert "optim.lr (checkpoint 0.01, requested 0.1)" in message
     assert "trainer.epochs (" not in message, "mutable keys are not conflicts"
     assert "init_from=runs/x/last.pth" in message
+
+
+def test_num_workers_auto_is_the_default_and_a_saved_number_resumes() -> None:
+    """data.num_workers became `auto`; checkpoints from before hold numbers, which a resume keeps or changes."""
+    assert compose_config([]).data.num_workers == "auto"
+    check_values(compose_config(["data.num_workers=auto"]))
+    saved = saved_config("data.num_workers=4")
+    merged, changes = merge_for_resume(saved, compose_config(["resume=x.pth"]), ["resume=x.pth"], "x.pth")
+    assert merged.data.num_workers == 4 and changes == []
+    overrides = ["resume=x.pth", "data.num_workers=auto"]
+    merged, changes = merge_for_resume(saved, compose_config(overrides), overrides, "x.pth")
+    assert merged.data.num_workers == "auto" and changes == ["data.num_workers: 4 -> 'auto'"]

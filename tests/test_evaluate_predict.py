@@ -103,3 +103,27 @@ def test_predict_input_errors_are_one_sentence(trained: Path, tmp_path: Path, ca
     (tmp_path / "broken.png").write_bytes(b"not a png")
     assert predict_main([ckpt, str(tmp_path / "broken.png"), "--out", str(tmp_path / "o")]) == 2
     assert "broken.png could not be decoded" in capsys.readouterr().err
+
+
+def test_drawing_takes_uint8_as_the_float_images_it_replaces() -> None:
+    """TensorBoard samples and predict draw the datasets' uint8 images as they drew their float ones."""
+    import torch
+
+    from frcnn_train.visualize import draw_detections
+
+    image = torch.randint(0, 256, (3, 40, 50), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    output = {"boxes": torch.tensor([[2.0, 3.0, 30.0, 20.0]]), "scores": torch.tensor([0.9]),
+              "labels": torch.tensor([1]), "masks": torch.rand(1, 1, 40, 50, generator=torch.Generator().manual_seed(1))}
+    drawn = draw_detections(image, output, ["thing"])
+    assert torch.equal(drawn, draw_detections(image.float().div_(255.0), output, ["thing"]))
+    assert torch.equal(draw_detections(image, {k: v[:0] for k, v in output.items()}, ["thing"]), image)
+
+
+def test_predict_reads_a_16_bit_image(trained: Path, tmp_path: Path, capsys) -> None:
+    import numpy as np
+
+    image = tmp_path / "deep.png"
+    Image.fromarray(np.linspace(9252, 37265, 64 * 64).reshape(64, 64).astype(np.uint16)).save(image)
+    assert predict_main([str(trained / "last.pth"), str(image), "--out", str(tmp_path / "o"), "--device", "cpu"]) == 0
+    drawn = np.asarray(Image.open(tmp_path / "o" / "deep.png"))
+    assert 30 < drawn.min() and drawn.max() < 150, "the 16-bit values were clipped, not scaled"

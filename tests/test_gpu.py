@@ -127,10 +127,25 @@ def test_cpu_checkpoint_resumes_on_cuda(compose_tiny) -> None:
     assert summary["completed"] and summary["global_step"] == 8
 
 
-def test_trainer_loaders_pin_batches_on_cuda(compose_tiny) -> None:
-    from frcnn_train.data import build_train_loader
+def test_trainer_loaders_pin_uint8_batches_on_cuda(compose_tiny) -> None:
+    """uint8 images (a quarter of float32's bytes) and uint8 masks, pinned, from the run's persistent workers."""
+    from frcnn_train.data import TrainLoader
 
-    data = build_datasets(compose_tiny().data, with_masks=False)
-    images, targets = next(iter(build_train_loader(data.train, batch_size=2, num_workers=0, seed=0, epoch=0,
-                                                   pin_memory=True)))
-    assert all(image.is_pinned() for image in images) and targets[0]["boxes"].is_pinned()
+    data = build_datasets(compose_tiny().data, with_masks=True)
+    loader = TrainLoader(data.train, batch_size=2, num_workers=2, seed=0, pin_memory=True)
+    try:
+        for epoch in (0, 1):
+            images, targets = next(iter(loader.at(epoch)))
+            assert all(image.dtype == torch.uint8 and image.is_pinned() for image in images)
+            assert targets[0]["boxes"].is_pinned() and targets[0]["masks"].dtype == torch.uint8
+            assert targets[0]["masks"].is_pinned()
+    finally:
+        loader.close()
+
+
+def test_uint8_becomes_on_cuda_the_float_the_cpu_conversion_gave() -> None:
+    """The conversion moved from the loader (CPU) to the model's transform (CUDA): every value stays bitwise."""
+    from frcnn_train.models.heads import to_unit_float
+
+    every = torch.arange(256, dtype=torch.uint8)
+    assert torch.equal(to_unit_float(every.cuda()).cpu(), every.float().div_(255.0))

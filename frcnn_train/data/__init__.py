@@ -3,11 +3,13 @@ from frcnn_train.data.coco import CocoDetection, DataWarning
 from frcnn_train.data.loader import (
     DataBundle,
     ResumableSampler,
+    TrainLoader,
     batches_per_epoch,
     build_datasets,
     build_eval_loader,
     build_train_loader,
     collate,
+    resolve_num_workers,
 )
 from frcnn_train.data.shapes import SHAPE_CLASSES, ensure_shapes_dataset
 from frcnn_train.data.voc import VOC_CLASSES, load_voc
@@ -18,6 +20,7 @@ __all__ = [
     "DataWarning",
     "ResumableSampler",
     "SHAPE_CLASSES",
+    "TrainLoader",
     "VOC_CLASSES",
     "batches_per_epoch",
     "build_datasets",
@@ -26,4 +29,5 @@ __all__ = [
     "collate",
     "ensure_shapes_dataset",
     "load_voc",
+    "resolve_num_workers",
 ]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import os
 import warnings
@@ -22,9 +21,20 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torch import Tensor
 
+from frcnn_train.data.coco_json import check_coco_dict, finite_numbers, fix_hint, key_prefix, load_annotation_file
+from frcnn_train.data.decode import (
+    EXIF_APPLIED,
+    NOTES,
+    ImageDecodeError,
+    ImageRangeError,
+    SaidOnce,
+    orient_to,
+    read_image,
+)
 from frcnn_train.errors import DataError
 
 _log = logging.getLogger("frcnn_train")
+
 
 class DataWarning(UserWarning):
     """Boxes were repaired or dropped while loading a dataset."""
@@ -35,53 +45,9 @@ class DataWarning(UserWarning):
 BAD_IMAGES = ("error", "skip")
 
 
-def _fix(key: str | None, what: str) -> str:
-    return f"point {key} at another {what}" if key else f"use another {what}"
-
-
-def _prefix(key: str | None) -> str:
-    return f"{key}: " if key else ""
-
-
-def load_annotation_file(path: str | Path, *, key: str | None = None) -> dict[str, Any]:
-    """Read and shape-check a COCO instances JSON file."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise DataError(
-            f"{_prefix(key)}annotation file {path} does not exist; check the path or {_fix(key, 'file')}"
-        )
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise DataError(
-            f"{_prefix(key)}{path} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); "
-            f"fix the file or {_fix(key, 'file')}"
-        ) from None
-    except UnicodeDecodeError as e:
-        raise DataError(
-            f"{_prefix(key)}{path} is not UTF-8 text ({e.reason}); fix the file or {_fix(key, 'file')}"
-        ) from None
-    check_coco_dict(data, str(path), key=key)
-    return data
-
-
-def check_coco_dict(data: Any, source: str, *, key: str | None = None) -> None:
-    if not isinstance(data, dict):
-        raise DataError(
-            f"{_prefix(key)}{source} holds a JSON {type(data).__name__}, not a COCO object with "
-            f"'images', 'annotations' and 'categories'; {_fix(key, 'file')}"
-        )
-    missing = [k for k in ("images", "annotations", "categories") if not isinstance(data.get(k), list)]
-    if missing:
-        raise DataError(
-            f"{_prefix(key)}{source} has no {' / '.join(repr(k) for k in missing)} list, so it is not a COCO "
-            f"instances file; {_fix(key, 'file')}"
-        )
-
-
 class CocoDetection(torch.utils.data.Dataset):
-    """A COCO instances split as (image [3,H,W] float in [0,1], target dict) pairs.
+    """A COCO instances split as (image, target dict) pairs; the image is uint8 [3,H,W] RGB (float32 in [0,1]
+    for images of more than 8 bits), made float on the device by the model's own transform.
 
     `__getitem__` takes an index or an `(index, sample_seed)` pair; the seed
     drives every random transform, so augmentation is a pure function of the
@@ -119,10 +85,11 @@ class CocoDetection(torch.utils.data.Dataset):
         self.bad_images = bad_images
         self._images_key = images_key
         self._unreadable: set[int] = set()  # images data.bad_images=skip left out at construction
+        self._said = SaidOnce()  # notes (16-bit scaled, EXIF applied) logged once for the dataset and its workers
         if not self.images_dir.is_dir():
             raise DataError(
-                f"{_prefix(images_key)}image directory {self.images_dir} does not exist; "
-                f"check the path or {_fix(images_key, 'directory')}"
+                f"{key_prefix(images_key)}image directory {self.images_dir} does not exist; "
+                f"check the path or {fix_hint(images_key, 'directory')}"
             )
         if isinstance(annotations, dict):
             source = f"the annotations for {self.images_dir}"
@@ -150,16 +117,16 @@ class CocoDetection(torch.utils.data.Dataset):
             if images:
                 raise self._error(
                     "gives an empty training split: no image has a usable annotation",
-                    f"set data.skip_empty=false or {_fix(ann_key, 'file')}",
+                    f"set data.skip_empty=false or {fix_hint(ann_key, 'file')}",
                 )
-            raise self._error("gives an empty split: it lists no images", _fix(ann_key, "file"))
+            raise self._error("gives an empty split: it lists no images", fix_hint(ann_key, "file"))
         self.coco = COCO()
         self.coco.dataset = data
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress chatter
             self.coco.createIndex()
 
     def _error(self, problem: str, fix: str) -> DataError:
-        return DataError(f"{_prefix(self._key)}{self.source} {problem}; {fix}")
+        return DataError(f"{key_prefix(self._key)}{self.source} {problem}; {fix}")
 
     def _categories(self, categories: list[dict], classes: list[str] | None) -> tuple[list[str], dict[int, int]]:
         try:
@@ -208,7 +175,7 @@ class CocoDetection(torch.utils.data.Dataset):
             present = set(os.listdir(self.images_dir))
         except OSError as e:
             raise DataError(
-                f"{_prefix(images_key)}cannot list {self.images_dir} ({e.strerror}); check its permissions"
+                f"{key_prefix(images_key)}cannot list {self.images_dir} ({e.strerror}); check its permissions"
             ) from None
 
         def exists(name: str) -> bool:
@@ -219,9 +186,9 @@ class CocoDetection(torch.utils.data.Dataset):
         missing = [info["file_name"] for info in out.values() if not exists(info["file_name"])]
         if missing:
             raise DataError(
-                f"{_prefix(images_key)}{len(missing)} image file(s) listed in {self.source} are missing from "
+                f"{key_prefix(images_key)}{len(missing)} image file(s) listed in {self.source} are missing from "
                 f"{self.images_dir} (first: {missing[0]}); restore them or "
-                f"{_fix(images_key, 'directory')}"
+                f"{fix_hint(images_key, 'directory')}"
             )
         for image_id, info in list(out.items()):
             if not info["width"] or not info["height"]:
@@ -258,6 +225,8 @@ class CocoDetection(torch.utils.data.Dataset):
     ) -> tuple[dict[int, dict[str, Any]], list[int]]:
         per_image: dict[int, list[tuple]] = {i: [] for i in images}
         clipped = dropped = 0
+        degenerate: list[Any] = []  # ids of annotations with polygons of fewer than 3 points
+        no_polygon = 0  # objects dropped because no polygon of 3 or more points was left
         seen_ids: set[Any] = set()
         for ann in annotations:
             if not isinstance(ann, dict) or "id" not in ann:
@@ -279,6 +248,11 @@ class CocoDetection(torch.utils.data.Dataset):
                 raise self._error(
                     f"has annotation id {ann.get('id')} with category_id {cat_id}, which is not in 'categories'",
                     "add the category or remove the annotation",
+                )
+            if not finite_numbers(ann.get("bbox")):
+                raise self._error(
+                    f"has annotation id {ann['id']} whose 'bbox' {ann['bbox']} holds a value that is not a finite "
+                    "number", "fix or remove the annotation (a NaN or infinite box makes the loss non-finite)"
                 )
             # COCOeval reads these from the ground truth; fill them in as COCO would.
             crowd = int(ann.setdefault("iscrowd", 0))
@@ -302,13 +276,28 @@ class CocoDetection(torch.utils.data.Dataset):
                 clipped += 1
             segmentation = None
             if self.with_masks:
-                segmentation = self._check_segmentation(ann, width, height)
+                segmentation, short = self._check_segmentation(ann, width, height)
+                if short:
+                    degenerate.append(ann["id"])
+                if segmentation == []:
+                    no_polygon += 1
+                    continue
             area = float(ann.get("area") or (x2 - x1) * (y2 - y1))
             per_image[image_id].append(((x1, y1, x2, y2), cat_to_label[cat_id], area, crowd, segmentation))
         if clipped or dropped:
             warnings.warn(
                 f"{self.source}: clipped {clipped} box(es) that extended outside their image and dropped "
                 f"{dropped} box(es) with zero or negative area after clipping",
+                DataWarning,
+                stacklevel=3,
+            )
+        if degenerate or no_polygon:
+            # pycocotools would read a 4-number polygon as a box and train a rectangle; an object without
+            # a polygon would teach the mask head an empty mask. Both are left out, as detectron2 does.
+            first = f" (first: annotation id {degenerate[0]})" if degenerate else ""
+            warnings.warn(
+                f"{self.source}: left out {sum(1 for _ in degenerate)} annotation(s)' polygons of fewer than 3 "
+                f"points{first}, and dropped {no_polygon} object(s) left without a polygon of 3 or more points",
                 DataWarning,
                 stacklevel=3,
             )
@@ -330,13 +319,15 @@ class CocoDetection(torch.utils.data.Dataset):
             }
         return records, list(records)
 
-    def _check_segmentation(self, ann: dict, width: int, height: int) -> Any:
+    def _check_segmentation(self, ann: dict, width: int, height: int) -> tuple[Any, bool]:
+        """The segmentation to decode later, and whether polygons of fewer than 3 points were left out of it."""
         seg = ann.get("segmentation")
         where = f"annotation id {ann.get('id')}"
         if isinstance(seg, list):
             if all(isinstance(p, list) and all(isinstance(v, (int, float)) for v in p) for p in seg):
                 # COCO has a few degenerate polygons (fewer than 3 points); they add nothing to a mask.
-                return [[float(v) for v in p] for p in seg if len(p) >= 6 and len(p) % 2 == 0]
+                kept = [[float(v) for v in p] for p in seg if len(p) >= 6 and len(p) % 2 == 0]
+                return kept, len(kept) < len(seg)
         elif isinstance(seg, dict) and "counts" in seg and "size" in seg:
             if [int(v) for v in seg["size"]] != [height, width]:
                 raise self._error(
@@ -346,9 +337,9 @@ class CocoDetection(torch.utils.data.Dataset):
             if isinstance(seg["counts"], list):
                 # Uncompressed RLE: convert once here rather than in every epoch.
                 rle = mask_utils.frPyObjects(seg, height, width)
-                return {"size": rle["size"], "counts": rle["counts"]}
+                return {"size": rle["size"], "counts": rle["counts"]}, False
             if isinstance(seg["counts"], (str, bytes)):
-                return {"size": [height, width], "counts": seg["counts"]}
+                return {"size": [height, width], "counts": seg["counts"]}, False
         elif seg is None:
             raise self._error(
                 f"has {where} without a 'segmentation'",
@@ -368,19 +359,10 @@ class CocoDetection(torch.utils.data.Dataset):
         image_id = self.image_ids[index]
         rec = self._records[image_id]
         path = self.images_dir / rec["file_name"]
-        try:
-            with Image.open(path) as im:
-                image = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.uint8).copy())
-        except Exception as err:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError ... for bad files
-            self._bad_image(path, err)
+        image = self._read(path, image_id, rec["size"])
+        if image is None:
             return None  # type: ignore[return-value]  # skipped; `collate` drops it from the batch
         height, width = rec["size"]
-        if tuple(image.shape[:2]) != (height, width):
-            raise DataError(
-                f"{path} is {image.shape[1]}x{image.shape[0]} pixels but {self.source} says "
-                f"{width}x{height}; fix the 'width'/'height' of image id {image_id}"
-            )
-        image = image.permute(2, 0, 1).float().div_(255.0)
         target: dict[str, Tensor] = {
             "boxes": torch.from_numpy(rec["boxes"].copy()),
             "labels": torch.from_numpy(rec["labels"].copy()),
@@ -395,14 +377,42 @@ class CocoDetection(torch.utils.data.Dataset):
             image, target = self.transforms(image, target, generator)
         return image, target
 
+    def _read(self, path: Path, image_id: int, size: tuple[int, int]) -> Tensor | None:
+        """The image as the model takes it: uint8 [3, H, W] (float32 in [0, 1] for deeper images), turned by its
+        EXIF orientation where only that matches the annotations' size. None: a bad image data.bad_images=skip
+        leaves out."""
+        try:
+            decoded = read_image(path)
+        except ImageRangeError as err:
+            raise DataError(f"image {path} (listed in {self.source}) {err}") from None
+        except (ImageDecodeError, OSError) as err:
+            self._bad_image(path, err)
+            return None
+        image, orientation = orient_to(decoded.image, path, size)
+        if image is None:
+            height, width = decoded.image.shape[-2:]
+            turned = f" ({height}x{width} after its EXIF orientation {orientation})" if orientation != 1 else ""
+            raise DataError(
+                f"{path} is {width}x{height} pixels{turned} but {self.source} says {size[1]}x{size[0]}; "
+                f"fix the 'width'/'height' of image id {image_id}"
+            )
+        if orientation != 1:
+            self._say(EXIF_APPLIED, path, orientation=orientation)
+        if decoded.note is not None:
+            self._say(decoded.note, path)
+        return image
+
+    def _say(self, note: int, path: Path, **fields: Any) -> None:
+        # Logged, not warnings.warn: it happens in DataLoader workers too; SaidOnce spans them.
+        if self._said.first(note):
+            _log.info("data: %s: %s.", self.source, NOTES[note].format(path=path, **fields))
+
     @staticmethod
     def _masks(segmentations: list[Any], height: int, width: int) -> Tensor:
         rles = []
         for seg in segmentations:
-            if isinstance(seg, list):
-                # An empty polygon list (only degenerate polygons) is an empty mask.
-                seg = mask_utils.merge(mask_utils.frPyObjects(seg, height, width)) if seg else \
-                    mask_utils.encode(np.zeros((height, width), dtype=np.uint8, order="F"))
+            if isinstance(seg, list):  # polygons of 3 or more points (objects without one were dropped)
+                seg = mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
             rles.append(seg)
         if not rles:
             return torch.zeros((0, height, width), dtype=torch.uint8)

@@ -7,9 +7,11 @@ workers, sees exactly the batches an uninterrupted run would have seen.
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import signal
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -162,6 +164,29 @@ def _voc_datasets(data_cfg: DictConfig, *, with_masks: bool, transforms: Compose
 # --------------------------------------------------------------------------- loaders
 
 
+MAX_AUTO_WORKERS = 8
+
+
+def resolve_num_workers(value: int | str, device: torch.device | str) -> int:
+    """data.num_workers as a number. `auto`: on CUDA min(8, usable CPUs // processes on this node), so that
+    decoding keeps ahead of the GPU without oversubscribing the host; on the CPU 0, because there the
+    training step itself uses every core, and workers only compete with it (measured on 2 cores)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if value != "auto":
+        raise ConfigError(f"data.num_workers={value!r} must be a whole number >= 0 (0: load in the main process) "
+                          "or auto")
+    if torch.device(device).type != "cuda":
+        log.info("data.num_workers=auto: 0 loader workers (training on the CPU: the step uses every core)")
+        return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    workers = min(MAX_AUTO_WORKERS, cpus // max(processes, 1))
+    log.info("data.num_workers=auto: %d loader workers per process (%d usable CPUs, %d process(es) on this node)",
+             workers, cpus, processes)
+    return workers
+
+
 class ResumableSampler(Sampler[tuple[int, int]]):
     """Yields `(index, sample_seed)` for one rank's share of one epoch, optionally from mid-epoch.
 
@@ -182,12 +207,16 @@ class ResumableSampler(Sampler[tuple[int, int]]):
         if batch_size < 1 or accumulate < 1:
             raise ValueError(f"batch_size and accumulate must be >= 1, got {batch_size} and {accumulate}")
         self.total = batches_per_epoch(dataset_len, batch_size, world_size, accumulate) * batch_size * world_size
-        if not 0 <= consumed <= self.total or consumed % (batch_size * world_size):
+        self.dataset_len, self.batch_size, self.seed = dataset_len, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.set_position(epoch, consumed)
+
+    def set_position(self, epoch: int, consumed: int = 0) -> None:
+        """Where the next iteration starts: `consumed` samples into `epoch`'s global sequence."""
+        if not 0 <= consumed <= self.total or consumed % (self.batch_size * self.world_size):
             raise ValueError(f"consumed={consumed} is not a whole number of global batches "
                              f"of this epoch's {self.total} samples")
-        self.dataset_len, self.batch_size = dataset_len, batch_size
-        self.seed, self.epoch, self.consumed = seed, epoch, consumed
-        self.rank, self.world_size = rank, world_size
+        self.epoch, self.consumed = epoch, consumed
 
     def global_order(self) -> list[tuple[int, int]]:
         """The whole epoch's global sequence, every rank's samples, before any is consumed."""
@@ -250,25 +279,72 @@ def collate(batch: Sequence[tuple[Tensor, dict] | None]) -> tuple[list[Tensor], 
 def build_train_loader(dataset: Dataset, *, batch_size: int, num_workers: int, seed: int, epoch: int,
                        consumed: int = 0, accumulate: int = 1, rank: int = 0, world_size: int = 1,
                        pin_memory: bool = False) -> DataLoader:
-    """This rank's batches of the epoch's global sequence after `consumed` samples (see ResumableSampler)."""
-    if batches_per_epoch(len(dataset), batch_size, world_size) == 0:
-        raise ConfigError(
-            f"trainer.batch_size={batch_size} is larger than the {len(dataset) // world_size} training images "
-            f"per process, so an epoch has no batch; lower trainer.batch_size or use more data"
-        )
-    sampler = ResumableSampler(len(dataset), batch_size=batch_size, seed=seed, epoch=epoch, consumed=consumed,
-                               accumulate=accumulate, rank=rank, world_size=world_size)
+    """This rank's batches of the epoch's global sequence after `consumed` samples (see ResumableSampler),
+    from a DataLoader of its own (its workers end with it); the Trainer keeps one TrainLoader instead."""
+    sampler = _train_sampler(dataset, batch_size=batch_size, seed=seed, epoch=epoch, consumed=consumed,
+                             accumulate=accumulate, rank=rank, world_size=world_size)
     # Worker base seeds come from this generator instead of the global RNG, so
     # starting an iterator leaves the global torch RNG (saved in checkpoints) alone.
     return _loader(dataset, BatchSampler(sampler, batch_size=batch_size, drop_last=True), num_workers=num_workers,
                    seed=seed_for(seed, epoch, 2), pin_memory=pin_memory)
 
 
-def _loader(dataset: Dataset, batch_sampler: Any, *, num_workers: int, seed: int, pin_memory: bool) -> DataLoader:
-    """The one DataLoader both builders make: our collate, workers that ignore stop signals, a seeded generator.
+def _train_sampler(dataset: Dataset, *, batch_size: int, seed: int, epoch: int, consumed: int, accumulate: int,
+                   rank: int, world_size: int) -> ResumableSampler:
+    if batches_per_epoch(len(dataset), batch_size, world_size) == 0:
+        raise ConfigError(
+            f"trainer.batch_size={batch_size} is larger than the {len(dataset) // world_size} training images "
+            f"per process, so an epoch has no batch; lower trainer.batch_size or use more data"
+        )
+    return ResumableSampler(len(dataset), batch_size=batch_size, seed=seed, epoch=epoch, consumed=consumed,
+                            accumulate=accumulate, rank=rank, world_size=world_size)
+
+
+class TrainLoader:
+    """A run's training batches from one DataLoader, whose workers (num_workers > 0) live for the whole run.
+
+    `at(epoch, consumed)` moves the sampler to that position and returns the DataLoader: iterating
+    it yields exactly what `build_train_loader(..., epoch=epoch, consumed=consumed)` yields, since
+    the batches are a function of (seed, epoch, index) and the sampler runs in this process. Workers
+    are started once instead of every epoch, and each keeps `prefetch_factor` batches loading ahead.
+    `close()` ends them (the Trainer calls it when fit ends; an exit calls it too, because workers
+    ignore SIGTERM and Python's exit would otherwise wait for them forever).
+    """
+
+    def __init__(self, dataset: Dataset, *, batch_size: int, num_workers: int, seed: int, accumulate: int = 1,
+                 rank: int = 0, world_size: int = 1, pin_memory: bool = False, prefetch_factor: int = 2) -> None:
+        self.sampler = _train_sampler(dataset, batch_size=batch_size, seed=seed, epoch=0, consumed=0,
+                                      accumulate=accumulate, rank=rank, world_size=world_size)
+        self.loader = _loader(dataset, BatchSampler(self.sampler, batch_size=batch_size, drop_last=True),
+                              num_workers=num_workers, seed=seed_for(seed, 0, 2), pin_memory=pin_memory,
+                              persistent=num_workers > 0, prefetch_factor=prefetch_factor)
+        _OPEN_LOADERS.add(self)
+
+    def at(self, epoch: int, consumed: int = 0) -> DataLoader:
+        self.sampler.set_position(epoch, consumed)
+        return self.loader
+
+    def close(self) -> None:
+        """End the workers (a later `at` starts new ones)."""
+        iterator, self.loader._iterator = self.loader._iterator, None
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+
+
+_OPEN_LOADERS: "weakref.WeakSet[TrainLoader]" = weakref.WeakSet()
+
+
+@atexit.register  # registered after torch's own exit hook, so it runs first, while torch can still shut workers down
+def _close_open_loaders() -> None:
+    for loader in list(_OPEN_LOADERS):
+        loader.close()
+
+
+def _loader(dataset: Dataset, batch_sampler: Any, *, num_workers: int, seed: int, pin_memory: bool,
+            persistent: bool = False, prefetch_factor: int = 2) -> DataLoader:
+    """The one DataLoader every builder makes: our collate, workers that ignore stop signals, a seeded generator.
 
     `pin_memory` (on CUDA) lets the step's non_blocking copies overlap the previous step's kernels.
-    Workers do not persist: a new epoch (or a resume) makes a new sampler, and so a new loader.
     """
     return DataLoader(
         dataset,
@@ -278,7 +354,8 @@ def _loader(dataset: Dataset, batch_sampler: Any, *, num_workers: int, seed: int
         worker_init_fn=ignore_stop_signals,
         generator=torch.Generator().manual_seed(seed),
         pin_memory=pin_memory,
-        persistent_workers=False,
+        persistent_workers=persistent,
+        prefetch_factor=prefetch_factor if num_workers > 0 else None,
     )
 
 

@@ -12,7 +12,8 @@ offsets boxes by `class * (max_coord + 1)`, which overflows fp16. Here:
   batch at once (one grouped NMS with the image index folded into the group)
   instead of torchvision's per-image Python loops. Results equal torchvision's
   (tests/models/test_heads.py compares them on random inputs);
-- an image already at the model's size is not resampled (`SameSizeTransform`).
+- an image already at the model's size is not resampled, and uint8 images (what the
+  datasets give) are made float on the model's device (`SameSizeTransform`).
 
 Only methods change: every module, attribute and state-dict key is torchvision's,
 so model-zoo weights and older checkpoints load unchanged.
@@ -152,13 +153,29 @@ class BatchedRoIHeads(RoIHeads):
         return [boxes[k] for k in per_image], [scores[k] for k in per_image], [labels[k] for k in per_image]
 
 
-class SameSizeTransform(GeneralizedRCNNTransform):
-    """torchvision's transform, without resampling an image that is already at its target size.
+def to_unit_float(image: Tensor) -> Tensor:
+    """uint8 [0, 255] -> float32 [0, 1], bitwise the CPU's `.float().div_(255.0)` on any device.
 
-    At scale 1 torchvision's bilinear resize returns the image unchanged (every output
-    pixel samples exactly one input pixel), its boxes times 1 and its masks as uint8; the
-    shapes images are all such, and the resize was a per-image cost in every step.
+    The divisor is a tensor on the image's device: CUDA divides by a CPU scalar as a
+    multiplication by its reciprocal, which differs in the last bit for 126 of the 256 values.
     """
+    return image.float().div_(torch.full((), 255.0, device=image.device))
+
+
+class SameSizeTransform(GeneralizedRCNNTransform):
+    """torchvision's transform, taking uint8 images too, without resampling an image already at its target size.
+
+    A uint8 image (the datasets' own) becomes float here, on the model's device, so a
+    quarter of the bytes cross from the loader. At scale 1 torchvision's bilinear resize
+    returns the image unchanged (every output pixel samples exactly one input pixel), its
+    boxes times 1 and its masks as uint8; the shapes images are all such, and the resize
+    was a per-image cost in every step.
+    """
+
+    def normalize(self, image: Tensor) -> Tensor:
+        if image.dtype == torch.uint8:
+            image = to_unit_float(image)
+        return super().normalize(image)
 
     def resize(self, image: Tensor, target: dict[str, Tensor] | None = None) -> tuple[Tensor, Any]:
         h, w = image.shape[-2:]
@@ -204,8 +221,10 @@ class _Fp32Inference:
         if self.training:
             return super().forward(images, targets)
         device_type = images[0].device.type if len(images) else "cpu"
+        # Floating images in fp32; uint8 ones stay uint8 until the transform makes them float.
+        images = [image.float() if image.is_floating_point() else image for image in images]
         with torch.autocast(device_type, enabled=False):
-            return super().forward([image.float() for image in images], targets)
+            return super().forward(images, targets)
 
 
 class Detector(_Fp32Inference, FasterRCNN):

@@ -10,7 +10,7 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from pycocotools import mask as mask_utils
 
 from frcnn_train.data.coco import CocoDetection, DataWarning
@@ -114,8 +114,11 @@ def test_item_types_and_boxes(tiny: Callable) -> None:
     ds = CocoDetection(*tiny(), with_masks=False, train=True)
     for image_id in ds.image_ids:
         image, target = by_id(ds, image_id)
-        assert image.dtype == torch.float32 and image.shape[0] == 3  # grayscale converted to RGB
-        assert 0.0 <= image.min() and image.max() <= 1.0
+        # uint8 (made float on the device by the model), grayscale converted to RGB, the pixels PIL gives
+        assert image.dtype == torch.uint8 and image.shape[0] == 3
+        assert image.permute(1, 2, 0).is_contiguous()  # pixel-interleaved, as the float images were
+        with Image.open(ds.images_dir / ds._records[image_id]["file_name"]) as im:
+            assert torch.equal(image, torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1))
         assert target["image_id"].dtype == torch.int64 and target["image_id"].ndim == 0
         assert target["image_id"].item() == image_id
         assert target["boxes"].dtype == torch.float32 and target["area"].dtype == torch.float32
@@ -235,6 +238,9 @@ def _break(path: str, value: Any) -> Callable[[dict], None]:
         (_break("images.0.file_name", "nowhere.png"), "nowhere.png"),
         (_break("annotations.1.id", 1), "annotation id 1 twice"),
         (_break("categories.1.name", "dog"), "duplicate category names"),
+        (_break("annotations.0.bbox", [2, float("nan"), 10, 7]), "annotation id 1 whose 'bbox' [2, nan, 10, 7]"),
+        (_break("annotations.1.bbox", [20, 15, float("inf"), 10]), "annotation id 2 whose 'bbox'"),
+        (_break("annotations.3.bbox", [2, 20, "NaN", 10]), "annotation id 4 whose 'bbox'"),  # a crowd region
     ],
 )
 def test_malformed_annotations_raise_data_error_naming_the_file(tiny: Callable, edit: Callable, words: str) -> None:
@@ -353,3 +359,90 @@ def test_a_bad_image_without_a_size_is_named_at_construction(tiny: Callable) -> 
         CocoDetection(images_dir, ann, with_masks=False, train=True)
     skipped = CocoDetection(images_dir, ann, with_masks=False, train=False, bad_images="skip")
     assert 1 not in skipped.image_ids and 2 in skipped.image_ids
+
+
+def test_polygons_of_fewer_than_3_points_are_left_out_with_one_warning(tiny: Callable) -> None:
+    """pycocotools reads a 4-number polygon as a box: it must not become a rectangle mask, nor pass unsaid."""
+    def edit(data: dict) -> None:
+        data["annotations"][0]["segmentation"] = [[1, 1, 10, 10]]  # 2 points: the object has no polygon left
+        data["annotations"].append({"id": 6, "image_id": 3, "category_id": 5, "bbox": [2, 2, 8, 8], "iscrowd": 0,
+                                    "segmentation": [[2, 2, 10, 2, 10, 10], [4, 4, 5, 5]]})  # one of two left out
+
+    images_dir, ann = tiny(edit)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = CocoDetection(images_dir, ann, with_masks=True, train=True)
+    messages = [str(w.message) for w in caught if issubclass(w.category, DataWarning)]
+    assert messages == [f"{ann}: left out 2 annotation(s)' polygons of fewer than 3 points (first: annotation id 1), "
+                        "and dropped 1 object(s) left without a polygon of 3 or more points"]
+    _, target = by_id(ds, 1)
+    assert target["labels"].tolist() == [1] and target["masks"].shape == (1, 30, 40)  # the polygon object dropped
+    _, target = by_id(ds, 3)
+    assert target["masks"].shape == (1, 20, 20) and target["masks"].sum() > 0  # the triangle alone
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        CocoDetection(images_dir, ann, with_masks=False, train=True)  # boxes only: polygons play no part
+    assert not [w for w in caught if issubclass(w.category, DataWarning)]
+
+
+def test_16_bit_images_are_scaled_and_said_once(tiny: Callable, caplog: pytest.LogCaptureFixture) -> None:
+    images_dir, ann = tiny()
+    deep = np.linspace(9252, 37265, 30 * 40).reshape(30, 40).astype(np.uint16)
+    Image.fromarray(deep).save(images_dir / "rgb.png")
+    Image.fromarray(deep[:20, :20]).save(images_dir / "empty.png")
+    ds = CocoDetection(images_dir, ann, with_masks=False, train=False)
+    caplog.set_level("INFO", logger="frcnn_train")
+    for image_id in (1, 3, 1):
+        image, _ = by_id(ds, image_id)
+        assert image.dtype == torch.float32 and 0.14 < image.min() and image.max() < 0.57  # not clipped to white
+    notes = [r.getMessage() for r in caplog.records if "16-bit" in r.getMessage()]
+    assert notes == [f"data: {ann}: 16-bit images (first: {images_dir / 'rgb.png'}) are scaled to [0, 1] by dividing "
+                     "by 65535 (not clipped), and travel as float32 to keep their precision."]
+
+
+def test_32_bit_images_without_a_scale_are_refused(tiny: Callable) -> None:
+    images_dir, ann = tiny()
+    Image.fromarray(np.full((30, 40), 7.5, dtype=np.float32)).save(images_dir / "scan.tif")
+    data = json.loads(ann.read_text())
+    data["images"][0]["file_name"] = "scan.tif"
+    ann.write_text(json.dumps(data))
+    ds = CocoDetection(images_dir, ann, with_masks=False, train=True, bad_images="skip")
+    with pytest.raises(DataError, match=rf"image {images_dir / 'scan.tif'} \(listed in {ann}\) holds 32-bit float "
+                                        r"values from 7.5 to 7.5, outside \[0, 1\]"):
+        by_id(ds, 1)
+
+
+def _exif_jpeg(path: Path, height: int, width: int, orientation: int) -> None:
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (height, width, 3), dtype=np.uint8))
+    exif = image.getexif()
+    exif[0x0112] = orientation
+    image.save(path, exif=exif.tobytes())
+
+
+def test_exif_rotated_photo_annotated_as_displayed_is_turned(tiny: Callable, caplog: pytest.LogCaptureFixture) -> None:
+    images_dir, ann = tiny()
+    _exif_jpeg(images_dir / "photo.jpg", 40, 30, orientation=6)  # stored 30x40 (WxH), displayed 40x30: rgb.png's
+    data = json.loads(ann.read_text())
+    data["images"][0]["file_name"] = "photo.jpg"
+    ann.write_text(json.dumps(data))
+    ds = CocoDetection(images_dir, ann, with_masks=True, train=True)
+    caplog.set_level("INFO", logger="frcnn_train")
+    image, target = by_id(ds, 1)
+    with Image.open(images_dir / "photo.jpg") as im:
+        displayed = torch.from_numpy(np.array(ImageOps.exif_transpose(im).convert("RGB"))).permute(2, 0, 1)
+    assert torch.equal(image, displayed) and target["masks"].shape[-2:] == image.shape[-2:] == (30, 40)
+    by_id(ds, 1)
+    notes = [r.getMessage() for r in caplog.records if "EXIF" in r.getMessage()]
+    assert len(notes) == 1 and "orientation 6" in notes[0] and "photo.jpg" in notes[0]
+
+
+def test_exif_is_named_where_no_size_matches(tiny: Callable) -> None:
+    images_dir, ann = tiny()
+    _exif_jpeg(images_dir / "photo.jpg", 50, 20, orientation=8)
+    data = json.loads(ann.read_text())
+    data["images"][0]["file_name"] = "photo.jpg"
+    ann.write_text(json.dumps(data))
+    ds = CocoDetection(images_dir, ann, with_masks=False, train=True)
+    with pytest.raises(DataError, match=r"photo.jpg is 20x50 pixels \(50x20 after its EXIF orientation 8\) but .* "
+                                        r"says 40x30; fix the 'width'/'height' of image id 1"):
+        by_id(ds, 1)

@@ -12,11 +12,13 @@ from omegaconf import DictConfig
 from frcnn_train.data import (
     DataBundle,
     ResumableSampler,
+    TrainLoader,
     batches_per_epoch,
     build_datasets,
     build_eval_loader,
     build_train_loader,
     collate,
+    resolve_num_workers,
 )
 from frcnn_train.data.loader import shapes_cache_dir
 from frcnn_train.data.shapes import SHAPE_CLASSES
@@ -205,3 +207,60 @@ def test_train_and_eval_loaders_are_made_alike_and_pin_on_request(bundle: DataBu
     assert [loader.pin_memory for loader in made] == [False, True, False, True]
     assert all(loader.collate_fn is made[0].collate_fn and loader.worker_init_fn is made[0].worker_init_fn
                and not loader.persistent_workers for loader in made)
+
+
+def test_images_reach_the_batches_as_uint8_and_masks_stay_uint8(bundle: DataBundle) -> None:
+    images, targets = next(iter(build_train_loader(bundle.train, batch_size=BATCH, num_workers=0, seed=0, epoch=0)))
+    assert {image.dtype for image in images} == {torch.uint8} and targets[0]["masks"].dtype == torch.uint8
+
+
+def test_persistent_workers_give_the_batches_of_fresh_loaders(bundle: DataBundle) -> None:
+    """One TrainLoader for a run: across epochs and from a mid-epoch position, exactly the batches a new
+    loader per epoch gives, from the same worker processes."""
+    def fresh(epoch: int, consumed: int = 0) -> list:
+        return run(build_train_loader(bundle.train, batch_size=BATCH, num_workers=0, seed=7, epoch=epoch,
+                                      consumed=consumed))
+
+    persistent = TrainLoader(bundle.train, batch_size=BATCH, num_workers=2, seed=7)
+    try:
+        assert persistent.loader.persistent_workers and persistent.loader.prefetch_factor == 2
+        workers = None
+        for epoch, consumed in ((0, 0), (1, 0), (1, 2 * BATCH), (2, 0)):
+            loader = persistent.at(epoch, consumed)
+            assert len(loader) == batches_per_epoch(len(bundle.train), BATCH) - consumed // BATCH
+            assert_same_batches(run(loader), fresh(epoch, consumed))
+            assert workers is None or loader._iterator._workers == workers, "the workers were started again"
+            workers = loader._iterator._workers
+        # Left in the middle of an epoch (a stop signal), then moved on: the rest of that epoch is not replayed.
+        batches = iter(persistent.at(3))
+        next(batches)
+        assert_same_batches(run(persistent.at(3, BATCH)), fresh(3, BATCH))
+    finally:
+        persistent.close()
+    assert persistent.loader._iterator is None and not any(w.is_alive() for w in workers)
+    assert_same_batches(run(persistent.at(4)), fresh(4))  # closed: a later epoch starts new workers
+    persistent.close()
+
+
+def test_a_train_loader_without_workers_loads_in_the_process(bundle: DataBundle) -> None:
+    loader = TrainLoader(bundle.train, batch_size=BATCH, num_workers=0, seed=1)
+    assert not loader.loader.persistent_workers
+    assert_same_batches(run(loader.at(1, BATCH)), run(build_train_loader(
+        bundle.train, batch_size=BATCH, num_workers=0, seed=1, epoch=1, consumed=BATCH)))
+    loader.close()
+
+
+@pytest.mark.parametrize("cpus, processes, expected", [(16, 1, 8), (16, 2, 8), (16, 4, 4), (2, 1, 2), (3, 4, 0)])
+def test_num_workers_auto_on_cuda_follows_the_cpus(monkeypatch: pytest.MonkeyPatch, cpus: int, processes: int,
+                                                  expected: int) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(processes))
+    assert resolve_num_workers("auto", "cuda") == resolve_num_workers("auto", torch.device("cuda:1")) == expected
+
+
+def test_num_workers_auto_on_the_cpu_and_numbers_as_given() -> None:
+    assert resolve_num_workers("auto", "cpu") == 0
+    assert resolve_num_workers(3, "cuda") == resolve_num_workers(3, "cpu") == 3  # older checkpoints hold numbers
+    for bad in ("many", -1, True, 1.5):
+        with pytest.raises(ConfigError, match="data.num_workers=.* must be a whole number >= 0 .* or auto"):
+            resolve_num_workers(bad, "cpu")

@@ -70,6 +70,20 @@ def test_scale_jitter_resizes_everything(scale: float) -> None:
     assert (mask_boxes(out["masks"]) - out["boxes"]).abs().max() <= 1.0
 
 
+@pytest.mark.parametrize("scale", [0.5, 0.77, 1.6])
+def test_scale_jitter_keeps_uint8_within_half_a_grey_level_of_the_float_result(scale: float) -> None:
+    """The datasets' uint8 images stay uint8 (a quarter of the bytes to the device): the float resample,
+    rounded to the nearest of the 256 levels; the README names this change."""
+    image, target = sample()
+    uint8 = (image * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous().permute(2, 0, 1)
+    generator = torch.Generator().manual_seed(0)
+    resized, out = ScaleJitter(scale, scale)(uint8, target, generator)
+    as_float, out_float = ScaleJitter(scale, scale)(uint8.float().div_(255.0), target, torch.Generator().manual_seed(0))
+    assert resized.dtype == torch.uint8 and resized.shape == as_float.shape
+    assert (resized.float().div_(255.0) - as_float).abs().max() <= 0.5 / 255 + 1e-6
+    assert all(torch.equal(out[k], out_float[k]) for k in out)
+
+
 def test_scale_jitter_handles_no_objects() -> None:
     image = torch.rand(3, 10, 10)
     target = {"boxes": torch.zeros(0, 4), "masks": torch.zeros(0, 10, 10, dtype=torch.uint8), "area": torch.zeros(0)}

@@ -152,3 +152,56 @@ def test_same_size_transform_equals_torchvision(training: bool, sizes: list[tupl
     assert torch.equal(got, want) and got_sizes == want_sizes and torch.equal(got_next, want_next)
     for w, o in zip(want_targets, got_targets):
         assert w.keys() == o.keys() and all(torch.equal(w[k], o[k]) and w[k].dtype == o[k].dtype for k in w)
+
+
+def test_uint8_becomes_the_float_the_cpu_conversion_gave() -> None:
+    from frcnn_train.models.heads import to_unit_float
+
+    every = torch.arange(256, dtype=torch.uint8)
+    assert torch.equal(to_unit_float(every), every.float().div_(255.0))
+    assert torch.equal(to_unit_float(every), torch.from_numpy(every.numpy().astype("float32") / 255.0))
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("sizes", [[(128, 128), (128, 128)], [(128, 128), (64, 80)]])
+def test_transform_takes_uint8_as_the_float_images_it_replaces(training: bool, sizes: list[tuple[int, int]]) -> None:
+    """What the datasets give now (uint8, pixel-interleaved) and gave before (its float, same layout): the same
+    normalised, resized batch, bitwise."""
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+    from frcnn_train.models.heads import SameSizeTransform
+
+    g = torch.Generator().manual_seed(len(sizes) + training)
+    uint8 = [torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8).permute(2, 0, 1) for h, w in sizes]
+    before = [image.float().div_(255.0) for image in uint8]
+    ours = specialise(GeneralizedRCNNTransform(128, 128, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+                      SameSizeTransform).train(training)
+    for image, old in zip(uint8, before):
+        assert torch.equal(ours.normalize(image), ours.normalize(old))
+    batches = []
+    for images in (uint8, before):
+        torch.manual_seed(0)
+        batches.append(ours(images)[0])
+    assert torch.equal(batches[0].tensors, batches[1].tensors) and batches[0].image_sizes == batches[1].image_sizes
+
+
+@pytest.mark.parametrize("arch", ["faster_rcnn", "mask_rcnn"])
+def test_detector_trains_and_predicts_alike_from_uint8(compose_tiny, arch: str) -> None:
+    cfg = compose_tiny(f"model={arch}")
+    cfg.model.num_classes = 3
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    g = torch.Generator().manual_seed(1)
+    uint8 = [torch.randint(0, 256, (64, 64, 3), generator=g, dtype=torch.uint8).permute(2, 0, 1) for _ in range(2)]
+    targets = [{"boxes": torch.tensor([[4.0, 6.0, 40.0, 50.0]]), "labels": torch.tensor([1]),
+                "masks": torch.zeros(1, 64, 64, dtype=torch.uint8).index_fill_(1, torch.arange(6, 50), 1)}
+               for _ in uint8]
+    runs = []
+    for images in (uint8, [image.float().div_(255.0) for image in uint8]):
+        fresh = copy.deepcopy(model)  # a training forward moves BatchNorm statistics
+        torch.manual_seed(2)
+        losses = fresh.train()(images, copy.deepcopy(targets))
+        runs.append((losses, fresh.eval()(images)))
+    (losses_a, out_a), (losses_b, out_b) = runs
+    assert all(torch.equal(losses_a[k], losses_b[k]) for k in losses_a)
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(out_a, out_b) for k in a)
