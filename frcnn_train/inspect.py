@@ -152,7 +152,9 @@ def render_checkpoint(f: dict[str, Any]) -> list[str]:
                     ("resumes", len(f["history"]) or "none")])
     for h in f["history"]:
         changes = "; ".join(h.get("changes", [])) or "no changes"
-        lines.append(f"  {h.get('resumed_at')} at epoch {h.get('epoch')}, step {h.get('global_step')}: {changes}")
+        where = (describe_position(h) if "step_in_epoch" in h  # records written before it was kept: epochs done
+                 else f"step {h.get('global_step')} ({h.get('epoch')} epochs done)")
+        lines.append(f"  {h.get('resumed_at')} at {where}: {changes}")
         if "overrides" in h:
             lines.append(f"    on {h.get('device')} ({h.get('precision')}): {_command(h['overrides'])}")
     return lines

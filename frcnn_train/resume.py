@@ -250,7 +250,8 @@ class Resume:
                                                 f"weights of step {counters.global_step}, not at step 0."))
         counters.history.append({
             "resumed_at": _now(), "from": str(self.source), "epoch": counters.epoch,
-            "global_step": counters.global_step, "changes": list(self.changes),
+            "global_step": counters.global_step, "step_in_epoch": counters.step_in_epoch,
+            "changes": list(self.changes),
             "versions": checkpoint.library_versions(), "overrides": list(overrides), "precision": precision,
             "device": str(device),
         })
