@@ -172,6 +172,22 @@ def test_images_per_second_with_one_step_per_epoch(compose_tiny, caplog) -> None
     assert len(rates) == 2 and all(rate > 0 for rate in rates), rates
 
 
+def test_a_slow_step_reads_as_a_rate_not_zero(monkeypatch, caplog, tmp_path: Path) -> None:
+    """One 512 px image per step of Mask R-CNN on a small CPU: 40 s a step is 0.025 img/s, not '0.0 img/s'."""
+    from frcnn_train import progress
+    from frcnn_train.logs import RunLogger
+
+    clock = iter(range(0, 10_000, 40))
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: float(next(clock)))
+    caplog.set_level("INFO", logger="frcnn_train")
+    step_log = progress.StepLog(RunLogger(tmp_path, enabled=False), log_every=1, progress=False, epochs=1,
+                                steps_per_epoch=1)
+    step_log.start_epoch(0, 0)
+    step_log.step({"loss_a": torch.tensor(1.0)}, images=1, epoch=0, global_step=1, step_in_epoch=1, steps_left=0,
+                  lrs={"default": 0.01})
+    assert "loss 1.0000  lr 0.01  0.025 img/s  ETA 0s" in _messages(caplog)[-1]
+
+
 def test_a_validation_split_without_annotations_makes_no_best(compose_tiny, tmp_path: Path, caplog) -> None:
     """COCOeval's -1 (nothing to score against) is no AP: no best.pth, said once, not 'best = -1'."""
     import shutil
