@@ -232,3 +232,26 @@ def test_a_ctrl_c_that_c_code_swallowed_still_ends_the_start_up(compose_tiny, tm
         run(compose_tiny("run_name=swallowed"), interrupted=lambda: True)
     run_dir = tmp_path / "outputs" / "swallowed"
     assert not run_dir.exists() or not list(run_dir.iterdir()), list(run_dir.iterdir())
+
+
+def test_logged_losses_are_every_loss_averaged_over_ranks(monkeypatch, tmp_path: Path) -> None:
+    """The total is the sum of whatever the model returned (not only keys starting with 'loss'), and each
+    mean is reduced over the ranks (torchvision's reduce_dict) before it is logged."""
+    from frcnn_train import distributed, progress
+    from frcnn_train.logs import RunLogger
+
+    reduced = []
+    monkeypatch.setattr(distributed, "mean_over_ranks", lambda t: reduced.append(t.clone()) or t * 2)
+    logger = RunLogger(tmp_path, enabled=False)
+    written = {}
+    monkeypatch.setattr(logger, "scalars", lambda values, step: written.update(values))
+    step_log = progress.StepLog(logger, log_every=2, progress=False, epochs=1, steps_per_epoch=4)
+    step_log.start_epoch(0, 0)
+    for step, (a, b) in enumerate([(1.0, 3.0), (2.0, 5.0)], start=1):
+        step_log.step({"loss_box": torch.tensor(a), "rpn_objectness": torch.tensor(b)}, images=2, epoch=0,
+                      global_step=step, step_in_epoch=step, steps_left=2, lrs={"default": 0.1},
+                      extra={"grad_norm": torch.tensor(10.0)})
+    assert len(reduced) == 1 and reduced[0].tolist() == [1.5, 4.0, 10.0], "one reduction per log line"
+    assert written["train/loss_box"] == 3.0 and written["train/rpn_objectness"] == 8.0
+    assert written["train/loss"] == 11.0, "every loss the model returned, grad_norm not among them"
+    assert written["train/grad_norm"] == 20.0 and written["lr/default"] == 0.1
