@@ -111,7 +111,7 @@ def test_benchmark_vs_torchvision_on_cuda(shapes_cache: Path, tmp_path: Path) ->
         [sys.executable, "scripts/benchmark.py", "--vs-torchvision", "--device", "cuda", "--steps", "2",
          "--rounds", "2", "--warmup", "1", "trainer.batch_size=2", f"data.cache_dir={shapes_cache}",
          "data.shapes.num_train=8", "data.num_workers=0"],
-        cwd=root, capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONPATH": str(root)},
+        cwd=root, capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONPATH": python_path()},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
