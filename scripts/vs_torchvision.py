@@ -67,13 +67,13 @@ CUDA_DEFAULTS = [
     "model.rpn_post_nms_top_n_train=2000", "model.rpn_post_nms_top_n_test=1000", "model.rpn_batch_size_per_image=256",
     "model.box_batch_size_per_image=512", "model.box_head_dim=1024", "model.box_detections_per_img=100",
     "model.mask_head_dim=256", "trainer.batch_size=8", "trainer.amp=true", "optim.lr=0.02", "optim.reference_batch=16",
-    "data.shapes.image_size=640", "data.shapes.max_objects=7", "data.shapes.num_train=320", "data.shapes.num_val=16",
+    "data.shapes.image_size=640", "data.shapes.max_objects=7", "data.shapes.num_train=400", "data.shapes.num_val=16",
 ]
 RECIPE = ["trainer.grad_clip=10.0"]  # both sides; before the command line's overrides, which may change it
 # After the command line's: the speed modes stop by trainer.max_steps, never at an epoch count or its evaluation.
 SPEED_ONLY = ["trainer.progress=false", "trainer.eval_every=0", "trainer.epochs=100000"]
 # --accuracy on CUDA: 400 steps of 8 images at 800 px, about 3 minutes a side on an H100/H200.
-ACCURACY_CUDA = ["data.shapes.num_train=400", "data.shapes.num_val=50", "trainer.epochs=8", "trainer.eval_every=0",
+ACCURACY_CUDA = ["data.shapes.num_val=50", "trainer.epochs=8", "trainer.eval_every=0",
                  "schedule.milestones=[6,7]"]
 SIDES = ("torchvision", "frcnn_train")
 
