@@ -111,9 +111,10 @@ def roi_align(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
             wh = (torch.rand(count, 2, generator=g) ** 2 * 0.5 + 0.01) * torch.tensor([width, height])
             boxes.append(torch.cat([xy, xy + wh], 1).to(device))
         upstream = torch.randn(images * count, channels, output, output, generator=g).to(device)
-        for name, pool, deterministic in (("torchvision kernel", MultiScaleRoIAlign, False),
-                                          ("torchvision, deterministic algorithms", MultiScaleRoIAlign, True),
-                                          ("matmul (ours, deterministic)", MatmulMultiScaleRoIAlign, True)):
+        # The slowest last; the JSON is rewritten after each, so a killed run keeps what it measured.
+        for name, pool, deterministic in (("matmul (ours, deterministic)", MatmulMultiScaleRoIAlign, True),
+                                          ("torchvision kernel", MultiScaleRoIAlign, False),
+                                          ("torchvision, deterministic algorithms", MultiScaleRoIAlign, True)):
             module = pool(list("0123"), output, 2)
             torch.use_deterministic_algorithms(deterministic, warn_only=True)
             times = []
@@ -133,6 +134,8 @@ def roi_align(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
                 torch.use_deterministic_algorithms(False)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
+            if args.json:
+                args.json.write_text(json.dumps(result, indent=1))
     return result
 
 

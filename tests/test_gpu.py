@@ -106,11 +106,14 @@ def test_training_step_syncs_on_cuda(compose_tiny, monkeypatch: pytest.MonkeyPat
     Trainer.train_step or StepLog.step run (not evaluation or saves), attributed to the function of
     the package whose line made the call. The Trainer's own are exactly the finiteness check (one
     per step, trainer.py _check_finite) and the loss read every trainer.log_every steps (progress.py
-    StepLog.step): 12 + 12 // 3 for 12 bf16 steps. (Before the step code moved out of trainer.py the
-    test counted every warning whose file was trainer.py, evaluation and saves included, and saw 17;
-    now a new sync anywhere in the step is named with its file, function and line.) The model's own
-    syncs (torchvision's, and heads.py's few per step: the RPN's valid-box compaction and the
-    per-image split) are listed in the report, not limited."""
+    StepLog.step): 12 + 12 // 3 for 12 bf16 steps. The model's own syncs (torchvision's, and heads.py's
+    few per step: the RPN's valid-box compaction and the per-image split) are reported, not limited.
+
+    The 17th sync the H200 saw (main at 57408cb) was most likely not in the step: the test then counted
+    every sync made from a line of trainer.py during the whole run, and trainer.py then also drew the
+    validation samples of the final evaluation, `self.bare([image.to(self.device) for image in images])`,
+    a blocking copy from pageable memory (trainer.vis_images=1: one sync). That code now lives in
+    validation.py, and this test counts inside the step only, naming any new sync by file and function."""
     from frcnn_train.progress import StepLog
     from frcnn_train.trainer import Trainer
 
