@@ -54,7 +54,8 @@ def test_vs_torchvision_prints_both_sides_and_the_ratio_last(shapes_cache: Path,
 
 @pytest.mark.slow  # about 20 s: one process per mode, each side fails at its second step
 @pytest.mark.parametrize("mode, side", [(["--compute-only"], "torchvision"),
-                                        (["--sides", "frcnn_train"], "frcnn_train")])
+                                        (["--sides", "frcnn_train"], "frcnn_train")],
+                         ids=["compute-only", "end-to-end"])
 def test_a_non_finite_loss_ends_the_benchmark_in_one_line_naming_the_side(shapes_cache: Path, tmp_path: Path,
                                                                           mode: list[str], side: str) -> None:
     """A huge LR (no warmup, no clipping) makes either side's loss NaN at its second step."""

@@ -102,9 +102,10 @@ def sync_site(filename: str, lineno: int) -> str:
 
 
 def test_training_step_syncs_on_cuda(compose_tiny, monkeypatch: pytest.MonkeyPatch) -> None:
-    """CUDA's sync debug mode flags every device-to-host wait. Counted here: those raised while
-    Trainer.train_step or StepLog.step run (not evaluation or saves), attributed to the function of
-    the package whose line made the call. The Trainer's own are exactly the finiteness check (one
+    """CUDA's sync debug mode flags every device-to-host wait. Counted here: those raised while the
+    Trainer's training loop runs (Trainer._train_epoch: the steps and the StepLog, not the epoch-end
+    evaluation and saves), attributed to the function of the package whose line made the call
+    (tests/test_host_syncs.py counts the same functions on the CPU). The Trainer's own are exactly the finiteness check (one
     per step, trainer.py _check_finite) and the loss read every trainer.log_every steps (progress.py
     StepLog.step): 12 + 12 // 3 for 12 bf16 steps. The model's own syncs (torchvision's, and heads.py's
     few per step: the RPN's valid-box compaction and the per-image split) are reported, not limited.
@@ -114,7 +115,6 @@ def test_training_step_syncs_on_cuda(compose_tiny, monkeypatch: pytest.MonkeyPat
     validation samples of the final evaluation, `self.bare([image.to(self.device) for image in images])`,
     a blocking copy from pageable memory (trainer.vis_images=1: one sync). That code now lives in
     validation.py, and this test counts inside the step only, naming any new sync by file and function."""
-    from frcnn_train.progress import StepLog
     from frcnn_train.trainer import Trainer
 
     inside = [0]
@@ -135,8 +135,7 @@ def test_training_step_syncs_on_cuda(compose_tiny, monkeypatch: pytest.MonkeyPat
         if inside[0] and "synchroniz" in str(message):
             seen.append((filename, lineno, str(message)))
 
-    monkeypatch.setattr(Trainer, "train_step", counted(Trainer.train_step))
-    monkeypatch.setattr(StepLog, "step", counted(StepLog.step))
+    monkeypatch.setattr(Trainer, "_train_epoch", counted(Trainer._train_epoch))
     torch.cuda.set_sync_debug_mode("warn")
     try:
         with warnings.catch_warnings():
