@@ -13,6 +13,7 @@ each section's output under sections/). Each section runs in processes of its ow
 time limit, so one that fails or hangs loses only itself; the whole stops at --budget seconds
 (later sections are then listed as skipped). Sections, most wanted first:
 
+  environment      the versions the sections see (a wheel's protobuf that breaks TensorBoard is moved aside)
   bench_{faster,mask}_{e2e,compute}  scripts/benchmark.py --vs-torchvision, end to end and --compute-only
   train_100        a 100-step R50-FPN 800 px fp16 run of `python -m frcnn_train.train`: images/s, the
                    blocking ms of every save (train.log), finite losses, the AP it logged
@@ -115,6 +116,37 @@ def last_error(text: str) -> str:
 
 
 # ---------------------------------------------------------------- sections
+VERSIONS = ("import importlib, json\nout = {}\nfor name in ('torch', 'torchvision', 'numpy', 'tensorboard', "
+            "'google.protobuf', 'onnx', 'onnxruntime', 'hydra', 'omegaconf', 'pycocotools'):\n"
+            "    try:\n        module = importlib.import_module(name)\n"
+            "        out[name] = getattr(module, '__version__', 'present')\n"
+            "    except Exception as err:\n        out[name] = f'missing: {type(err).__name__}: {err}'[:160]\n"
+            "try:\n    from torch.utils.tensorboard import SummaryWriter\n    out['tensorboard_writer'] = 'ok'\n"
+            "except Exception as err:\n    out['tensorboard_writer'] = f'{type(err).__name__}: {err}'[:200]\n"
+            "print(json.dumps(out))")
+
+
+def environment(c: Check) -> dict[str, Any]:
+    """Versions as the sections will see them. The wheels' protobuf (onnx needs >= 6.31) comes before the
+    machine's on PYTHONPATH; if TensorBoard cannot import with it, it is moved aside (training needs
+    TensorBoard, only the export test needs onnx) and the note says so."""
+    def probe() -> dict[str, Any]:
+        code, text = c.run("environment", [PY, "-c", VERSIONS], 60)
+        line = next((line for line in text.splitlines() if line.startswith("{")), "{}")
+        return json.loads(line)
+
+    versions, note = probe(), ""
+    if versions.get("tensorboard_writer") != "ok":
+        for entry in c.env["PYTHONPATH"].split(os.pathsep):
+            shadow = Path(entry) / "google" / "protobuf"
+            if entry != str(REPO) and shadow.is_dir():
+                shadow.rename(shadow.with_name("protobuf.aside"))
+                note = f"TensorBoard failed with {shadow}; moved it aside (onnx may now fail)"
+        versions = probe() if note else versions
+    return {"status": "ok" if versions.get("tensorboard_writer") == "ok" else "failed", "figures": versions,
+            "note": note}
+
+
 def bench(c: Check, arch: str, compute: bool) -> dict[str, Any]:
     name = f"bench_{arch.split('_')[0]}_{'compute' if compute else 'e2e'}"
     result = c.work / f"{name}.json"
@@ -273,6 +305,7 @@ def options(c: Check) -> dict[str, Any]:
 
 
 SECTIONS: dict[str, Callable[[Check], dict[str, Any]]] = {
+    "environment": environment,
     "bench_faster_e2e": lambda c: bench(c, "faster_rcnn", False),
     "bench_faster_compute": lambda c: bench(c, "faster_rcnn", True),
     "train_100": train_100,
@@ -293,6 +326,8 @@ SECTIONS: dict[str, Callable[[Check], dict[str, Any]]] = {
 # ---------------------------------------------------------------- the table
 def summary(figures: dict[str, Any]) -> str:
     """A short line of a section's figures for the table (the JSON has them all)."""
+    if "torch" in figures:  # the environment
+        return " ".join(f"{k.split('.')[-1]} {str(v).split()[0]}" for k, v in figures.items())[:150]
     parts = []
     for key in ("ratio", "images_per_s", "logged_ap", "ap_fp32", "same_as_logged", "max_blocking_ms", "passed",
                 "failed", "bitwise_equal", "differing", "step_ms", "losses_finite"):
