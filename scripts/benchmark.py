@@ -1,8 +1,9 @@
 """Training speed: per backbone (a table), or frcnn_train against torchvision's own training loop.
 
-    python scripts/benchmark.py --vs-torchvision         # ours vs the plain torchvision loop, same model and data
+    python scripts/benchmark.py --vs-torchvision         # end to end: each side through its own loader
+    python scripts/benchmark.py --vs-torchvision --compute-only   # the same batches already on the device
     python scripts/benchmark.py --vs-torchvision --accuracy   # both sides trained the whole schedule: AP each
-    python scripts/benchmark.py --vs-torchvision --device cuda --steps 20
+    python scripts/benchmark.py --vs-torchvision --device cuda --steps 20 --json result.json
     python scripts/benchmark.py                          # every backbone, faster_rcnn, default shapes sizes
     python scripts/benchmark.py --arch mask_rcnn --backbones resnet18_fpn resnet50_fpn --steps 10
     python scripts/benchmark.py --device cuda --batch-size 8 model.min_size=800 model.max_size=1333
@@ -20,6 +21,7 @@ import resource
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -77,6 +79,12 @@ def main() -> None:
     parser.add_argument("--vs-torchvision", action="store_true",
                         help="alternate rounds of torchvision's plain loop and our Trainer; last line is the ratio")
     parser.add_argument("--rounds", type=int, default=5, help="--vs-torchvision: timed rounds per side")
+    parser.add_argument("--compute-only", action="store_true",
+                        help="with --vs-torchvision: the same batches already on the device for both sides")
+    parser.add_argument("--sides", nargs="+", choices=["torchvision", "frcnn_train"],
+                        default=["torchvision", "frcnn_train"],
+                        help="with --vs-torchvision: run only these sides (frcnn_train alone: to compare its options)")
+    parser.add_argument("--json", type=Path, default=None, help="with --vs-torchvision: also write the figures here")
     parser.add_argument("--accuracy", action="store_true",
                         help="with --vs-torchvision: train both sides the whole schedule and print each side's AP")
     args, overrides = parser.parse_known_args()
@@ -89,8 +97,9 @@ def main() -> None:
         from vs_torchvision import compare
 
         batch = [f"trainer.batch_size={args.batch_size}"] if args.batch_size else []
-        compare(device_name=args.device, steps=args.steps, rounds=args.rounds, warmup=args.warmup,
-                overrides=batch + overrides)
+        compare(device_name=args.device, steps=args.steps, rounds=args.rounds, warmup=max(args.warmup, 1),
+                overrides=batch + overrides, compute_only_mode=args.compute_only, json_path=args.json,
+                sides=tuple(s for s in ("torchvision", "frcnn_train") if s in args.sides))
         return
     args.batch_size = args.batch_size or 4
     device = torch.device(args.device)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Callable
@@ -12,6 +13,21 @@ from omegaconf import DictConfig
 
 from frcnn_train.config import compose_config
 from frcnn_train.state import PARTS, Counters
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def python_path(*first: str | Path, repo: bool = True) -> str:
+    """PYTHONPATH for a subprocess: `first`, then (with `repo`) this repository, then the entries
+    already set. Extended, not replaced: where the dependencies come through PYTHONPATH (the GPU
+    machine installs them into /tmp/site), a replaced one would leave the subprocess without hydra.
+    `repo=False` also drops this repository from the inherited entries (a test of the installed wheel)."""
+    inherited = [e for e in os.environ.get("PYTHONPATH", "").split(os.pathsep) if e]
+    if not repo:
+        inherited = [e for e in inherited if Path(e).resolve() != REPO]
+    entries = [str(e) for e in first] + ([str(REPO)] if repo else []) + inherited
+    return os.pathsep.join(dict.fromkeys(entries))
 
 
 def tiny_overrides(cache_dir: Path, output_dir: Path) -> list[str]:

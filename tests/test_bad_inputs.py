@@ -24,7 +24,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import tiny_overrides
+from conftest import python_path, tiny_overrides
 from frcnn_train import evaluate, inspect, predict
 from frcnn_train.config import compose_config
 from frcnn_train.errors import UserError
@@ -851,7 +851,7 @@ def _snapshot(*roots: Path) -> dict[Path, str]:
 def _run_cli(cli: str, argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
     if cli == "train-process":
         proc = subprocess.run([sys.executable, "-m", "frcnn_train.train", *argv], capture_output=True, text=True,
-                              timeout=180, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+                              timeout=180, env={**os.environ, "PYTHONPATH": python_path()})
         return proc.returncode, proc.stdout + proc.stderr
     if cli == "train":  # what train.py's main does, without Hydra's command-line parsing
         try:
@@ -892,7 +892,7 @@ def test_inspect_into_a_closed_pipe_exits_quietly(shared, tmp_path: Path) -> Non
     """`inspect x.pth | head`: the reader goes away before the output is written."""
     proc = subprocess.Popen([sys.executable, "-m", "frcnn_train.inspect", str(shared["run_dir"] / "last.pth"),
                              "--keys"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+                            env={**os.environ, "PYTHONPATH": python_path()})
     proc.stdout.close()  # as `head` does after its lines; here before the first one, so every write fails
     stderr = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 1, stderr

@@ -1,6 +1,8 @@
-"""scripts/benchmark.py --vs-torchvision runs both sides on one model and ends with the ratio line."""
+"""scripts/benchmark.py --vs-torchvision: both modes run both sides on one model, print each side's figures
+and end with the ratio line; a non-finite loss ends it in one line naming the side."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -9,39 +11,68 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_overrides
+from conftest import python_path, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow  # about 35 s of CPU: two models, a few steps, two fresh processes for memory
-def test_vs_torchvision_prints_both_sides_and_the_ratio_last(shapes_cache: Path, tmp_path: Path) -> None:
-    overrides = [o for o in tiny_overrides(shapes_cache, tmp_path) if not o.startswith("trainer.log_every")]
-    result = subprocess.run(
-        [sys.executable, "scripts/benchmark.py", "--vs-torchvision", "--device", "cpu", "--steps", "2",
-         "--rounds", "2", "--warmup", "1", "trainer.log_every=2", *overrides],
-        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+def _benchmark(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "scripts/benchmark.py", "--vs-torchvision", "--device", "cpu", *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONPATH": python_path()})
+
+
+def _speed_overrides(shapes_cache: Path, tmp_path: Path) -> list[str]:
+    return [o for o in tiny_overrides(shapes_cache, tmp_path) if not o.startswith("trainer.log_every")] + \
+        ["trainer.log_every=2"]
+
+
+@pytest.mark.slow  # about a minute of CPU: two tiny models, each side in its own process, their loader's workers
+@pytest.mark.parametrize("mode", [[], ["--compute-only"]], ids=["end-to-end", "compute-only"])
+def test_vs_torchvision_prints_both_sides_and_the_ratio_last(shapes_cache: Path, tmp_path: Path,
+                                                             mode: list[str]) -> None:
+    result = _benchmark(*mode, "--steps", "2", "--rounds", "2", "--warmup", "1", "--json", str(tmp_path / "b.json"),
+                        *_speed_overrides(shapes_cache, tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
+    assert "resnet18_fpn (FPN 32), 64-64 px, batch 2" in lines[0]
+    assert ("compute-only" if mode else "end-to-end") in lines[0]
     assert re.fullmatch(r"ratio frcnn_train/torchvision = \d+\.\d\d", lines[-1]), lines[-1]
+    assert re.fullmatch(r"per-round ratios: [\d.]+ [\d.]+", lines[-2]), lines[-2]
+    assert sum(line.startswith("  round ") for line in lines) == 2
     for side in ("torchvision", "frcnn_train"):
         row = next(line for line in lines if line.startswith(side + " "))
         speed, memory = re.search(r"([\d.]+) images/s .* peak memory +(\d+) MB", row).groups()
         assert float(speed) > 0 and int(memory) > 100
     assert re.search(r"checkpoint blocking the training thread: frcnn_train \d+ ms, plain synchronous "
                      r"torch.save of the same state \d+ ms", result.stdout)
-    assert "resnet18_fpn (FPN 32), 64-64 px, batch 2" in lines[0]
-    assert re.fullmatch(r"per-round ratios: [\d.]+ [\d.]+", lines[-2]), lines[-2]
+    record = json.loads((tmp_path / "b.json").read_text())
+    assert record["mode"] == ("compute-only" if mode else "end-to-end")
+    assert len(record["rounds_images_per_s"]["frcnn_train"]) == 2 and record["blocking_ms"]
+    assert f"{record['ratio']:.2f}" in lines[-1]
+
+
+@pytest.mark.slow  # about 20 s: one process per mode, each side fails at its second step
+@pytest.mark.parametrize("mode, side", [(["--compute-only"], "torchvision"),
+                                        (["--sides", "frcnn_train"], "frcnn_train")],
+                         ids=["compute-only", "end-to-end"])
+def test_a_non_finite_loss_ends_the_benchmark_in_one_line_naming_the_side(shapes_cache: Path, tmp_path: Path,
+                                                                          mode: list[str], side: str) -> None:
+    """A huge LR (no warmup, no clipping) makes either side's loss NaN at its second step."""
+    result = _benchmark(*mode, "--steps", "2", "--rounds", "2", "--warmup", "1",
+                        *_speed_overrides(shapes_cache, tmp_path), "optim.lr=1e8", "schedule.warmup_steps=0",
+                        "trainer.grad_clip=null")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert re.match(rf"error: {side} side: the loss became (nan|inf|non-finite) at step \d", last), last
+    assert "ratio" not in result.stdout
 
 
 @pytest.mark.slow  # about 15 s: two tiny trainings of one epoch
 def test_accuracy_trains_both_sides_and_prints_each_sides_ap(shapes_cache: Path, tmp_path: Path) -> None:
     overrides = [o for o in tiny_overrides(shapes_cache, tmp_path) if not o.startswith("run_name")]
-    result = subprocess.run(
-        [sys.executable, "scripts/benchmark.py", "--vs-torchvision", "--accuracy", "--device", "cpu", *overrides],
-        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+    result = _benchmark("--accuracy", *overrides)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
     assert "4 steps of 2 images, 64 px, cpu; AP / AP50 on the 4 val images:" in lines[-3], lines[-3]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_overrides
+from conftest import python_path, tiny_overrides
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -34,7 +34,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _run(site: Path, cwd: Path, *argv: str) -> subprocess.CompletedProcess:
     # Only the installed copy is importable: no repository on the path, a working directory outside it.
-    env = {**os.environ, "PYTHONPATH": str(site)}
+    env = {**os.environ, "PYTHONPATH": python_path(site, repo=False)}
     return subprocess.run(list(argv), cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 

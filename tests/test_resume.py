@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import assert_same_training
+from conftest import assert_same_training, python_path
 from frcnn_train import checkpoint
 from frcnn_train.config import compose_config
 from frcnn_train.errors import CheckpointError, ConfigError
@@ -305,7 +305,7 @@ def test_random_stop_resume_chain_is_bitwise_exact(compose_tiny, shapes_cache: P
     assert reference["completed"] and reference["global_step"] == 24
     args = tiny_overrides(shapes_cache, tmp_path / "outputs") + list(epochs) + ["run_name=chain", "resume=auto"]
     run_dir, rng = tmp_path / "outputs" / "chain", random.Random(12)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": python_path()}
     stops: list[tuple[str, str, int]] = []
     for attempt in range(40):
         proc = subprocess.Popen([sys.executable, "-m", "frcnn_train.train", *args], stdout=subprocess.PIPE,

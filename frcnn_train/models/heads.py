@@ -13,7 +13,12 @@ offsets boxes by `class * (max_coord + 1)`, which overflows fp16. Here:
   instead of torchvision's per-image Python loops. Results equal torchvision's
   (tests/models/test_heads.py compares them on random inputs);
 - an image already at the model's size is not resampled, and uint8 images (what the
-  datasets give) are made float on the model's device (`SameSizeTransform`).
+  datasets give) are made float on the model's device (`SameSizeTransform`);
+- no per-image host syncs on CUDA where torchvision has them: the normalisation's mean and
+  std are made once per device instead of copied from Python lists for every image, a box
+  resize scales by ratios computed on the CPU instead of four tensors copied to the device
+  per image, and the RPN's image sizes travel to the device without a blocking copy. The
+  numbers are bitwise torchvision's (tests/models/test_heads.py).
 
 Only methods change: every module, attribute and state-dict key is torchvision's,
 so model-zoo weights and older checkpoints load unchanged.
@@ -29,7 +34,8 @@ from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork
-from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.models.detection.transform import (GeneralizedRCNNTransform, _resize_image_and_masks,
+                                                    resize_keypoints)
 from torchvision.ops import boxes as box_ops
 
 # Boxes per NMS call on CUDA: the coordinate-offset trick keeps a [n, n/64] mask, so the
@@ -115,7 +121,7 @@ class BatchedRPN(RegionProposalNetwork):
         batch_idx = torch.arange(num_images, device=device)[:, None]
         scores = torch.sigmoid(objectness[batch_idx, top_n_idx])
         levels = levels[top_n_idx]
-        sizes = torch.tensor(image_shapes, dtype=torch.float32, device=device)  # (h, w) per image
+        sizes = to_device(torch.tensor(image_shapes, dtype=torch.float32), device)  # (h, w) per image
         boxes = _clip(proposals.float()[batch_idx, top_n_idx], sizes[:, 0, None, None], sizes[:, 1, None, None])
         widths, heights = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
         valid = (widths >= self.min_size) & (heights >= self.min_size) & (scores >= self.score_thresh)
@@ -137,10 +143,10 @@ class BatchedRoIHeads(RoIHeads):
         image_shapes: list[tuple[int, int]],
     ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         device, num_classes, num_images = class_logits.device, class_logits.shape[-1], len(proposals)
-        counts = torch.tensor([p.shape[0] for p in proposals], device=device)
+        counts = to_device(torch.tensor([p.shape[0] for p in proposals]), device)
         image = torch.repeat_interleave(torch.arange(num_images, device=device), counts,
                                         output_size=class_logits.shape[0])  # known size: no host sync
-        sizes = torch.tensor(image_shapes, dtype=torch.float32, device=device)[image]
+        sizes = to_device(torch.tensor(image_shapes, dtype=torch.float32), device)[image]
         boxes = self.box_coder.decode(box_regression.float(), proposals)  # [N, classes, 4]
         boxes = _clip(boxes, sizes[:, 0, None, None], sizes[:, 1, None, None])[:, 1:]  # background out
         scores = torch.softmax(class_logits.float(), -1)[:, 1:]
@@ -151,6 +157,25 @@ class BatchedRoIHeads(RoIHeads):
         keep = grouped_nms(boxes, scores, image * num_classes + labels, self.nms_thresh)
         per_image = _split_per_image(keep, image, num_images, self.detections_per_img)
         return [boxes[k] for k in per_image], [scores[k] for k in per_image], [labels[k] for k in per_image]
+
+
+def to_device(values: Tensor, device: torch.device) -> Tensor:
+    """A small CPU tensor made from Python numbers, on `device` without waiting for the device.
+
+    `torch.tensor(..., device="cuda")` copies from pageable memory and synchronises the stream
+    (the host waits for every queued kernel); a non-blocking copy stages the bytes and returns.
+    """
+    return values.to(device, non_blocking=True)
+
+
+def scale_boxes(boxes: Tensor, original_size: tuple[int, int], new_size: tuple[int, int]) -> Tensor:
+    """torchvision's resize_boxes, bitwise, with the two ratios computed on the CPU: torchvision makes four
+    one-number tensors on the boxes' device per image, each a blocking copy (a host sync) on CUDA. A CPU
+    0-dim tensor enters a CUDA multiplication as a float32 scalar, so the products are the same."""
+    ratio_height, ratio_width = (torch.tensor(s, dtype=torch.float32) / torch.tensor(s_orig, dtype=torch.float32)
+                                 for s, s_orig in zip(new_size, original_size))
+    xmin, ymin, xmax, ymax = boxes.unbind(1)
+    return torch.stack((xmin * ratio_width, ymin * ratio_height, xmax * ratio_width, ymax * ratio_height), dim=1)
 
 
 def to_unit_float(image: Tensor) -> Tensor:
@@ -175,15 +200,38 @@ class SameSizeTransform(GeneralizedRCNNTransform):
     def normalize(self, image: Tensor) -> Tensor:
         if image.dtype == torch.uint8:
             image = to_unit_float(image)
-        return super().normalize(image)
+        if not image.is_floating_point() or torchvision._is_tracing():
+            return super().normalize(image)  # its error for other dtypes; traced graphs keep its constants
+        mean, std = self._mean_std(image.dtype, image.device)
+        return (image - mean) / std
+
+    def _mean_std(self, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+        """torchvision's per-image `torch.as_tensor(self.image_mean, device=...)`, made once per (dtype, device):
+        on CUDA each was a blocking copy, two host syncs per image and step. A plain attribute, not a
+        buffer: no state-dict key, and a model moved to another device simply makes new ones."""
+        key = (dtype, device, tuple(self.image_mean), tuple(self.image_std))
+        cache = self.__dict__.setdefault("_mean_std_cache", {})
+        if key not in cache:
+            cache.clear()
+            cache[key] = tuple(torch.as_tensor(values, dtype=dtype, device=device)[:, None, None]
+                               for values in (self.image_mean, self.image_std))
+        return cache[key]
 
     def resize(self, image: Tensor, target: dict[str, Tensor] | None = None) -> tuple[Tensor, Any]:
         h, w = image.shape[-2:]
-        same = (len(self.min_size) == 1 and self.fixed_size is None and not torchvision._is_tracing()
-                and not (self.training and getattr(self, "_skip_resize", False))
+        skip = self.training and getattr(self, "_skip_resize", False)
+        same = (len(self.min_size) == 1 and self.fixed_size is None and not torchvision._is_tracing() and not skip
                 and min(self.min_size[0] / min(h, w), self.max_size / max(h, w)) == 1.0)
         if not same:
-            return super().resize(image, target)
+            if target is None or skip or torchvision._is_tracing():
+                return super().resize(image, target)
+            # torchvision's resize, the boxes scaled by scale_boxes (no host syncs on CUDA).
+            size = self.torch_choice(self.min_size) if self.training else self.min_size[-1]
+            image, target = _resize_image_and_masks(image, size, self.max_size, target, self.fixed_size)
+            target["boxes"] = scale_boxes(target["boxes"], (h, w), tuple(image.shape[-2:]))
+            if "keypoints" in target:
+                target["keypoints"] = resize_keypoints(target["keypoints"], (h, w), tuple(image.shape[-2:]))
+            return image, target
         if self.training:
             self.torch_choice(self.min_size)  # the random draw torchvision makes, so the RNG moves on alike
         if target is not None and "masks" in target:

@@ -12,8 +12,14 @@ torchvision: proposals are detached).
 
 `MatmulMultiScaleRoIAlign` is torchvision's MultiScaleRoIAlign (same level mapping,
 same module, no state) that uses it on CPU feature maps where the intermediate stays
-small; everywhere else (CUDA, huge maps, adaptive sampling) torchvision's op runs.
-tests/models/test_roi_align.py compares values and gradients with torchvision's.
+small, and on CUDA when deterministic algorithms are on (trainer.deterministic=true):
+there torchvision's CUDA kernel, whose backward adds with atomics, is not used at all
+(torchvision then falls back to a pure-Python RoIAlign whose backward is a sorted
+scatter over every sample), while these products are deterministic by construction.
+On CUDA the rois of an image are taken in chunks, so the intermediate stays under
+CUDA_MAX_INTERMEDIATE however large the map. Everywhere else (CUDA by default, huge
+CPU maps, adaptive sampling) torchvision's op runs.
+tests/models/test_cpu_kernels.py compares values and gradients with torchvision's.
 """
 from __future__ import annotations
 
@@ -26,6 +32,15 @@ from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _setu
 # Largest intermediate (rois of one image and level x bins x channels x map width) the
 # matrix form builds, in elements: 16M floats = 64 MB. Larger levels use torchvision's op.
 MAX_INTERMEDIATE = 1 << 24
+# On CUDA (deterministic mode) the rois of one image and level go in chunks of at most this
+# many intermediate elements (256 MB of fp32).
+CUDA_MAX_INTERMEDIATE = 1 << 26
+
+
+def pools_with_matmul(device: torch.device) -> bool:
+    """Whether RoIs on `device` are pooled by the matrix form: on the CPU always (where the
+    intermediate fits), on CUDA when torch's deterministic algorithms are on."""
+    return device.type == "cpu" or (device.type == "cuda" and torch.are_deterministic_algorithms_enabled())
 
 
 def _axis_weights(start: Tensor, end: Tensor, pooled: int, grid: int, size: int) -> Tensor:
@@ -52,10 +67,11 @@ def _axis_weights(start: Tensor, end: Tensor, pooled: int, grid: int, size: int)
 
 
 def roi_align_matmul(features: Tensor, rois: Tensor, output_size: tuple[int, int], spatial_scale: float,
-                     sampling_ratio: int, *, counts: list[int] | None = None) -> Tensor:
+                     sampling_ratio: int, *, counts: list[int] | None = None, chunk: int | None = None) -> Tensor:
     """torchvision.ops.roi_align(features, rois, output_size, spatial_scale, sampling_ratio,
     aligned=False) for sampling_ratio > 0, computed per image as My @ F @ Mx^T.
-    `counts`: rois per image, when the caller has them already."""
+    `counts`: rois per image, when the caller has them already; `chunk`: at most this many
+    rois per product (None: all of an image's at once)."""
     n, c, height, width = features.shape
     ph, pw = output_size
     with torch.no_grad():
@@ -69,14 +85,16 @@ def roi_align_matmul(features: Tensor, rois: Tensor, output_size: tuple[int, int
     with torch.autocast(features.device.type, enabled=False):
         maps = features.float()
         start = 0
-        for b, r in enumerate(counts):
-            if r == 0:
+        for b, count in enumerate(counts):
+            if count == 0:
                 continue
-            idx = order[start:start + r]
-            start += r
             flat = maps[b].permute(1, 0, 2).reshape(height, c * width)  # rows x (channels, columns)
-            by_rows = (rows[idx].reshape(r * ph, height) @ flat).reshape(r, ph * c, width)
-            pieces.append(torch.bmm(by_rows, cols[idx].transpose(1, 2)).reshape(r, ph, c, pw))
+            for first in range(0, count, chunk or count):
+                r = min(chunk or count, count - first)
+                idx = order[start + first:start + first + r]
+                by_rows = (rows[idx].reshape(r * ph, height) @ flat).reshape(r, ph * c, width)
+                pieces.append(torch.bmm(by_rows, cols[idx].transpose(1, 2)).reshape(r, ph, c, pw))
+            start += count
     if not pieces:
         return features.new_zeros((0, c, ph, pw))
     out = torch.cat(pieces).transpose(1, 2)  # rois in image order
@@ -90,17 +108,19 @@ def rois_per_image(rois: Tensor, num_images: int) -> list[int]:
 
 
 class MatmulMultiScaleRoIAlign(MultiScaleRoIAlign):
-    """torchvision's MultiScaleRoIAlign, pooling CPU feature maps with `roi_align_matmul`."""
+    """torchvision's MultiScaleRoIAlign, pooling with `roi_align_matmul` where `pools_with_matmul` says so."""
 
     def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
         x_filtered = _filter_input(x, self.featmap_names)
-        if x_filtered[0].device.type != "cpu" or self.sampling_ratio <= 0 or torchvision._is_tracing():
+        on_cpu = x_filtered[0].device.type == "cpu"
+        if not pools_with_matmul(x_filtered[0].device) or self.sampling_ratio <= 0 or torchvision._is_tracing():
             return super().forward(x, boxes, image_shapes)
         if self.scales is None or self.map_levels is None:
             self.scales, self.map_levels = _setup_scales(x_filtered, image_shapes, self.canonical_scale,
                                                          self.canonical_level)
         rois = _convert_to_roi_format(boxes)
-        levels = self.map_levels(boxes) if len(x_filtered) > 1 else torch.zeros(len(rois), dtype=torch.int64)
+        levels = (self.map_levels(boxes) if len(x_filtered) > 1
+                  else torch.zeros(len(rois), dtype=torch.int64, device=rois.device))
         first = x_filtered[0]
         result = first.new_zeros((len(rois), first.shape[1], *self.output_size))
         for level, (features, scale) in enumerate(zip(x_filtered, self.scales)):
@@ -110,7 +130,11 @@ class MatmulMultiScaleRoIAlign(MultiScaleRoIAlign):
             level_rois = rois[idx]
             n, c, _, width = features.shape
             counts = rois_per_image(level_rois, n)
-            if max(counts) * self.output_size[0] * c * width <= MAX_INTERMEDIATE:
+            per_roi = self.output_size[0] * c * width
+            if not on_cpu:  # deterministic CUDA: always the products, in chunks
+                pooled = roi_align_matmul(features, level_rois, self.output_size, scale, self.sampling_ratio,
+                                          counts=counts, chunk=max(1, CUDA_MAX_INTERMEDIATE // per_roi))
+            elif max(counts) * per_roi <= MAX_INTERMEDIATE:
                 pooled = roi_align_matmul(features, level_rois, self.output_size, scale, self.sampling_ratio,
                                           counts=counts)
             else:

@@ -67,6 +67,31 @@ def test_large_maps_fall_back_to_torchvision(monkeypatch: pytest.MonkeyPatch) ->
     assert torch.equal(ours(features, boxes, IMAGE_SHAPES), stock(features, boxes, IMAGE_SHAPES)) and not called
 
 
+@pytest.mark.parametrize("chunk", [1, 7, 1000])
+def test_rois_in_chunks_give_the_same_values_and_gradients(chunk: int) -> None:
+    """On CUDA (deterministic mode) an image's rois go to the products in chunks; here on the CPU."""
+    features, boxes = _inputs(11)
+    rois = torch.cat([torch.cat([torch.full((len(b), 1), float(i)), b], dim=1) for i, b in enumerate(boxes)])
+    level = features["0"]
+    whole = ra.roi_align_matmul(level, rois, (7, 7), 0.25, 2)
+    parts = ra.roi_align_matmul(level, rois, (7, 7), 0.25, 2, chunk=chunk)
+    torch.testing.assert_close(parts, whole, rtol=1e-6, atol=1e-6)
+    upstream = torch.randn_like(whole)
+    (want,), (got,) = (torch.autograd.grad(out, [level], upstream) for out in (whole, parts))
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_the_products_pool_on_the_cpu_and_on_cuda_only_in_deterministic_mode() -> None:
+    was = torch.are_deterministic_algorithms_enabled()
+    try:
+        for on in (False, True):
+            torch.use_deterministic_algorithms(on, warn_only=True)
+            assert ra.pools_with_matmul(torch.device("cpu"))
+            assert ra.pools_with_matmul(torch.device("cuda")) is on
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=True)
+
+
 def test_no_boxes_and_autocast_dtype() -> None:
     stock, ours = _both(7)
     features, _ = _inputs(7)

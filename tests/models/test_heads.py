@@ -205,3 +205,21 @@ def test_detector_trains_and_predicts_alike_from_uint8(compose_tiny, arch: str) 
     (losses_a, out_a), (losses_b, out_b) = runs
     assert all(torch.equal(losses_a[k], losses_b[k]) for k in losses_a)
     assert all(torch.equal(a[k], b[k]) for a, b in zip(out_a, out_b) for k in a)
+
+
+def test_box_resize_and_normalisation_are_torchvisions_bitwise() -> None:
+    """scale_boxes (ratios on the CPU) and the cached mean/std give torchvision's numbers to the bit."""
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
+
+    from frcnn_train.models.heads import SameSizeTransform, scale_boxes
+
+    g = torch.Generator().manual_seed(0)
+    boxes = _random_boxes(500, 700, g)
+    for original, new in [((480, 640), (800, 1066)), ((333, 517), (799, 1240)), ((96, 96), (64, 64)), ((7, 3), (1, 2))]:
+        assert torch.equal(scale_boxes(boxes, original, new), resize_boxes(boxes, list(original), list(new)))
+    stock = GeneralizedRCNNTransform(800, 1333, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    ours = specialise(copy.deepcopy(stock), SameSizeTransform)
+    for _ in range(2):  # the second call takes the cached mean and std
+        image = torch.rand(3, 37, 41, generator=g)
+        assert torch.equal(ours.normalize(image), stock.normalize(image))
+    assert "_mean_std_cache" not in str(ours.state_dict().keys())
