@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Callable
@@ -13,6 +14,12 @@ from omegaconf import DictConfig
 
 from frcnn_train.config import compose_config
 from frcnn_train.state import PARTS, Counters
+
+# A test run started in the background (`pytest &`, nohup) inherits SIGINT ignored, and so would every
+# process it starts; the Ctrl-C tests need it delivered as in a terminal (a handled signal is reset to
+# the default in a child, an ignored one stays ignored).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 REPO = Path(__file__).resolve().parents[1]
