@@ -106,16 +106,36 @@ class SGD(torch.optim.SGD):
     uninitialised (values like -2e19) and the next good step writes them into the weights.
     fp16 runs usually skip their first steps (inf gradients at loss scale 65536), so this
     made every fp16 run diverge within a few steps. A zero buffer gives the same first
-    update (0 * momentum + grad is grad), so nothing else changes.
+    update (0 * momentum + grad is grad), so nothing else changes. Once every buffer
+    exists (after the first step, or a loaded state that has them) steps skip the check.
     """
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._buffers_made = False
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._buffers_made = False  # an older state may lack some buffers
+
     def step(self, closure: Callable[[], float] | None = None, **scaler_args: Any) -> Any:
+        if not self._buffers_made:
+            self._buffers_made = self._make_momentum_buffers()
+        return super().step(closure, **scaler_args)
+
+    def _make_momentum_buffers(self) -> bool:
+        """Zero buffers for the parameters with a gradient and none yet; whether every one now has one."""
+        complete = True
         for group in self.param_groups:
             if group["momentum"]:
                 for p in group["params"]:
-                    if p.grad is not None and self.state[p].get("momentum_buffer") is None:
+                    if self.state[p].get("momentum_buffer") is not None:
+                        continue
+                    if p.grad is None:
+                        complete = False
+                    else:
                         self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        return super().step(closure, **scaler_args)
+        return complete
 
 
 def build_optimizer(model: nn.Module, optim_cfg: DictConfig, *, lr_scale: float = 1.0) -> torch.optim.Optimizer:
