@@ -17,7 +17,6 @@ import torch.distributed as dist
 from torch import nn
 
 from frcnn_train.errors import ConfigError
-from frcnn_train.logs import log
 
 # A signal arriving this soon after the first is the same request: under torchrun a rank can get
 # SIGINT/SIGTERM both from the agent (which forwards it) and from the terminal or SLURM directly.

@@ -22,7 +22,7 @@ from frcnn_train.checkpointer import Checkpointer
 from frcnn_train.config import check_values
 from frcnn_train.data import DataBundle, DataWarning, build_datasets, resolve_num_workers
 from frcnn_train.ema import ModelEma
-from frcnn_train.evaluation import format_table, require_metric
+from frcnn_train.evaluation import EMA_PREFIX, format_table, require_metric
 from frcnn_train.logs import RunLogger, log, setup_console
 from frcnn_train.models import architecture_spec, build_model, prepare_for_training
 from frcnn_train.models.backbones import resolve_norm
@@ -33,7 +33,7 @@ from frcnn_train.runtime import amp_dtype, precision_name, resolve_device, seed_
 from frcnn_train.rng import RngStreams
 from frcnn_train.state import Counters, Registry, Scaler, describe_position
 from frcnn_train.trainer import Trainer, steps_per_epoch
-from frcnn_train.validation import EMA_PREFIX, Validator
+from frcnn_train.validation import Validator
 
 
 def run(cfg: DictConfig, overrides: Sequence[str] = (), *,
@@ -127,6 +127,7 @@ class Parts:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
     dtype: torch.dtype | None
+    steps_per_epoch: int  # optimizer steps: whole global batches of the training split
     digest: str
     spec: dict[str, Any]
     lr_rule: str
@@ -167,7 +168,7 @@ def build_parts(cfg: DictConfig, data: DataBundle, resume: Resume, device: torch
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     wrapped = distributed.wrap_model(model, norm=ddp_norm(cfg, device), device=device)
     return Parts(model=model, wrapped=wrapped, ema=ema, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                 dtype=dtype, digest=digest, spec=spec, lr_rule=lr_rule, notes=notes)
+                 dtype=dtype, steps_per_epoch=per_epoch, digest=digest, spec=spec, lr_rule=lr_rule, notes=notes)
 
 
 def build_trainer(cfg: DictConfig, parts: Parts, data: DataBundle, device: torch.device, logger: RunLogger,
@@ -192,7 +193,6 @@ def build_trainer(cfg: DictConfig, parts: Parts, data: DataBundle, device: torch
                 "launch": resume.launch(overrides, precision, device)},
     )
     with_masks = cfg.model.arch == "mask_rcnn"
-    per_epoch = steps_per_epoch(len(data.train), settings.batch_size, settings.accumulate)
     workers = resolve_num_workers(cfg.data.num_workers, device)
     trainer = Trainer(
         model=parts.wrapped, optimizer=parts.optimizer, scheduler=parts.scheduler, scaler=parts.scaler,
@@ -201,7 +201,7 @@ def build_trainer(cfg: DictConfig, parts: Parts, data: DataBundle, device: torch
         validator=Validator(data=data, device=device, with_masks=with_masks, batch_size=settings.batch_size,
                             num_workers=workers, amp_dtype=parts.dtype, logger=logger,
                             vis_images=settings.vis_images, best_metric=settings.best_metric),
-        step_log=StepLog(logger, log_every=settings.log_every, epochs=settings.epochs, steps_per_epoch=per_epoch,
+        step_log=StepLog(logger, log_every=settings.log_every, epochs=settings.epochs, steps_per_epoch=parts.steps_per_epoch,
                          progress=settings.progress and sys.stderr.isatty()),
     )
     if resume.ckpt is not None:

@@ -62,16 +62,21 @@ class Interrupted(BaseException):
         self.code = code
 
 
+def _raised_in(err: BaseException, function: object) -> bool:
+    """Whether `function` is among the frames `err` came through."""
+    tb = err.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code is function.__code__:  # type: ignore[attr-defined]
+            return True
+        tb = tb.tb_next
+    return False
+
+
 def _during_training(err: BaseException) -> bool:
     """Whether a KeyboardInterrupt came out of the training loop (a repeated Ctrl-C), not start-up."""
     from frcnn_train.trainer import Trainer
 
-    tb = err.__traceback__
-    while tb is not None:
-        if tb.tb_frame.f_code is Trainer.fit.__code__:
-            return True
-        tb = tb.tb_next
-    return False
+    return _raised_in(err, Trainer.fit)
 
 
 def _record_job(status: str, run_dir: str | None, best: float | None) -> None:
@@ -161,20 +166,11 @@ def _resolved(cfg: DictConfig, task: object) -> list[str]:
 main = hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")(_job)
 
 
-def _raised_in_job(err: BaseException) -> bool:
-    tb = err.__traceback__
-    while tb is not None:
-        if tb.tb_frame.f_code is _job.__code__:
-            return True
-        tb = tb.tb_next
-    return False
-
-
 def _user_error_exit(err: Exception) -> int | None:
     """The exit code after printing one line, for an error Hydra raised that is the user's; None: not one."""
     from frcnn_train.composition import composition_error
 
-    if _raised_in_job(err):  # the job's own errors: UserErrors are handled there, anything else is a bug
+    if _raised_in(err, _job):  # the job's own errors: UserErrors are handled there, anything else is a bug
         return None
     if (user := composition_error(err)) is not None:
         print(f"error: {user}", file=sys.stderr)

@@ -6,9 +6,7 @@ files in checkpointer.py, and what a checkpoint holds in state.py.
 """
 from __future__ import annotations
 
-import time
 from contextlib import nullcontext
-from typing import Any
 
 import torch
 from torch import nn
@@ -20,11 +18,12 @@ from frcnn_train.config import TrainerConfig
 from frcnn_train.data import DataBundle, TrainLoader, batches_per_epoch
 from frcnn_train.ema import ModelEma
 from frcnn_train.errors import DataError, UserError
+from frcnn_train.evaluation import EMA_PREFIX
 from frcnn_train.logs import log
 from frcnn_train.progress import StepLog
 from frcnn_train.runtime import seed_for
 from frcnn_train.state import Registry
-from frcnn_train.validation import EMA_PREFIX, Validator
+from frcnn_train.validation import Validator
 
 
 class TrainingError(UserError):

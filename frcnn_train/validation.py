@@ -11,7 +11,7 @@ from torch import nn
 
 from frcnn_train import distributed
 from frcnn_train.data import DataBundle, build_eval_loader
-from frcnn_train.evaluation import EMA_PREFIX, evaluate, format_table, summary_metrics
+from frcnn_train.evaluation import evaluate, format_table, summary_metrics
 from frcnn_train.logs import RunLogger, log
 from frcnn_train.visualize import draw_detections
 
