@@ -232,7 +232,7 @@ def _leading_comment(path: Path) -> str:
 def _cell(text: str) -> str:
     """Text for a table cell: pipes escaped, and < > & outside code spans as HTML entities, so that
     `<run_name>` in a comment is shown, not taken for a tag."""
-    parts = text.replace("\n", " ").split("`")
+    parts = " ".join(text.split()).split("`")
     for i in range(0, len(parts), 2):
         parts[i] = html.escape(parts[i], quote=False)
     return "`".join(parts).replace("|", "\\|")
