@@ -293,7 +293,8 @@ def config_reference() -> str:
                 meaning.append("May change on resume.")
             elif k.name.split(".")[0] in START_KEYS:
                 meaning.append("How to start; never compared on resume.")
-            out.append(f"| `{k.name}` | {_cell(k.type)} | `{_cell(default)}` | {_cell(' '.join(m for m in meaning if m))} |")
+            cells = [f"`{k.name}`", k.type, f"`{default}`", " ".join(m for m in meaning if m)]
+            out.append("| " + " | ".join(_cell(c) for c in cells) + " |")
         out.append("")
 
     out += ["## Config groups", "",
