@@ -33,6 +33,8 @@ CONFIG_DIR = _find_config_dir()
 
 @dataclass
 class BackboneConfig:
+    """The feature extractor and its FPN (group `model/backbone`)."""
+
     # resnet18_fpn, resnet34_fpn, resnet50_fpn, resnet101_fpn, mobilenet_v2_fpn, mobilenet_v3_fpn
     name: str = "resnet50_fpn"
     # Local file of ImageNet weights in torchvision's naming; never downloaded.
@@ -44,12 +46,16 @@ class BackboneConfig:
     norm: str = "auto"  # auto | frozen_bn | bn | syncbn
     # Backbone stages that feed the FPN; None: the torchvision default for the backbone.
     returned_layers: Optional[List[int]] = None
-    fpn_channels: int = 256
+    fpn_channels: int = 256  # channels of every FPN level
 
 
 @dataclass
 class AttentionConfig:
+    """Attention blocks added to the detector (group `model/attention`; docs/attention.md)."""
+
     type: str = "none"  # none | se | cbam | eca | nonlocal
+    # Where blocks go: backbone.<stage>, fpn.<level>, roi_heads.box, roi_heads.mask, or a group of
+    # them: backbone, fpn, roi_heads, backbone.last.
     sites: List[str] = field(default_factory=list)
     reduction: int = 16  # SE / CBAM channel bottleneck
     kernel_size: int = 7  # CBAM spatial conv
@@ -64,59 +70,63 @@ class AttentionConfig:
 
 @dataclass
 class ModelConfig:
+    """The detector (group `model`: faster_rcnn or mask_rcnn; sizes for a dataset in `preset`)."""
+
     arch: str = "faster_rcnn"  # faster_rcnn | mask_rcnn
     # Object classes, background excluded (as in detectron2 / mmdetection). None: from the dataset.
     num_classes: Optional[int] = None
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
-    min_size: int = 800
-    max_size: int = 1333
-    image_mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
-    image_std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    min_size: int = 800  # the shorter image side is resized to this (torchvision's GeneralizedRCNNTransform)
+    max_size: int = 1333  # the longer image side is kept at most this, which may shrink the shorter one
+    image_mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])  # RGB, on the [0, 1] scale
+    image_std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])  # RGB, on the [0, 1] scale
     # One base size per FPN level; if the count differs, every level gets all sizes.
     anchor_sizes: List[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
-    aspect_ratios: List[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
-    rpn_pre_nms_top_n_train: int = 2000
-    rpn_pre_nms_top_n_test: int = 1000
-    rpn_post_nms_top_n_train: int = 2000
-    rpn_post_nms_top_n_test: int = 1000
-    rpn_batch_size_per_image: int = 256
-    box_batch_size_per_image: int = 512
-    box_head_dim: int = 1024
-    box_score_thresh: float = 0.05
-    box_nms_thresh: float = 0.5
-    box_detections_per_img: int = 100
-    mask_head_layers: int = 4  # mask_rcnn only
-    mask_head_dim: int = 256  # mask_rcnn only
+    aspect_ratios: List[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])  # anchor height / width
+    rpn_pre_nms_top_n_train: int = 2000  # RPN proposals per level kept before NMS, training
+    rpn_pre_nms_top_n_test: int = 1000  # RPN proposals per level kept before NMS, evaluation and prediction
+    rpn_post_nms_top_n_train: int = 2000  # RPN proposals per image kept after NMS, training
+    rpn_post_nms_top_n_test: int = 1000  # RPN proposals per image kept after NMS, evaluation and prediction
+    rpn_batch_size_per_image: int = 256  # anchors sampled per image for the RPN loss
+    box_batch_size_per_image: int = 512  # proposals sampled per image for the box head's loss
+    box_head_dim: int = 1024  # width of the box head's two fully connected layers
+    box_score_thresh: float = 0.05  # detections scoring below this are dropped
+    box_nms_thresh: float = 0.5  # IoU above which NMS suppresses a detection of the same class
+    box_detections_per_img: int = 100  # at most this many detections per image
+    mask_head_layers: int = 4  # mask_rcnn only: conv layers of the mask head
+    mask_head_dim: int = 256  # mask_rcnn only: channels of the mask head's conv layers
 
 
 @dataclass
 class ShapesConfig:
-    num_train: int = 400
-    num_val: int = 60
-    image_size: int = 96
-    max_objects: int = 4
-    seed: int = 0
+    """The synthetic shapes dataset (data=shapes), generated once per setting and cached."""
+
+    num_train: int = 400  # training images
+    num_val: int = 60  # validation images
+    image_size: int = 96  # square images of this many pixels
+    max_objects: int = 4  # at most this many shapes per image
+    seed: int = 0  # the generator's seed (not the training seed)
 
 
 @dataclass
 class DataConfig:
+    """The dataset (group `data`: shapes, coco, voc; docs/data.md)."""
+
     name: str = "shapes"  # shapes | coco | voc
-    root: Optional[str] = None
-    # coco: image folders and instances JSON files; relative paths are under `root`.
-    train_images: Optional[str] = None
-    train_ann: Optional[str] = None
-    val_images: Optional[str] = None
-    val_ann: Optional[str] = None
-    # voc: ImageSets/Main split names; class names (None: the 20 Pascal VOC classes).
-    train_split: str = "train"
-    val_split: str = "val"
-    classes: Optional[List[str]] = None
+    root: Optional[str] = None  # the dataset's directory (coco, voc); relative paths below are under it
+    train_images: Optional[str] = None  # coco: the training images' folder
+    train_ann: Optional[str] = None  # coco: the training instances JSON
+    val_images: Optional[str] = None  # coco: the validation images' folder
+    val_ann: Optional[str] = None  # coco: the validation instances JSON
+    train_split: str = "train"  # voc: ImageSets/Main/<split>.txt of the training images
+    val_split: str = "val"  # voc: the same for the validation images
+    classes: Optional[List[str]] = None  # voc: class names in label order; None: the 20 Pascal VOC classes
     skip_empty: bool = True  # drop training images without annotations
     # A truncated or undecodable image: error (stop, naming the file; last.pth saved first) or
     # skip (leave it out of its batch, with a warning naming it).
     bad_images: str = "error"
-    hflip_prob: float = 0.5
+    hflip_prob: float = 0.5  # probability of a horizontal flip of a training image
     # [min, max] random rescale factor applied before the model's own resize; None: off.
     scale_jitter: Optional[List[float]] = None
     # Loader worker processes: a number, or auto (on CUDA min(8, usable CPUs // processes on the node), on the
@@ -129,46 +139,55 @@ class DataConfig:
 
 @dataclass
 class ParamGroupRule:
+    """One rule of optim.param_groups: the first rule whose match is found in a parameter's name decides."""
+
     # Regular expression searched in the parameter name, or one of the
     # shorthands backbone, fpn, rpn, roi_heads, attention.
     match: str = ""
-    lr_mult: float = 1.0
-    weight_decay: Optional[float] = None
-    freeze: bool = False
+    lr_mult: float = 1.0  # the group's LR is optim.lr times this
+    weight_decay: Optional[float] = None  # None: optim.weight_decay
+    freeze: bool = False  # true: the parameters never train (and never reach the optimizer)
 
 
 @dataclass
 class OptimConfig:
+    """The optimizer (group `optim`: sgd, adamw) and its parameter groups (docs/fine-tuning.md)."""
+
     name: str = "sgd"  # sgd | adamw
-    lr: float = 0.01
-    momentum: float = 0.9
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
-    weight_decay: float = 1e-4
+    lr: float = 0.01  # base learning rate, for a global batch of reference_batch images
+    momentum: float = 0.9  # sgd only
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw only
+    weight_decay: float = 1e-4  # L2 penalty (adamw: decoupled weight decay)
     # optim.lr is the LR of a global batch (processes x trainer.batch_size x trainer.accumulate) of this
     # many images; another global batch scales it linearly (Goyal et al.; detectron2's REFERENCE_WORLD_SIZE).
     # null: optim.lr is used as it is, whatever the batch.
     reference_batch: Optional[int] = 4
     # Norm weights and all biases get no weight decay (detectron2 / mmdetection default).
     no_decay_norm_and_bias: bool = True
+    # Ordered rules giving parts of the model their own LR multiplier, weight decay, or freezing them.
     param_groups: List[ParamGroupRule] = field(default_factory=list)
 
 
 @dataclass
 class ScheduleConfig:
+    """The learning-rate schedule (group `schedule`: multistep, cosine), after a linear warmup."""
+
     name: str = "multistep"  # multistep | cosine
-    warmup_steps: int = 100
-    warmup_factor: float = 0.001
+    warmup_steps: int = 100  # optimizer steps of linear warmup; 0: none
+    warmup_factor: float = 0.001  # the warmup starts at this fraction of the LR
     # multistep: epochs (fractions allowed) at which the LR is multiplied by gamma.
     milestones: List[float] = field(default_factory=lambda: [10, 13])
-    gamma: float = 0.1
+    gamma: float = 0.1  # multistep: the factor at each milestone
     # cosine: final LR as a fraction of the base LR.
     min_lr_factor: float = 0.0
 
 
 @dataclass
 class EmaConfig:
+    """Exponential moving average of the weights (docs/fine-tuning.md)."""
+
     # Exponential moving average of the weights (frcnn_train/ema.py); null: off. 0.9998 (Ultralytics) for
-    # long runs; shorter runs want less (the default run: see README "EMA").
+    # long runs; shorter runs want less (the default run: see docs/fine-tuning.md, "EMA of the weights").
     decay: Optional[float] = None
     warmup_steps: int = 2000  # the decay ramps up as decay * (1 - exp(-updates / warmup_steps)); 0: no ramp
     every: int = 1  # optimizer steps between updates
@@ -176,8 +195,10 @@ class EmaConfig:
 
 @dataclass
 class TrainerConfig:
-    epochs: int = 12
-    batch_size: int = 2
+    """The training loop: length, batch, precision, evaluation, checkpoints and logging."""
+
+    epochs: int = 12  # passes over the training set
+    batch_size: int = 2  # images per process and step
     amp: bool = False  # autocast: fp16 or bf16 on CUDA, bf16 on CPUs with AVX-512 (runtime.amp_dtype)
     amp_dtype: str = "fp16"  # fp16 | bf16
     grad_clip: Optional[float] = None  # max total gradient norm
@@ -191,7 +212,7 @@ class TrainerConfig:
     # auto: on for CPU (bitwise resume), off on CUDA (cudnn.benchmark, TF32). true | false force it.
     # A string, so that old checkpoints' booleans still load (as "True" / "False").
     deterministic: str = "auto"
-    progress: bool = True
+    progress: bool = True  # a progress bar per epoch on the console
     best_metric: str = "bbox/AP"  # validation metric that picks best.pth (higher is better)
     channels_last: bool = False  # NHWC convolutions (models/options.py)
     compile: bool = False  # torch.compile of backbone + FPN; checkpoints are unaffected
@@ -200,23 +221,27 @@ class TrainerConfig:
 
 @dataclass
 class InitConfig:
+    """How init_from loads weights (docs/fine-tuning.md)."""
+
     # Ordered renames applied to init_from keys: {"from": "prefix or regex", "to": "..."}.
     remap: List[Dict[str, str]] = field(default_factory=list)
-    strict: bool = False
+    strict: bool = False  # any skipped, missing or unexpected tensor is an error
     trust: bool = False  # allow full unpickling of init_from files
     raw: bool = False  # of an frcnn_train checkpoint with EMA weights, take the trained ones instead
 
 
 @dataclass
 class TrainConfig:
-    run_name: str = "${now:%Y-%m-%d_%H-%M-%S}"
-    output_dir: str = "outputs"
-    seed: int = 42
+    """The keys at the top of the config."""
+
+    run_name: str = "${now:%Y-%m-%d_%H-%M-%S}"  # the run directory is output_dir/run_name
+    output_dir: str = "outputs"  # where run directories (and sweeps' records) go
+    seed: int = 42  # any integer; the same seed repeats the run
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    resume: Optional[str] = None
+    resume: Optional[str] = None  # a checkpoint file, a run directory, or auto
     # A new run into a directory that holds a run moves the old one aside (to <run_name>.old-<time>).
     overwrite: bool = False
-    init_from: Optional[str] = None
+    init_from: Optional[str] = None  # weights to start from (fine-tuning); never optimizer state or counters
     init: InitConfig = field(default_factory=InitConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -145,8 +145,8 @@ def _results_path(out: str | Path | None, ckpt_path: Path) -> Path:
     return out_path
 
 
-@cli
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's arguments; docs/ generates the command-line reference from it."""
     parser = argparse.ArgumentParser(prog=prog_name("frcnn_train.evaluate"), description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="checkpoint file (or run directory: best.pth, else last.pth)")
     parser.add_argument("overrides", nargs="*", help="data=..., data.*=..., device=..., trainer.batch_size=...")
@@ -155,7 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON instead of a table")
     parser.add_argument("--raw", action="store_true",
                         help="evaluate the trained weights, not the EMA's (for checkpoints of runs with trainer.ema)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+@cli
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     metrics, out, weights = run_evaluation(args.checkpoint, args.overrides, args.out, raw=args.raw)
     if args.json:
         print(json.dumps({"metrics": metrics, "detections": str(out), "weights": weights}))

@@ -241,8 +241,8 @@ def describe(result: ExportResult) -> str:
             f"and the fingerprint in the file's metadata")
 
 
-@cli
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's arguments; docs/ generates the command-line reference from it."""
     parser = argparse.ArgumentParser(prog=prog_name("frcnn_train.export"), description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="checkpoint file (or run directory: best.pth, else last.pth)")
     parser.add_argument("--format", required=True, help="onnx (run with onnxruntime) or torchscript (torch.jit.load)")
@@ -261,7 +261,12 @@ def main(argv: list[str] | None = None) -> int:
                              "trace runs on that device only (default cpu). ONNX files are device-free")
     parser.add_argument("--check-images", type=int, default=16,
                         help="validation images to compare the file with the PyTorch model on (0: no check)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+@cli
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     result = export(args.checkpoint, args.format, args.out, dynamic=args.dynamic, raw=args.raw,
                     device=args.device, check_images=args.check_images)
     print(describe(result))

@@ -396,8 +396,8 @@ def inspect_paths(paths: list[str], overrides: list[str], *, trust: bool = False
 _RENDER = {"checkpoint": render_checkpoint, "weights": render_weights, "run_dir": render_run_dir, "diff": render_diff}
 
 
-@cli
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's arguments; docs/ generates the command-line reference from it."""
     parser = argparse.ArgumentParser(prog=prog_name("frcnn_train.inspect"), description=__doc__.splitlines()[0])
     parser.add_argument("items", nargs="+",
                         help="1-2 paths (checkpoint, weights file, run directory), then key=value overrides")
@@ -406,7 +406,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     parser.add_argument("--trust", action="store_true",
                         help="allow files that need full unpickling (like init.trust=true)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+@cli
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     overrides = [i for i in args.items if "=" in i]
     paths = [i for i in args.items if "=" not in i]
     trust = args.trust or "init.trust=true" in overrides

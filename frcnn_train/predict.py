@@ -139,8 +139,8 @@ def predict(ckpt_path: str | Path, inputs: list[str], out_dir: str | Path, *, sc
     return results, highest_dropped
 
 
-@cli
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's arguments; docs/ generates the command-line reference from it."""
     parser = argparse.ArgumentParser(prog=prog_name("frcnn_train.predict"), description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="checkpoint file (or run directory: best.pth, else last.pth)")
     parser.add_argument("inputs", nargs="+", help="image files or directories (jpg, jpeg, png, bmp)")
@@ -151,7 +151,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass")
     parser.add_argument("--raw", action="store_true",
                         help="use the trained weights, not the EMA's (for checkpoints of runs with trainer.ema)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+@cli
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     results, highest_dropped = predict(args.checkpoint, args.inputs, args.out, score_threshold=args.score_threshold,
                                        device=args.device, batch_size=args.batch_size, raw=args.raw)
     print(f"{len(results)} detections; drawn images and predictions.json in {args.out}")

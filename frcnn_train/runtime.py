@@ -20,7 +20,7 @@ import torch
 from frcnn_train import distributed
 from frcnn_train.errors import ConfigError, UserError
 
-# Exit codes of every frcnn-* command (README "Exit codes").
+# Exit codes of every frcnn-* command (docs/exit-codes.md).
 EXIT_OK = 0  # finished (or stopped where asked: trainer.max_steps)
 EXIT_USER_ERROR = 2  # one sentence on stderr names the cause; nothing on disk changed
 # Stopped by a signal after saving last.pth: resumable. The shell's 128 + signal

@@ -3,7 +3,7 @@
 `-m` (Hydra multirun) runs one job per combination; each job is a run of its own
 (output_dir/run_name, the default run_name ending in _<job number>), a job that
 fails with a user error is reported and the next one starts, and each job returns
-its best validation metric for sweepers to optimise. Exit codes: README "Exit codes".
+its best validation metric for sweepers to optimise. Exit codes: docs/exit-codes.md.
 """
 from __future__ import annotations
 

@@ -286,7 +286,7 @@ OPTIONS = {"default (fp16)": [], "bf16": ["trainer.amp_dtype=bf16"], "channels_l
 
 def options(c: Check) -> dict[str, Any]:
     if not c.cuda:
-        return skip("CUDA only: speed options on the CPU are in the README")
+        return skip("CUDA only: speed options on the CPU are in docs/gpu-and-speed.md")
     figures: dict[str, Any] = {}
     code = 0
     for i, (name, extra) in enumerate(OPTIONS.items()):
