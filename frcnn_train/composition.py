@@ -80,3 +80,16 @@ def composition_error(err: BaseException) -> ConfigError | None:
         where = f" (in {key})" if key else ""
         return ConfigError(f"the config does not resolve{where}: {_first_line(err)}; {_FIX}")
     return None
+
+
+def resolved_overrides(cfg: object, overrides: object) -> list[str]:
+    """The overrides as strings, once every ${...} in them and in `cfg` resolves: a bad interpolation is
+    the user's error, one sentence before any work."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+        return [str(override) for override in overrides]  # type: ignore[union-attr]
+    except OmegaConfBaseException as err:
+        raise composition_error(err) from None

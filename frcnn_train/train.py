@@ -12,7 +12,9 @@ import math
 import os
 import signal
 import sys
+import types
 from pathlib import Path
+from typing import Sequence
 
 STARTUP_INTERRUPTED = "interrupted during start-up: nothing was trained"
 CTRL_C_EXIT = 130  # runtime.interrupt_exit_code(), known before torch is imported
@@ -103,10 +105,11 @@ def _job(cfg: DictConfig) -> float | None:
     job = f"job {hydra_cfg.job.num} ({' '.join(hydra_cfg.overrides.task)}): " if multirun else ""
     try:
         # Imported here, inside the try: a Ctrl-C while torch loads is start-up too.
+        from frcnn_train.composition import resolved_overrides
         from frcnn_train.launch import run
         from frcnn_train.runtime import EXIT_OK, exit_code_for
 
-        overrides = _resolved(cfg, hydra_cfg.overrides.task)
+        overrides = resolved_overrides(cfg, hydra_cfg.overrides.task)
         _sweep["metric"] = cfg.trainer.best_metric
         summary = run(cfg, overrides=overrides, interrupted=lambda: _ctrl_c_seen)
     except UserError as err:
@@ -146,21 +149,6 @@ def _job(cfg: DictConfig) -> float | None:
             print(f"{job}no {_sweep['metric']}: the run never evaluated it (a failed trial for a sweeper)",
                   file=sys.stderr)
     return best
-
-
-def _resolved(cfg: DictConfig, task: object) -> list[str]:
-    """The job's overrides, once every ${...} in them and in `cfg` resolves: a bad interpolation is
-    the user's error, one sentence before any work."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    from frcnn_train.composition import composition_error
-
-    try:
-        OmegaConf.to_container(cfg, resolve=True)
-        return [str(override) for override in task]
-    except OmegaConfBaseException as err:
-        raise composition_error(err) from None
 
 
 main = hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")(_job)
@@ -211,6 +199,18 @@ def cli() -> None:
             os.environ["HYDRA_FULL_ERROR"] = users_choice
     sys.exit(max(_codes, default=0))
 
+
+class _CallableModule(types.ModuleType):
+    """`frcnn_train.train` is this module once anything imports it (Python sets a package's attribute to
+    its submodule), so the module itself is the API's train(): frcnn_train.train([...]) works either way."""
+
+    def __call__(self, overrides: Sequence[str] = ()) -> tuple[Path, dict[str, float]]:
+        from frcnn_train.api import train
+
+        return train(overrides)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
     cli()

@@ -85,17 +85,22 @@ def _torchvision_decode(data: Tensor, *, jpeg: bool) -> Decoded | None:
 def _pil_decode(path: str | Path) -> Decoded:
     try:
         with Image.open(path) as im:
-            if im.mode.startswith("I;16"):
-                return Decoded(_gray_to_rgb(np.asarray(im).astype(np.float32) / np.float32(UINT16_MAX)), SCALED_16BIT)
-            if im.mode == "I":
-                return Decoded(_scaled_int32(np.asarray(im)), SCALED_32BIT_INT)
-            if im.mode == "F":
-                return Decoded(_float_as_is(np.asarray(im)), FLOAT_AS_IS)
-            array = np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+            return from_pil(im)
     except (ImageRangeError, MemoryError):
         raise
     except Exception as err:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError ... for bad files
         raise ImageDecodeError(str(err).splitlines()[0] if str(err) else type(err).__name__) from None
+
+
+def from_pil(im: Image.Image) -> Decoded:
+    """A PIL image as a file of it decodes (see the module docstring): the Python API takes PIL images too."""
+    if im.mode.startswith("I;16"):
+        return Decoded(_gray_to_rgb(np.asarray(im).astype(np.float32) / np.float32(UINT16_MAX)), SCALED_16BIT)
+    if im.mode == "I":
+        return Decoded(_scaled_int32(np.asarray(im)), SCALED_32BIT_INT)
+    if im.mode == "F":
+        return Decoded(_float_as_is(np.asarray(im)), FLOAT_AS_IS)
+    array = np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
     return Decoded(torch.from_numpy(array).permute(2, 0, 1))
 
 
