@@ -93,6 +93,10 @@ def stats(overrides: Sequence[str], out: Path | None) -> tuple[str, list[Path]]:
                         crowd_left_out=train["crowd region"].count if "crowd region" in train else 0),
             split_stats("val", data.val, len(data.classes), setup)]
     table = format_stats(rows, data.classes, setup)
+    errors = sum(p.count(ERROR) for p in problems.values())
+    if errors:
+        table += (f"\n({errors} problem(s) of the files would stop training and are left out of these numbers; "
+                  "`frcnn-data check` lists them)")
     written = write_stats(out, rows, data.classes, setup) if out is not None else []
     return table, written
 
@@ -101,7 +105,7 @@ def stats(overrides: Sequence[str], out: Path | None) -> tuple[str, list[Path]]:
 def show(count: int, overrides: Sequence[str], out: Path, *, model_input: bool = True) -> list[Path]:
     """The first `count` samples of the first training epoch, as the loader gives them (same order and
     augmentation seeds), with the ground truth drawn; at the model's input size unless `model_input` is off."""
-    from torchvision.io import write_png
+    from PIL import Image
     from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
     from frcnn_train.data.loader import ResumableSampler
@@ -124,7 +128,7 @@ def show(count: int, overrides: Sequence[str], out: Path, *, model_input: bool =
             image = (scaled.clamp(0, 1) * 255).round().to(torch.uint8)
         drawn = draw_detections(image, target, data.classes)
         path = out / f"sample_{k:03d}_image_{int(target['image_id'])}.png"
-        write_png(drawn, str(path))
+        Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(path)
         written.append(path)
     return written
 

@@ -224,19 +224,20 @@ class CocoDetection(torch.utils.data.Dataset):
             raise err
         where = f"{self._images_key}=" if self._images_key else ""
         cause = str(err).splitlines()[0] if str(err) else type(err).__name__
+        error = DataError(
+            f"image {path} ({where}{self.images_dir}, listed in {self.source}) is truncated or corrupt "
+            f"({cause}); replace the file, remove it from the annotations, or set data.bad_images=skip to "
+            "train without it"
+        )
         if self._problems is not None:
             kind = "undecodable image (data.bad_images=skip)" if self.bad_images == "skip" else "undecodable image"
-            self._problems.add(kind, path.name, f"image {path} is truncated or corrupt ({cause})")
+            self._problems.add(kind, path.name, str(error))
             return
         if self.bad_images == "skip":
             # Logged, not warnings.warn: it may happen in a DataLoader worker, where warnings are not collected.
             _log.warning("data.bad_images=skip: skipped %s, which does not decode (%s).", path, cause)
             return
-        raise DataError(
-            f"image {path} ({where}{self.images_dir}, listed in {self.source}) is truncated or corrupt "
-            f"({cause}); replace the file, remove it from the annotations, or set data.bad_images=skip to "
-            "train without it"
-        )
+        raise error
 
     def _annotations(
         self, annotations: list[dict], images: dict[int, dict], cat_to_label: dict[int, int], skip_empty: bool

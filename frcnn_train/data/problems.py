@@ -14,7 +14,7 @@ ERROR, WARNING, NOTE = "error", "warning", "note"
 
 # What training does about each kind: (severity, action). An error stops training; a warning is
 # repaired or left out with a warning; a note is what training does silently by design.
-REFUSE = "training stops with this error"
+REFUSE = "stops with this error"
 KINDS: dict[str, tuple[str, str]] = {
     "missing annotation file": (ERROR, REFUSE),
     "unreadable annotation file": (ERROR, REFUSE),
@@ -39,8 +39,8 @@ KINDS: dict[str, tuple[str, str]] = {
     "object without a usable polygon": (WARNING, "drops the annotation"),
     "undecodable image (data.bad_images=skip)": (WARNING, "drops the image"),
     "EXIF orientation applied": (NOTE, "turns the image as it is displayed, to match the annotations"),
-    "image without training targets": (NOTE, "leaves the image out of training (data.skip_empty=true)"),
-    "crowd region": (NOTE, "trains on none; COCOeval ignores detections there"),
+    "image without training targets": (NOTE, "leaves the image out (data.skip_empty=true)"),
+    "crowd region": (NOTE, "takes none as a target; COCOeval ignores detections there"),
 }
 
 
