@@ -107,3 +107,14 @@ def test_a_run_writes_plots_at_each_evaluation(tiny_runs: Callable[..., Path]) -
                                                           "pr_bbox.png"]
     events = EventAccumulator(str(run_dir), size_guidance={"images": 0}).Reload()
     assert {"val/plots/confusion", "val/plots/pr_bbox"} <= set(events.Tags()["images"])
+
+
+def test_evaluate_plots_flag(tiny_runs: Callable[..., Path], tmp_path: Path, capsys) -> None:
+    from frcnn_train import evaluate
+
+    run_dir = tiny_runs("plots")
+    code = evaluate.main([str(run_dir / "last.pth"), "--out", str(tmp_path / "det.json"),
+                          "--plots", str(tmp_path / "plots")])
+    assert code == 0 and f"plots: {tmp_path / 'plots'}" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["confusion.png", "confusion_normalised.png",
+                                                                     "pr_bbox.png"]
