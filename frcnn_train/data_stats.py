@@ -63,8 +63,8 @@ def format_stats(stats: list[SplitStats], classes: list[str], setup: AnchorSetup
         ranges = ", ".join(f"{n} {int(((s.area >= lo) & (s.area < hi)).sum())}" for n, (lo, hi) in AREA_RANGES.items())
         lines += [
             f"{s.name}:",
-            f"  images               {s.images} read ({s.empty_images} without objects"
-            f"{', left out of training' if s.name == 'train' else ''}), {s.crowd} crowd regions",
+            f"  images               {s.images} read, {s.empty_images} without objects"
+            f"{' (left out of training)' if s.name == 'train' else ''}, {s.crowd} crowd regions",
             f"  objects              {int(s.objects_per_image.sum())}; per image {_pct(s.objects_per_image)}",
             f"  image height         {_pct(s.image_hw[:, 0])} px (annotations' pixels)",
             f"  image width          {_pct(s.image_hw[:, 1])} px",

@@ -66,8 +66,16 @@ def check(overrides: Sequence[str], *, decode: bool = True, keep: int = 5) -> tu
     if fit.boxes and fit.recall < TARGET:
         code = max(code, 1)
     errors = sum(p.count(ERROR) for p in problems.values())
-    verdict = {0: "clean", 1: "warnings only: training runs and repairs or leaves out what is listed",
-               2: f"{errors} error(s): training stops at the first"}[code]
+    if code == 2:
+        verdict = f"{errors} error(s): training stops at the first"
+    elif code == 1:
+        repairs = max(p.exit_code() for p in problems.values()) == 1
+        anchors = fit.recall < TARGET
+        verdict = "warnings only: training runs" + (", repairing or leaving out what is listed" if repairs else "") + (
+            f"{' and' if repairs else ','} with anchors that miss boxes (best possible recall under {TARGET})"
+            if anchors else "")
+    else:
+        verdict = "clean"
     lines.append(f"result: {verdict} (exit {code})")
     return "\n".join(lines), code
 
@@ -143,7 +151,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="every problem of the files, and the anchor fit (exit 0 / 1 / 2)")
     p.add_argument("overrides", nargs="*", help=overrides_help)
     p.add_argument("--no-decode", action="store_true", help="do not decode the images (faster; misses bad files)")
-    p.add_argument("--first", type=int, default=5, help="ids listed per kind of problem (default 5)")
+    p.add_argument("--first", type=int, default=5, metavar="N", help="ids listed per kind of problem (default 5)")
     p = sub.add_parser("stats", help="a table of the data and PNG plots (--out)")
     p.add_argument("overrides", nargs="*", help=overrides_help)
     p.add_argument("--out", help="directory for stats.txt and the plots (needs matplotlib)")

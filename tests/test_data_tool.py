@@ -175,7 +175,7 @@ def test_stats_table_and_plots(broken_coco: list[str], tmp_path: Path) -> None:
                         _ann(3, 1, 2, [0, 0, 40, 30], crowd=1)]}))
     table, written = data_tool.stats(overrides + ["model.min_size=60", "model.max_size=80"], tmp_path / "stats")
     # Resize 40x30 -> scale min(60/30, 80/40) = 2: the val cat box 10x10 becomes 20x20, the dog 10x20 20x40.
-    assert "val:\n  images               2 read (1 without objects), 1 crowd regions" in table
+    assert "val:\n  images               2 read, 1 without objects, 1 crowd regions" in table
     assert "box sqrt(w*h)        20.0 / 20.8 / 24.1 / 27.5 / 28.3 px after resize" in table
     assert "box aspect w/h       0.50 / 0.55 / 0.75 / 0.95 / 1.00" in table
     assert "  class     train       val\n  cat         4         1\n  dog         1         1" in table
