@@ -61,10 +61,9 @@ class Problems:
         self.keep = keep
         self.groups: dict[str, Group] = {}
 
-    def add(self, kind: str, ident: Any, sentence: str = "", *, where: str = "") -> None:
+    def add(self, kind: str, ident: Any, sentence: str = "") -> None:
         severity, action = KINDS.get(kind, (ERROR, REFUSE))
-        key = f"{where}: {kind}" if where else kind
-        group = self.groups.setdefault(key, Group(key, severity, action))
+        group = self.groups.setdefault(kind, Group(kind, severity, action))
         group.count += 1
         if len(group.first) < self.keep:
             group.first.append(ident)
