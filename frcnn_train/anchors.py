@@ -46,7 +46,7 @@ class Boxes:
     image_hw: np.ndarray
 
     @classmethod
-    def from_dataset(cls, dataset: Any) -> "Boxes":
+    def from_dataset(cls, dataset: Any) -> Boxes:
         """From a CocoDetection's stored records: no image is decoded."""
         xyxy, area, hw = [], [], []
         for i in range(len(dataset)):
@@ -142,7 +142,7 @@ class Fit:
     by_area: dict[str, tuple[float, int]]  # "small" -> (recall, boxes)
     boxes: int
     positive: float = float("nan")  # share of boxes with best IoU >= FG_IOU_THRESH
-    suggestion: "Fit | None" = None
+    suggestion: Fit | None = None
     notes: list[str] = field(default_factory=list)
 
     def format(self) -> str:
