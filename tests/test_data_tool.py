@@ -207,3 +207,21 @@ def test_voc_problems_are_collected(tmp_path: Path) -> None:
     assert len(coco["images"]) == 2 and len(coco["annotations"]) == 1
     with pytest.raises(DataError, match="zebra"):
         load_voc(root, "train", classes=["cat"])
+
+
+def test_an_empty_training_split_is_reported_with_its_causes(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(images / "a.png")
+    data = {"images": [{"id": 1, "file_name": "a.png", "width": 32, "height": 32}],
+            "categories": [{"id": 1, "name": "cat"}],
+            "annotations": [_ann(1, 1, 1, [40, 40, 5, 5]), _ann(2, 1, 7, [1, 1, 5, 5])]}
+    (tmp_path / "ann.json").write_text(json.dumps(data))
+    cfg = compose_config(["data=coco", f"data.root={tmp_path}", "data.train_images=images", "data.val_images=images",
+                          "data.train_ann=ann.json", "data.val_ann=ann.json"])
+    problems = {"train": Problems(), "val": Problems()}
+    build_datasets(cfg.data, with_masks=False, problems=problems)
+    found = {g.kind: g.first for g in problems["train"].groups.values()}
+    assert found == {"box empty after clipping": [1], "unknown category id": [2], "image without training targets": [1],
+                     "empty split": [str(tmp_path / "ann.json")]}
+    assert "empty training split" in problems["train"].groups["empty split"].example
