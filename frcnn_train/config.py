@@ -209,6 +209,8 @@ class TrainerConfig:
     max_steps: Optional[int] = None  # stop (and save) after this many optimizer steps
     log_every: int = 20  # steps between TensorBoard scalar writes
     vis_images: int = 4  # validation images drawn into TensorBoard
+    # Per-class PR curves and a confusion matrix at each evaluation: PNG under <run>/plots/ and TensorBoard.
+    plots: bool = True
     # auto: on for CPU (bitwise resume), off on CUDA (cudnn.benchmark, TF32). true | false force it.
     # A string, so that old checkpoints' booleans still load (as "True" / "False").
     deterministic: str = "auto"
@@ -264,6 +266,7 @@ MUTABLE_ON_RESUME = (
     "trainer.channels_last",
     "trainer.compile",
     "trainer.vis_images",
+    "trainer.plots",
     "trainer.progress",
     "trainer.eval_every",
     "trainer.checkpoint_every_steps",

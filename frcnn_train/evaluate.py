@@ -96,9 +96,11 @@ def load_model(ckpt: dict[str, Any], cfg: DictConfig, source: str, *, raw: bool 
 
 
 def run_evaluation(ckpt_path: str | Path, overrides: Sequence[str] = (),
-                   out: str | Path | None = None, *, raw: bool = False) -> tuple[dict[str, float], Path, str]:
+                   out: str | Path | None = None, *, raw: bool = False,
+                   plots: str | Path | None = None) -> tuple[dict[str, float], Path, str]:
     """Evaluate a checkpoint (its EMA weights when it has them, unless `raw`); returns the metrics, the
-    COCO results file written and which weights ran ("ema" or "raw")."""
+    COCO results file written and which weights ran ("ema" or "raw"). `plots`: a directory for the PR
+    curves and the confusion matrix (PNG)."""
     path = checkpoint.checkpoint_in(ckpt_path)
     out_path = _results_path(out, path)
     ckpt = checkpoint.load_checkpoint(path)
@@ -118,8 +120,11 @@ def run_evaluation(ckpt_path: str | Path, overrides: Sequence[str] = (),
     loader = build_eval_loader(data.val, batch_size=cfg.trainer.batch_size,
                                num_workers=resolve_num_workers(cfg.data.num_workers, device))
     dtype = amp_dtype(cfg.trainer.amp, cfg.trainer.amp_dtype, device)
+    evaluators: dict[str, Any] = {}
     metrics, results = evaluate(model, loader, coco_gt=data.val.coco, label_to_cat_id=data.val.label_to_cat_id,
-                                device=device, with_masks=with_masks, autocast_dtype=dtype)
+                                device=device, with_masks=with_masks, autocast_dtype=dtype, evaluators=evaluators)
+    if plots is not None:
+        _write_plots(Path(plots).expanduser(), data.val.coco, evaluators, results)
     # COCO.loadRes adds area / id / iscrowd (and box polygons) to the dicts it is given; write only ours.
     keep = ("image_id", "category_id", "bbox", "score") + (("segmentation",) if with_masks else ())
     results = [{k: r[k] for k in keep if k in r} for r in results]
@@ -130,6 +135,19 @@ def run_evaluation(ckpt_path: str | Path, overrides: Sequence[str] = (),
         raise ConfigError(f"the detections could not be written to {out_path} ({err.strerror}); "
                           "give a writable file with --out") from None
     return metrics, out_path, checkpoint.inference_weights(ckpt, raw=raw)[1]
+
+
+def _write_plots(out_dir: Path, coco_gt: Any, evaluators: dict[str, Any], results: list[dict[str, Any]]) -> None:
+    from frcnn_train.eval_plots import PLOTS_HINT, evaluation_figures, save_figures
+
+    figures = evaluation_figures(coco_gt, evaluators, results)
+    if not figures:
+        raise ConfigError(f"--plots needs matplotlib, which is not installed; {PLOTS_HINT}")
+    try:
+        save_figures(figures, out_dir)
+    except OSError as err:
+        raise ConfigError(f"the plots could not be written to {out_dir} ({err.strerror}); "
+                          "give a writable directory with --plots") from None
 
 
 def _results_path(out: str | Path | None, ckpt_path: Path) -> Path:
@@ -152,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("overrides", nargs="*", help="data=..., data.*=..., device=..., trainer.batch_size=...")
     parser.add_argument("--out", help="COCO results JSON, or a directory for it "
                                       "(default: <ckpt dir>/detections_<ckpt stem>.json)")
+    parser.add_argument("--plots", metavar="DIR",
+                        help="write per-class PR curves and a confusion matrix (PNG, needs matplotlib) to DIR")
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON instead of a table")
     parser.add_argument("--raw", action="store_true",
                         help="evaluate the trained weights, not the EMA's (for checkpoints of runs with trainer.ema)")
@@ -161,12 +181,15 @@ def build_parser() -> argparse.ArgumentParser:
 @cli
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    metrics, out, weights = run_evaluation(args.checkpoint, args.overrides, args.out, raw=args.raw)
+    metrics, out, weights = run_evaluation(args.checkpoint, args.overrides, args.out, raw=args.raw, plots=args.plots)
     if args.json:
-        print(json.dumps({"metrics": metrics, "detections": str(out), "weights": weights}))
+        plots = {"plots": str(Path(args.plots).expanduser())} if args.plots else {}
+        print(json.dumps({"metrics": metrics, "detections": str(out), "weights": weights, **plots}))
     else:
         which = "the EMA weights (--raw: the trained ones)" if weights == "ema" else "the trained weights"
         print(f"{format_table(metrics)}\nweights: {which}\ndetections: {out}")
+        if args.plots:
+            print(f"plots: {Path(args.plots).expanduser()}")
     return 0
 
 

@@ -54,8 +54,11 @@ def detections_to_coco(
     return results
 
 
-def coco_metrics(coco_gt: COCO, results: list[dict[str, Any]], iou_type: str) -> dict[str, float]:
-    """AP, AP50, AP75, APs, APm, APl and "AP-<class>" per category for one IoU type ("bbox" or "segm")."""
+def coco_metrics(coco_gt: COCO, results: list[dict[str, Any]], iou_type: str,
+                 keep: dict[str, COCOeval] | None = None) -> dict[str, float]:
+    """AP, AP50, AP75, APs, APm, APl and "AP-<class>" per category for one IoU type ("bbox" or "segm").
+
+    `keep`: the accumulated COCOeval is stored there under `iou_type`, for the plots (eval_plots)."""
     if not results:  # loadRes cannot take an empty list; no detection scores zero
         return {**{name: 0.0 for name in METRIC_NAMES}, **_no_detections_per_class(coco_gt)}
     # loadRes adds keys to the dicts it gets, so give it copies. For masks drop the
@@ -70,6 +73,8 @@ def coco_metrics(coco_gt: COCO, results: list[dict[str, Any]], iou_type: str) ->
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
+    if keep is not None:
+        keep[iou_type] = evaluator
     # -1 (pycocotools' convention) means "no ground truth of that size", e.g. APl on small images.
     return {**{name: float(v) for name, v in zip(METRIC_NAMES, evaluator.stats[:6])}, **per_class_ap(evaluator)}
 
@@ -159,12 +164,14 @@ def evaluate(
     device: torch.device,
     with_masks: bool,
     autocast_dtype: torch.dtype | None = None,
+    evaluators: dict[str, COCOeval] | None = None,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Run the model over `loader` and score it; returns ("bbox/AP"-style metrics, COCO results).
 
     Under torchrun each rank predicts its shard; only rank 0 receives the
     detections and runs pycocotools; every rank gets the metrics, and the
-    results on rank 0 only (others get []).
+    results on rank 0 only (others get []). `evaluators` (rank 0): receives each IoU type's
+    accumulated COCOeval (none where there was no detection), for the plots.
     """
     was_training = model.training
     model.eval()
@@ -183,7 +190,7 @@ def evaluate(
     metrics = {}
     if distributed.is_main():
         for iou_type in ("bbox", "segm") if with_masks else ("bbox",):
-            for name, value in coco_metrics(coco_gt, results, iou_type).items():
+            for name, value in coco_metrics(coco_gt, results, iou_type, keep=evaluators).items():
                 metrics[f"{iou_type}/{name}"] = value
     return distributed.broadcast_from_main(metrics), results
 

@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from frcnn_train import checkpoint, distributed, rundir
+from frcnn_train.anchors import start_warning
 from frcnn_train.checkpointer import Checkpointer
 from frcnn_train.config import check_values
 from frcnn_train.data import DataBundle, DataWarning, build_datasets, resolve_num_workers
@@ -200,7 +201,8 @@ def build_trainer(cfg: DictConfig, parts: Parts, data: DataBundle, device: torch
         amp_dtype=parts.dtype, device=device, registry=registry, checkpointer=checkpointer,
         validator=Validator(data=data, device=device, with_masks=with_masks, batch_size=settings.batch_size,
                             num_workers=workers, amp_dtype=parts.dtype, logger=logger,
-                            vis_images=settings.vis_images, best_metric=settings.best_metric),
+                            vis_images=settings.vis_images, best_metric=settings.best_metric,
+                            plots=settings.plots),
         step_log=StepLog(logger, log_every=settings.log_every, epochs=settings.epochs, steps_per_epoch=parts.steps_per_epoch,
                          progress=settings.progress and sys.stderr.isatty()),
     )
@@ -256,6 +258,8 @@ def _log_start(cfg: DictConfig, trainer: Trainer, parts: Parts, device: torch.de
                  "follows %s.", parts.ema.decay, parts.ema.warmup_steps, parts.ema.every, cfg.trainer.best_metric)
     if overrides:
         log.info("Overrides: %s", " ".join(overrides))
+    if warning := start_warning(cfg.model, trainer.data.train):  # from the records: no image is read
+        log.warning("%s", warning)
 
 
 def _log_summary(summary: dict[str, Any], trainer: Trainer, run_dir: Path) -> None:

@@ -95,6 +95,11 @@ class RunLogger:
         if self._writer is not None:
             self._writer.add_image(tag, image_uint8, step)
 
+    def figure(self, tag: str, figure: Any, step: int) -> None:
+        """A matplotlib figure as an image in TensorBoard (left open: the caller saves it too)."""
+        if self._writer is not None:
+            self._writer.add_figure(tag, figure, step, close=False)
+
     def metrics_line(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from frcnn_train import distributed
 from frcnn_train.data import DataBundle, build_eval_loader
+from frcnn_train.eval_plots import evaluation_figures, save_figures
 from frcnn_train.evaluation import evaluate, format_table, summary_metrics
 from frcnn_train.logs import RunLogger, log
 from frcnn_train.visualize import draw_detections
@@ -28,6 +30,7 @@ class Validator:
     logger: RunLogger
     vis_images: int
     best_metric: str
+    plots: bool = False  # PR curves and a confusion matrix per evaluation (eval_plots)
 
     def __post_init__(self) -> None:
         self._said_no_metric = False
@@ -37,14 +40,18 @@ class Validator:
         must call it (the predictions are gathered to rank 0). Returns all metrics, prefixed."""
         started = time.perf_counter()
         metrics: dict[str, float] = {}
+        evaluators: dict[str, Any] = {}
+        results: list[dict[str, Any]] = []
         for prefix, model in models.items():
             distributed.broadcast_buffers(model)  # rank 0's BatchNorm statistics, which the checkpoint holds
             loader = build_eval_loader(self.data.val, batch_size=self.batch_size, num_workers=self.num_workers,
                                        rank=distributed.rank(), world_size=distributed.world_size(),
                                        pin_memory=self.device.type == "cuda")
-            scores, _ = evaluate(model, loader, coco_gt=self.data.val.coco,
-                                 label_to_cat_id=self.data.val.label_to_cat_id, device=self.device,
-                                 with_masks=self.with_masks, autocast_dtype=self.amp_dtype)
+            evaluators = {}  # the last model's (the EMA's when there is one), as _draw_samples draws
+            scores, results = evaluate(model, loader, coco_gt=self.data.val.coco,
+                                       label_to_cat_id=self.data.val.label_to_cat_id, device=self.device,
+                                       with_masks=self.with_masks, autocast_dtype=self.amp_dtype,
+                                       evaluators=evaluators)
             metrics.update({f"{prefix}{k}": v for k, v in scores.items()})
             if distributed.is_main():
                 which = " of the EMA weights" if prefix else ""
@@ -54,6 +61,8 @@ class Validator:
             self.logger.scalars({"time/eval_s": time.perf_counter() - started}, step)
             self.logger.metrics_line({"epoch": epoch, "step": step, **metrics})
             self._draw_samples(models, step)
+            if self.plots:
+                self._plots(evaluators, results, step, ema=len(models) > 1)
         return metrics
 
     def improves(self, metrics: dict[str, float], best: float | None) -> bool:
@@ -68,6 +77,15 @@ class Validator:
                             self.best_metric, "it has no annotated objects" if _empty(metrics) else "no value")
             return False
         return best is None or value > best
+
+    def _plots(self, evaluators: dict[str, Any], results: list[dict[str, Any]], step: int, *, ema: bool) -> None:
+        """PR curves and the confusion matrix: PNG under <run>/plots/step_<step>/ and in TensorBoard."""
+        figures = evaluation_figures(self.data.val.coco, evaluators, results)
+        for name, figure in figures.items():
+            self.logger.figure(f"val/plots/{name}", figure, step)
+        if figures:
+            written = save_figures(figures, self.logger.run_dir / "plots" / f"step_{step:07d}")
+            log.info("Plots%s: %s", " of the EMA weights" if ema else "", written[0].parent)
 
     @torch.no_grad()
     def _draw_samples(self, models: dict[str, nn.Module], step: int) -> None:

@@ -19,10 +19,16 @@ def draw_detections(
 ) -> torch.Tensor:
     """uint8 [3,H,W] image with boxes, "name score" labels and (if present) masks drawn.
 
-    `image` is what the datasets give: uint8, or float in [0, 1].
+    `image` is what the datasets give: uint8, or float in [0, 1]. An `output` without "scores" is ground
+    truth (a dataset's target, masks [N, H, W]): every box is drawn, labelled with its name alone.
     """
     image = image.detach().cpu()
     canvas = image.clone() if image.dtype == torch.uint8 else (image.clamp(0, 1) * 255).to(torch.uint8)
+    truth = "scores" not in output
+    if truth:
+        output = {**output, "scores": torch.ones(len(output["boxes"]))}
+        if "masks" in output:
+            output["masks"] = output["masks"][:, None].float()
     keep = output["scores"].detach().cpu() >= score_threshold
     if not keep.any():
         return canvas
@@ -33,5 +39,5 @@ def draw_detections(
         masks = output["masks"].detach().cpu()[keep][:, 0] > mask_threshold
         canvas = draw_segmentation_masks(canvas, masks, alpha=0.4, colors=colors)
     names = [classes[label - 1] if 0 < label <= len(classes) else str(label) for label in labels]
-    text = [f"{name} {score:.2f}" for name, score in zip(names, scores)]
+    text = names if truth else [f"{name} {score:.2f}" for name, score in zip(names, scores)]
     return draw_bounding_boxes(canvas, output["boxes"].detach().cpu()[keep], labels=text, colors=colors, width=2)

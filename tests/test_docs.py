@@ -96,13 +96,20 @@ def test_cli_reference_lists_every_option_of_every_command() -> None:
     for command, parser in parsers.items():
         assert f"## `{command}`\n" in page, f"{command} is missing from the command-line reference"
         section = page.split(f"## `{command}`\n")[1].split("\n## ")[0]
-        rows = _table_rows(section)
-        for action in parser._actions:
-            names = action.option_strings or [action.dest]
-            row = next((cells for first, cells in rows.items() if set(names) <= set(re.split(r"[ ,]+", first))), None)
-            assert row is not None, f"{command} {names[0]} is missing from the command-line reference"
-            if action.help and action.help != argparse.SUPPRESS:
-                assert " ".join(str(action.help).split())[:40] in row[2].replace("\\|", "|"), (command, names)
+        _assert_every_option(command, parser, section)
+        for name, sub in gen_docs.subcommands(parser).items():  # frcnn-data check|stats|show
+            assert f"### `{command} {name}`\n" in section, f"{command} {name} is missing from the reference"
+            _assert_every_option(f"{command} {name}", sub, section.split(f"### `{command} {name}`\n")[1])
+
+
+def _assert_every_option(command: str, parser: argparse.ArgumentParser, section: str) -> None:
+    rows = _table_rows(section.split("\n### ")[0])
+    for action in parser._actions:
+        names = action.option_strings or [action.dest]
+        row = next((cells for first, cells in rows.items() if set(names) <= set(re.split(r"[ ,]+", first))), None)
+        assert row is not None, f"{command} {names[0]} is missing from the command-line reference"
+        if action.help and action.help != argparse.SUPPRESS:
+            assert " ".join(str(action.help).split())[:40] in row[2].replace("\\|", "|"), (command, names)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("mkdocs") is None,

@@ -61,7 +61,7 @@ def test_installed_wheel_composes_and_trains_outside_the_repository(installed: P
     assert last.is_file()
     inspected = _run(installed, tmp_path, str(installed / "bin" / "frcnn-inspect"), str(last))
     assert inspected.returncode == 0 and "step 1 (step 1 in epoch 1)" in inspected.stdout, inspected.stderr
-    for command in ("frcnn-evaluate", "frcnn-predict", "frcnn-export"):
+    for command in ("frcnn-evaluate", "frcnn-predict", "frcnn-export", "frcnn-data"):
         helped = _run(installed, tmp_path, str(installed / "bin" / command), "--help")
         assert helped.returncode == 0 and f"usage: {command}" in helped.stdout, helped.stderr
 

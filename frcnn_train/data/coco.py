@@ -31,6 +31,7 @@ from frcnn_train.data.decode import (
     orient_to,
     read_image,
 )
+from frcnn_train.data.problems import Problems, report
 from frcnn_train.errors import DataError
 
 _log = logging.getLogger("frcnn_train")
@@ -55,6 +56,9 @@ class CocoDetection(torch.utils.data.Dataset):
 
     `ann_key` / `images_key` name the config keys the files came from, so that
     errors can say which key to change; they are optional.
+
+    `problems` (frcnn-data check): record every problem there and read on, leaving out what is
+    wrong, instead of raising at the first one as training does (None).
     """
 
     coco: COCO
@@ -75,6 +79,7 @@ class CocoDetection(torch.utils.data.Dataset):
         ann_key: str | None = None,
         images_key: str | None = None,
         bad_images: str = "error",
+        problems: Problems | None = None,
     ) -> None:
         self.images_dir = Path(images_dir).expanduser()
         self.with_masks = with_masks
@@ -83,6 +88,7 @@ class CocoDetection(torch.utils.data.Dataset):
         if bad_images not in BAD_IMAGES:
             raise DataError(f"data.bad_images={bad_images!r} is not a choice; use {' or '.join(BAD_IMAGES)}")
         self.bad_images = bad_images
+        self._problems = problems
         self._images_key = images_key
         self._unreadable: set[int] = set()  # images data.bad_images=skip left out at construction
         self._said = SaidOnce()  # notes (16-bit scaled, EXIF applied) logged once for the dataset and its workers
@@ -115,11 +121,13 @@ class CocoDetection(torch.utils.data.Dataset):
         self._records, self.image_ids = self._annotations(data["annotations"], images, cat_to_label, skip_empty)
         if not self.image_ids:
             if images:
-                raise self._error(
+                empty = self._error(
                     "gives an empty training split: no image has a usable annotation",
                     f"set data.skip_empty=false or {fix_hint(ann_key, 'file')}",
                 )
-            raise self._error("gives an empty split: it lists no images", fix_hint(ann_key, "file"))
+            else:
+                empty = self._error("gives an empty split: it lists no images", fix_hint(ann_key, "file"))
+            report(self._problems, "empty split", self.source, empty)
         self.coco = COCO()
         self.coco.dataset = data
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress chatter
@@ -164,11 +172,13 @@ class CocoDetection(torch.utils.data.Dataset):
             try:
                 image_id, file_name = int(img["id"]), str(img["file_name"])
             except (KeyError, TypeError, ValueError):
-                raise self._error(
-                    f"has an image entry without 'id' and 'file_name' ({img!r:.80})", "fix the 'images' list"
-                ) from None
+                report(self._problems, "malformed image entry", f"{img!r:.40}", self._error(
+                    f"has an image entry without 'id' and 'file_name' ({img!r:.80})", "fix the 'images' list"))
+                continue
             if image_id in out:
-                raise self._error(f"lists image id {image_id} twice", "give every image a unique id")
+                report(self._problems, "duplicate image id", image_id,
+                       self._error(f"lists image id {image_id} twice", "give every image a unique id"))
+                continue
             out[image_id] = {"file_name": file_name, "width": img.get("width"), "height": img.get("height")}
         # One directory listing instead of a stat per image: COCO train has 118k files.
         try:
@@ -183,13 +193,17 @@ class CocoDetection(torch.utils.data.Dataset):
                 return (self.images_dir / name).is_file()
             return name in present
 
-        missing = [info["file_name"] for info in out.values() if not exists(info["file_name"])]
+        missing = [(image_id, info["file_name"]) for image_id, info in out.items() if not exists(info["file_name"])]
         if missing:
-            raise DataError(
+            error = DataError(
                 f"{key_prefix(images_key)}{len(missing)} image file(s) listed in {self.source} are missing from "
-                f"{self.images_dir} (first: {missing[0]}); restore them or "
+                f"{self.images_dir} (first: {missing[0][1]}); restore them or "
                 f"{fix_hint(images_key, 'directory')}"
             )
+            for image_id, name in missing:
+                report(self._problems, "missing image file", name, error)
+                self._unreadable.add(image_id)  # left out, with its annotations
+                del out[image_id]
         for image_id, info in list(out.items()):
             if not info["width"] or not info["height"]:
                 # Old or hand-made files omit the size; reading the header is cheap.
@@ -197,28 +211,33 @@ class CocoDetection(torch.utils.data.Dataset):
                     with Image.open(self.images_dir / info["file_name"]) as im:
                         info["width"], info["height"] = im.size
                 except Exception as err:  # noqa: BLE001 - PIL raises many types for a bad file
-                    self._bad_image(self.images_dir / info["file_name"], err)
+                    self._bad_image(self.images_dir / info["file_name"], err, image_id)
                     self._unreadable.add(image_id)  # skipped, with its annotations
                     del out[image_id]
                     continue
             info["width"], info["height"] = int(info["width"]), int(info["height"])
         return out
 
-    def _bad_image(self, path: Path, err: Exception) -> None:
+    def _bad_image(self, path: Path, err: Exception, image_id: int | None = None) -> None:
         """A file that does not decode: one DataError sentence, or (data.bad_images=skip) a warning."""
         if isinstance(err, MemoryError):
             raise err
         where = f"{self._images_key}=" if self._images_key else ""
         cause = str(err).splitlines()[0] if str(err) else type(err).__name__
-        if self.bad_images == "skip":
-            # Logged, not warnings.warn: it may happen in a DataLoader worker, where warnings are not collected.
-            _log.warning("data.bad_images=skip: skipped %s, which does not decode (%s).", path, cause)
-            return
-        raise DataError(
+        error = DataError(
             f"image {path} ({where}{self.images_dir}, listed in {self.source}) is truncated or corrupt "
             f"({cause}); replace the file, remove it from the annotations, or set data.bad_images=skip to "
             "train without it"
         )
+        if self._problems is not None:
+            kind = "undecodable image (data.bad_images=skip)" if self.bad_images == "skip" else "undecodable image"
+            self._problems.add(kind, path.name, str(error))
+            return
+        if self.bad_images == "skip":
+            # Logged, not warnings.warn: it may happen in a DataLoader worker, where warnings are not collected.
+            _log.warning("data.bad_images=skip: skipped %s, which does not decode (%s).", path, cause)
+            return
+        raise error
 
     def _annotations(
         self, annotations: list[dict], images: dict[int, dict], cat_to_label: dict[int, int], skip_empty: bool
@@ -228,70 +247,94 @@ class CocoDetection(torch.utils.data.Dataset):
         degenerate: list[Any] = []  # ids of annotations with polygons of fewer than 3 points
         no_polygon = 0  # objects dropped because no polygon of 3 or more points was left
         seen_ids: set[Any] = set()
+        problems = self._problems
+        clipped_ids: list[Any] = []  # frcnn-data check's ids of the clipped and the dropped boxes
+        dropped_ids: list[Any] = []
         for ann in annotations:
             if not isinstance(ann, dict) or "id" not in ann:
-                raise self._error(
-                    f"has an annotation without an 'id' ({ann!r:.80})", "give every annotation a unique id"
-                )
+                report(problems, "malformed annotation", f"{ann!r:.40}", self._error(
+                    f"has an annotation without an 'id' ({ann!r:.80})", "give every annotation a unique id"))
+                continue
             if ann["id"] in seen_ids:
-                raise self._error(f"lists annotation id {ann['id']} twice", "give every annotation a unique id")
+                report(problems, "duplicate annotation id", ann["id"], self._error(
+                    f"lists annotation id {ann['id']} twice", "give every annotation a unique id"))
+                continue
             seen_ids.add(ann["id"])
             image_id, cat_id = ann.get("image_id"), ann.get("category_id")
             if image_id in self._unreadable:
                 continue
             if image_id not in images:
-                raise self._error(
+                report(problems, "annotation of an unknown image", ann["id"], self._error(
                     f"has annotation id {ann.get('id')} for image_id {image_id}, which is not in 'images'",
                     "add the image or remove the annotation",
-                )
+                ))
+                continue
             if cat_id not in cat_to_label:
-                raise self._error(
+                report(problems, "unknown category id", ann["id"], self._error(
                     f"has annotation id {ann.get('id')} with category_id {cat_id}, which is not in 'categories'",
                     "add the category or remove the annotation",
-                )
+                ))
+                continue
             if not finite_numbers(ann.get("bbox")):
-                raise self._error(
+                report(problems, "non-finite box", ann["id"], self._error(
                     f"has annotation id {ann['id']} whose 'bbox' {ann['bbox']} holds a value that is not a finite "
                     "number", "fix or remove the annotation (a NaN or infinite box makes the loss non-finite)"
-                )
+                ))
+                continue
             # COCOeval reads these from the ground truth; fill them in as COCO would.
             crowd = int(ann.setdefault("iscrowd", 0))
             if "area" not in ann and isinstance(ann.get("bbox"), list) and len(ann["bbox"]) == 4:
                 ann["area"] = float(ann["bbox"][2]) * float(ann["bbox"][3])
             if crowd and self.train:
+                if problems is not None:
+                    problems.add("crowd region", ann["id"])
                 continue  # crowd regions only mark areas COCOeval ignores; they are no training targets
             try:
                 x, y, w, h = (float(v) for v in ann["bbox"])
             except (KeyError, TypeError, ValueError):
-                raise self._error(
-                    f"has annotation id {ann.get('id')} without a 4-number 'bbox'", "fix the annotation"
-                ) from None
+                report(problems, "malformed annotation", ann["id"], self._error(
+                    f"has annotation id {ann.get('id')} without a 4-number 'bbox'", "fix the annotation"))
+                continue
             info = images[image_id]
             width, height = info["width"], info["height"]
             x1, y1, x2, y2 = max(x, 0.0), max(y, 0.0), min(x + w, width), min(y + h, height)
             if x2 <= x1 or y2 <= y1:
                 dropped += 1
+                dropped_ids.append(ann["id"])
                 continue
             if (x1, y1, x2, y2) != (x, y, x + w, y + h):
                 clipped += 1
+                clipped_ids.append(ann["id"])
             segmentation = None
             if self.with_masks:
-                segmentation, short = self._check_segmentation(ann, width, height)
+                try:
+                    segmentation, short = self._check_segmentation(ann, width, height)
+                except DataError as err:
+                    missing = "without a 'segmentation'" in str(err)
+                    report(problems, "missing segmentation" if missing else "malformed segmentation", ann["id"], err)
+                    continue
                 if short:
                     degenerate.append(ann["id"])
                 if segmentation == []:
                     no_polygon += 1
+                    if problems is not None:
+                        problems.add("object without a usable polygon", ann["id"])
                     continue
             area = float(ann.get("area") or (x2 - x1) * (y2 - y1))
             per_image[image_id].append(((x1, y1, x2, y2), cat_to_label[cat_id], area, crowd, segmentation))
-        if clipped or dropped:
+        if problems is not None:
+            for kind, ids in (("box partly outside its image", clipped_ids), ("box empty after clipping", dropped_ids),
+                              ("polygon of fewer than 3 points", degenerate)):
+                for ann_id in ids:
+                    problems.add(kind, ann_id)
+        elif clipped or dropped:
             warnings.warn(
                 f"{self.source}: clipped {clipped} box(es) that extended outside their image and dropped "
                 f"{dropped} box(es) with zero or negative area after clipping",
                 DataWarning,
                 stacklevel=3,
             )
-        if degenerate or no_polygon:
+        if (degenerate or no_polygon) and problems is None:
             # pycocotools would read a 4-number polygon as a box and train a rectangle; an object without
             # a polygon would teach the mask head an empty mask. Both are left out, as detectron2 does.
             first = f" (first: annotation id {degenerate[0]})" if degenerate else ""
@@ -305,6 +348,8 @@ class CocoDetection(torch.utils.data.Dataset):
         for image_id in sorted(images):
             anns = per_image[image_id]
             if self.train and skip_empty and not anns:
+                if problems is not None:
+                    problems.add("image without training targets", image_id)
                 continue
             info = images[image_id]
             records[image_id] = {
@@ -350,6 +395,15 @@ class CocoDetection(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.image_ids)
 
+    def record(self, index: int) -> dict[str, Any]:
+        """Image `index`'s stored annotations: size (h, w), boxes (xyxy, its pixels), labels, area, iscrowd."""
+        return self._records[self.image_ids[index]]
+
+    def check_image(self, index: int) -> None:
+        """Decode image `index` as training does; with a `problems` collector, what is wrong is recorded."""
+        rec = self.record(index)
+        self._read(self.images_dir / rec["file_name"], self.image_ids[index], rec["size"])
+
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, dict[str, Tensor]]:
         if isinstance(key, tuple):
             index, sample_seed = key
@@ -384,7 +438,9 @@ class CocoDetection(torch.utils.data.Dataset):
         try:
             decoded = read_image(path)
         except ImageRangeError as err:
-            raise DataError(f"image {path} (listed in {self.source}) {err}") from None
+            report(self._problems, "image values without a scale", path.name,
+                   DataError(f"image {path} (listed in {self.source}) {err}"))
+            return None
         except (ImageDecodeError, OSError) as err:
             self._bad_image(path, err)
             return None
@@ -392,11 +448,14 @@ class CocoDetection(torch.utils.data.Dataset):
         if image is None:
             height, width = decoded.image.shape[-2:]
             turned = f" ({height}x{width} after its EXIF orientation {orientation})" if orientation != 1 else ""
-            raise DataError(
+            report(self._problems, "image size differs from the annotations", image_id, DataError(
                 f"{path} is {width}x{height} pixels{turned} but {self.source} says {size[1]}x{size[0]}; "
                 f"fix the 'width'/'height' of image id {image_id}"
-            )
-        if orientation != 1:
+            ))
+            return None
+        if orientation != 1 and self._problems is not None:
+            self._problems.add("EXIF orientation applied", image_id)
+        elif orientation != 1:
             self._say(EXIF_APPLIED, path, orientation=orientation)
         if decoded.note is not None:
             self._say(decoded.note, path)

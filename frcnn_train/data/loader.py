@@ -23,6 +23,7 @@ from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
 from frcnn_train.data.coco import CocoDetection
+from frcnn_train.data.problems import Problems
 from frcnn_train.data.shapes import ensure_shapes_dataset
 from frcnn_train.data.transforms import Compose, RandomHorizontalFlip, ScaleJitter
 from frcnn_train.data.voc import load_voc
@@ -45,13 +46,18 @@ class DataBundle:
 # --------------------------------------------------------------------------- datasets
 
 
-def build_datasets(data_cfg: DictConfig, *, with_masks: bool) -> DataBundle:
-    """Build the train split (with augmentation) and the val split (without) named by `data.name`."""
+def build_datasets(data_cfg: DictConfig, *, with_masks: bool,
+                   problems: dict[str, Problems] | None = None) -> DataBundle:
+    """Build the train split (with augmentation) and the val split (without) named by `data.name`.
+
+    `problems` ({"train": Problems(), "val": Problems()}, frcnn-data check): every problem of the files is
+    recorded there, and what is wrong left out, instead of raising at the first."""
     name = _get(data_cfg, "name")
     builders = {"coco": _coco_datasets, "shapes": _shapes_datasets, "voc": _voc_datasets}
     if name not in builders:
         raise ConfigError(f"data.name={name!r} is not a known dataset; valid names: {', '.join(DATASET_NAMES)}")
-    train, val = builders[name](data_cfg, with_masks=with_masks, transforms=_train_transforms(data_cfg))
+    train, val = builders[name](data_cfg, with_masks=with_masks, transforms=_train_transforms(data_cfg),
+                                problems=problems or {})
     log.info("data: %s, %d train / %d val images, %d classes", name, len(train), len(val), len(train.classes))
     return DataBundle(train=train, val=val, classes=list(train.classes))
 
@@ -88,7 +94,8 @@ def shapes_cache_dir(data_cfg: DictConfig) -> Path:
     return Path(base).expanduser() / "shapes"
 
 
-def _shapes_datasets(data_cfg: DictConfig, *, with_masks: bool, transforms: Compose) -> Splits:
+def _shapes_datasets(data_cfg: DictConfig, *, with_masks: bool, transforms: Compose,
+                     problems: dict[str, Problems]) -> Splits:
     shapes = data_cfg.shapes
     root = ensure_shapes_dataset(
         shapes_cache_dir(data_cfg),
@@ -101,9 +108,10 @@ def _shapes_datasets(data_cfg: DictConfig, *, with_masks: bool, transforms: Comp
     log.info("data: synthetic shapes in %s", root)
     skip_empty = bool(_get(data_cfg, "skip_empty"))
     train = CocoDetection(root / "train", root / "instances_train.json", with_masks=with_masks, train=True,
-                          skip_empty=skip_empty, transforms=transforms, bad_images=_bad_images(data_cfg))
+                          skip_empty=skip_empty, transforms=transforms, bad_images=_bad_images(data_cfg),
+                          problems=problems.get("train"))
     val = CocoDetection(root / "val", root / "instances_val.json", with_masks=with_masks, train=False,
-                        classes=train.classes, bad_images=_bad_images(data_cfg))
+                        classes=train.classes, bad_images=_bad_images(data_cfg), problems=problems.get("val"))
     return train, val
 
 
@@ -122,22 +130,26 @@ def _path(data_cfg: DictConfig, key: str) -> Path:
     return Path(str(root)).expanduser() / path
 
 
-def _coco_datasets(data_cfg: DictConfig, *, with_masks: bool, transforms: Compose) -> Splits:
+def _coco_datasets(data_cfg: DictConfig, *, with_masks: bool, transforms: Compose,
+                   problems: dict[str, Problems]) -> Splits:
     classes = _get(data_cfg, "classes")
     train = CocoDetection(
         _path(data_cfg, "train_images"), _path(data_cfg, "train_ann"), with_masks=with_masks, train=True,
         skip_empty=bool(_get(data_cfg, "skip_empty")), transforms=transforms,
         classes=list(classes) if classes is not None else None,
         ann_key="data.train_ann", images_key="data.train_images", bad_images=_bad_images(data_cfg),
+        problems=problems.get("train"),
     )
     val = CocoDetection(
         _path(data_cfg, "val_images"), _path(data_cfg, "val_ann"), with_masks=with_masks, train=False,
         classes=train.classes, ann_key="data.val_ann", images_key="data.val_images", bad_images=_bad_images(data_cfg),
+        problems=problems.get("val"),
     )
     return train, val
 
 
-def _voc_datasets(data_cfg: DictConfig, *, with_masks: bool, transforms: Compose) -> Splits:
+def _voc_datasets(data_cfg: DictConfig, *, with_masks: bool, transforms: Compose,
+                  problems: dict[str, Problems]) -> Splits:
     if with_masks:
         raise ConfigError(
             "data=voc has no instance masks, and Mask R-CNN needs a dataset with masks (coco or shapes); "
@@ -151,13 +163,13 @@ def _voc_datasets(data_cfg: DictConfig, *, with_masks: bool, transforms: Compose
     root = Path(str(root)).expanduser()
     classes = _get(data_cfg, "classes")
     classes = list(classes) if classes is not None else None
-    train_dict = load_voc(root, str(_get(data_cfg, "train_split")), classes=classes)
-    val_dict = load_voc(root, str(_get(data_cfg, "val_split")), classes=classes)
+    train_dict = load_voc(root, str(_get(data_cfg, "train_split")), classes=classes, problems=problems.get("train"))
+    val_dict = load_voc(root, str(_get(data_cfg, "val_split")), classes=classes, problems=problems.get("val"))
     train = CocoDetection(root / "JPEGImages", train_dict, with_masks=False, train=True,
                           skip_empty=bool(_get(data_cfg, "skip_empty")), transforms=transforms,
-                          images_key="data.root", bad_images=_bad_images(data_cfg))
+                          images_key="data.root", bad_images=_bad_images(data_cfg), problems=problems.get("train"))
     val = CocoDetection(root / "JPEGImages", val_dict, with_masks=False, train=False, classes=train.classes,
-                        images_key="data.root", bad_images=_bad_images(data_cfg))
+                        images_key="data.root", bad_images=_bad_images(data_cfg), problems=problems.get("val"))
     return train, val
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from PIL import Image
 
+from frcnn_train.data.problems import Problems, report
 from frcnn_train.errors import DataError
 
 VOC_CLASSES: list[str] = [
@@ -17,12 +18,15 @@ VOC_CLASSES: list[str] = [
 ]
 
 
-def load_voc(root: str | Path, split: str, *, classes: list[str] | None) -> dict:
+def load_voc(root: str | Path, split: str, *, classes: list[str] | None, problems: Problems | None = None) -> dict:
     """Read `ImageSets/Main/{split}.txt` and its XML files into a COCO instances dict.
 
     Image ids enumerate the split file (1-based), so they are stable for a given
     file. `difficult` objects become `iscrowd=1`: never trained on and ignored
     by COCOeval, as mmdetection ignores them.
+
+    `problems` (frcnn-data check): record each problem there and leave the image or object out,
+    instead of raising at the first one.
     """
     root = Path(root).expanduser()
     classes = list(VOC_CLASSES if classes is None else classes)
@@ -39,17 +43,26 @@ def load_voc(root: str | Path, split: str, *, classes: list[str] | None) -> dict
     voc_ids = [line.split()[0] for line in split_file.read_text().splitlines() if line.strip()]
     duplicates = sorted({v for v in voc_ids if voc_ids.count(v) > 1}) if len(set(voc_ids)) != len(voc_ids) else []
     if duplicates:
-        raise DataError(f"VOC split file {split_file} lists {duplicates[:3]} more than once; remove the repeats")
+        error = DataError(f"VOC split file {split_file} lists {duplicates[:3]} more than once; remove the repeats")
+        for voc_id in duplicates:
+            report(problems, "duplicate image id", voc_id, error)
+        voc_ids = list(dict.fromkeys(voc_ids))
 
     images: list[dict[str, Any]] = []
     annotations: list[dict[str, Any]] = []
     for image_id, voc_id in enumerate(voc_ids, start=1):
         xml_path = root / "Annotations" / f"{voc_id}.xml"
         if not xml_path.is_file():
-            raise DataError(
+            report(problems, "missing annotation file", voc_id, DataError(
                 f"{split_file} lists {voc_id!r} but {xml_path} does not exist; add the annotation or remove the id"
-            )
-        image, objects = _parse_xml(xml_path, voc_id, root, classes)
+            ))
+            continue
+        try:
+            image, objects = _parse_xml(xml_path, voc_id, root, classes, problems)
+        except DataError as err:
+            report(problems, "missing image file" if "does not exist" in str(err) else "malformed annotation",
+                   voc_id, err)
+            continue
         image["id"] = image_id
         images.append(image)
         for obj in objects:
@@ -63,7 +76,8 @@ def load_voc(root: str | Path, split: str, *, classes: list[str] | None) -> dict
     }
 
 
-def _parse_xml(path: Path, voc_id: str, root: Path, classes: list[str]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def _parse_xml(path: Path, voc_id: str, root: Path, classes: list[str],
+               problems: Problems | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     try:
         tree = ET.parse(path).getroot()
     except ET.ParseError as e:
@@ -97,10 +111,11 @@ def _parse_xml(path: Path, voc_id: str, root: Path, classes: list[str]) -> tuple
         name_node = obj.find("name")
         name = (name_node.text or "").strip() if name_node is not None else ""
         if name not in classes:
-            raise DataError(
+            report(problems, "unknown class name", f"{voc_id} ({name})", DataError(
                 f"{path} has an object of class {name!r}, which is not among the {len(classes)} classes; "
                 f"add it to data.classes or fix the file"
-            )
+            ))
+            continue
         difficult_node = obj.find("difficult")
         difficult = int(float(difficult_node.text or 0)) if difficult_node is not None else 0
         box = obj.find("bndbox")
