@@ -149,6 +149,7 @@ def render_checkpoint(f: dict[str, Any]) -> list[str]:
                     ("scaler", f"scale {f['scaler_scale']:g}" if f["scaler_scale"] is not None else "off"),
                     ("launched", f"{launch['started_at']} on {launch['device']} ({launch['precision']}): "
                      f"{_command(launch['overrides'])}" if launch else "not recorded (an older checkpoint)"),
+                    *[("started from", _weights_line(w)) for w in launch.get("weights", [])],
                     ("resumes", len(f["history"]) or "none")])
     for h in f["history"]:
         changes = "; ".join(h.get("changes", [])) or "no changes"
@@ -158,6 +159,12 @@ def render_checkpoint(f: dict[str, Any]) -> list[str]:
         if "overrides" in h:
             lines.append(f"    on {h.get('device')} ({h.get('precision')}): {_command(h['overrides'])}")
     return lines
+
+
+def _weights_line(record: dict[str, Any]) -> str:
+    """A weights file a run started from (launch record): the key's value, torchvision's name, file and checksum."""
+    named = f" = {record['weights']}" if record.get("weights") else ""
+    return f"{record.get('value')}{named}: {record.get('file')} (sha256 {record.get('sha256')})"
 
 
 def _command(overrides: list[str]) -> str:
