@@ -144,8 +144,9 @@ def build_parts(cfg: DictConfig, data: DataBundle, resume: Resume, device: torch
     new_run = resume.ckpt is None
     notes: list[tuple[int, str]] = [(logging.INFO, f.line()) for f in fetched if f.weights is not None]
     if new_run and zoo.is_zoo_source(cfg.init_from) and (defaults := zoo.pretrained_defaults(cfg.model)):
-        notes.append((logging.INFO, f"init_from={cfg.init_from}: {', '.join(defaults)} (torchvision's defaults for a "
-                                    "pretrained detector; set the keys to change them)"))
+        line = (f"init_from={cfg.init_from}: {', '.join(defaults)} (torchvision's defaults for a pretrained detector; "
+                "set the keys to change them)")
+        notes.append((logging.INFO, line))
     if cfg.init_from and new_run and cfg.model.attention.identity_init is None:
         # Attention added to a trained detector should not disturb it at step 0.
         cfg.model.attention.identity_init = True

@@ -18,9 +18,10 @@ import hashlib
 import os
 import re
 import urllib.error
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import torch
@@ -43,8 +44,10 @@ BUILDERS: dict[str, tuple[str, str, str]] = {
     "fasterrcnn_mobilenet_v3_large_fpn": ("faster_rcnn", "mobilenet_v3_fpn", "v1"),
     "fasterrcnn_mobilenet_v3_large_320_fpn": ("faster_rcnn", "mobilenet_v3_fpn", "v1"),
 }
-# Two builders share a layout and differ in the image size they were trained at: model.min_size picks.
-_LOW_RES = {"fasterrcnn_mobilenet_v3_large_320_fpn": 320}
+# Two builders share a layout and differ in the image size (min_size) they were trained at: for
+# init_from=torchvision, the one nearest model.min_size is taken.
+_TRAINED_SIZE = {"fasterrcnn_mobilenet_v3_large_320_fpn": 320}
+_DEFAULT_SIZE = 800
 # torchvision keeps COCO's 91 category ids as labels; the ids COCO leaves unused are named "N/A".
 UNUSED_CLASS = "N/A"
 BACKGROUND = "__background__"
@@ -162,8 +165,7 @@ def builder_for(model_cfg: DictConfig) -> str:
             f"init_from={PREFIX}: torchvision has no COCO weights for {layout[0]} with {layout[1]} ({layout[2]} heads); "
             f"choose one of its detectors with model=<{'|'.join(BUILDERS)}>, or name one with "
             f"init_from={PREFIX}:<builder> to load what fits")
-    sized = [b for b in matches if _LOW_RES.get(b) == int(model_cfg.min_size)]
-    return (sized or [b for b in matches if b not in _LOW_RES] or matches)[0]
+    return min(matches, key=lambda b: abs(_TRAINED_SIZE.get(b, _DEFAULT_SIZE) - int(model_cfg.min_size)))
 
 
 def detection_weights(source: str, model_cfg: DictConfig | None, key: str = "init_from") -> Any:

@@ -6,7 +6,8 @@ ours with nothing missing, unexpected or reshaped, and in eval mode both give th
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
