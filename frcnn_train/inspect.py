@@ -86,6 +86,7 @@ def describe_checkpoint(path: Path, ckpt: dict[str, Any]) -> dict[str, Any]:
         "best_metric": {"name": name, "value": counters.get("best_metric")},
         "last_metrics": counters.get("last_metrics", {}),
         "arch": model_cfg.get("arch"), "backbone": model_cfg.get("backbone", {}).get("name"),
+        "version": model_cfg.get("version", "v1"),  # checkpoints from before model.version: v1
         "attention": {"type": attention.get("type", "none"), "sites": _resolved_sites(cfg)},
         "num_classes": len(ckpt.get("classes", [])), "classes": list(ckpt.get("classes", [])),
         "parameters": _values(state), "trainable_parameters": _values(state, trainable) if trainable else None,
@@ -135,7 +136,7 @@ def render_checkpoint(f: dict[str, Any]) -> list[str]:
         ("best", f"{best['name']} = {_fmt(best['value'])}" if best["value"] is not None else "none yet"),
         ("last metrics", "  ".join(f"{k} {v:.4f}" for k, v in summary_metrics(f["last_metrics"]).items())
          or "none yet"),
-        ("model", f"{f['arch']} / {f['backbone']}, attention {f['attention']['type']} ({sites})"),
+        ("model", f"{f['arch']} / {f['backbone']}{' (v2 heads)' if f.get('version') == 'v2' else ''}, attention {f['attention']['type']} ({sites})"),
         ("classes", f"{f['num_classes']}: {classes}"),
         ("parameters", f"{f['parameters'] / 1e6:.2f}M{trainable} in {f['tensors']} tensors"),
         ("fingerprint", f["fingerprint"]),
