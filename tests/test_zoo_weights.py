@@ -37,11 +37,13 @@ def _save(state: dict[str, torch.Tensor], weights: object, home: Path) -> Path:
 
 
 def _detector_state(builder: str) -> dict[str, torch.Tensor]:
-    """torchvision's own model with random weights; "person" (label 1) scores high, so detections come out."""
+    """torchvision's own model with random weights; "person" (label 1) scores high, so detections come out, and so
+    does label 12, one of COCO's unused ids ("N/A"), which predict must drop."""
     torch.manual_seed(0)
     model = torchvision.models.get_model(builder, weights=None, weights_backbone=None, num_classes=91)
     state = model.state_dict()
     state["roi_heads.box_predictor.cls_score.bias"][1] = 12.0
+    state["roi_heads.box_predictor.cls_score.bias"][12] = 12.3
     return state
 
 
@@ -149,7 +151,8 @@ def test_inspect_shows_the_weights_a_run_started_from() -> None:
     assert line == f"torchvision = X_Weights.COCO_V1: x-12345678.pth (sha256 {'ab' * 32})"
 
 
-def test_from_torchvision_and_predict_draw_coco_names(torch_home: Path, tmp_path: Path) -> None:
+def test_from_torchvision_and_predict_draw_coco_names(torch_home: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     from frcnn_train.predict import main as predict_main
 
     model, classes, cfg = zoo.from_torchvision(f"torchvision:{FINETUNE}", ["model.min_size=96", "model.max_size=96",
@@ -163,10 +166,15 @@ def test_from_torchvision_and_predict_draw_coco_names(torch_home: Path, tmp_path
     photos = tmp_path / "photos"
     photos.mkdir()
     Image.fromarray((torch.rand(80, 100, 3) * 255).byte().numpy()).save(photos / "a.png")
-    assert predict_main([f"torchvision:{SMALL}", str(photos), "--out", str(tmp_path / "preds")]) == 0
+    # Room for every proposal's detections of both classes: the "N/A" ones score higher and would fill the 100.
+    build = zoo.from_torchvision
+    monkeypatch.setattr(zoo, "from_torchvision", lambda source: build(source, ["model.box_detections_per_img=400"]))
+    assert predict_main([f"torchvision:{SMALL}", str(photos), "--out", str(tmp_path / "preds"),
+                         "--score-threshold", "0.1"]) == 0
     results = json.loads((tmp_path / "preds" / "predictions.json").read_text())
     assert results and {r["category_name"] for r in results} == {"person"} and results[0]["category_id"] == 1
     assert (tmp_path / "preds" / "a.png").is_file()
+    monkeypatch.setattr(zoo, "from_torchvision", build)
     assert predict_main(["torchvision:fasterrcnn_resnet50_fpn", str(photos), "--out", str(tmp_path / "p2")]) == 2
 
 
