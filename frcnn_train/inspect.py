@@ -136,7 +136,8 @@ def render_checkpoint(f: dict[str, Any]) -> list[str]:
         ("best", f"{best['name']} = {_fmt(best['value'])}" if best["value"] is not None else "none yet"),
         ("last metrics", "  ".join(f"{k} {v:.4f}" for k, v in summary_metrics(f["last_metrics"]).items())
          or "none yet"),
-        ("model", f"{f['arch']} / {f['backbone']}{' (v2 heads)' if f.get('version') == 'v2' else ''}, attention {f['attention']['type']} ({sites})"),
+        ("model", f"{f['arch']} / {f['backbone']}{' (v2 heads)' if f.get('version') == 'v2' else ''}, "
+                  f"attention {f['attention']['type']} ({sites})"),
         ("classes", f"{f['num_classes']}: {classes}"),
         ("parameters", f"{f['parameters'] / 1e6:.2f}M{trainable} in {f['tensors']} tensors"),
         ("fingerprint", f["fingerprint"]),
@@ -194,6 +195,15 @@ def infer_overrides(state: dict[str, Any]) -> dict[str, str]:
         backbone = "mobilenet_v3_fpn" if any(".fc1." in k for k in state) else "mobilenet_v2_fpn"
     if backbone:
         found["model/backbone"] = backbone
+    if "rpn.head.conv.1.0.weight" in state:  # torchvision's v2 heads (a two-conv RPN head)
+        found["model.version"] = "v2"
+        convs = {k.split(".")[2] for k in state if k.startswith("roi_heads.box_head.") and k.endswith(".0.weight")}
+        found["model.box_head_convs"] = str(len(convs))
+        if convs:
+            found["model.box_head_conv_dim"] = str(state["roi_heads.box_head.0.0.weight"].shape[0])
+        fc = f"roi_heads.box_head.{len(convs) + 1}.weight"  # after the convs and a Flatten
+        if fc in state:
+            found["model.box_head_dim"] = str(state[fc].shape[0])
     for key, name in (("model.backbone.fpn_channels", "backbone.fpn.layer_blocks.0.0.weight"),
                       ("model.box_head_dim", "roi_heads.box_head.fc6.weight")):
         if name in state:

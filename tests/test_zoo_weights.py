@@ -190,3 +190,13 @@ def test_export_takes_the_same_names(torch_home: Path, tmp_path: Path, monkeypat
     meta = json.loads(extra[TORCHSCRIPT_METADATA])
     assert meta["classes"][0] == "person" and len(meta["classes"]) == 90
     assert meta["weights"] == meta["checkpoint"] == f"torchvision:{SMALL}"
+
+
+def test_inspect_reads_a_torchvision_v2_file_as_v2() -> None:
+    from frcnn_train.inspect import infer_overrides
+
+    with torch.device("meta"):  # shapes only
+        state = torchvision.models.get_model("fasterrcnn_resnet50_fpn_v2", weights=None, weights_backbone=None)
+    found = infer_overrides(state.state_dict())
+    assert (found["model.version"], found["model.box_head_convs"], found["model.box_head_conv_dim"],
+            found["model.box_head_dim"], found["model/backbone"]) == ("v2", "4", "256", "1024", "resnet50_fpn")
