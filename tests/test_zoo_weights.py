@@ -200,3 +200,11 @@ def test_inspect_reads_a_torchvision_v2_file_as_v2() -> None:
     found = infer_overrides(state.state_dict())
     assert (found["model.version"], found["model.box_head_convs"], found["model.box_head_conv_dim"],
             found["model.box_head_dim"], found["model/backbone"]) == ("v2", "4", "256", "1024", "resnet50_fpn")
+
+
+def test_evaluate_refuses_a_zoo_source_in_one_sentence(capsys: pytest.CaptureFixture[str]) -> None:
+    from frcnn_train.evaluate import main as evaluate_main
+
+    assert evaluate_main([f"torchvision:{SMALL}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: frcnn-evaluate takes a checkpoint") and len(err.splitlines()) == 1
