@@ -138,8 +138,9 @@ def open_source(source: str | Path, *, raw: bool) -> Source:
         shapes = cfg.data.shapes
         shapes.image_size, shapes.num_train, shapes.num_val = int(cfg.model.min_size), 1, 16
         builder = str(source).split(":", 1)[1]
-        return Source(model=model, cfg=cfg, classes=classes, fingerprint=fingerprint(architecture_spec(cfg.model), model),
-                      weights=str(source), name=str(source), global_step=None, has_ema=False, path=Path(builder + ".pth"))
+        digest = fingerprint(architecture_spec(cfg.model), model)
+        return Source(model=model, cfg=cfg, classes=classes, fingerprint=digest, weights=str(source),
+                      name=str(source), global_step=None, has_ema=False, path=Path(builder + ".pth"))
     path = checkpoint_file(source)
     ckpt = checkpoint.load_checkpoint(path)
     cfg = with_schema(ckpt["config"])

@@ -162,7 +162,8 @@ def builder_for(model_cfg: DictConfig) -> str:
     matches = [b for b, spec in BUILDERS.items() if spec == layout]
     if not matches:
         raise ConfigError(
-            f"init_from={PREFIX}: torchvision has no COCO weights for {layout[0]} with {layout[1]} ({layout[2]} heads); "
+            f"init_from={PREFIX}: torchvision has no COCO weights for {layout[0]} with {layout[1]} "
+            f"({layout[2]} heads); "
             f"choose one of its detectors with model=<{'|'.join(BUILDERS)}>, or name one with "
             f"init_from={PREFIX}:<builder> to load what fits")
     return min(matches, key=lambda b: abs(_TRAINED_SIZE.get(b, _DEFAULT_SIZE) - int(model_cfg.min_size)))

@@ -15,8 +15,9 @@ from frcnn_train.zoo import BUILDERS, full_name
 
 
 def table() -> str:
-    rows = ["| `model=` (torchvision builder) | weights (`init_from=torchvision`) | COCO val2017 box AP | mask AP "
-            "| file (MB) |", "|---|---|---|---|---|"]
+    header = ("| `model=` (torchvision builder) | weights (`init_from=torchvision`) | COCO val2017 box AP | mask AP "
+              "| file (MB) |")
+    rows = [header, "|---|---|---|---|---|"]
     for builder in BUILDERS:
         weights = get_model_weights(builder).DEFAULT
         metrics = weights.meta["_metrics"]["COCO-val2017"]
