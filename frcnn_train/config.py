@@ -37,7 +37,8 @@ class BackboneConfig:
 
     # resnet18_fpn, resnet34_fpn, resnet50_fpn, resnet101_fpn, mobilenet_v2_fpn, mobilenet_v3_fpn
     name: str = "resnet50_fpn"
-    # Local file of ImageNet weights in torchvision's naming; never downloaded.
+    # ImageNet weights: a name of the backbone's torchvision weights enum (IMAGENET1K_V1, IMAGENET1K_V2,
+    # DEFAULT; fetched once into torch's hub cache, frcnn_train/zoo.py), or a local file in torchvision's naming.
     weights: Optional[str] = None
     # How many stages (counted from the top) train; the rest are frozen. None: all.
     trainable_layers: Optional[int] = None
@@ -73,6 +74,10 @@ class ModelConfig:
     """The detector (group `model`: faster_rcnn or mask_rcnn; sizes for a dataset in `preset`)."""
 
     arch: str = "faster_rcnn"  # faster_rcnn | mask_rcnn
+    # Head layout as torchvision's builders name it: v1 (fasterrcnn_resnet50_fpn: one-conv RPN head, two-FC box
+    # head, no norms outside the backbone) or v2 (the *_v2 builders: two-conv RPN head, BatchNorm in the FPN,
+    # box head of box_head_convs 3x3 convs then one FC, BatchNorm in the mask head).
+    version: str = "v1"
     # Object classes, background excluded (as in detectron2 / mmdetection). None: from the dataset.
     num_classes: Optional[int] = None
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -89,8 +94,11 @@ class ModelConfig:
     rpn_post_nms_top_n_train: int = 2000  # RPN proposals per image kept after NMS, training
     rpn_post_nms_top_n_test: int = 1000  # RPN proposals per image kept after NMS, evaluation and prediction
     rpn_batch_size_per_image: int = 256  # anchors sampled per image for the RPN loss
+    rpn_score_thresh: float = 0.0  # proposals scoring less are dropped (torchvision's MobileNet builders: 0.05)
     box_batch_size_per_image: int = 512  # proposals sampled per image for the box head's loss
-    box_head_dim: int = 1024  # width of the box head's two fully connected layers
+    box_head_dim: int = 1024  # the box head's FC width (v1: both FC layers; v2: its one FC layer)
+    box_head_convs: int = 4  # version v2 only: 3x3 conv layers before the FC layer
+    box_head_conv_dim: int = 256  # version v2 only: their width
     box_score_thresh: float = 0.05  # detections scoring below this are dropped
     box_nms_thresh: float = 0.5  # IoU above which NMS suppresses a detection of the same class
     box_detections_per_img: int = 100  # at most this many detections per image
@@ -383,6 +391,10 @@ VALUE_RULES: dict[str, tuple[Any, str]] = {
     "model.rpn_batch_size_per_image": (_positive, "a whole number >= 1"),
     "model.box_batch_size_per_image": (_positive, "a whole number >= 1"),
     "model.box_head_dim": (_positive, "a whole number >= 1"),
+    "model.box_head_convs": (_non_negative, "a whole number >= 0"),
+    "model.box_head_conv_dim": (_positive, "a whole number >= 1"),
+    "model.version": (lambda v: v in ("v1", "v2"), "v1 or v2 (torchvision's *_v2 builders)"),
+    "model.rpn_score_thresh": (_fraction, "a number in [0, 1]"),
     "model.box_score_thresh": (_fraction, "a number in [0, 1]"),
     "model.box_nms_thresh": (_fraction, "a number in [0, 1]"),
     "model.box_detections_per_img": (_positive, "a whole number >= 1"),

@@ -24,6 +24,7 @@ from frcnn_train.errors import CheckpointError, ConfigError
 from frcnn_train.evaluation import evaluate, format_table
 from frcnn_train.models import build_model, diff_layouts, tensor_layout
 from frcnn_train.runtime import amp_dtype, cli, prog_name, resolve_device, seed_everything
+from frcnn_train.zoo import is_zoo_source
 
 # Leaf keys evaluate may change besides anything under `data`.
 ALLOWED_KEYS = ("device", "trainer.batch_size", "trainer.amp", "trainer.amp_dtype")
@@ -101,6 +102,9 @@ def run_evaluation(ckpt_path: str | Path, overrides: Sequence[str] = (),
     """Evaluate a checkpoint (its EMA weights when it has them, unless `raw`); returns the metrics, the
     COCO results file written and which weights ran ("ema" or "raw"). `plots`: a directory for the PR
     curves and the confusion matrix (PNG)."""
+    if is_zoo_source(str(ckpt_path)):  # its labels are COCO's 91 ids, not a dataset's classes
+        raise ConfigError(f"frcnn-evaluate takes a checkpoint or run directory, not {ckpt_path}; predict with it "
+                          "(frcnn-predict), or evaluate a run fine-tuned from it (init_from=torchvision)")
     path = checkpoint.checkpoint_in(ckpt_path)
     out_path = _results_path(out, path)
     ckpt = checkpoint.load_checkpoint(path)

@@ -10,7 +10,9 @@ the architecture fingerprint, the frcnn_train version and which weights (EMA or
 raw) are stored in the file (ONNX metadata_props; TorchScript extra file
 `frcnn_train.json`). After writing, the file is run on the checkpoint's own
 validation images (onnxruntime / torch.jit.load) and compared with the PyTorch
-model (export_check.py).
+model (export_check.py). CKPT may also be `torchvision:<builder>[.<ENUM>]`: torchvision's
+COCO weights (zoo.from_torchvision), traced and checked on generated shapes images at
+the model's own size.
 
 Both formats are traces of torchvision's classes (models/export_view.py), made
 with the TorchScript-based ONNX exporter (`dynamo=False`) as torchvision's own
@@ -34,11 +36,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from frcnn_train import __version__, checkpoint
+from frcnn_train import __version__, checkpoint, zoo
 from frcnn_train.config import with_schema
 from frcnn_train.errors import ExportError, UserError
 from frcnn_train.evaluate import load_model
 from frcnn_train.export_check import CheckReport, check_export, validation_images
+from frcnn_train.models import architecture_spec, fingerprint
 from frcnn_train.models.export_view import for_export
 from frcnn_train.runtime import cli, prog_name, resolve_device
 
@@ -112,17 +115,51 @@ class ExportResult:
     device: str  # where the model was traced (a TorchScript trace runs there only)
 
 
-def build_metadata(ckpt: dict[str, Any], arch: str, weights: str, *, dynamic: bool,
-                   input_shape: list[int], source: Path) -> dict[str, Any]:
+@dataclass
+class Source:
+    """What is exported: a checkpoint's model, or a torchvision zoo model, with what the metadata says of it."""
+
+    model: nn.Module
+    cfg: Any
+    classes: list[str]
+    fingerprint: str | None
+    weights: str  # "ema", "raw", or the torchvision source
+    name: str  # the checkpoint's file name, or the torchvision source
+    global_step: int | None
+    has_ema: bool
+    path: Path  # where the default output goes beside
+
+
+def open_source(source: str | Path, *, raw: bool) -> Source:
+    """A checkpoint (file or run directory), or `torchvision:<builder>[.<ENUM>]`."""
+    if zoo.is_zoo_source(str(source)):
+        model, classes, cfg = zoo.from_torchvision(str(source))
+        # No validation split of its own: generated shapes images at the model's size make the trace and the check.
+        shapes = cfg.data.shapes
+        shapes.image_size, shapes.num_train, shapes.num_val = int(cfg.model.min_size), 1, 16
+        builder = str(source).split(":", 1)[1]
+        digest = fingerprint(architecture_spec(cfg.model), model)
+        return Source(model=model, cfg=cfg, classes=classes, fingerprint=digest, weights=str(source),
+                      name=str(source), global_step=None, has_ema=False, path=Path(builder + ".pth"))
+    path = checkpoint_file(source)
+    ckpt = checkpoint.load_checkpoint(path)
+    cfg = with_schema(ckpt["config"])
+    return Source(model=load_model(ckpt, cfg, str(path), raw=raw), cfg=cfg, classes=list(ckpt["classes"]),
+                  fingerprint=ckpt["architecture"].get("fingerprint"),
+                  weights=checkpoint.inference_weights(ckpt, raw=raw)[1], name=path.name,
+                  global_step=ckpt["trainer"].get("global_step"), has_ema=bool(ckpt.get("ema")), path=path)
+
+
+def build_metadata(source: Source, arch: str, *, dynamic: bool, input_shape: list[int]) -> dict[str, Any]:
     return {
         "format": "frcnn_train.export",
         "frcnn_train_version": __version__,
         "arch": arch,
-        "classes": list(ckpt["classes"]),
-        "fingerprint": ckpt["architecture"].get("fingerprint"),
-        "weights": weights,
+        "classes": list(source.classes),
+        "fingerprint": source.fingerprint,
+        "weights": source.weights,
         "checkpoint": source.name,
-        "global_step": ckpt["trainer"].get("global_step"),
+        "global_step": source.global_step,
         "input": f"{INPUT_NAME}: float32 [3, H, W], RGB in [0, 1]",
         "input_size": None if dynamic else input_shape[1:],
         "outputs": list(output_names(arch)),
@@ -191,19 +228,17 @@ def export(ckpt_path: str | Path, fmt: str, out: str | Path | None = None, *, dy
     elif device != "cpu" and not torch.cuda.is_available():
         raise UserError(f"--device {device} but CUDA is not available here; trace for the GPU on a machine with one, "
                         "or use --device cpu")
-    path = checkpoint_file(ckpt_path)
-    out_path = resolve_out(path, fmt, out)
+    source = open_source(ckpt_path, raw=raw)
+    out_path = resolve_out(source.path, fmt, out)
     dev = resolve_device(device)
-    ckpt = checkpoint.load_checkpoint(path)
-    cfg = with_schema(ckpt["config"])
+    cfg, weights = source.cfg, source.weights
     arch = cfg.model.arch
-    model = load_model(ckpt, cfg, str(path), raw=raw).to(dev)
-    _, weights = checkpoint.inference_weights(ckpt, raw=raw)
+    model = source.model.to(dev)
     # The example the trace follows, and the check's images: the checkpoint's own validation split.
     images = validation_images(cfg, max(check_images, 1))
     example = images[0].to(dev)
     names = output_names(arch)
-    metadata = build_metadata(ckpt, arch, weights, dynamic=dynamic, input_shape=list(example.shape), source=path)
+    metadata = build_metadata(source, arch, dynamic=dynamic, input_shape=list(example.shape))
     module = Deployable(for_export(model), names)
     start = time.perf_counter()
     try:
@@ -222,13 +257,14 @@ def export(ckpt_path: str | Path, fmt: str, out: str | Path | None = None, *, dy
         report = check_export(out_path, fmt, model, images[:check_images], names,
                               input_size=None if dynamic else list(example.shape[1:]), device=dev)
     return ExportResult(path=out_path, format=fmt, weights=weights, seconds=seconds, input_shape=list(example.shape),
-                        metadata=metadata, check=report, has_ema=bool(ckpt.get("ema")), device=str(dev))
+                        metadata=metadata, check=report, has_ema=source.has_ema, device=str(dev))
 
 
 def describe(result: ExportResult) -> str:
     also_ema = " (--raw; the checkpoint also has EMA weights)" if result.has_ema else ""
     weights = ("the EMA weights (--raw exports the trained ones)" if result.weights == "ema"
-               else f"the trained (raw) weights{also_ema}")
+               else f"the trained (raw) weights{also_ema}" if result.weights == "raw"
+               else f"{result.weights}'s weights")
     h, w = result.input_shape[1:]
     size = ("any height and width (--dynamic)" if result.metadata["input_size"] is None
             else f"{h}x{w} only (--dynamic for any size)" if result.format == "onnx"
@@ -244,7 +280,8 @@ def describe(result: ExportResult) -> str:
 def build_parser() -> argparse.ArgumentParser:
     """The command's arguments; docs/ generates the command-line reference from it."""
     parser = argparse.ArgumentParser(prog=prog_name("frcnn_train.export"), description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", help="checkpoint file (or run directory: best.pth, else last.pth)")
+    parser.add_argument("checkpoint", help="checkpoint file (or run directory: best.pth, else last.pth), or "
+                                           "torchvision:<builder>[.<weights>] for torchvision's COCO weights")
     parser.add_argument("--format", required=True, help="onnx (run with onnxruntime) or torchscript (torch.jit.load)")
     parser.add_argument("--out", help="file to write (default: beside the checkpoint, <name>.onnx or "
                                       "<name>.torchscript.pt); an existing file is replaced")

@@ -86,6 +86,7 @@ def describe_checkpoint(path: Path, ckpt: dict[str, Any]) -> dict[str, Any]:
         "best_metric": {"name": name, "value": counters.get("best_metric")},
         "last_metrics": counters.get("last_metrics", {}),
         "arch": model_cfg.get("arch"), "backbone": model_cfg.get("backbone", {}).get("name"),
+        "version": model_cfg.get("version", "v1"),  # checkpoints from before model.version: v1
         "attention": {"type": attention.get("type", "none"), "sites": _resolved_sites(cfg)},
         "num_classes": len(ckpt.get("classes", [])), "classes": list(ckpt.get("classes", [])),
         "parameters": _values(state), "trainable_parameters": _values(state, trainable) if trainable else None,
@@ -135,7 +136,8 @@ def render_checkpoint(f: dict[str, Any]) -> list[str]:
         ("best", f"{best['name']} = {_fmt(best['value'])}" if best["value"] is not None else "none yet"),
         ("last metrics", "  ".join(f"{k} {v:.4f}" for k, v in summary_metrics(f["last_metrics"]).items())
          or "none yet"),
-        ("model", f"{f['arch']} / {f['backbone']}, attention {f['attention']['type']} ({sites})"),
+        ("model", f"{f['arch']} / {f['backbone']}{' (v2 heads)' if f.get('version') == 'v2' else ''}, "
+                  f"attention {f['attention']['type']} ({sites})"),
         ("classes", f"{f['num_classes']}: {classes}"),
         ("parameters", f"{f['parameters'] / 1e6:.2f}M{trainable} in {f['tensors']} tensors"),
         ("fingerprint", f["fingerprint"]),
@@ -149,6 +151,7 @@ def render_checkpoint(f: dict[str, Any]) -> list[str]:
                     ("scaler", f"scale {f['scaler_scale']:g}" if f["scaler_scale"] is not None else "off"),
                     ("launched", f"{launch['started_at']} on {launch['device']} ({launch['precision']}): "
                      f"{_command(launch['overrides'])}" if launch else "not recorded (an older checkpoint)"),
+                    *[("started from", _weights_line(w)) for w in launch.get("weights", [])],
                     ("resumes", len(f["history"]) or "none")])
     for h in f["history"]:
         changes = "; ".join(h.get("changes", [])) or "no changes"
@@ -158,6 +161,12 @@ def render_checkpoint(f: dict[str, Any]) -> list[str]:
         if "overrides" in h:
             lines.append(f"    on {h.get('device')} ({h.get('precision')}): {_command(h['overrides'])}")
     return lines
+
+
+def _weights_line(record: dict[str, Any]) -> str:
+    """A weights file a run started from (launch record): the key's value, torchvision's name, file and checksum."""
+    named = f" = {record['weights']}" if record.get("weights") else ""
+    return f"{record.get('value')}{named}: {record.get('file')} (sha256 {record.get('sha256')})"
 
 
 def _command(overrides: list[str]) -> str:
@@ -186,6 +195,15 @@ def infer_overrides(state: dict[str, Any]) -> dict[str, str]:
         backbone = "mobilenet_v3_fpn" if any(".fc1." in k for k in state) else "mobilenet_v2_fpn"
     if backbone:
         found["model/backbone"] = backbone
+    if "rpn.head.conv.1.0.weight" in state:  # torchvision's v2 heads (a two-conv RPN head)
+        found["model.version"] = "v2"
+        convs = {k.split(".")[2] for k in state if k.startswith("roi_heads.box_head.") and k.endswith(".0.weight")}
+        found["model.box_head_convs"] = str(len(convs))
+        if convs:
+            found["model.box_head_conv_dim"] = str(state["roi_heads.box_head.0.0.weight"].shape[0])
+        fc = f"roi_heads.box_head.{len(convs) + 1}.weight"  # after the convs and a Flatten
+        if fc in state:
+            found["model.box_head_dim"] = str(state[fc].shape[0])
     for key, name in (("model.backbone.fpn_channels", "backbone.fpn.layer_blocks.0.0.weight"),
                       ("model.box_head_dim", "roi_heads.box_head.fc6.weight")):
         if name in state:

@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from frcnn_train import checkpoint, distributed, rundir
+from frcnn_train import checkpoint, distributed, rundir, zoo
 from frcnn_train.anchors import start_warning
 from frcnn_train.checkpointer import Checkpointer
 from frcnn_train.config import check_values
@@ -48,19 +48,22 @@ def run(cfg: DictConfig, overrides: Sequence[str] = (), *,
     setup_console()
     check_values(cfg)  # before any file, data or model work
     target = rundir.resolve(cfg)
+    # torchvision weights named in the config are fetched (downloaded once into torch's hub cache) before the
+    # run directory exists: offline, the refusal leaves nothing on disk. A resume reads no weights file.
+    fetched = zoo.fetch_for_run(cfg) if target.resume_from is None else []
     # Refusals (another run's directory, read-only, in use) come here, before any data or model work.
     with rundir.claim(target, overwrite=cfg.overwrite) as notes:
-        return _run_in(target, cfg, overrides, notes, interrupted)
+        return _run_in(target, cfg, overrides, notes, interrupted, fetched)
 
 
 def _run_in(target: rundir.Target, cfg: DictConfig, overrides: Sequence[str], early: rundir.Notes,
-            interrupted: Callable[[], bool]) -> dict[str, Any]:
+            interrupted: Callable[[], bool], fetched: list[zoo.Fetched]) -> dict[str, Any]:
     """run(), in a run directory this process holds; `early`: notes already shown, for train.log."""
     resume = Resume.open(target.resume_from, cfg, overrides)  # the checkpoint and its config, or a new run
     cfg = resume.cfg
     device = start_processes(cfg, resume)
-    data = build_data(cfg, resume)
-    parts = build_parts(cfg, data, resume, device)
+    data = build_data(cfg, resume, fetched)
+    parts = build_parts(cfg, data, resume, device, fetched)
     if interrupted():  # before the first file is written
         raise KeyboardInterrupt
     logger = RunLogger(target.run_dir, enabled=distributed.is_main(), earlier=early + resume.shown,
@@ -101,11 +104,12 @@ def start_processes(cfg: DictConfig, resume: Resume) -> torch.device:
     return device
 
 
-def build_data(cfg: DictConfig, resume: Resume) -> DataBundle:
+def build_data(cfg: DictConfig, resume: Resume, fetched: Sequence[zoo.Fetched] = ()) -> DataBundle:
     """The datasets (the shapes set is generated on first use); their repairs become notes for train.log."""
     if resume.ckpt is None:  # files named by the config are checked before the data is read or generated
+        resolved = {f.key for f in fetched}  # weights by name, already in torch's cache
         for key in ("init_from", "model.backbone.weights"):
-            if value := OmegaConf.select(cfg, key):
+            if (value := OmegaConf.select(cfg, key)) and key not in resolved:
                 checkpoint.require_file(value, key)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", DataWarning)
@@ -133,11 +137,17 @@ class Parts:
     spec: dict[str, Any]
     lr_rule: str
     notes: list[tuple[int, str]]
+    weights: list[dict[str, Any]]  # the weights files a new run started from (zoo.Fetched.record), for the checkpoint
 
 
-def build_parts(cfg: DictConfig, data: DataBundle, resume: Resume, device: torch.device) -> Parts:
-    notes: list[tuple[int, str]] = []
+def build_parts(cfg: DictConfig, data: DataBundle, resume: Resume, device: torch.device,
+                fetched: Sequence[zoo.Fetched] = ()) -> Parts:
     new_run = resume.ckpt is None
+    notes: list[tuple[int, str]] = [(logging.INFO, f.line()) for f in fetched if f.weights is not None]
+    if new_run and zoo.is_zoo_source(cfg.init_from) and (defaults := zoo.pretrained_defaults(cfg.model)):
+        line = (f"init_from={cfg.init_from}: {', '.join(defaults)} (torchvision's defaults for a pretrained detector; "
+                "set the keys to change them)")
+        notes.append((logging.INFO, line))
     if cfg.init_from and new_run and cfg.model.attention.identity_init is None:
         # Attention added to a trained detector should not disturb it at step 0.
         cfg.model.attention.identity_init = True
@@ -146,7 +156,8 @@ def build_parts(cfg: DictConfig, data: DataBundle, resume: Resume, device: torch
     if cfg.init_from and new_run:
         from frcnn_train.weights import load_init_weights
 
-        report = load_init_weights(model, cfg.init_from, remap=OmegaConf.to_container(cfg.init.remap),
+        source = next((f.path for f in fetched if f.key == "init_from"), cfg.init_from)
+        report = load_init_weights(model, source, remap=OmegaConf.to_container(cfg.init.remap),
                                    strict=cfg.init.strict, trust=cfg.init.trust, raw=cfg.init.raw)
         notes.append((logging.INFO, f"init_from={cfg.init_from}:\n{report.format()}"))
     model.to(device)
@@ -169,7 +180,8 @@ def build_parts(cfg: DictConfig, data: DataBundle, resume: Resume, device: torch
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     wrapped = distributed.wrap_model(model, norm=ddp_norm(cfg, device), device=device)
     return Parts(model=model, wrapped=wrapped, ema=ema, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                 dtype=dtype, steps_per_epoch=per_epoch, digest=digest, spec=spec, lr_rule=lr_rule, notes=notes)
+                 dtype=dtype, steps_per_epoch=per_epoch, digest=digest, spec=spec, lr_rule=lr_rule, notes=notes,
+                 weights=[f.record() for f in fetched] if new_run else [])
 
 
 def build_trainer(cfg: DictConfig, parts: Parts, data: DataBundle, device: torch.device, logger: RunLogger,
@@ -191,7 +203,7 @@ def build_trainer(cfg: DictConfig, parts: Parts, data: DataBundle, device: torch
                 "architecture": {"fingerprint": parts.digest, "spec": parts.spec},
                 "classes": list(data.classes),
                 # How the run was first started; each resume adds its own line to trainer.history.
-                "launch": resume.launch(overrides, precision, device)},
+                "launch": resume.launch(overrides, precision, device, weights=parts.weights)},
     )
     with_masks = cfg.model.arch == "mask_rcnn"
     workers = resolve_num_workers(cfg.data.num_workers, device)

@@ -1,5 +1,8 @@
 """`python -m frcnn_train.predict CKPT INPUTS... --out DIR`: draw a checkpoint's detections on images.
 
+CKPT may also be a torchvision detector with its COCO weights, `torchvision:<builder>[.<ENUM>]`
+(zoo.from_torchvision; fetched once into torch's hub cache): no training needed.
+
 Inputs are image files or directories of them. Each image is written to DIR
 under its own name with boxes, "class score" labels and masks drawn, and every
 detection above the threshold goes into DIR/predictions.json (COCO results
@@ -16,7 +19,7 @@ from typing import Any, Iterator
 import torch
 from PIL import Image
 
-from frcnn_train import checkpoint
+from frcnn_train import checkpoint, zoo
 from frcnn_train.config import with_schema
 from frcnn_train.data.decode import ImageDecodeError, ImageRangeError, read_image
 from frcnn_train.errors import DataError
@@ -102,12 +105,18 @@ def predict(ckpt_path: str | Path, inputs: list[str], out_dir: str | Path, *, sc
         raise DataError(f"--batch-size {batch_size} must be at least 1")
     files = collect_images(inputs)
     out = _output_dir(out_dir, files)
-    ckpt_path = checkpoint.checkpoint_in(ckpt_path)
-    ckpt = checkpoint.load_checkpoint(ckpt_path)
-    cfg = with_schema(ckpt["config"])
-    classes = list(ckpt["classes"])
     dev = resolve_device(device)
-    model = load_model(ckpt, cfg, str(ckpt_path), raw=raw).to(dev)
+    if zoo.is_zoo_source(str(ckpt_path)):
+        model, classes, cfg = zoo.from_torchvision(str(ckpt_path))
+        model = model.to(dev)
+    else:
+        ckpt_path = checkpoint.checkpoint_in(ckpt_path)
+        ckpt = checkpoint.load_checkpoint(ckpt_path)
+        cfg = with_schema(ckpt["config"])
+        classes = list(ckpt["classes"])
+        model = load_model(ckpt, cfg, str(ckpt_path), raw=raw).to(dev)
+    # Placeholder classes (COCO's unused ids in torchvision's labels) were never trained as objects: dropped.
+    unused = torch.tensor([False] + [name == zoo.UNUSED_CLASS for name in classes])
     with_masks = cfg.model.arch == "mask_rcnn"
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -123,7 +132,7 @@ def predict(ckpt_path: str | Path, inputs: list[str], out_dir: str | Path, *, sc
         outputs = model([image.to(dev) for image in images])
         for offset, (image, output) in enumerate(zip(images, outputs)):
             index = start + offset
-            keep = output["scores"] >= score_threshold
+            keep = (output["scores"] >= score_threshold) & ~unused[output["labels"].cpu()].to(output["scores"].device)
             if not keep.all():
                 highest_dropped = max(highest_dropped or 0.0, output["scores"][~keep].max().item())
             kept = {k: v[keep].cpu() for k, v in output.items()}
@@ -142,7 +151,8 @@ def predict(ckpt_path: str | Path, inputs: list[str], out_dir: str | Path, *, sc
 def build_parser() -> argparse.ArgumentParser:
     """The command's arguments; docs/ generates the command-line reference from it."""
     parser = argparse.ArgumentParser(prog=prog_name("frcnn_train.predict"), description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", help="checkpoint file (or run directory: best.pth, else last.pth)")
+    parser.add_argument("checkpoint", help="checkpoint file (or run directory: best.pth, else last.pth), or "
+                                           "torchvision:<builder>[.<weights>] for torchvision's COCO weights")
     parser.add_argument("inputs", nargs="+", help="image files or directories (jpg, jpeg, png, bmp)")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--score-threshold", type=float, default=0.5,

@@ -143,10 +143,12 @@ def keep_global_batch(cfg: DictConfig, ckpt: dict[str, Any], world: int) -> str 
             f"keeps the global batch of {global_batch} images ({world} x {batch} x {cfg.trainer.accumulate})")
 
 
-def launch_record(overrides: Sequence[str], precision: str, device: torch.device) -> dict[str, Any]:
-    """What the checkpoint keeps of a run's first launch (inspect shows it)."""
+def launch_record(overrides: Sequence[str], precision: str, device: torch.device,
+                  weights: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+    """What the checkpoint keeps of a run's first launch (inspect shows it); `weights`: the files it started
+    from (init_from, model.backbone.weights), each by name and sha256."""
     return {"started_at": _now(), "overrides": list(overrides), "precision": precision, "device": str(device),
-            "world_size": distributed.world_size()}
+            "world_size": distributed.world_size(), "weights": list(weights)}
 
 
 def _now() -> str:
@@ -231,11 +233,12 @@ class Resume:
         if self.ckpt is not None and (line := describe_precision_change(self.ckpt, precision, device)):
             self.notes.append((logging.WARNING, line))
 
-    def launch(self, overrides: Sequence[str], precision: str, device: torch.device) -> dict[str, Any] | None:
+    def launch(self, overrides: Sequence[str], precision: str, device: torch.device,
+               weights: Sequence[dict[str, Any]] = ()) -> dict[str, Any] | None:
         """How the run was first started: the checkpoint's record on a resume, a new one otherwise."""
         if self.ckpt is not None:
             return self.ckpt.get("launch")  # None in checkpoints written before it was recorded
-        return launch_record(overrides, precision, device)
+        return launch_record(overrides, precision, device, weights)
 
     def restore(self, registry: Registry, *, model: torch.nn.Module, overrides: Sequence[str], precision: str,
                 device: torch.device) -> None:

@@ -316,3 +316,28 @@ def test_transform_makes_no_host_sync_on_cuda_and_equals_torchvision() -> None:
     assert torch.equal(got.tensors, want.tensors)
     for w, o in zip(want_targets, got_targets):
         assert all(torch.equal(w[k], o[k]) for k in ("boxes", "labels", "masks"))
+
+
+@pytest.mark.parametrize("builder", ["fasterrcnn_resnet50_fpn_v2", "maskrcnn_resnet50_fpn_v2"])
+def test_zoo_v2_preset_detects_as_torchvision_on_cuda_at_800px(builder: str) -> None:
+    """tests/models/test_zoo.py at torchvision's own sizes (800 px, 1000 proposals) on CUDA, with the GPU
+    machine's torchvision: our preset loads torchvision's state dict exactly and detects alike."""
+    import torchvision
+
+    from frcnn_train.config import compose_config
+    from frcnn_train.weights import plan_load
+
+    torch.manual_seed(0)
+    cfg = compose_config([f"model={builder}", "model.num_classes=90"])
+    theirs = torchvision.models.get_model(builder, weights=None, weights_backbone=None, num_classes=91)
+    ours = build_model(cfg.model)
+    selected, report = plan_load(ours, theirs.state_dict())
+    assert (report.missing, report.unexpected, report.reshaped) == ([], [], []), report.format()
+    ours.load_state_dict(selected, strict=False)
+    images = [torch.rand(3, 480, 640, device="cuda"), torch.rand(3, 600, 500, device="cuda")]
+    with torch.no_grad():
+        mine = ours.cuda().eval()([i.clone() for i in images])
+        reference = theirs.cuda().eval()([i.clone() for i in images])
+    for a, b in zip(mine, reference):
+        assert torch.equal(a["labels"], b["labels"])
+        torch.testing.assert_close(a["boxes"], b["boxes"], atol=1e-3, rtol=0)

@@ -1,8 +1,9 @@
 """ResNet and MobileNet backbones with an FPN, built from torchvision's own pieces.
 
 The module tree is torchvision's (`body.layer1`, `fpn.inner_blocks.0`, ...), so
-torchvision model-zoo detection weights map onto it. ImageNet weights come only
-from a local file: nothing is ever downloaded.
+torchvision model-zoo detection weights map onto it. ImageNet weights come from a
+local file or by the name of torchvision's weights (zoo.py: fetched once into
+torch's hub cache).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from frcnn_train.logs import log
 from frcnn_train.models.heads import specialise
 from frcnn_train.models.max_pool import CpuMaxPool2d
 from frcnn_train.weights import read_state_dict
+from frcnn_train.zoo import backbone_weights, full_name
 
 # Backbone name -> torchvision classifier whose feature layers it reuses.
 _CLASSIFIERS: dict[str, str] = {
@@ -55,6 +57,11 @@ def _check_name(name: str) -> str:
     if name not in _CLASSIFIERS:
         raise ConfigError(f"model.backbone.name={name} is not a backbone; choose one of {', '.join(BACKBONES)}")
     return _CLASSIFIERS[name]
+
+
+def classifier_name(name: str) -> str:
+    """The torchvision classifier a backbone is cut from (resnet50_fpn -> resnet50)."""
+    return _check_name(name)
 
 
 def _is_resnet(name: str) -> bool:
@@ -145,12 +152,14 @@ def build_backbone(
     norm: str,
     returned_layers: list[int] | None,
     fpn_channels: int,
+    fpn_norm: bool = False,
 ) -> BackboneWithFPN:
-    """A torchvision classifier (optionally with local ImageNet weights) cut into an FPN backbone.
+    """A torchvision classifier (optionally with ImageNet weights) cut into an FPN backbone.
 
     `trainable_layers` counts stages from the top as torchvision does (resnet: 0-5,
     mobilenet: 0-6); None trains everything. It is honoured even without weights,
-    where torchvision would silently train everything instead.
+    where torchvision would silently train everything instead. `fpn_norm`: BatchNorm
+    in the FPN, as torchvision's *_v2 builders have it.
     """
     classifier_name = _check_name(name)
     norm_layer = _NORM_LAYERS[resolve_norm(norm, weights)]
@@ -164,20 +173,22 @@ def build_backbone(
         classifier.maxpool = specialise(classifier.maxpool, CpuMaxPool2d)
     if weights:
         load_imagenet_weights(classifier, weights, name)
+    fpn_norm_layer = nn.BatchNorm2d if fpn_norm else None
     if _is_resnet(name):
-        backbone = _resnet_fpn_extractor(classifier, trainable, returned_layers=layers)
+        backbone = _resnet_fpn_extractor(classifier, trainable, returned_layers=layers, norm_layer=fpn_norm_layer)
     else:
-        backbone = _mobilenet_extractor(classifier, True, trainable, returned_layers=layers)
+        backbone = _mobilenet_extractor(classifier, True, trainable, returned_layers=layers, norm_layer=fpn_norm_layer)
     if int(fpn_channels) != _TORCHVISION_FPN_CHANNELS:
-        _replace_fpn(backbone, int(fpn_channels))
+        _replace_fpn(backbone, int(fpn_channels), fpn_norm_layer)
     return backbone
 
 
-def _replace_fpn(backbone: BackboneWithFPN, fpn_channels: int) -> None:
+def _replace_fpn(backbone: BackboneWithFPN, fpn_channels: int, norm_layer: Callable[..., nn.Module] | None) -> None:
     # torchvision's extractors hard-code 256 FPN channels; rebuilding just the FPN
     # keeps their freezing and layer selection instead of copying that code.
     in_channels = [block[0].in_channels for block in backbone.fpn.inner_blocks]
-    backbone.fpn = FeaturePyramidNetwork(in_channels, fpn_channels, extra_blocks=LastLevelMaxPool())
+    backbone.fpn = FeaturePyramidNetwork(in_channels, fpn_channels, extra_blocks=LastLevelMaxPool(),
+                                         norm_layer=norm_layer)
     backbone.out_channels = fpn_channels
 
 
@@ -212,12 +223,13 @@ def _guess_origin(layout: dict[str, tuple[int, ...]]) -> str | None:
 
 
 def load_imagenet_weights(classifier: nn.Module, weights: str, name: str) -> None:
-    """Load a local ImageNet classification file into `classifier`, all feature tensors or nothing.
+    """Load ImageNet classification weights into `classifier`, all feature tensors or nothing: a local file, or
+    a name of torchvision's weights for it (IMAGENET1K_V1, DEFAULT, ...; zoo.backbone_weights fetches it).
 
     `name` is the backbone name (e.g. resnet50_fpn), used in the error message.
     """
     where = "model.backbone.weights"
-    path = Path(weights).expanduser()
+    path, named = backbone_weights(_CLASSIFIERS[name], weights, where)
     state = _read_state_dict(path, where)
     expected, found = _layout(classifier.state_dict()), _layout(state)
     matched = [k for k, shape in expected.items() if found.get(k) == shape]
@@ -247,5 +259,6 @@ def load_imagenet_weights(classifier: nn.Module, weights: str, name: str) -> Non
     # Confirms the file in the run's output; a wrong one would otherwise show only as a low AP.
     head = sum(k.startswith(_HEAD_PREFIXES) for k in state)
     counters = len(state) - len(used) - head
-    log.info("%s: loaded %d %s tensors from %s; skipped %d classifier-head tensor(s) and %d BatchNorm step "
-             "counter(s), which detection does not use.", where, len(used), tv_name, path, head, counters)
+    log.info("%s: loaded %d %s tensors from %s%s; skipped %d classifier-head tensor(s) and %d BatchNorm step "
+             "counter(s), which detection does not use.", where, len(used), tv_name,
+             f"{full_name(named)} in " if named is not None else "", path, head, counters)

@@ -30,8 +30,9 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
-from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import MultiScaleRoIAlign
 
 from frcnn_train.errors import ConfigError
@@ -41,6 +42,9 @@ from frcnn_train.models.heads import Detector, MaskDetector
 from frcnn_train.models.roi_align import MatmulMultiScaleRoIAlign
 
 ARCHS: tuple[str, ...] = ("faster_rcnn", "mask_rcnn")
+# torchvision's head layouts: v1 as in the original builders, v2 as in the *_v2 builders ("Benchmarking
+# Detection Transfer Learning with Vision Transformers"): BatchNorm outside the backbone, deeper heads.
+VERSIONS: tuple[str, ...] = ("v1", "v2")
 ATTENTION_TYPES: tuple[str, ...] = ("none", *BLOCKS)
 # Block type -> {model.attention key: the block's keyword argument}; other keys do not apply to it.
 ATTENTION_BLOCK_KEYS: dict[str, dict[str, str]] = {
@@ -61,6 +65,13 @@ def check_arch(arch: str) -> str:
     if arch not in ARCHS:
         raise ConfigError(f"model={arch} is not a meta-architecture; choose one of {', '.join(ARCHS)}")
     return arch
+
+
+def check_version(version: str) -> str:
+    if version not in VERSIONS:
+        raise ConfigError(f"model.version={version} is not a head layout; choose one of {', '.join(VERSIONS)} "
+                          "(v2: torchvision's *_v2 builders)")
+    return version
 
 
 def check_num_classes(num_classes: int | None) -> int:
@@ -106,20 +117,28 @@ def build_anchor_generator(
 
 
 def build_box_branch(
-    *, in_channels: int, featmap_names: list[str], head_dim: int, num_classes: int
-) -> tuple[MultiScaleRoIAlign, TwoMLPHead, FastRCNNPredictor]:
-    """RoI pooling, two-FC head and predictor; `num_classes` includes background."""
+    *, in_channels: int, featmap_names: list[str], head_dim: int, num_classes: int, conv_layers: list[int] | None = None
+) -> tuple[MultiScaleRoIAlign, nn.Module, FastRCNNPredictor]:
+    """RoI pooling, box head and predictor; `num_classes` includes background.
+
+    `conv_layers` None: torchvision's v1 two-FC head; a list of widths: its v2 head (3x3 convs with
+    BatchNorm, then one FC layer of `head_dim`), as fasterrcnn_resnet50_fpn_v2 builds it.
+    """
     roi_pool = MatmulMultiScaleRoIAlign(featmap_names=featmap_names, output_size=BOX_ROI_SIZE, sampling_ratio=2)
-    head = TwoMLPHead(in_channels * BOX_ROI_SIZE**2, representation_size=head_dim)
+    if conv_layers is None:
+        head: nn.Module = TwoMLPHead(in_channels * BOX_ROI_SIZE**2, representation_size=head_dim)
+    else:
+        head = FastRCNNConvFCHead((in_channels, BOX_ROI_SIZE, BOX_ROI_SIZE), list(conv_layers), [head_dim],
+                                  norm_layer=nn.BatchNorm2d)
     return roi_pool, head, FastRCNNPredictor(head_dim, num_classes)
 
 
 def build_mask_branch(
-    *, in_channels: int, featmap_names: list[str], layers: int, dim: int, num_classes: int
+    *, in_channels: int, featmap_names: list[str], layers: int, dim: int, num_classes: int, norm: bool = False
 ) -> tuple[MultiScaleRoIAlign, MaskRCNNHeads, MaskRCNNPredictor]:
-    """RoI pooling, `layers` 3x3 convs of width `dim`, and the upsampling predictor."""
+    """RoI pooling, `layers` 3x3 convs of width `dim` (with BatchNorm for `norm`: v2), and the upsampling predictor."""
     roi_pool = MatmulMultiScaleRoIAlign(featmap_names=featmap_names, output_size=MASK_ROI_SIZE, sampling_ratio=2)
-    head = MaskRCNNHeads(in_channels, [dim] * layers, dilation=1)
+    head = MaskRCNNHeads(in_channels, [dim] * layers, dilation=1, norm_layer=nn.BatchNorm2d if norm else None)
     # With no conv layers the predictor sees the FPN features directly.
     predictor_in = dim if layers > 0 else in_channels
     return roi_pool, head, MaskRCNNPredictor(predictor_in, dim, num_classes)
@@ -133,6 +152,7 @@ def build_model(model_cfg: DictConfig, *, read_backbone_weights: bool = True) ->
     machine; the norm and attention init it implies are kept.
     """
     arch = check_arch(model_cfg.arch)
+    v2 = check_version(model_cfg.version) == "v2"
     num_classes = check_num_classes(model_cfg.num_classes) + 1  # torchvision counts background
     # Refuse a wrong attention config before spending time on the backbone.
     attention = attention_plan(model_cfg)
@@ -146,6 +166,7 @@ def build_model(model_cfg: DictConfig, *, read_backbone_weights: bool = True) ->
         norm=resolve_norm(bb.norm, bb.weights),
         returned_layers=returned_layers,
         fpn_channels=bb.fpn_channels,
+        fpn_norm=v2,
     )
     levels = feature_map_names(backbone)
     pooled_levels = levels[:-1]  # RoIs are pooled from the stage levels, not the extra "pool" level
@@ -155,6 +176,8 @@ def build_model(model_cfg: DictConfig, *, read_backbone_weights: bool = True) ->
         featmap_names=pooled_levels,
         head_dim=_positive(model_cfg.box_head_dim, "box_head_dim"),
         num_classes=num_classes,
+        conv_layers=([_positive(model_cfg.box_head_conv_dim, "box_head_conv_dim")]
+                     * _positive(model_cfg.box_head_convs, "box_head_convs", allow_zero=True)) if v2 else None,
     )
     kwargs: dict[str, Any] = dict(
         min_size=int(model_cfg.min_size),
@@ -167,6 +190,7 @@ def build_model(model_cfg: DictConfig, *, read_backbone_weights: bool = True) ->
         rpn_post_nms_top_n_train=int(model_cfg.rpn_post_nms_top_n_train),
         rpn_post_nms_top_n_test=int(model_cfg.rpn_post_nms_top_n_test),
         rpn_batch_size_per_image=_positive(model_cfg.rpn_batch_size_per_image, "rpn_batch_size_per_image"),
+        rpn_score_thresh=float(model_cfg.rpn_score_thresh),
         box_roi_pool=box_roi_pool,
         box_head=box_head,
         box_predictor=box_predictor,
@@ -175,6 +199,8 @@ def build_model(model_cfg: DictConfig, *, read_backbone_weights: bool = True) ->
         box_nms_thresh=float(model_cfg.box_nms_thresh),
         box_detections_per_img=int(model_cfg.box_detections_per_img),
     )
+    if v2:  # torchvision's v1 head is FasterRCNN's default (conv_depth=1)
+        kwargs["rpn_head"] = RPNHead(backbone.out_channels, anchors.num_anchors_per_location()[0], conv_depth=2)
     if arch == "mask_rcnn":
         mask_roi_pool, mask_head, mask_predictor = build_mask_branch(
             in_channels=backbone.out_channels,
@@ -182,6 +208,7 @@ def build_model(model_cfg: DictConfig, *, read_backbone_weights: bool = True) ->
             layers=_positive(model_cfg.mask_head_layers, "mask_head_layers", allow_zero=True),
             dim=_positive(model_cfg.mask_head_dim, "mask_head_dim"),
             num_classes=num_classes,
+            norm=v2,
         )
         model: nn.Module = MaskDetector(
             backbone,

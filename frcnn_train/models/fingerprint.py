@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from frcnn_train.checkpoint import strip_wrapper_prefixes, unwrap_model
 from frcnn_train.models.backbones import resolve_norm, resolve_returned_layers
-from frcnn_train.models.builder import check_arch, check_num_classes
+from frcnn_train.models.builder import check_arch, check_num_classes, check_version
 from frcnn_train.weights import module_group
 
 Layout = dict[str, tuple[list[int], str]]
@@ -38,7 +38,9 @@ def architecture_spec(model_cfg: DictConfig) -> dict[str, Any]:
 
     `norm` and `returned_layers` are resolved (auto / null become what is built),
     so two configs that build the same model get the same spec. Mask-head keys
-    appear only for mask_rcnn, where they shape tensors.
+    appear only for mask_rcnn, where they shape tensors. The head version and the
+    v2 box head's keys appear only for v2: keys added after checkpoints were written
+    enter the spec only off their old behaviour, so those checkpoints keep their fingerprint.
     """
     arch = check_arch(model_cfg.arch)
     bb = model_cfg.backbone
@@ -55,6 +57,10 @@ def architecture_spec(model_cfg: DictConfig) -> dict[str, Any]:
         "model.aspect_ratios": [float(r) for r in model_cfg.aspect_ratios],
         "model.box_head_dim": int(model_cfg.box_head_dim),
     }
+    if check_version(model_cfg.version) != "v1":
+        spec["model.version"] = str(model_cfg.version)
+        spec["model.box_head_convs"] = int(model_cfg.box_head_convs)
+        spec["model.box_head_conv_dim"] = int(model_cfg.box_head_conv_dim)
     if arch == "mask_rcnn":
         spec["model.mask_head_layers"] = int(model_cfg.mask_head_layers)
         spec["model.mask_head_dim"] = int(model_cfg.mask_head_dim)
