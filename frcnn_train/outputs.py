@@ -95,7 +95,10 @@ def _ours(path: Path, kind: str) -> bool:
 # ---------------------------------------------------------------- saying what a file is
 def _hard_links(path: Path) -> str:
     """"; best.pth, epoch_0001.pth are hard links to it" (names beside it), or "" for a single name."""
-    links = path.stat().st_nlink
+    try:
+        links = path.stat().st_nlink
+    except OSError:  # a dangling symlink
+        return ""
     if links < 2:
         return ""
     names = [p.name for p in sorted(path.parent.iterdir()) if p != path and p.is_file() and os.path.samefile(p, path)]

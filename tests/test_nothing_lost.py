@@ -371,3 +371,47 @@ def test_the_printed_resume_command_pastes_into_a_shell(compose_tiny, tmp_path: 
     else:
         assert parsed["trainer.max_steps"] is None
     assert shlex.split(command, comments=True) == ["python", *words]
+
+
+# ---------------------------------------------------------------- every command, also one added later
+# Calls that open or replace a file for writing. Outside this list a command writes through outputs.write_file
+# (a rename, after outputs.check_file / check_directory) or checkpoint.atomic_write.
+_WRITES = re.compile(r"""open\([^)]*["'][wax]b?["']|\.write_(text|bytes)\(|torch\.save\(|jit\.save\(|"""
+                     r"""(?<!self)(?<!checkpointer)\.save\(|OmegaConf\.save\(|os\.open\(.*O_WRONLY|FileHandler\(|"""
+                     r"""SummaryWriter\(|shutil\.(copy\w*|move)\(|os\.(replace|rename|link)\(""")
+# (module, text on the line): why it may write there.
+_ALLOWED_WRITES = {
+    ("checkpoint.py", 'open(tmp, "wb")'): "atomic_write's own temporary file",
+    ("checkpoint.py", "os.replace(tmp, "): "atomic_write / link_checkpoint: the rename that replaces",
+    ("checkpoint.py", "atomic_write(path, lambda f: torch.save"): "into atomic_write's temporary file",
+    ("checkpoint.py", "os.link(src, tmp)"): "a hard link made under a temporary name, then renamed",
+    ("checkpoint.py", "re-save its tensors with torch.save"): "a message",
+    ("checkpoint.py", "atomic_write(Path(dst), lambda f: shutil.copyfileobj"): "into atomic_write's temporary file",
+    ("inspect.py", "os.open(os.devnull, os.O_WRONLY)"): "/dev/null, for a closed pipe",
+    ("rundir.py", 'os.fdopen(fd, "w")'): "the lock file just created with O_EXCL",
+    ("weights.py", "# torch.save(model)"): "a comment",
+    ("export.py", "torch.jit.save(traced, buffer"): "into memory; written by outputs.write_file",
+    ("predict.py", ".save(buffer"): "into memory; written by outputs.write_file",
+    ("rundir.py", "os.rename(run_dir, aside)"): "overwrite=true moves the old run aside, never deletes",
+    ("rundir.py", "os.O_CREAT | os.O_EXCL | os.O_WRONLY"): "the lock: O_EXCL creates, never opens an existing file",
+    ("rundir.py", "os.rename(path, grabbed)"): "a stale lock taken over",
+    ("rundir.py", "os.link(grabbed, path)"): "a fresh lock put back (link fails if one exists)",
+    ("logs.py", 'FileHandler(run_dir / "train.log", mode="a"'): "this run's train.log (rundir checks its links)",
+    ("logs.py", "SummaryWriter(log_dir="): "TensorBoard: new event files of this run",
+    ("logs.py", 'open(self.run_dir / "metrics.jsonl", "a"'): "this run's metrics.jsonl (rundir checks its links)",
+    ("train.py", 'open(sweep_dir / "jobs.jsonl", "a"'): "the sweep's own record",
+    ("shapes.py", "os.rename(tmp, final)"): "the generated dataset, built in a temporary directory",
+    ("shapes.py", "Image.fromarray(pixels).save(out"): "the generated dataset's images, in its temporary directory",
+    ("shapes.py", 'open(out / f"instances_{split}.json", "w")'): "the generated dataset's annotations, same",
+}
+
+
+def test_no_module_writes_a_file_except_through_the_rule() -> None:
+    package = Path(checkpoint.__file__).parent
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if _WRITES.search(line) and not any(path.name == module and text in line
+                                                for module, text in _ALLOWED_WRITES):
+                found.append(f"{path.relative_to(package)}:{number}: {line.strip()}")
+    assert not found, "writes a file without outputs.write_file / checkpoint.atomic_write:\n" + "\n".join(found)
