@@ -257,11 +257,9 @@ def check_resume_target(source: Path, run_dir: Path) -> None:
         return
     when = (f", first started {mine['started']}" if mine["started"] and theirs and theirs["dir"] == mine["dir"]
             else "")
-    replaced = ", ".join(dict.fromkeys(["last.pth", *others, "train.log"] if (run_dir / "train.log").exists()
-                                       else ["last.pth", *others]))
     raise RunDirError(
         f"{source} is a checkpoint of the run {mine['dir']}{when}, but {run_dir} holds another run "
-        f"({theirs['dir'] if theirs else 'unknown'}: {', '.join(others)}), whose {replaced} a resume there would "
-        f"replace; resume it from its own run directory ({mine['dir']}, or any directory holding no other run), "
-        f"or start a new run from its weights with init_from={source} and a new run_name="
+        f"({theirs['dir'] if theirs else 'unknown'}: {', '.join(others)}), whose last.pth and config.yaml a resume "
+        f"there would replace; resume it from its own run directory ({mine['dir']}, or any directory holding no "
+        f"other run), or start a new run from its weights with init_from={source} and a new run_name="
     )

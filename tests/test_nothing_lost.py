@@ -142,8 +142,8 @@ def test_5_another_runs_checkpoint_is_not_resumed_in_this_run(tiny_runs, shapes_
     a_dir = Path(tiny_runs("runA")).parent / "runA"
     assert str(refused.value) == (
         f"{foreign} is a checkpoint of the run {b_dir}, but {run_a} holds another run ({a_dir}: last.pth, "
-        f"config.yaml), whose last.pth, config.yaml, train.log a resume there would replace; resume it from its own "
-        f"run directory ({b_dir}, or any directory holding no other run), or start a new run from its weights with "
+        f"config.yaml), whose last.pth and config.yaml a resume there would replace; resume it from its own run "
+        f"directory ({b_dir}, or any directory holding no other run), or start a new run from its weights with "
         f"init_from={foreign} and a new run_name=")
     _unchanged(before, run_a, run_b)
 
