@@ -338,6 +338,24 @@ def test_a_lock_that_cannot_be_read_is_one_sentence(tmp_path: Path) -> None:
         "unknown; remove it if no run is, or use another run_name")
 
 
+def test_a_train_log_with_other_names_is_not_appended_to(tmp_path: Path) -> None:
+    """train.log and metrics.jsonl are appended in place: a hard link would change with them."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "last.pth").write_bytes(b"a checkpoint")
+    elsewhere = tmp_path / "my_notes.log"
+    elsewhere.write_text("mine\n")
+    os.link(elsewhere, run_dir / "train.log")
+    before = _snapshot(tmp_path)
+    with pytest.raises(UserError) as refused, rundir.claim(rundir.Target(run_dir, run_dir / "last.pth"),
+                                                           overwrite=False):
+        pass
+    assert str(refused.value) == (
+        f"{run_dir / 'train.log'} has 2 names (hard links), and the run appends to it, which would change every one "
+        "of them; copy it (cp, not ln) to break the link, or use another run_name")
+    _unchanged(before, tmp_path)
+
+
 def _printed_command(caplog) -> str:
     lines = [m for m in caplog.messages if "Resume with:" in m]
     return lines[-1].split("Resume with:", 1)[1].strip()
