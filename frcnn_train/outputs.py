@@ -185,10 +185,10 @@ def check_directory(out: Path, names: list[str], *, kind: str, command: str, inp
             continue
         if earlier and (target == index or not any(r.exists() and os.path.samefile(r, target) for r in inputs)):
             continue
-        what = describe(target, reads)
-        raise OutputError(f"--out {out} already holds {name}, which is {what}, not {command}'s own output (the "
-                          f"directory has no {names[0]} of {command}), and {command} never writes over a file it did "
-                          "not make; give a new or empty directory")
+        why = "it is read by this command" if earlier else f"the directory has no {names[0]} of {command}"
+        raise OutputError(f"--out {out} already holds {name}, which is {describe(target, reads)}, not {command}'s own "
+                          f"output ({why}), and {command} never writes over a file it did not make; give a new or "
+                          "empty directory")
 
 
 def write_file(path: Path, data: bytes) -> None:
