@@ -256,17 +256,17 @@ class Checkpointer:
         which = "the previous last.pth" if target == self.last_path else "last.pth"
         kept = (f"{which} (step {counters['global_step']}) is intact" if counters is not None
                 else "no loadable last.pth was written before")
+        # resume=DIR needs DIR/last.pth; without one, resume=auto starts the run again in its directory.
+        go_on = (f"resume with resume={self.run_dir}" if counters is not None else
+                 "run the same command again with resume=auto, which starts the run afresh there as nothing was saved")
         if err.errno in (errno.ENOSPC, errno.EDQUOT):
             return CheckpointWriteError(
                 f"no space left on device while writing {target} (about {max(1, round(nbytes / 2**20))} MB needed); "
-                f"{kept}; free space and resume with resume={self.run_dir}"
+                f"{kept}; free space and {go_on}"
             )
         reason = {errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
                   errno.EPERM: "permission denied"}.get(err.errno, err.strerror or str(err))
-        return CheckpointWriteError(
-            f"cannot write {target}: {reason}; {kept}; make {self.run_dir} writable and resume with "
-            f"resume={self.run_dir}"
-        )
+        return CheckpointWriteError(f"cannot write {target}: {reason}; {kept}; make {self.run_dir} writable and {go_on}")
 
     def _rotate(self, epoch: int) -> None:
         """Delete epoch files older than the newest `keep_last` up to `epoch`, by number.

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from frcnn_train import checkpoint
+from frcnn_train import checkpoint, outputs
 from frcnn_train.composition import composition_error
 from frcnn_train.config import check_values, compose_config, with_schema
 from frcnn_train.data import build_datasets, build_eval_loader, resolve_num_workers
@@ -133,8 +133,7 @@ def run_evaluation(ckpt_path: str | Path, overrides: Sequence[str] = (),
     keep = ("image_id", "category_id", "bbox", "score") + (("segmentation",) if with_masks else ())
     results = [{k: r[k] for k in keep if k in r} for r in results]
     try:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        out_path.write_text(json.dumps(results))
+        outputs.write_file(out_path, json.dumps(results).encode("utf-8"))
     except OSError as err:
         raise ConfigError(f"the detections could not be written to {out_path} ({err.strerror}); "
                           "give a writable file with --out") from None
@@ -156,14 +155,13 @@ def _write_plots(out_dir: Path, coco_gt: Any, evaluators: dict[str, Any], result
 
 def _results_path(out: str | Path | None, ckpt_path: Path) -> Path:
     """Where the COCO results go, checked before any work: --out (a directory gets the default name), else
-    beside the checkpoint; a path through a file is refused."""
+    beside the checkpoint; anything but an earlier detections file there is refused (outputs.check_file)."""
     name = f"detections_{ckpt_path.stem}.json"
     out_path = Path(out).expanduser() if out else ckpt_path.parent / name
     if out_path.is_dir():
         out_path = out_path / name
-    existing = next(p for p in (out_path, *out_path.parents) if p.exists())
-    if existing != out_path and not existing.is_dir():
-        raise ConfigError(f"--out {out_path} passes through the file {existing}; give a file in a directory")
+    outputs.check_file(out_path, kind="detections", command="frcnn-evaluate", example=ckpt_path.parent / name,
+                       reads={ckpt_path: "the checkpoint it evaluates"})
     return out_path
 
 

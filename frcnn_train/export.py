@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from frcnn_train import __version__, checkpoint, zoo
+from frcnn_train import __version__, checkpoint, outputs, zoo
 from frcnn_train.config import with_schema
 from frcnn_train.errors import ExportError, UserError
 from frcnn_train.evaluate import load_model
@@ -51,7 +51,7 @@ SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
 # (output_half_pixel for aligned=False) from 16 on; every onnxruntime since 1.11 runs 17.
 ONNX_OPSET = 17
 INPUT_NAME = "image"
-TORCHSCRIPT_METADATA = "frcnn_train.json"  # the TorchScript extra file holding the metadata
+TORCHSCRIPT_METADATA = outputs.TORCHSCRIPT_METADATA  # the TorchScript extra file holding the metadata
 INSTALL_HINT = 'pip install "frcnn_train[export]"'
 
 
@@ -86,11 +86,15 @@ def require_onnx() -> None:
 
 
 def resolve_out(ckpt_path: Path, fmt: str, out: str | Path | None) -> Path:
-    """--out, or the checkpoint's name with the format's suffix beside it."""
-    path = Path(out).expanduser() if out else ckpt_path.with_name(ckpt_path.stem + SUFFIXES[fmt])
+    """--out, or the checkpoint's name with the format's suffix beside it; checked before any work: anything
+    but an earlier export of this format there is refused, and so is a directory that cannot be written."""
+    default = ckpt_path.with_name(ckpt_path.stem + SUFFIXES[fmt])
+    path = Path(out).expanduser() if out else default
     if path.is_dir():
         example = path / (ckpt_path.stem + SUFFIXES[fmt])
         raise UserError(f"--out {path} is a directory; give a file name, e.g. {example}")
+    outputs.check_file(path, kind=fmt, command="frcnn-export", example=default,
+                       reads={ckpt_path: "the checkpoint it exports"})
     return path
 
 
@@ -152,7 +156,7 @@ def open_source(source: str | Path, *, raw: bool) -> Source:
 
 def build_metadata(source: Source, arch: str, *, dynamic: bool, input_shape: list[int]) -> dict[str, Any]:
     return {
-        "format": "frcnn_train.export",
+        "format": outputs.EXPORT_MARKER,
         "frcnn_train_version": __version__,
         "arch": arch,
         "classes": list(source.classes),
@@ -251,7 +255,7 @@ def export(ckpt_path: str | Path, fmt: str, out: str | Path | None = None, *, dy
         raise ExportError(f"{_describe_model(cfg)} cannot be exported to {fmt} with torch {torch.__version__} "
                           f"({first[:300]}); try the other format") from err
     seconds = time.perf_counter() - start
-    checkpoint.atomic_write(out_path, lambda f: f.write(data))
+    outputs.write_file(out_path, data)
     report = None
     if check_images:
         report = check_export(out_path, fmt, model, images[:check_images], names,
@@ -284,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
                                            "torchvision:<builder>[.<weights>] for torchvision's COCO weights")
     parser.add_argument("--format", required=True, help="onnx (run with onnxruntime) or torchscript (torch.jit.load)")
     parser.add_argument("--out", help="file to write (default: beside the checkpoint, <name>.onnx or "
-                                      "<name>.torchscript.pt); an existing file is replaced")
+                                      "<name>.torchscript.pt); an existing file is replaced only if it is an earlier "
+                                      "export of the same format")
     parser.add_argument("--dynamic", action="store_true",
                         help="any input height and width: ONNX with dynamic axes, and the check also runs at a "
                              "second size; without it the ONNX file takes only the size it was exported at (the "

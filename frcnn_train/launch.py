@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from frcnn_train import checkpoint, distributed, rundir, zoo
+from frcnn_train import checkpoint, distributed, outputs, rundir, zoo
 from frcnn_train.anchors import start_warning
 from frcnn_train.checkpointer import Checkpointer
 from frcnn_train.config import check_values
@@ -30,7 +30,7 @@ from frcnn_train.models.backbones import resolve_norm
 from frcnn_train.optim import apply_current_schedule, build_optimizer, build_scheduler, group_summary, lr_scale
 from frcnn_train.progress import StepLog
 from frcnn_train.resume import Resume
-from frcnn_train.runtime import amp_dtype, precision_name, resolve_device, seed_everything, seed_for
+from frcnn_train.runtime import amp_dtype, override_arg, precision_name, resolve_device, seed_everything, seed_for
 from frcnn_train.rng import RngStreams
 from frcnn_train.state import Counters, Registry, Scaler, describe_position
 from frcnn_train.trainer import Trainer, steps_per_epoch
@@ -72,7 +72,7 @@ def _run_in(target: rundir.Target, cfg: DictConfig, overrides: Sequence[str], ea
     for level, note in resume.notes + parts.notes:
         log.log(level, note)
     if distributed.is_main():
-        OmegaConf.save(cfg, target.run_dir / "config.yaml", resolve=True)
+        outputs.write_file(target.run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode("utf-8"))
         _log_start(cfg, trainer, parts, device, target.run_dir, resume, overrides)
     started = time.perf_counter()
     try:
@@ -281,9 +281,9 @@ def _log_summary(summary: dict[str, Any], trainer: Trainer, run_dir: Path) -> No
     existing = checkpoint.checkpoint_files(run_dir) if run_dir.is_dir() else []
     command = "nothing was saved to resume from"
     if existing:
-        command = f"{launcher} frcnn_train.train resume={existing[0]}"
-        if summary["completed"]:
-            command += " trainer.epochs=<more>"
+        command = f"{launcher} frcnn_train.train {override_arg('resume', existing[0])}"
+        if summary["completed"]:  # a number that pastes (a placeholder such as <more> is a shell redirection)
+            command += f" trainer.epochs={2 * c.epoch}  # or any number above {c.epoch}"
         elif trainer.s.max_steps is not None and c.global_step >= trainer.s.max_steps:
             command += " trainer.max_steps=null"  # the checkpoint keeps max_steps; without it nothing would train
     where = describe_position(vars(c), trainer.steps_per_epoch)

@@ -11,6 +11,7 @@ format, plus file_name and category_name).
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 from pathlib import Path
@@ -25,10 +26,12 @@ from frcnn_train.data.decode import ImageDecodeError, ImageRangeError, read_imag
 from frcnn_train.errors import DataError
 from frcnn_train.evaluate import load_model
 from frcnn_train.evaluation import detections_to_coco
+from frcnn_train.outputs import check_directory, write_file
 from frcnn_train.runtime import cli, prog_name, resolve_device
 from frcnn_train.visualize import draw_detections
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+PREDICTIONS = "predictions.json"
 
 
 def collect_images(inputs: list[str]) -> list[Path]:
@@ -105,6 +108,8 @@ def predict(ckpt_path: str | Path, inputs: list[str], out_dir: str | Path, *, sc
         raise DataError(f"--batch-size {batch_size} must be at least 1")
     files = collect_images(inputs)
     out = _output_dir(out_dir, files)
+    names = _output_names(files)
+    check_directory(out, [PREDICTIONS, *names], kind="predictions", command="frcnn-predict", inputs=files)
     dev = resolve_device(device)
     if zoo.is_zoo_source(str(ckpt_path)):
         model, classes, cfg = zoo.from_torchvision(str(ckpt_path))
@@ -122,7 +127,6 @@ def predict(ckpt_path: str | Path, inputs: list[str], out_dir: str | Path, *, sc
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise DataError(f"--out {out} cannot be created ({err.strerror}); give a directory you can write") from None
-    names = _output_names(files)
     # Labels are 1-based indices into the checkpoint's classes; category ids are those labels.
     label_ids = {i: i for i in range(1, len(classes) + 1)}
     results: list[dict[str, Any]] = []
@@ -139,12 +143,15 @@ def predict(ckpt_path: str | Path, inputs: list[str], out_dir: str | Path, *, sc
             drawn = draw_detections(image, kept, classes, score_threshold=score_threshold)
             target = out / names[index]
             extra = {"quality": 95} if target.suffix.lower() in (".jpg", ".jpeg") else {}
-            Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(target, **extra)
+            buffer = io.BytesIO()
+            Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(buffer, format=Image.registered_extensions()[
+                target.suffix.lower()], **extra)
+            write_file(target, buffer.getvalue())
             for result in detections_to_coco([kept], [index], label_ids, with_masks=with_masks):
                 label = result["category_id"]
                 results.append({"file_name": str(files[index]), **result, "category_name": classes[label - 1]})
     # One detection per line: valid JSON that still reads (and diffs) well.
-    (out / "predictions.json").write_text("[\n" + ",\n".join(json.dumps(r) for r in results) + "\n]\n")
+    write_file(out / PREDICTIONS, ("[\n" + ",\n".join(json.dumps(r) for r in results) + "\n]\n").encode())
     return results, highest_dropped
 
 

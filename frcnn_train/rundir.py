@@ -22,12 +22,14 @@ from typing import Any, Iterator
 import torch
 from omegaconf import DictConfig
 
-from frcnn_train import checkpoint
+from frcnn_train import checkpoint, outputs
 from frcnn_train.errors import ConfigError, RunDirError
 from frcnn_train.logs import log
+from frcnn_train.outputs import unwritable as _unwritable
 
 LOCK_NAME = ".lock"
-# Appended to or rewritten in place (not replaced by a rename), so each must itself be writable.
+# Appended to in place (train.log, metrics.jsonl), so each must itself be writable; config.yaml is replaced
+# by a rename but checked too (a read-only one says the run directory is not to be written).
 _WRITTEN_IN_PLACE = ("config.yaml", "train.log", "metrics.jsonl")
 # (level, message) already shown on the console, for train.log once it is open.
 Notes = list[tuple[int, str]]
@@ -91,6 +93,8 @@ def claim(target: Target, *, overwrite: bool) -> Iterator[Notes]:
     run_dir, notes = target.run_dir, []
     new = target.resume_from is None
     _check_writable(run_dir, new=new, overwrite=overwrite)
+    if not new:  # another run's checkpoint copied in here would replace that run's files
+        outputs.check_resume_target(target.resume_from, run_dir)
     held = _run_files(run_dir, allow_config=target.restart) if new else []
     if held and not overwrite:
         raise RunDirError(_existing_run_message(run_dir, held, restart=target.restart))
@@ -145,19 +149,10 @@ def _existing_run_message(run_dir: Path, held: list[str], *, restart: bool) -> s
         return (f"resume=auto found no readable checkpoint in {run_dir}, which holds {found} (see the warnings "
                 f"above); to start over there set overwrite=true instead of resume=auto (the old run is moved "
                 f"aside, not deleted), or choose another run_name")
-    return (f"{run_dir} already holds a run ({found}); continue it with resume={run_dir}, start another with a "
+    # resume=DIR needs DIR/last.pth; resume=auto also takes an older checkpoint, or starts where none was saved.
+    go_on = f"resume={run_dir}" if (run_dir / "last.pth").is_file() else "resume=auto (same run_name)"
+    return (f"{run_dir} already holds a run ({found}); continue it with {go_on}, start another with a "
             f"different run_name=, or start over there with overwrite=true (the old run is moved aside, not deleted)")
-
-
-def _unwritable(path: Path) -> str | None:
-    """Why this process cannot write `path`, or None. Root passes os.access unless the file system is read-only."""
-    if os.access(path, os.W_OK | (os.X_OK if path.is_dir() else 0)):
-        return None
-    try:
-        read_only = bool(os.statvfs(path).f_flag & os.ST_RDONLY)
-    except OSError:
-        read_only = False
-    return "read-only file system" if read_only else "permission denied"
 
 
 def _check_writable(run_dir: Path, *, new: bool, overwrite: bool) -> None:
@@ -173,6 +168,10 @@ def _check_writable(run_dir: Path, *, new: bool, overwrite: bool) -> None:
     for path in paths:
         if reason := _unwritable(path):
             raise _read_only(run_dir, path, reason, new=new)
+        if path.is_file() and path.name != "config.yaml" and path.stat().st_nlink > 1:  # appended to in place
+            raise RunDirError(f"{path} has {path.stat().st_nlink} names (hard links), and the run appends to it, "
+                              "which would change every one of them; copy it (cp, not ln) to break the link, "
+                              "or use another run_name")
 
 
 def _read_only(run_dir: Path, path: Path, reason: str, *, new: bool) -> RunDirError:
@@ -273,22 +272,29 @@ def _acquire(run_dir: Path, notes: Notes, *, new: bool) -> str:
 def _take_over_if_stale(path: Path, run_dir: Path, notes: Notes) -> None:
     """Return when `path` is gone or was stale (now removed); raise when its holder may still be writing."""
     try:
-        text = path.read_text()
+        text = path.read_text(errors="replace")
         age = time.time() - path.stat().st_mtime
     except FileNotFoundError:
         return  # released meanwhile
+    except OSError as err:  # a directory, or unreadable: nobody's lock that we can judge
+        raise RunDirError(f"the lock file {path} cannot be read ({_reason(err)}), so whether a run is writing "
+                          f"{run_dir} is unknown; remove it if no run is, or use another run_name") from None
     try:
         record = json.loads(text)
     except ValueError:
-        record = {}
-    if not isinstance(record, dict) or "pid" not in record:
+        record = None
+    if not _is_record(record):
         if age < 5:  # created an instant ago, its holder is writing it
             raise RunDirError(f"another process is starting in {run_dir} (lock file {path}); wait for it, "
                               "or use another run_name")
-        alive = False  # its writer died between creating and writing it
+        # Its writer died between creating and writing it, or something else wrote it: no process to wait for.
+        alive, holder = False, None
+        message = (f"Took over the lock {path}, which held {_shown(text)} instead of a pid, host and start time "
+                   "(its writer died while creating it, or another program wrote it): no run is writing here.")
     else:
         alive = _holder_alive(record)
-    holder = f"pid {record.get('pid')} on {record.get('host')}, since {record.get('since')}"
+        holder = f"pid {record['pid']} on {record['host']}, since {record.get('since', 'an unknown time')}"
+        message = f"Took over the stale lock {path} of {holder}: that process is no longer running."
     if alive:
         raise RunDirError(f"another process ({holder}) is writing {run_dir} (lock file {path}); wait for it to "
                           "end or stop it, or use another run_name")
@@ -301,15 +307,26 @@ def _take_over_if_stale(path: Path, run_dir: Path, notes: Notes) -> None:
         os.rename(path, grabbed)
     except FileNotFoundError:
         return
-    if grabbed.read_text() != text:  # a fresh lock replaced the stale one before our rename: put it back
+    if grabbed.read_text(errors="replace") != text:  # a fresh lock replaced the stale one before our rename: put it back
         with contextlib.suppress(FileExistsError):
             os.link(grabbed, path)
         grabbed.unlink()
         return
     grabbed.unlink()
-    message = f"Took over the stale lock {path} of {holder}: that process is no longer running."
     log.warning(message)
     notes.append((logging.WARNING, message))
+
+
+def _is_record(record: Any) -> bool:
+    """A lock record as `_acquire` writes it: a positive integer pid and a host name."""
+    return (isinstance(record, dict) and isinstance(record.get("pid"), int) and record["pid"] > 0
+            and isinstance(record.get("host"), str))
+
+
+def _shown(text: str) -> str:
+    """The start of a lock file's contents, for a message: "nothing" or its first 40 characters, quoted."""
+    text = text.strip()
+    return "nothing" if not text else repr(text[:40] + ("..." if len(text) > 40 else ""))
 
 
 def _release(path: Path, lock: str) -> None:

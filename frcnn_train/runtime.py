@@ -10,6 +10,7 @@ import functools
 import os
 import random
 import re
+import shlex
 import signal
 import sys
 from typing import Any, Callable, TypeVar
@@ -186,6 +187,24 @@ def prog_name(module: str) -> str:
     """How the user called a CLI, for its usage line: `frcnn-evaluate` or `python -m frcnn_train.evaluate`."""
     called = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
     return called if called.startswith("frcnn-") else f"python -m {module}"
+
+
+# A value Hydra reads as itself and a shell as one word, unquoted; anything else is quoted for both.
+_PLAIN_VALUE = re.compile(r"[A-Za-z0-9_./-]+")
+
+
+def override_arg(key: str, value: Any) -> str:
+    """`key=value` as one shell word that Hydra reads back as `value`: for a printed command to paste.
+
+    A value with spaces, non-ASCII letters or Hydra's own characters is double-quoted for Hydra
+    (backslashes before a quote doubled, `${` escaped), and the whole word quoted for the shell.
+    """
+    text = str(value)
+    if not _PLAIN_VALUE.fullmatch(text):
+        text = text.replace("${", "\\${")
+        text = '"' + re.sub(r'(\\*)("|$)', lambda m: m.group(1) * 2 + ("\\" + m.group(2) if m.group(2) else ""),
+                            text) + '"'
+    return shlex.quote(f"{key}={text}")
 
 
 def user_error_exit(err: UserError) -> int:

@@ -121,11 +121,17 @@ class Trainer:
         while c.epoch < self.s.epochs:
             if not self._train_epoch():
                 return  # stopped mid-epoch; last.pth already written
+            if self._stop_requested():  # came after the last step's check: the evaluation runs after the resume
+                if self._saved_step != c.global_step:
+                    self.save()
+                return
             c.epoch += 1
             c.step_in_epoch = 0
             self._end_of_epoch()
             if self._max_steps_reached():
                 return
+            if c.epoch < self.s.epochs and self._stop_requested():  # came during the evaluation or the save
+                return  # the epoch end saved this step: the run ends with it, not after the next
 
     def _max_steps_reached(self) -> bool:
         if self.s.max_steps is None or self.counters.global_step < self.s.max_steps:
@@ -254,6 +260,14 @@ class Trainer:
             return False
         self.stop_reason = (self._signals.reason or (f"trainer.max_steps={self.s.max_steps} reached" if max_hit
                                                      else "another process received a stop signal"))
+        return True
+
+    def _stop_requested(self) -> bool:
+        """Whether a stop signal reached any rank since the last step's check; at an epoch's end, where no
+        step's collective carries it (one collective, so every rank answers the same)."""
+        if not distributed.any_rank(self._signals.reason is not None, self.device):
+            return False
+        self.stop_reason = self._signals.reason or "another process received a stop signal"
         return True
 
     def _steps_left(self) -> int:

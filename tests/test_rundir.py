@@ -58,7 +58,9 @@ def test_a_new_run_into_an_existing_run_is_refused(compose_tiny, outputs: Path, 
         run(compose_tiny(no_data[0]))
     message = str(refused.value)
     assert f"{run_dir} already holds a run ({held})" in message
-    assert f"resume={run_dir}" in message and "run_name=" in message and "overwrite=true" in message
+    # resume=DIR needs DIR/last.pth; without one the advice is resume=auto, which works there (issue 22, item 11).
+    go_on = f"resume={run_dir}" if held == "last.pth" else "resume=auto (same run_name)"
+    assert f"continue it with {go_on}," in message and "run_name=" in message and "overwrite=true" in message
     assert snapshot(outputs) == before and not no_data[1].exists()
 
 
