@@ -116,6 +116,10 @@ class DataConfig:
     # A truncated or undecodable image: error (stop, naming the file; last.pth saved first) or
     # skip (leave it out of its batch, with a warning naming it).
     bad_images: str = "error"
+    # Micro-batches of images of similar width / height (torchvision's 8 aspect-ratio groups), so that less
+    # padding is trained on; a set of one image shape keeps the ungrouped order. It sets the data order, so a
+    # resume keeps the checkpoint's (runs from before this key resume with false).
+    group_by_aspect_ratio: bool = True
     hflip_prob: float = 0.5
     # [min, max] random rescale factor applied before the model's own resize; None: off.
     scale_jitter: Optional[List[float]] = None
