@@ -203,6 +203,13 @@ class TrainerConfig:
 
 
 @dataclass
+class EvalConfig:
+    # COCOeval's implementation: auto takes faster-coco-eval when installed (pip install 'frcnn_train[eval]'),
+    # else pycocotools; both give the same AP (faster-coco-eval about 6x sooner on COCO val2017).
+    backend: str = "auto"  # auto | pycocotools | faster_coco_eval
+
+
+@dataclass
 class InitConfig:
     # Ordered renames applied to init_from keys: {"from": "prefix or regex", "to": "..."}.
     remap: List[Dict[str, str]] = field(default_factory=list)
@@ -227,6 +234,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # Keys a resume may change; any other difference from the checkpoint is refused.
@@ -247,6 +255,7 @@ MUTABLE_ON_RESUME = (
     "trainer.eval_every",
     "trainer.checkpoint_every_steps",
     "trainer.keep_last",
+    "eval.backend",  # the same AP either way
     # Precision may change with the machine (a CPU run continued on a GPU); launch warns in one line.
     "trainer.amp",
     "trainer.amp_dtype",
@@ -372,6 +381,8 @@ VALUE_RULES: dict[str, tuple[Any, str]] = {
                          "a whole number >= 0 (0: load in the main process), or auto"),
     "data.hflip_prob": (_fraction, "a probability in [0, 1]"),
     "data.bad_images": (lambda v: v in ("error", "skip"), "error or skip"),
+    "eval.backend": (lambda v: v in ("auto", "pycocotools", "faster_coco_eval"),
+                     "auto, pycocotools or faster_coco_eval"),
     "data.shapes.num_train": (_positive, "a whole number >= 1"),
     "data.shapes.num_val": (_positive, "a whole number >= 1"),
     "data.shapes.image_size": (_positive, "a whole number of pixels >= 1"),

@@ -26,7 +26,7 @@ from frcnn_train.models import build_model, diff_layouts, tensor_layout
 from frcnn_train.runtime import amp_dtype, cli, prog_name, resolve_device, seed_everything
 
 # Leaf keys evaluate may change besides anything under `data`.
-ALLOWED_KEYS = ("device", "trainer.batch_size", "trainer.amp", "trainer.amp_dtype")
+ALLOWED_KEYS = ("device", "trainer.batch_size", "trainer.amp", "trainer.amp_dtype", "eval.backend")
 
 
 def compose_overrides(overrides: Sequence[str]) -> DictConfig:
@@ -103,7 +103,7 @@ def run_evaluation(ckpt_path: str | Path, overrides: Sequence[str] = (),
     out_path = _results_path(out, path)
     ckpt = checkpoint.load_checkpoint(path)
     cfg = apply_overrides(ckpt["config"], overrides)
-    check_values(cfg, keys=("data", "trainer.batch_size", "trainer.amp_dtype"))  # what evaluate lets a user change
+    check_values(cfg, keys=("data", "trainer.batch_size", "trainer.amp_dtype", "eval.backend"))  # what evaluate lets a user change
     with_masks = cfg.model.arch == "mask_rcnn"
     device = resolve_device(cfg.device)
     # The run evaluated under these settings; matching them keeps the numbers identical.
@@ -119,7 +119,7 @@ def run_evaluation(ckpt_path: str | Path, overrides: Sequence[str] = (),
                                num_workers=resolve_num_workers(cfg.data.num_workers, device))
     dtype = amp_dtype(cfg.trainer.amp, cfg.trainer.amp_dtype, device)
     metrics, results = evaluate(model, loader, coco_gt=data.val.coco, label_to_cat_id=data.val.label_to_cat_id,
-                                device=device, with_masks=with_masks, autocast_dtype=dtype)
+                                device=device, with_masks=with_masks, autocast_dtype=dtype, backend=cfg.eval.backend)
     # COCO.loadRes adds area / id / iscrowd (and box polygons) to the dicts it is given; write only ours.
     keep = ("image_id", "category_id", "bbox", "score") + (("segmentation",) if with_masks else ())
     results = [{k: r[k] for k in keep if k in r} for r in results]
@@ -149,7 +149,8 @@ def _results_path(out: str | Path | None, ckpt_path: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=prog_name("frcnn_train.evaluate"), description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="checkpoint file (or run directory: best.pth, else last.pth)")
-    parser.add_argument("overrides", nargs="*", help="data=..., data.*=..., device=..., trainer.batch_size=...")
+    parser.add_argument("overrides", nargs="*",
+                        help="data=..., data.*=..., device=..., trainer.batch_size=..., eval.backend=...")
     parser.add_argument("--out", help="COCO results JSON, or a directory for it "
                                       "(default: <ckpt dir>/detections_<ckpt stem>.json)")
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON instead of a table")

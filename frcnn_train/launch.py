@@ -200,7 +200,8 @@ def build_trainer(cfg: DictConfig, parts: Parts, data: DataBundle, device: torch
         amp_dtype=parts.dtype, device=device, registry=registry, checkpointer=checkpointer,
         validator=Validator(data=data, device=device, with_masks=with_masks, batch_size=settings.batch_size,
                             num_workers=workers, amp_dtype=parts.dtype, logger=logger,
-                            vis_images=settings.vis_images, best_metric=settings.best_metric),
+                            vis_images=settings.vis_images, best_metric=settings.best_metric,
+                            backend=cfg.eval.backend),
         step_log=StepLog(logger, log_every=settings.log_every, epochs=settings.epochs, steps_per_epoch=parts.steps_per_epoch,
                          progress=settings.progress and sys.stderr.isatty()),
     )

@@ -108,6 +108,7 @@ class Trainer:
                     self.checkpointer.wait(raise_error=False)
                 finally:
                     self.train_loader.close()
+                    self.validator.close()
                     self.step_log.close()
         return self.counters.last_metrics
 

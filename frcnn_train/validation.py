@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from frcnn_train import distributed
-from frcnn_train.data import DataBundle, build_eval_loader
-from frcnn_train.evaluation import evaluate, format_table, summary_metrics
+from frcnn_train.data import DataBundle, EvalLoader
+from frcnn_train.evaluation import coco_api, evaluate, format_table, summary_metrics
 from frcnn_train.logs import RunLogger, log
 from frcnn_train.visualize import draw_detections
 
@@ -28,23 +28,32 @@ class Validator:
     logger: RunLogger
     vis_images: int
     best_metric: str
+    backend: str = "auto"  # eval.backend
 
     def __post_init__(self) -> None:
+        coco_api(self.backend)  # a backend that is not installed stops the run at its start, not at its first evaluation
         self._said_no_metric = False
+        self._loader: EvalLoader | None = None  # made at the first evaluation; its workers persist until close()
+
+    def close(self) -> None:
+        """End the evaluation loader's workers (the Trainer calls it when fit ends)."""
+        if self._loader is not None:
+            self._loader.close()
 
     def run(self, models: dict[str, nn.Module], *, epoch: int, step: int) -> dict[str, float]:
         """Score each model (prefix -> model: "" the trained weights, "ema/" the EMA); every rank
         must call it (the predictions are gathered to rank 0). Returns all metrics, prefixed."""
         started = time.perf_counter()
         metrics: dict[str, float] = {}
+        if self._loader is None:
+            self._loader = EvalLoader(self.data.val, batch_size=self.batch_size, num_workers=self.num_workers,
+                                      rank=distributed.rank(), world_size=distributed.world_size(),
+                                      pin_memory=self.device.type == "cuda")
         for prefix, model in models.items():
             distributed.broadcast_buffers(model)  # rank 0's BatchNorm statistics, which the checkpoint holds
-            loader = build_eval_loader(self.data.val, batch_size=self.batch_size, num_workers=self.num_workers,
-                                       rank=distributed.rank(), world_size=distributed.world_size(),
-                                       pin_memory=self.device.type == "cuda")
-            scores, _ = evaluate(model, loader, coco_gt=self.data.val.coco,
+            scores, _ = evaluate(model, self._loader.loader, coco_gt=self.data.val.coco,
                                  label_to_cat_id=self.data.val.label_to_cat_id, device=self.device,
-                                 with_masks=self.with_masks, autocast_dtype=self.amp_dtype)
+                                 with_masks=self.with_masks, autocast_dtype=self.amp_dtype, backend=self.backend)
             metrics.update({f"{prefix}{k}": v for k, v in scores.items()})
             if distributed.is_main():
                 which = " of the EMA weights" if prefix else ""

@@ -339,12 +339,30 @@ class TrainLoader:
 
     def close(self) -> None:
         """End the workers (a later `at` starts new ones)."""
-        iterator, self.loader._iterator = self.loader._iterator, None
-        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
-            iterator._shutdown_workers()
+        _end_workers(self.loader)
 
 
-_OPEN_LOADERS: "weakref.WeakSet[TrainLoader]" = weakref.WeakSet()
+class EvalLoader:
+    """The evaluation batches of a run (build_eval_loader's) from one DataLoader whose workers live across
+    evaluations, as TrainLoader's do across epochs: iterate `loader` for each evaluation; `close()` ends them."""
+
+    def __init__(self, dataset: Dataset, *, batch_size: int, num_workers: int, rank: int = 0, world_size: int = 1,
+                 pin_memory: bool = False) -> None:
+        self.loader = build_eval_loader(dataset, batch_size=batch_size, num_workers=num_workers, rank=rank,
+                                        world_size=world_size, pin_memory=pin_memory, persistent=num_workers > 0)
+        _OPEN_LOADERS.add(self)
+
+    def close(self) -> None:
+        _end_workers(self.loader)
+
+
+def _end_workers(loader: DataLoader) -> None:
+    iterator, loader._iterator = loader._iterator, None
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+
+
+_OPEN_LOADERS: "weakref.WeakSet[TrainLoader | EvalLoader]" = weakref.WeakSet()
 
 
 @atexit.register  # registered after torch's own exit hook, so it runs first, while torch can still shut workers down
@@ -380,6 +398,6 @@ def ignore_stop_signals(worker_id: int) -> None:
 
 
 def build_eval_loader(dataset: Dataset, *, batch_size: int, num_workers: int, rank: int = 0,
-                      world_size: int = 1, pin_memory: bool = False) -> DataLoader:
+                      world_size: int = 1, pin_memory: bool = False, persistent: bool = False) -> DataLoader:
     return _loader(dataset, ShardSampler(len(dataset), batch_size=batch_size, rank=rank, world_size=world_size),
-                   num_workers=num_workers, seed=0, pin_memory=pin_memory)
+                   num_workers=num_workers, seed=0, pin_memory=pin_memory, persistent=persistent)
