@@ -40,13 +40,18 @@ def init_from_env(device: torch.device) -> None:
     store = dist.PrefixStore(_fresh_namespace(store, rank_, size), store)
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", store=store,
                             rank=rank_, world_size=size, timeout=timeout)
-    global _object_group
-    # Python objects (evaluation results, RNG states) travel through gloo, in host memory: through NCCL they
-    # would be pickled into CUDA tensors, every rank's on rank 0's GPU at once (detectron2's gloo group).
-    _object_group = dist.new_group(backend="gloo", timeout=timeout) if device.type == "cuda" else None
+    use_host_memory_for_objects(device, timeout)
 
 
 _object_group: Any = None  # None: the default group (gloo already, or no process group)
+
+
+def use_host_memory_for_objects(device: torch.device, timeout: datetime.timedelta) -> None:
+    """Python objects (evaluation results, RNG states) travel through gloo, in host memory: through NCCL they
+    would be pickled into CUDA tensors, every rank's on rank 0's GPU at once (detectron2's gloo group).
+    Every rank calls it once, after the default group is made."""
+    global _object_group
+    _object_group = dist.new_group(backend="gloo", timeout=timeout) if device.type == "cuda" else None
 
 
 def _fresh_namespace(store: dist.Store, rank_: int, size: int) -> str:

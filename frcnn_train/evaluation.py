@@ -20,6 +20,9 @@ from frcnn_train.errors import ConfigError
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 # The EMA weights' metrics during training: "ema/bbox/AP" beside the trained weights' "bbox/AP".
 EMA_PREFIX = "ema/"
+# Metrics are reported to this many decimals: pycocotools divides by tp + fp + np.spacing(1), faster-coco-eval by
+# tp + fp, so their precision entries (and a mean of them) can differ in the last bit; rounded, every AP agrees.
+METRIC_DECIMALS = 12
 # eval.backend: auto takes faster-coco-eval when it is installed (the `eval` extra), else pycocotools.
 BACKENDS = ("auto", "pycocotools", "faster_coco_eval")
 
@@ -116,7 +119,8 @@ def coco_metrics(coco_gt: COCO, results: list[dict[str, Any]], iou_type: str,
         return {**{name: 0.0 for name in METRIC_NAMES}, **_no_detections_per_class(coco_gt)}
     evaluator = run_cocoeval(coco_gt, results, iou_type, backend)
     # -1 (pycocotools' convention) means "no ground truth of that size", e.g. APl on small images.
-    return {**{name: float(v) for name, v in zip(METRIC_NAMES, evaluator.stats[:6])}, **per_class_ap(evaluator)}
+    return {**{name: round(float(v), METRIC_DECIMALS) for name, v in zip(METRIC_NAMES, evaluator.stats[:6])},
+            **per_class_ap(evaluator)}
 
 
 # ---------------------------------------------------------------- per-class AP
@@ -135,7 +139,7 @@ def per_class_ap(evaluator: COCOeval) -> dict[str, float]:
     for k, name in enumerate(names):
         values = precision[:, :, k, 0, -1]
         values = values[values > -1]
-        out[f"{PER_CLASS_PREFIX}{name}"] = float(np.mean(values)) if values.size else -1.0
+        out[f"{PER_CLASS_PREFIX}{name}"] = round(float(np.mean(values)), METRIC_DECIMALS) if values.size else -1.0
     return out
 
 

@@ -316,3 +316,26 @@ def test_transform_makes_no_host_sync_on_cuda_and_equals_torchvision() -> None:
     assert torch.equal(got.tensors, want.tensors)
     for w, o in zip(want_targets, got_targets):
         assert all(torch.equal(w[k], o[k]) for k in ("boxes", "labels", "masks"))
+
+
+def test_object_gathers_under_nccl_stay_in_host_memory(tmp_path: Path) -> None:
+    """Evaluation results gathered to rank 0 under an NCCL group go through gloo: no CUDA memory for them."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from frcnn_train import distributed
+
+    device = torch.device("cuda", 0)
+    torch.cuda.set_device(device)
+    dist.init_process_group("nccl", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        distributed.use_host_memory_for_objects(device, datetime.timedelta(minutes=1))
+        results = [{"image_id": i, "segmentation": {"size": [800, 1333], "counts": "x" * 2000}} for i in range(20000)]
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        assert distributed.gather_lists(results) == results
+        assert distributed.broadcast_from_main({"bbox/AP": 0.5}) == {"bbox/AP": 0.5}
+        assert torch.cuda.max_memory_allocated(device) - before < 2**20  # the 40 MB of results never went there
+    finally:
+        distributed.shutdown()
