@@ -103,7 +103,8 @@ def run_evaluation(ckpt_path: str | Path, overrides: Sequence[str] = (),
     out_path = _results_path(out, path)
     ckpt = checkpoint.load_checkpoint(path)
     cfg = apply_overrides(ckpt["config"], overrides)
-    check_values(cfg, keys=("data", "trainer.batch_size", "trainer.amp_dtype", "eval.backend"))  # what evaluate lets a user change
+    # What evaluate lets a user change.
+    check_values(cfg, keys=("data", "trainer.batch_size", "trainer.amp_dtype", "eval.backend"))
     with_masks = cfg.model.arch == "mask_rcnn"
     device = resolve_device(cfg.device)
     # The run evaluated under these settings; matching them keeps the numbers identical.

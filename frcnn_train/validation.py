@@ -31,7 +31,7 @@ class Validator:
     backend: str = "auto"  # eval.backend
 
     def __post_init__(self) -> None:
-        coco_api(self.backend)  # a backend that is not installed stops the run at its start, not at its first evaluation
+        coco_api(self.backend)  # a backend that is not installed stops the run at its start, not at an evaluation
         self._said_no_metric = False
         self._loader: EvalLoader | None = None  # made at the first evaluation; its workers persist until close()
 
