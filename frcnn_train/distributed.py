@@ -40,6 +40,18 @@ def init_from_env(device: torch.device) -> None:
     store = dist.PrefixStore(_fresh_namespace(store, rank_, size), store)
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", store=store,
                             rank=rank_, world_size=size, timeout=timeout)
+    use_host_memory_for_objects(device, timeout)
+
+
+_object_group: Any = None  # None: the default group (gloo already, or no process group)
+
+
+def use_host_memory_for_objects(device: torch.device, timeout: datetime.timedelta) -> None:
+    """Python objects (evaluation results, RNG states) travel through gloo, in host memory: through NCCL they
+    would be pickled into CUDA tensors, every rank's on rank 0's GPU at once (detectron2's gloo group).
+    Every rank calls it once, after the default group is made."""
+    global _object_group
+    _object_group = dist.new_group(backend="gloo", timeout=timeout) if device.type == "cuda" else None
 
 
 def _fresh_namespace(store: dist.Store, rank_: int, size: int) -> str:
@@ -71,8 +83,10 @@ def _fresh_namespace(store: dist.Store, rank_: int, size: int) -> str:
 
 
 def shutdown() -> None:
+    global _object_group
     if dist.is_initialized():
         dist.destroy_process_group()
+    _object_group = None
 
 
 def rank() -> int:
@@ -101,7 +115,7 @@ def gather_to_main(item: Any) -> list[Any] | None:
     if not dist.is_initialized():
         return [item]
     gathered: list[Any] | None = [None] * world_size() if is_main() else None
-    dist.gather_object(item, gathered, dst=0)
+    dist.gather_object(item, gathered, dst=0, group=_object_group)
     return gathered
 
 
@@ -116,7 +130,7 @@ def broadcast_from_main(obj: Any) -> Any:
     if not dist.is_initialized():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=_object_group)
     return box[0]
 
 

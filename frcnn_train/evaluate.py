@@ -27,7 +27,7 @@ from frcnn_train.runtime import amp_dtype, cli, prog_name, resolve_device, seed_
 from frcnn_train.zoo import is_zoo_source
 
 # Leaf keys evaluate may change besides anything under `data`.
-ALLOWED_KEYS = ("device", "trainer.batch_size", "trainer.amp", "trainer.amp_dtype")
+ALLOWED_KEYS = ("device", "trainer.batch_size", "trainer.amp", "trainer.amp_dtype", "eval.backend")
 
 
 def compose_overrides(overrides: Sequence[str]) -> DictConfig:
@@ -109,7 +109,8 @@ def run_evaluation(ckpt_path: str | Path, overrides: Sequence[str] = (),
     out_path = _results_path(out, path)
     ckpt = checkpoint.load_checkpoint(path)
     cfg = apply_overrides(ckpt["config"], overrides)
-    check_values(cfg, keys=("data", "trainer.batch_size", "trainer.amp_dtype"))  # what evaluate lets a user change
+    # What evaluate lets a user change.
+    check_values(cfg, keys=("data", "trainer.batch_size", "trainer.amp_dtype", "eval.backend"))
     with_masks = cfg.model.arch == "mask_rcnn"
     device = resolve_device(cfg.device)
     # The run evaluated under these settings; matching them keeps the numbers identical.
@@ -126,7 +127,8 @@ def run_evaluation(ckpt_path: str | Path, overrides: Sequence[str] = (),
     dtype = amp_dtype(cfg.trainer.amp, cfg.trainer.amp_dtype, device)
     evaluators: dict[str, Any] = {}
     metrics, results = evaluate(model, loader, coco_gt=data.val.coco, label_to_cat_id=data.val.label_to_cat_id,
-                                device=device, with_masks=with_masks, autocast_dtype=dtype, evaluators=evaluators)
+                                device=device, with_masks=with_masks, autocast_dtype=dtype, evaluators=evaluators,
+                                backend=cfg.eval.backend)
     if plots is not None:
         _write_plots(Path(plots).expanduser(), data.val.coco, evaluators, results)
     # COCO.loadRes adds area / id / iscrowd (and box polygons) to the dicts it is given; write only ours.
@@ -169,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The command's arguments; docs/ generates the command-line reference from it."""
     parser = argparse.ArgumentParser(prog=prog_name("frcnn_train.evaluate"), description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="checkpoint file (or run directory: best.pth, else last.pth)")
-    parser.add_argument("overrides", nargs="*", help="data=..., data.*=..., device=..., trainer.batch_size=...")
+    parser.add_argument("overrides", nargs="*",
+                        help="data=..., data.*=..., device=..., trainer.batch_size=..., eval.backend=...")
     parser.add_argument("--out", help="COCO results JSON, or a directory for it "
                                       "(default: <ckpt dir>/detections_<ckpt stem>.json)")
     parser.add_argument("--plots", metavar="DIR",

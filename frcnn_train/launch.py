@@ -214,7 +214,7 @@ def build_trainer(cfg: DictConfig, parts: Parts, data: DataBundle, device: torch
         validator=Validator(data=data, device=device, with_masks=with_masks, batch_size=settings.batch_size,
                             num_workers=workers, amp_dtype=parts.dtype, logger=logger,
                             vis_images=settings.vis_images, best_metric=settings.best_metric,
-                            plots=settings.plots),
+                            plots=settings.plots, backend=cfg.eval.backend),
         step_log=StepLog(logger, log_every=settings.log_every, epochs=settings.epochs, steps_per_epoch=parts.steps_per_epoch,
                          progress=settings.progress and sys.stderr.isatty()),
     )

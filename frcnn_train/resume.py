@@ -54,6 +54,9 @@ def _upgrade(saved: dict[str, Any]) -> dict[str, Any]:
     optim = dict(saved.get("optim", {}))
     optim.setdefault("reference_batch", None)  # the LR was used as given, whatever the batch
     saved["optim"] = optim
+    data = dict(saved.get("data", {}))
+    data.setdefault("group_by_aspect_ratio", False)  # the data order was the plain permutation
+    saved["data"] = data
     return saved
 
 

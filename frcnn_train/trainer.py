@@ -73,7 +73,7 @@ class Trainer:
         self.train_loader = TrainLoader(  # one for the run: its workers persist across epochs
             data.train, batch_size=settings.batch_size, num_workers=num_workers, seed=seed,
             accumulate=settings.accumulate, rank=distributed.rank(), world_size=distributed.world_size(),
-            pin_memory=device.type == "cuda")
+            pin_memory=device.type == "cuda", groups=data.train_groups)
         self.stop_reason: str | None = None
         self._saved_step = 0  # the step of the newest last.pth (fit starts at the resumed one's)
         self._signals = distributed.StopRequest()
@@ -108,6 +108,7 @@ class Trainer:
                     self.checkpointer.wait(raise_error=False)
                 finally:
                     self.train_loader.close()
+                    self.validator.close()
                     self.step_log.close()
         return self.counters.last_metrics
 

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from frcnn_train import distributed
-from frcnn_train.data import DataBundle, build_eval_loader
+from frcnn_train.data import DataBundle, EvalLoader
 from frcnn_train.eval_plots import evaluation_figures, save_figures
-from frcnn_train.evaluation import evaluate, format_table, summary_metrics
+from frcnn_train.evaluation import coco_api, evaluate, format_table, summary_metrics
 from frcnn_train.logs import RunLogger, log
 from frcnn_train.visualize import draw_detections
 
@@ -31,9 +31,17 @@ class Validator:
     vis_images: int
     best_metric: str
     plots: bool = False  # PR curves and a confusion matrix per evaluation (eval_plots)
+    backend: str = "auto"  # eval.backend
 
     def __post_init__(self) -> None:
+        coco_api(self.backend)  # a backend that is not installed stops the run at its start, not at an evaluation
         self._said_no_metric = False
+        self._loader: EvalLoader | None = None  # made at the first evaluation; its workers persist until close()
+
+    def close(self) -> None:
+        """End the evaluation loader's workers (the Trainer calls it when fit ends)."""
+        if self._loader is not None:
+            self._loader.close()
 
     def run(self, models: dict[str, nn.Module], *, epoch: int, step: int) -> dict[str, float]:
         """Score each model (prefix -> model: "" the trained weights, "ema/" the EMA); every rank
@@ -42,16 +50,17 @@ class Validator:
         metrics: dict[str, float] = {}
         evaluators: dict[str, Any] = {}
         results: list[dict[str, Any]] = []
+        if self._loader is None:
+            self._loader = EvalLoader(self.data.val, batch_size=self.batch_size, num_workers=self.num_workers,
+                                      rank=distributed.rank(), world_size=distributed.world_size(),
+                                      pin_memory=self.device.type == "cuda")
         for prefix, model in models.items():
             distributed.broadcast_buffers(model)  # rank 0's BatchNorm statistics, which the checkpoint holds
-            loader = build_eval_loader(self.data.val, batch_size=self.batch_size, num_workers=self.num_workers,
-                                       rank=distributed.rank(), world_size=distributed.world_size(),
-                                       pin_memory=self.device.type == "cuda")
             evaluators = {}  # the last model's (the EMA's when there is one), as _draw_samples draws
-            scores, results = evaluate(model, loader, coco_gt=self.data.val.coco,
+            scores, results = evaluate(model, self._loader.loader, coco_gt=self.data.val.coco,
                                        label_to_cat_id=self.data.val.label_to_cat_id, device=self.device,
                                        with_masks=self.with_masks, autocast_dtype=self.amp_dtype,
-                                       evaluators=evaluators)
+                                       evaluators=evaluators, backend=self.backend)
             metrics.update({f"{prefix}{k}": v for k, v in scores.items()})
             if distributed.is_main():
                 which = " of the EMA weights" if prefix else ""

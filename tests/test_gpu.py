@@ -341,3 +341,26 @@ def test_zoo_v2_preset_detects_as_torchvision_on_cuda_at_800px(builder: str) -> 
     for a, b in zip(mine, reference):
         assert torch.equal(a["labels"], b["labels"])
         torch.testing.assert_close(a["boxes"], b["boxes"], atol=1e-3, rtol=0)
+
+
+def test_object_gathers_under_nccl_stay_in_host_memory(tmp_path: Path) -> None:
+    """Evaluation results gathered to rank 0 under an NCCL group go through gloo: no CUDA memory for them."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from frcnn_train import distributed
+
+    device = torch.device("cuda", 0)
+    torch.cuda.set_device(device)
+    dist.init_process_group("nccl", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        distributed.use_host_memory_for_objects(device, datetime.timedelta(minutes=1))
+        results = [{"image_id": i, "segmentation": {"size": [800, 1333], "counts": "x" * 2000}} for i in range(20000)]
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        assert distributed.gather_lists(results) == results
+        assert distributed.broadcast_from_main({"bbox/AP": 0.5}) == {"bbox/AP": 0.5}
+        assert torch.cuda.max_memory_allocated(device) - before < 2**20  # the 40 MB of results never went there
+    finally:
+        distributed.shutdown()

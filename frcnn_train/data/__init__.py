@@ -2,6 +2,7 @@
 from frcnn_train.data.coco import CocoDetection, DataWarning
 from frcnn_train.data.loader import (
     DataBundle,
+    EvalLoader,
     ResumableSampler,
     TrainLoader,
     batches_per_epoch,
@@ -18,6 +19,7 @@ __all__ = [
     "CocoDetection",
     "DataBundle",
     "DataWarning",
+    "EvalLoader",
     "ResumableSampler",
     "SHAPE_CLASSES",
     "TrainLoader",

@@ -23,6 +23,7 @@ from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
 from frcnn_train.data.coco import CocoDetection
+from frcnn_train.data.grouping import dataset_groups, grouped_order
 from frcnn_train.data.problems import Problems
 from frcnn_train.data.shapes import ensure_shapes_dataset
 from frcnn_train.data.transforms import Compose, RandomHorizontalFlip, ScaleJitter
@@ -41,6 +42,8 @@ class DataBundle:
     train: Dataset
     val: Dataset
     classes: list[str]  # label i (1-based; 0 is background) is classes[i - 1]
+    # Each training image's aspect-ratio group (data.group_by_aspect_ratio); None: no grouping.
+    train_groups: np.ndarray | None = None
 
 
 # --------------------------------------------------------------------------- datasets
@@ -59,7 +62,8 @@ def build_datasets(data_cfg: DictConfig, *, with_masks: bool,
     train, val = builders[name](data_cfg, with_masks=with_masks, transforms=_train_transforms(data_cfg),
                                 problems=problems or {})
     log.info("data: %s, %d train / %d val images, %d classes", name, len(train), len(val), len(train.classes))
-    return DataBundle(train=train, val=val, classes=list(train.classes))
+    groups = dataset_groups(train) if _get(data_cfg, "group_by_aspect_ratio") else None
+    return DataBundle(train=train, val=val, classes=list(train.classes), train_groups=groups)
 
 
 def _get(cfg: Any, key: str) -> Any:
@@ -209,11 +213,13 @@ class ResumableSampler(Sampler[tuple[int, int]]):
     the images in them depend on the world size, so a resume with another number of
     processes goes on with exactly the chunks not yet consumed, and every rank gets
     the same number of them (ranks never wait for each other at an epoch's end).
-    A sample's seed depends on (seed, epoch, index) only.
+    A sample's seed depends on (seed, epoch, index) only. With `groups` (one per image) the
+    permutation is first rearranged so that each chunk holds one aspect-ratio group
+    (data/grouping.py), which depends on the permutation and batch_size only.
     """
 
     def __init__(self, dataset_len: int, *, batch_size: int, seed: int, epoch: int, consumed: int = 0,
-                 accumulate: int = 1, rank: int = 0, world_size: int = 1) -> None:
+                 accumulate: int = 1, rank: int = 0, world_size: int = 1, groups: np.ndarray | None = None) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         if batch_size < 1 or accumulate < 1:
@@ -221,6 +227,9 @@ class ResumableSampler(Sampler[tuple[int, int]]):
         self.total = batches_per_epoch(dataset_len, batch_size, world_size, accumulate) * batch_size * world_size
         self.dataset_len, self.batch_size, self.seed = dataset_len, batch_size, seed
         self.rank, self.world_size = rank, world_size
+        if groups is not None and len(groups) != dataset_len:
+            raise ValueError(f"{len(groups)} aspect-ratio groups for {dataset_len} images")
+        self.groups = groups
         self.set_position(epoch, consumed)
 
     def set_position(self, epoch: int, consumed: int = 0) -> None:
@@ -233,7 +242,10 @@ class ResumableSampler(Sampler[tuple[int, int]]):
     def global_order(self) -> list[tuple[int, int]]:
         """The whole epoch's global sequence, every rank's samples, before any is consumed."""
         n = self.dataset_len
-        perm = np.random.default_rng(seed_sequence(self.seed, self.epoch, 0)).permutation(n)[: self.total]
+        perm = np.random.default_rng(seed_sequence(self.seed, self.epoch, 0)).permutation(n)
+        if self.groups is not None:
+            perm = grouped_order(perm, self.groups, self.batch_size)
+        perm = perm[: self.total]  # whole global batches: the mixed leftovers of the groups come last
         seeds = seed_sequence(self.seed, self.epoch, 1).generate_state(max(n, 1), dtype=np.uint64)
         return [(int(i), int(seeds[i])) for i in perm]
 
@@ -290,11 +302,11 @@ def collate(batch: Sequence[tuple[Tensor, dict] | None]) -> tuple[list[Tensor], 
 
 def build_train_loader(dataset: Dataset, *, batch_size: int, num_workers: int, seed: int, epoch: int,
                        consumed: int = 0, accumulate: int = 1, rank: int = 0, world_size: int = 1,
-                       pin_memory: bool = False) -> DataLoader:
+                       pin_memory: bool = False, groups: np.ndarray | None = None) -> DataLoader:
     """This rank's batches of the epoch's global sequence after `consumed` samples (see ResumableSampler),
     from a DataLoader of its own (its workers end with it); the Trainer keeps one TrainLoader instead."""
     sampler = _train_sampler(dataset, batch_size=batch_size, seed=seed, epoch=epoch, consumed=consumed,
-                             accumulate=accumulate, rank=rank, world_size=world_size)
+                             accumulate=accumulate, rank=rank, world_size=world_size, groups=groups)
     # Worker base seeds come from this generator instead of the global RNG, so
     # starting an iterator leaves the global torch RNG (saved in checkpoints) alone.
     return _loader(dataset, BatchSampler(sampler, batch_size=batch_size, drop_last=True), num_workers=num_workers,
@@ -302,14 +314,14 @@ def build_train_loader(dataset: Dataset, *, batch_size: int, num_workers: int, s
 
 
 def _train_sampler(dataset: Dataset, *, batch_size: int, seed: int, epoch: int, consumed: int, accumulate: int,
-                   rank: int, world_size: int) -> ResumableSampler:
+                   rank: int, world_size: int, groups: np.ndarray | None) -> ResumableSampler:
     if batches_per_epoch(len(dataset), batch_size, world_size) == 0:
         raise ConfigError(
             f"trainer.batch_size={batch_size} is larger than the {len(dataset) // world_size} training images "
             f"per process, so an epoch has no batch; lower trainer.batch_size or use more data"
         )
     return ResumableSampler(len(dataset), batch_size=batch_size, seed=seed, epoch=epoch, consumed=consumed,
-                            accumulate=accumulate, rank=rank, world_size=world_size)
+                            accumulate=accumulate, rank=rank, world_size=world_size, groups=groups)
 
 
 class TrainLoader:
@@ -324,9 +336,10 @@ class TrainLoader:
     """
 
     def __init__(self, dataset: Dataset, *, batch_size: int, num_workers: int, seed: int, accumulate: int = 1,
-                 rank: int = 0, world_size: int = 1, pin_memory: bool = False, prefetch_factor: int = 2) -> None:
+                 rank: int = 0, world_size: int = 1, pin_memory: bool = False, prefetch_factor: int = 2,
+                 groups: np.ndarray | None = None) -> None:
         self.sampler = _train_sampler(dataset, batch_size=batch_size, seed=seed, epoch=0, consumed=0,
-                                      accumulate=accumulate, rank=rank, world_size=world_size)
+                                      accumulate=accumulate, rank=rank, world_size=world_size, groups=groups)
         self.loader = _loader(dataset, BatchSampler(self.sampler, batch_size=batch_size, drop_last=True),
                               num_workers=num_workers, seed=seed_for(seed, 0, 2), pin_memory=pin_memory,
                               persistent=num_workers > 0, prefetch_factor=prefetch_factor)
@@ -338,12 +351,30 @@ class TrainLoader:
 
     def close(self) -> None:
         """End the workers (a later `at` starts new ones)."""
-        iterator, self.loader._iterator = self.loader._iterator, None
-        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
-            iterator._shutdown_workers()
+        _end_workers(self.loader)
 
 
-_OPEN_LOADERS: "weakref.WeakSet[TrainLoader]" = weakref.WeakSet()
+class EvalLoader:
+    """The evaluation batches of a run (build_eval_loader's) from one DataLoader whose workers live across
+    evaluations, as TrainLoader's do across epochs: iterate `loader` for each evaluation; `close()` ends them."""
+
+    def __init__(self, dataset: Dataset, *, batch_size: int, num_workers: int, rank: int = 0, world_size: int = 1,
+                 pin_memory: bool = False) -> None:
+        self.loader = build_eval_loader(dataset, batch_size=batch_size, num_workers=num_workers, rank=rank,
+                                        world_size=world_size, pin_memory=pin_memory, persistent=num_workers > 0)
+        _OPEN_LOADERS.add(self)
+
+    def close(self) -> None:
+        _end_workers(self.loader)
+
+
+def _end_workers(loader: DataLoader) -> None:
+    iterator, loader._iterator = loader._iterator, None
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+
+
+_OPEN_LOADERS: "weakref.WeakSet[TrainLoader | EvalLoader]" = weakref.WeakSet()
 
 
 @atexit.register  # registered after torch's own exit hook, so it runs first, while torch can still shut workers down
@@ -379,6 +410,6 @@ def ignore_stop_signals(worker_id: int) -> None:
 
 
 def build_eval_loader(dataset: Dataset, *, batch_size: int, num_workers: int, rank: int = 0,
-                      world_size: int = 1, pin_memory: bool = False) -> DataLoader:
+                      world_size: int = 1, pin_memory: bool = False, persistent: bool = False) -> DataLoader:
     return _loader(dataset, ShardSampler(len(dataset), batch_size=batch_size, rank=rank, world_size=world_size),
-                   num_workers=num_workers, seed=0, pin_memory=pin_memory)
+                   num_workers=num_workers, seed=0, pin_memory=pin_memory, persistent=persistent)

@@ -11,14 +11,15 @@ The gradient flows through the products (autograd), never into the boxes (as in
 torchvision: proposals are detached).
 
 `MatmulMultiScaleRoIAlign` is torchvision's MultiScaleRoIAlign (same level mapping,
-same module, no state) that uses it on CPU feature maps where the intermediate stays
-small, and on CUDA when deterministic algorithms are on (trainer.deterministic=true):
-there torchvision's CUDA kernel, whose backward adds with atomics, is not used at all
-(torchvision then falls back to a pure-Python RoIAlign whose backward is a sorted
-scatter over every sample), while these products are deterministic by construction.
-On CUDA the rois of an image are taken in chunks, so the intermediate stays under
-CUDA_MAX_INTERMEDIATE however large the map. Everywhere else (CUDA by default, huge
-CPU maps, adaptive sampling) torchvision's op runs.
+same module, no state) that uses it on the CPU, and on CUDA when deterministic algorithms
+are on (trainer.deterministic=true): there torchvision's CUDA kernel, whose backward adds
+with atomics, is not used at all (torchvision then falls back to a pure-Python RoIAlign
+whose backward is a sorted scatter over every sample), while these products are
+deterministic by construction. The rois of an image are taken in chunks, so the
+intermediate stays under MAX_INTERMEDIATE (CPU) or CUDA_MAX_INTERMEDIATE however large
+the map or the roi count; where one chunk holds them all (the shapes sizes) the numbers
+are bitwise those of a single product. Everywhere else (CUDA by default, adaptive
+sampling, tracing) torchvision's op runs.
 tests/models/test_cpu_kernels.py compares values and gradients with torchvision's.
 """
 from __future__ import annotations
@@ -26,11 +27,12 @@ from __future__ import annotations
 import torch
 import torchvision
 from torch import Tensor
-from torchvision.ops import MultiScaleRoIAlign, roi_align
+from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _setup_scales
 
-# Largest intermediate (rois of one image and level x bins x channels x map width) the
-# matrix form builds, in elements: 16M floats = 64 MB. Larger levels use torchvision's op.
+# Largest intermediate (rois of one chunk x bins x channels x map width) the matrix form
+# builds on the CPU, in elements: 16M floats = 64 MB. More rois than fit go in several chunks:
+# torchvision's CPU backward, the old fallback, took half of a step at 128 px (docs/speed-cpu.md).
 MAX_INTERMEDIATE = 1 << 24
 # On CUDA (deterministic mode) the rois of one image and level go in chunks of at most this
 # many intermediate elements (256 MB of fp32).
@@ -38,8 +40,8 @@ CUDA_MAX_INTERMEDIATE = 1 << 26
 
 
 def pools_with_matmul(device: torch.device) -> bool:
-    """Whether RoIs on `device` are pooled by the matrix form: on the CPU always (where the
-    intermediate fits), on CUDA when torch's deterministic algorithms are on."""
+    """Whether RoIs on `device` are pooled by the matrix form: on the CPU always, on CUDA when
+    torch's deterministic algorithms are on."""
     return device.type == "cpu" or (device.type == "cuda" and torch.are_deterministic_algorithms_enabled())
 
 
@@ -122,6 +124,7 @@ class MatmulMultiScaleRoIAlign(MultiScaleRoIAlign):
         levels = (self.map_levels(boxes) if len(x_filtered) > 1
                   else torch.zeros(len(rois), dtype=torch.int64, device=rois.device))
         first = x_filtered[0]
+        cap = MAX_INTERMEDIATE if on_cpu else CUDA_MAX_INTERMEDIATE
         result = first.new_zeros((len(rois), first.shape[1], *self.output_size))
         for level, (features, scale) in enumerate(zip(x_filtered, self.scales)):
             idx = torch.nonzero(levels == level).flatten()
@@ -129,16 +132,10 @@ class MatmulMultiScaleRoIAlign(MultiScaleRoIAlign):
                 continue
             level_rois = rois[idx]
             n, c, _, width = features.shape
-            counts = rois_per_image(level_rois, n)
-            per_roi = self.output_size[0] * c * width
-            if not on_cpu:  # deterministic CUDA: always the products, in chunks
-                pooled = roi_align_matmul(features, level_rois, self.output_size, scale, self.sampling_ratio,
-                                          counts=counts, chunk=max(1, CUDA_MAX_INTERMEDIATE // per_roi))
-            elif max(counts) * per_roi <= MAX_INTERMEDIATE:
-                pooled = roi_align_matmul(features, level_rois, self.output_size, scale, self.sampling_ratio,
-                                          counts=counts)
-            else:
-                pooled = roi_align(features, level_rois, self.output_size, scale, self.sampling_ratio)
+            # A chunk of at least an image's rois is one product, the same numbers as no chunking.
+            chunk = max(1, cap // (self.output_size[0] * c * width))
+            pooled = roi_align_matmul(features, level_rois, self.output_size, scale, self.sampling_ratio,
+                                      counts=rois_per_image(level_rois, n), chunk=chunk)
             pooled = pooled.to(result.dtype)
             result = pooled if len(idx) == len(rois) else result.index_copy(0, idx, pooled)  # all on one level
         return result

@@ -58,13 +58,41 @@ def test_rois_in_any_order_and_single_roi_align() -> None:
                                roi_align(level, rois, (7, 7), 0.25, 2), rtol=1e-5, atol=1e-5)
 
 
-def test_large_maps_fall_back_to_torchvision(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("cap", [0, 7 * 16 * 32 * 9])  # one roi per chunk; 9 rois of the largest level
+def test_over_the_cap_the_cpu_pools_in_chunks_not_with_torchvision(monkeypatch: pytest.MonkeyPatch,
+                                                                    cap: int) -> None:
+    """More rois than MAX_INTERMEDIATE holds (512 per image at 128 px) go in chunks: torchvision's op,
+    whose CPU backward took half of such a step, is never called, and values and gradients still match it."""
     stock, ours = _both(7)
     features, boxes = _inputs(5)
-    monkeypatch.setattr(ra, "MAX_INTERMEDIATE", 0)
-    called = []
-    monkeypatch.setattr(ra, "roi_align_matmul", lambda *a: called.append(1))
-    assert torch.equal(ours(features, boxes, IMAGE_SHAPES), stock(features, boxes, IMAGE_SHAPES)) and not called
+    want = stock(features, boxes, IMAGE_SHAPES)
+    monkeypatch.setattr(ra, "MAX_INTERMEDIATE", cap)
+    chunks = []
+    matmul = ra.roi_align_matmul
+    monkeypatch.setattr(ra, "roi_align_matmul", lambda *a, **k: chunks.append(k["chunk"]) or matmul(*a, **k))
+    monkeypatch.setattr(torch.ops.torchvision, "roi_align", None)  # any call to torchvision's kernel fails
+    got = ours(features, boxes, IMAGE_SHAPES)
+    assert chunks and min(chunks) == max(1, cap // (7 * 16 * 32)) < 40  # the largest level: fewer than its rois
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    upstream = torch.randn_like(want)
+    for w, o in zip(*(torch.autograd.grad(y, list(features.values()), upstream, materialize_grads=True)
+                      for y in (want, got))):
+        torch.testing.assert_close(o, w, rtol=1e-5, atol=1e-4)
+
+
+def test_under_the_cap_the_cpu_result_is_one_product_per_image() -> None:
+    """The sizes that already pooled with the products before chunking existed keep their exact numbers."""
+    _, ours = _both(7)
+    features, boxes = _inputs(5)
+    level = features["0"]
+    rois = torch.cat([torch.cat([torch.full((len(b), 1), float(i)), b], dim=1) for i, b in enumerate(boxes)])
+    one_product = ra.roi_align_matmul(level, rois, (7, 7), 0.25, 2)  # chunk=None: an image's rois at once
+    ours.scales, ours.map_levels = [0.25], lambda _: torch.zeros(len(rois), dtype=torch.int64)
+    got = ours({"0": level}, boxes, IMAGE_SHAPES)
+    upstream = torch.randn_like(got)
+    assert torch.equal(got, one_product)
+    # The gradient sums over an image's rois: in chunks it would add in another order.
+    assert torch.equal(*(torch.autograd.grad(y, level, upstream)[0] for y in (got, one_product)))
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 1000])
