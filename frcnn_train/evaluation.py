@@ -154,7 +154,7 @@ def evaluate(
     model: torch.nn.Module,
     loader: Iterable,
     *,
-    coco_gt: COCO,
+    coco_gt: COCO | None,
     label_to_cat_id: dict[int, int],
     device: torch.device,
     with_masks: bool,
@@ -163,8 +163,8 @@ def evaluate(
     """Run the model over `loader` and score it; returns ("bbox/AP"-style metrics, COCO results).
 
     Under torchrun each rank predicts its shard; only rank 0 receives the
-    detections and runs pycocotools; every rank gets the metrics, and the
-    results on rank 0 only (others get []).
+    detections and runs pycocotools (the other ranks may pass coco_gt=None);
+    every rank gets the metrics, and the results on rank 0 only (others get []).
     """
     was_training = model.training
     model.eval()

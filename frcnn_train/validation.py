@@ -42,7 +42,9 @@ class Validator:
             loader = build_eval_loader(self.data.val, batch_size=self.batch_size, num_workers=self.num_workers,
                                        rank=distributed.rank(), world_size=distributed.world_size(),
                                        pin_memory=self.device.type == "cuda")
-            scores, _ = evaluate(model, loader, coco_gt=self.data.val.coco,
+            # Only rank 0 runs COCOeval: the other ranks never index the ground truth.
+            coco_gt = self.data.val.coco if distributed.is_main() else None
+            scores, _ = evaluate(model, loader, coco_gt=coco_gt,
                                  label_to_cat_id=self.data.val.label_to_cat_id, device=self.device,
                                  with_masks=self.with_masks, autocast_dtype=self.amp_dtype)
             metrics.update({f"{prefix}{k}": v for k, v in scores.items()})
