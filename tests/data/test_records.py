@@ -240,3 +240,21 @@ def test_scale_check_runs_end_to_end_on_a_small_set(tmp_path: Path) -> None:
     assert [row["process"] for row in figures["memory"]["rows"]][:2] == ["main", "worker 0"]
     assert figures["loader"]["rows"][0]["images_per_s"] > 0
     assert "pycocotools COCO(file)" in result.stdout and "loader alone" in result.stdout
+
+
+class _FreezeCount(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, key: Any) -> tuple[torch.Tensor, dict[str, int]]:
+        return torch.zeros(1), {"frozen": gc.get_freeze_count()}
+
+
+def test_loader_workers_freeze_what_they_inherit() -> None:
+    """A worker's collections must not walk (and so copy) the main process's objects: they are frozen."""
+    from frcnn_train.data.loader import build_eval_loader
+
+    assert gc.get_freeze_count() == 0
+    frozen = [t["frozen"] for _, targets in build_eval_loader(_FreezeCount(), batch_size=1, num_workers=1)
+              for t in targets]
+    assert min(frozen) > 10_000  # torch's and the test run's objects
