@@ -34,6 +34,9 @@ class Polygons(NamedTuple):
         return out
 
 
+_new_polygons = tuple.__new__  # Polygons(...) without the Python-level __new__ of a NamedTuple: once per object
+
+
 class PolygonStore:
     """Every polygon number of a split in one growing float64 array."""
 
@@ -42,17 +45,16 @@ class PolygonStore:
 
     def add(self, segmentation: list) -> Polygons | None:
         """The polygons of a COCO segmentation list stored, or None when it is not a list of lists of numbers."""
-        start, lengths = len(self.coords), []
-        for polygon in segmentation:
-            try:
+        start = len(self.coords)
+        try:
+            for polygon in segmentation:
                 if not isinstance(polygon, list):
                     raise TypeError
                 self.coords.extend(polygon)  # any non-number raises; True and 3 become 1.0 and 3.0, as float() does
-            except (TypeError, OverflowError):
-                del self.coords[start:]
-                return None
-            lengths.append(len(polygon))
-        return Polygons(start, tuple(lengths))
+        except (TypeError, OverflowError):
+            del self.coords[start:]
+            return None
+        return _new_polygons(Polygons, (start, tuple(map(len, segmentation))))
 
     def lists(self, polygons: Polygons) -> list[list[float]]:
         """The polygons as COCO's lists of floats (for the ground truth that COCOeval reads)."""
