@@ -91,7 +91,9 @@ def write_split(root: Path, name: str, count: int, *, seed: int, first_ann_id: i
                 subset: int | None = None) -> tuple[Path, Path | None]:
     """instances_<name>.json for `count` images under root/<name>/ (hard links to a few JPEGs); with `subset`,
     also instances_<name>_<subset>.json: the same first `subset` images and their annotations."""
-    from data_speed import jpegs  # here: it imports torch, which a pycocotools measurement must not hold
+    from data_speed import (
+        jpegs,  # here: it imports torch, which a pycocotools measurement must not hold
+    )
 
     rng = np.random.default_rng(seed)
     images_dir = root / name
@@ -106,7 +108,8 @@ def write_split(root: Path, name: str, count: int, *, seed: int, first_ann_id: i
     per_image[rng.random(count) < 0.009] = 0
     out = images_dir.parent / f"instances_{name}.json"
     sub = images_dir.parent / f"instances_{name}_{subset}.json" if subset else None
-    files = [open(out, "w", encoding="utf-8")] + ([open(sub, "w", encoding="utf-8")] if sub else [])
+    # Two files written side by side: the subset is the first `subset` images of the full one.
+    files = [open(out, "w", encoding="utf-8")] + ([open(sub, "w", encoding="utf-8")] if sub else [])  # noqa: SIM115
     try:
         def write(text: str, i: int) -> None:
             files[0].write(text)
@@ -177,8 +180,8 @@ def write_dataset(root: Path, train_images: int, val_images: int) -> Dataset:
     done = root / f".complete_{train_images}_{val_images}"
     small = root / "instances_train2017_1000.json" if train_images > 1000 else None
     if not done.exists():
-        train, small = write_split(root, "train2017", train_images, seed=0, first_ann_id=1,
-                                   subset=1000 if train_images > 1000 else None)
+        _, small = write_split(root, "train2017", train_images, seed=0, first_ann_id=1,
+                               subset=1000 if train_images > 1000 else None)
         write_split(root, "val2017", val_images, seed=1, first_ann_id=10_000_000)
         done.touch()
     return Dataset(root, root / "instances_train2017.json", small, root / "instances_val2017.json", train_images,
@@ -225,7 +228,7 @@ def _quiet() -> None:
     # forks its loader workers (Linux's default), and their memory is what is measured.
     multiprocessing.set_start_method("fork", force=True)
 
-    warnings.simplefilter("ignore")  # the generated boxes are clipped at the portrait images' edge: expected
+    warnings.simplefilter("ignore")  # nothing but the table on the screen
     logging.getLogger("frcnn_train").setLevel(logging.WARNING)
 
 
@@ -237,8 +240,8 @@ def read_ours(images: str, ann: str, with_masks: bool) -> dict[str, Any]:
     dataset = CocoDetection(images, ann, with_masks=with_masks, train=True)
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     gc.collect()
-    return {"seconds": seconds, "cpu_seconds": cpu, "peak_rss_mib": peak_rss_mib(), "kept_uss_mib": uss_mib(), "images": len(dataset),
-            "records_mib": dataset.records_nbytes() / 2**20 if hasattr(dataset, "records_nbytes") else None}
+    return {"seconds": seconds, "cpu_seconds": cpu, "peak_rss_mib": peak_rss_mib(), "kept_uss_mib": uss_mib(),
+            "images": len(dataset), "records_mib": dataset.records_nbytes() / 2**20}
 
 
 def read_pycocotools(ann: str) -> dict[str, Any]:
@@ -252,7 +255,8 @@ def read_pycocotools(ann: str) -> dict[str, Any]:
         coco = COCO(ann)
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     gc.collect()
-    return {"seconds": seconds, "cpu_seconds": cpu, "peak_rss_mib": peak_rss_mib(), "kept_uss_mib": uss_mib(), "images": len(coco.imgs)}
+    return {"seconds": seconds, "cpu_seconds": cpu, "peak_rss_mib": peak_rss_mib(), "kept_uss_mib": uss_mib(),
+            "images": len(coco.imgs)}
 
 
 def baseline_uss() -> dict[str, Any]:
@@ -274,8 +278,8 @@ def read_section(data: Dataset, args: argparse.Namespace) -> Section:
                     {"reader": "pycocotools COCO(file)", **theirs},
                     {"reader": "(python + torch + frcnn_train imported)", "seconds": None,
                      "peak_rss_mib": base["peak_rss_mib"], "kept_uss_mib": base["uss_mib"]}]
-    if ours.get("records_mib") is not None:
-        section.notes.append(f"frcnn_train's records: {ours['records_mib']:.0f} MiB of numpy arrays")
+    section.notes.append(f"frcnn_train's records: {ours['records_mib']:.0f} MiB of numpy arrays, for "
+                         f"{ours['images']:,} images (those with annotations)")
     return section
 
 
@@ -339,10 +343,10 @@ def memory_section(data: Dataset, args: argparse.Namespace) -> Section:
         lasts = [r["last"]["main"], *r["last"]["workers"]]
         section.rows += [{"process": n + which, "after_first_batch": a, f"after_{args.steps}_batches": b,
                           "growth": b - a} for n, a, b in zip(names, firsts, lasts) if freeze or n != "main"]
-    section.notes += ["main: only the pages it shares with no worker (what it holds alone: the read table's "
-                      "kept_uss_mib)",
-                      "no gc.freeze: the workers as they started before, their collections walking (and so "
-                      "copying) every object inherited from the main process"]
+    section.notes += [("main: only the pages it shares with no worker (what it holds alone: the read table's "
+                       "kept_uss_mib)"),
+                      ("no gc.freeze: the workers as they started before, their collections walking (and so "
+                       "copying) every object inherited from the main process")]
     return section
 
 

@@ -30,7 +30,6 @@ from frcnn_train.data.coco_json import (
     key_prefix,
     read_annotation_file,
 )
-from frcnn_train.data.records import CocoRecords, PolygonStore, Polygons, RecordsBuilder
 from frcnn_train.data.decode import (
     EXIF_APPLIED,
     NOTES,
@@ -40,6 +39,7 @@ from frcnn_train.data.decode import (
     orient_to,
     read_image,
 )
+from frcnn_train.data.records import CocoRecords, Polygons, PolygonStore, RecordsBuilder
 from frcnn_train.errors import DataError
 
 _log = logging.getLogger("frcnn_train")
