@@ -301,6 +301,7 @@ class GcForced:
 
 
 def loader_memory(images: str, ann: str, workers: int, steps: int, batch: int, freeze: bool) -> dict[str, Any]:
+    """USS of the main process and of each worker after the first batch and at thirds of `steps` batches."""
     _quiet()
     import torch
 
@@ -308,21 +309,24 @@ def loader_memory(images: str, ann: str, workers: int, steps: int, batch: int, f
 
     if not freeze:  # the workers as they started before: their collections walk what they inherited
         loader.init_worker = loader.ignore_stop_signals
-
     torch.set_num_threads(1)
     dataset = CocoDetection(images, ann, with_masks=True, train=True)
     gc.collect()
-    loader = build_train_loader(GcForced(dataset, every=batch), batch_size=batch, num_workers=workers, seed=0,
-                                epoch=0)
-    batches = iter(loader)
-    next(batches)
+    batches = iter(build_train_loader(GcForced(dataset, every=batch), batch_size=batch, num_workers=workers,
+                                      seed=0, epoch=0))
     pids = [w.pid for w in getattr(batches, "_workers", [])]
-    first = {"main": uss_mib(), "workers": [uss_mib(pid) for pid in pids]}
-    for _ in range(steps - 1):
+    marks = _marks(steps)
+    points = {}
+    for step in range(1, steps + 1):
         next(batches)
-    last = {"main": uss_mib(), "workers": [uss_mib(pid) for pid in pids]}
+        if step in marks:
+            points[step] = [uss_mib(), *(uss_mib(pid) for pid in pids)]
     _shut_down(batches)
-    return {"first": first, "last": last}
+    return {"points": points, "workers": len(pids)}
+
+
+def _marks(steps: int) -> list[int]:
+    return sorted({1, max(1, steps // 3), max(1, 2 * steps // 3), steps})
 
 
 def _shut_down(batches: Any) -> None:
@@ -332,17 +336,21 @@ def _shut_down(batches: Any) -> None:
 
 
 def memory_section(data: Dataset, args: argparse.Namespace) -> Section:
-    section = Section(f"private memory (USS, MiB) while loading: {args.workers} workers, batch {args.batch}, "
-                      f"gc.collect() every batch in the workers", ["process", "after_first_batch",
-                                                                  f"after_{args.steps}_batches", "growth"])
+    marks = _marks(args.steps)
+    columns = ["process", *(f"after_{m}" for m in marks), "growth", f"growth_after_{marks[1]}"]
+    section = Section(f"private memory (USS, MiB) after so many batches: {args.workers} workers, batch {args.batch}, "
+                      "gc.collect() every batch in the workers", columns)
     for freeze, which in ((True, ""), (False, " (no gc.freeze)")):
         r = in_fresh_process(loader_memory, str(data.root / "train2017"), str(data.train_ann), args.workers,
                              args.steps, args.batch, freeze)
-        names = ["main"] + [f"worker {i}" for i in range(len(r["first"]["workers"]))]
-        firsts = [r["first"]["main"], *r["first"]["workers"]]
-        lasts = [r["last"]["main"], *r["last"]["workers"]]
-        section.rows += [{"process": n + which, "after_first_batch": a, f"after_{args.steps}_batches": b,
-                          "growth": b - a} for n, a, b in zip(names, firsts, lasts) if freeze or n != "main"]
+        points = {int(k): v for k, v in r["points"].items()}
+        for i, name in enumerate(["main"] + [f"worker {w}" for w in range(r["workers"])]):
+            if name == "main" and not freeze:
+                continue
+            row = {"process": name + which, **{f"after_{m}": points[m][i] for m in marks}}
+            row["growth"] = points[marks[-1]][i] - points[marks[0]][i]
+            row[f"growth_after_{marks[1]}"] = points[marks[-1]][i] - points[marks[1]][i]
+            section.rows.append(row)
     section.notes += [("main: only the pages it shares with no worker (what it holds alone: the read table's "
                        "kept_uss_mib)"),
                       ("no gc.freeze: the workers as they started before, their collections walking (and so "
