@@ -207,7 +207,7 @@ def evaluate(
     model: torch.nn.Module,
     loader: Iterable,
     *,
-    coco_gt: COCO,
+    coco_gt: COCO | None,
     label_to_cat_id: dict[int, int],
     device: torch.device,
     with_masks: bool,
@@ -220,9 +220,9 @@ def evaluate(
 
     Under torchrun each rank predicts its shard and turns it into COCO results (masks as RLE, a few
     hundred bytes each instead of a dense image); only rank 0 receives them, through the CPU
-    (distributed.gather_lists), and runs COCOeval; every rank gets the metrics, and the results on
-    rank 0 only (others get []). `evaluators` (rank 0): receives each IoU type's accumulated COCOeval
-    (none where there was no detection), for the plots.
+    (distributed.gather_lists), and runs COCOeval (the other ranks may pass coco_gt=None); every rank gets
+    the metrics, and the results on rank 0 only (others get []). `evaluators` (rank 0): receives each IoU
+    type's accumulated COCOeval (none where there was no detection), for the plots.
     """
     coco_api(backend)  # a backend that is not installed fails before the predictions, not after
     was_training = model.training

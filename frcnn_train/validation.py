@@ -57,7 +57,9 @@ class Validator:
         for prefix, model in models.items():
             distributed.broadcast_buffers(model)  # rank 0's BatchNorm statistics, which the checkpoint holds
             evaluators = {}  # the last model's (the EMA's when there is one), as _draw_samples draws
-            scores, results = evaluate(model, self._loader.loader, coco_gt=self.data.val.coco,
+            # Only rank 0 runs COCOeval: the other ranks never index the ground truth.
+            coco_gt = self.data.val.coco if distributed.is_main() else None
+            scores, results = evaluate(model, self._loader.loader, coco_gt=coco_gt,
                                        label_to_cat_id=self.data.val.label_to_cat_id, device=self.device,
                                        with_masks=self.with_masks, autocast_dtype=self.amp_dtype,
                                        evaluators=evaluators, backend=self.backend)

@@ -10,6 +10,7 @@ import contextlib
 import io
 import logging
 import os
+import pickle
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -21,7 +22,14 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torch import Tensor
 
-from frcnn_train.data.coco_json import check_coco_dict, finite_numbers, fix_hint, key_prefix, load_annotation_file
+from frcnn_train.data.coco_json import (
+    check_coco_dict,
+    finite_numbers,
+    fix_hint,
+    gc_paused,
+    key_prefix,
+    read_annotation_file,
+)
 from frcnn_train.data.decode import (
     EXIF_APPLIED,
     NOTES,
@@ -32,6 +40,7 @@ from frcnn_train.data.decode import (
     read_image,
 )
 from frcnn_train.data.problems import Problems, report
+from frcnn_train.data.records import CocoRecords, Polygons, PolygonStore, RecordsBuilder
 from frcnn_train.errors import DataError
 
 _log = logging.getLogger("frcnn_train")
@@ -59,12 +68,14 @@ class CocoDetection(torch.utils.data.Dataset):
 
     `problems` (frcnn-data check): record every problem there and read on, leaving out what is
     wrong, instead of raising at the first one as training does (None).
+
+    What it keeps is compact (see data/records.py): the images and their annotations as numpy arrays, which
+    loader workers read without copying them. An evaluation split (train=False) also keeps its ground truth,
+    pickled, and makes the pycocotools index of it (`coco`) where COCOeval runs, on first use.
     """
 
-    coco: COCO
     classes: list[str]
     label_to_cat_id: dict[int, int]
-    image_ids: list[int]
 
     def __init__(
         self,
@@ -100,10 +111,10 @@ class CocoDetection(torch.utils.data.Dataset):
         if isinstance(annotations, dict):
             source = f"the annotations for {self.images_dir}"
             check_coco_dict(annotations, source, key=ann_key)
-            data = annotations
+            data, polygons = annotations, PolygonStore()
         else:
             source = str(Path(annotations).expanduser())
-            data = load_annotation_file(annotations, key=ann_key)
+            data, polygons = read_annotation_file(annotations, key=ann_key)
         self.source = source
         self._key = ann_key
 
@@ -117,9 +128,10 @@ class CocoDetection(torch.utils.data.Dataset):
                 self.label_to_cat_id[label] = spare
                 spare += 1
 
-        images = self._images(data["images"], images_key)
-        self._records, self.image_ids = self._annotations(data["annotations"], images, cat_to_label, skip_empty)
-        if not self.image_ids:
+        with gc_paused():  # a million annotations are no garbage: collections would only walk them
+            images = self._images(data["images"], images_key)
+            self._records = self._annotations(data["annotations"], images, cat_to_label, skip_empty, polygons)
+        if not len(self._records):
             if images:
                 empty = self._error(
                     "gives an empty training split: no image has a usable annotation",
@@ -128,10 +140,36 @@ class CocoDetection(torch.utils.data.Dataset):
             else:
                 empty = self._error("gives an empty split: it lists no images", fix_hint(ann_key, "file"))
             report(self._problems, "empty split", self.source, empty)
-        self.coco = COCO()
-        self.coco.dataset = data
-        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress chatter
-            self.coco.createIndex()
+        # A training split keeps no ground truth: nothing evaluates against it.
+        self._ground_truth = None if train else _ground_truth(data, polygons)
+        self._coco: COCO | None = None
+
+    @property
+    def image_ids(self) -> list[int]:
+        """The split's image ids, in sample order."""
+        return self._records.image_ids.tolist()
+
+    def records_nbytes(self) -> int:
+        """Bytes of the records' arrays: what this dataset holds per image and annotation."""
+        return self._records.nbytes()
+
+    @property
+    def coco(self) -> COCO:
+        """The pycocotools index of the ground truth (an evaluation split's), made on first use."""
+        if self._ground_truth is None:
+            raise AttributeError("a training split (train=True) keeps no COCO ground truth; "
+                                 "build the split with train=False to evaluate on it")
+        if self._coco is None:
+            coco = COCO()
+            coco.dataset = pickle.loads(self._ground_truth)
+            with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress chatter
+                coco.createIndex()
+            self._coco = coco
+        return self._coco
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A loader worker gets the records, not the index: it never evaluates.
+        return {**self.__dict__, "_coco": None}
 
     def _error(self, problem: str, fix: str) -> DataError:
         return DataError(f"{key_prefix(self._key)}{self.source} {problem}; {fix}")
@@ -240,9 +278,10 @@ class CocoDetection(torch.utils.data.Dataset):
         raise error
 
     def _annotations(
-        self, annotations: list[dict], images: dict[int, dict], cat_to_label: dict[int, int], skip_empty: bool
-    ) -> tuple[dict[int, dict[str, Any]], list[int]]:
-        per_image: dict[int, list[tuple]] = {i: [] for i in images}
+        self, annotations: list[dict], images: dict[int, dict], cat_to_label: dict[int, int], skip_empty: bool,
+        polygons: PolygonStore,
+    ) -> CocoRecords:
+        records = RecordsBuilder(sorted(images), with_masks=self.with_masks, polygons=polygons)
         clipped = dropped = 0
         degenerate: list[Any] = []  # ids of annotations with polygons of fewer than 3 points
         no_polygon = 0  # objects dropped because no polygon of 3 or more points was left
@@ -308,7 +347,7 @@ class CocoDetection(torch.utils.data.Dataset):
             segmentation = None
             if self.with_masks:
                 try:
-                    segmentation, short = self._check_segmentation(ann, width, height)
+                    segmentation, short = self._check_segmentation(ann, width, height, polygons)
                 except DataError as err:
                     missing = "without a 'segmentation'" in str(err)
                     report(problems, "missing segmentation" if missing else "malformed segmentation", ann["id"], err)
@@ -321,7 +360,7 @@ class CocoDetection(torch.utils.data.Dataset):
                         problems.add("object without a usable polygon", ann["id"])
                     continue
             area = float(ann.get("area") or (x2 - x1) * (y2 - y1))
-            per_image[image_id].append(((x1, y1, x2, y2), cat_to_label[cat_id], area, crowd, segmentation))
+            records.add(image_id, (x1, y1, x2, y2), cat_to_label[cat_id], area, crowd, segmentation)
         if problems is not None:
             for kind, ids in (("box partly outside its image", clipped_ids), ("box empty after clipping", dropped_ids),
                               ("polygon of fewer than 3 points", degenerate)):
@@ -344,36 +383,25 @@ class CocoDetection(torch.utils.data.Dataset):
                 DataWarning,
                 stacklevel=3,
             )
-        records: dict[int, dict[str, Any]] = {}
-        for image_id in sorted(images):
-            anns = per_image[image_id]
-            if self.train and skip_empty and not anns:
-                if problems is not None:
-                    problems.add("image without training targets", image_id)
-                continue
-            info = images[image_id]
-            records[image_id] = {
-                "file_name": info["file_name"],
-                "size": (info["height"], info["width"]),
-                # Compact arrays: these records are copied into every worker.
-                "boxes": np.array([a[0] for a in anns], dtype=np.float32).reshape(-1, 4),
-                "labels": np.array([a[1] for a in anns], dtype=np.int64),
-                "area": np.array([a[2] for a in anns], dtype=np.float32),
-                "iscrowd": np.array([a[3] for a in anns], dtype=np.int64),
-                "segmentations": [a[4] for a in anns] if self.with_masks else None,
-            }
-        return records, list(records)
+        built = records.build(images, keep_empty=not (self.train and skip_empty))
+        if problems is not None and self.train and skip_empty:
+            kept = set(built.image_ids.tolist())
+            for image_id in sorted(set(images) - kept):
+                problems.add("image without training targets", image_id)
+        return built
 
-    def _check_segmentation(self, ann: dict, width: int, height: int) -> tuple[Any, bool]:
-        """The segmentation to decode later, and whether polygons of fewer than 3 points were left out of it."""
+    def _check_segmentation(self, ann: dict, width: int, height: int, polygons: PolygonStore) -> tuple[Any, bool]:
+        """The segmentation to decode later (polygons: (start, length) of each in `polygons`), and whether
+        polygons of fewer than 3 points were left out of it."""
         seg = ann.get("segmentation")
         where = f"annotation id {ann.get('id')}"
-        if isinstance(seg, list):
-            if all(isinstance(p, list) and all(isinstance(v, (int, float)) for v in p) for p in seg):
-                # COCO has a few degenerate polygons (fewer than 3 points); they add nothing to a mask.
-                kept = [[float(v) for v in p] for p in seg if len(p) >= 6 and len(p) % 2 == 0]
-                return kept, len(kept) < len(seg)
-        elif isinstance(seg, dict) and "counts" in seg and "size" in seg:
+        if isinstance(seg, list):  # given as a dict (a file's polygons are stored as it is read)
+            seg = polygons.add(seg) or seg  # not a list of lists of numbers: stays a list, and is malformed below
+        if isinstance(seg, Polygons):
+            # COCO has a few degenerate polygons (fewer than 3 points); they add nothing to a mask.
+            kept = seg.kept()
+            return kept, len(kept) < len(seg.lengths)
+        if isinstance(seg, dict) and "counts" in seg and "size" in seg:
             if [int(v) for v in seg["size"]] != [height, width]:
                 raise self._error(
                     f"has {where} whose RLE size {seg['size']} differs from its image size [{height}, {width}]",
@@ -393,16 +421,21 @@ class CocoDetection(torch.utils.data.Dataset):
         raise self._error(f"has {where} with a malformed 'segmentation'", "use polygons or RLE as COCO does")
 
     def __len__(self) -> int:
-        return len(self.image_ids)
+        return len(self._records)
 
     def record(self, index: int) -> dict[str, Any]:
         """Image `index`'s stored annotations: size (h, w), boxes (xyxy, its pixels), labels, area, iscrowd."""
-        return self._records[self.image_ids[index]]
+        return self._records[index]
+
+    def image_sizes(self) -> tuple[np.ndarray, np.ndarray]:
+        """Widths and heights of the images in index order, from the records (aspect-ratio grouping)."""
+        sizes = self._records.columns["sizes"]
+        return sizes[:, 1], sizes[:, 0]
 
     def check_image(self, index: int) -> None:
         """Decode image `index` as training does; with a `problems` collector, what is wrong is recorded."""
         rec = self.record(index)
-        self._read(self.images_dir / rec["file_name"], self.image_ids[index], rec["size"])
+        self._read(self.images_dir / rec["file_name"], int(self._records.image_ids[index]), rec["size"])
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, dict[str, Tensor]]:
         if isinstance(key, tuple):
@@ -410,8 +443,8 @@ class CocoDetection(torch.utils.data.Dataset):
         else:
             # A plain index (evaluation, notebooks) still gets deterministic augmentation.
             index, sample_seed = key, key
-        image_id = self.image_ids[index]
-        rec = self._records[image_id]
+        rec = self._records[index]
+        image_id = int(self._records.image_ids[index])
         path = self.images_dir / rec["file_name"]
         image = self._read(path, image_id, rec["size"])
         if image is None:
@@ -470,7 +503,7 @@ class CocoDetection(torch.utils.data.Dataset):
     def _masks(segmentations: list[Any], height: int, width: int) -> Tensor:
         rles = []
         for seg in segmentations:
-            if isinstance(seg, list):  # polygons of 3 or more points (objects without one were dropped)
+            if isinstance(seg, list):  # float64 arrays: polygons of 3 or more points (objects without one were dropped)
                 seg = mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
             rles.append(seg)
         if not rles:
@@ -478,3 +511,11 @@ class CocoDetection(torch.utils.data.Dataset):
         # One decode call for all objects: [H, W, N] -> [N, H, W].
         masks = mask_utils.decode(rles)
         return torch.from_numpy(np.ascontiguousarray(masks.transpose(2, 0, 1)))
+
+
+def _ground_truth(data: dict[str, Any], polygons: PolygonStore) -> bytes:
+    """What COCOeval reads, pickled (a fraction of the memory of the dicts): the file's every image and
+    annotation (with the 'iscrowd' and 'area' filled in), polygons as lists again."""
+    annotations = [dict(ann, segmentation=polygons.lists(ann["segmentation"]))
+                   if isinstance(ann.get("segmentation"), Polygons) else ann for ann in data["annotations"]]
+    return pickle.dumps({**data, "annotations": annotations}, protocol=pickle.HIGHEST_PROTOCOL)

@@ -59,11 +59,8 @@ def grouped_order(perm: np.ndarray, groups: np.ndarray, batch_size: int) -> np.n
 
 def image_sizes(dataset: Dataset) -> tuple[np.ndarray, np.ndarray]:
     """Widths and heights of the dataset's images in index order, from its records (no image is opened)."""
-    if hasattr(dataset, "image_sizes"):
-        widths, heights = dataset.image_sizes()
-        return np.asarray(widths), np.asarray(heights)
-    sizes = np.array([dataset._records[image_id]["size"] for image_id in dataset.image_ids], dtype=np.int64)
-    return sizes[:, 1], sizes[:, 0]  # records hold (height, width)
+    widths, heights = dataset.image_sizes()  # type: ignore[attr-defined]
+    return np.asarray(widths), np.asarray(heights)
 
 
 def dataset_groups(dataset: Dataset, factor: int = GROUP_FACTOR) -> np.ndarray:

@@ -8,6 +8,7 @@ workers, sees exactly the batches an uninterrupted run would have seen.
 from __future__ import annotations
 
 import atexit
+import gc
 import logging
 import os
 import signal
@@ -394,12 +395,22 @@ def _loader(dataset: Dataset, batch_sampler: Any, *, num_workers: int, seed: int
         batch_sampler=batch_sampler,
         num_workers=num_workers,
         collate_fn=collate,
-        worker_init_fn=ignore_stop_signals,
+        worker_init_fn=init_worker,
         generator=torch.Generator().manual_seed(seed),
         pin_memory=pin_memory,
         persistent_workers=persistent,
         prefetch_factor=prefetch_factor if num_workers > 0 else None,
     )
+
+
+def init_worker(worker_id: int) -> None:
+    """A loader worker's start: it ignores stop signals, and its garbage collector leaves alone what it inherited."""
+    ignore_stop_signals(worker_id)
+    # A forked worker shares the main process's memory until it writes to it, and a collection writes to
+    # every object it walks: the first full collection would copy every page holding one of the hundreds of
+    # thousands of objects torch and the run made before the fork (some 350 MiB per worker, measured by
+    # scripts/scale_check.py). Frozen objects are never walked; freezing only moves the generation lists.
+    gc.freeze()
 
 
 def ignore_stop_signals(worker_id: int) -> None:
