@@ -189,3 +189,15 @@ def test_getting_started_install_and_train_as_written(tmp_path: Path) -> None:
                    for out in output.splitlines()), f"the run printed no line like {line!r}"
     assert "Resume with:" in output
     assert list((clone / "outputs").glob("*/best.pth"))
+
+
+def test_the_readmes_zoo_table_is_torchvisions_metadata() -> None:
+    """README's table of the zoo, typed by hand, against each weights enum's own COCO figures."""
+    import torchvision
+
+    rows = re.findall(r"^\| `(\w+)` \| ([\d.]+) \|\s*([\d.]*)\s*\|$", (REPO / "README.md").read_text(), flags=re.M)
+    assert len(rows) == 6, rows
+    for builder, box, mask in rows:
+        metrics = torchvision.models.get_model_weights(builder).DEFAULT.meta["_metrics"]["COCO-val2017"]
+        assert float(box) == metrics["box_map"], builder
+        assert (float(mask) if mask else None) == metrics.get("mask_map"), builder
