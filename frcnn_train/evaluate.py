@@ -22,7 +22,9 @@ from frcnn_train.config import check_values, compose_config, with_schema
 from frcnn_train.data import build_datasets, build_eval_loader, resolve_num_workers
 from frcnn_train.errors import CheckpointError, ConfigError
 from frcnn_train.evaluation import evaluate, format_table
-from frcnn_train.models import build_model, diff_layouts, tensor_layout
+from frcnn_train.logs import log
+from frcnn_train.models import architecture_spec, build_model
+from frcnn_train.models.fingerprint import config_mismatch, mismatch_advice
 from frcnn_train.runtime import amp_dtype, cli, prog_name, resolve_device, seed_everything
 
 # Leaf keys evaluate may change besides anything under `data`.
@@ -83,15 +85,14 @@ def load_model(ckpt: dict[str, Any], cfg: DictConfig, source: str, *, raw: bool 
     """The checkpoint's model rebuilt from its config, in eval mode on the CPU, with its inference
     weights (checkpoint.inference_weights: the EMA's when it has them, unless `raw`)."""
     model = build_model(cfg.model, read_backbone_weights=False)
+    spec = architecture_spec(cfg.model)
+    if lines := config_mismatch(ckpt, spec, model):  # a load would fail, or (same shapes) load the wrong model
+        raise CheckpointError(f"the config in {source} does not match its weights ({'; '.join(lines[:4])}); "
+                              f"{mismatch_advice(ckpt, spec)}")
     weights, _ = checkpoint.inference_weights(ckpt, raw=raw)
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError:
-        lines = diff_layouts(tensor_layout(weights), tensor_layout(model))
-        raise CheckpointError(
-            f"the model rebuilt from {source}'s config does not match its weights ({'; '.join(lines[:4])}); "
-            "use the frcnn_train version that wrote it"
-        ) from None
+    if not raw and (why := checkpoint.ema_skipped(ckpt)):
+        log.warning("%s: %s.", source, why)
+    model.load_state_dict(weights)
     return model.eval()
 
 

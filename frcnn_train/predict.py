@@ -1,14 +1,17 @@
 """`python -m frcnn_train.predict CKPT INPUTS... --out DIR`: draw a checkpoint's detections on images.
 
-Inputs are image files or directories of them. Each image is written to DIR
-under its own name with boxes, "class score" labels and masks drawn, and every
-detection above the threshold goes into DIR/predictions.json (COCO results
-format, plus file_name and category_name).
+Inputs are image files or directories of them (the formats training reads:
+data.decode.IMAGE_SUFFIXES). Each image is written to DIR under its own name with
+boxes, "class score" labels and masks drawn (an input whose name another input
+already has gets the first free `<stem>_<n>` name), and every detection at or
+above the threshold goes into DIR/predictions.json (COCO results format, plus
+file_name: the input's path, drawn: its drawn image's name, and category_name).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any, Iterator
@@ -18,14 +21,17 @@ from PIL import Image
 
 from frcnn_train import checkpoint
 from frcnn_train.config import with_schema
-from frcnn_train.data.decode import ImageDecodeError, ImageRangeError, read_image
+from frcnn_train.data.decode import (
+    IMAGE_SUFFIXES,
+    ImageDecodeError,
+    ImageRangeError,
+    read_image,
+)
 from frcnn_train.errors import DataError
 from frcnn_train.evaluate import load_model
 from frcnn_train.evaluation import detections_to_coco
 from frcnn_train.runtime import cli, prog_name, resolve_device
 from frcnn_train.visualize import draw_detections
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
 
 def collect_images(inputs: list[str]) -> list[Path]:
@@ -53,8 +59,8 @@ def load_image(path: Path) -> torch.Tensor:
     try:
         return read_image(path).image
     except (ImageDecodeError, OSError) as err:
-        raise DataError(f"{path} could not be decoded as an image ({err}); "
-                        "replace it with a valid jpg/png/bmp or leave it out") from None
+        raise DataError(f"{path} could not be decoded as an image ({err}); replace it with a valid image "
+                        f"({', '.join(IMAGE_SUFFIXES)}) or leave it out") from None
     except ImageRangeError as err:
         raise DataError(f"{path} {err}") from None
 
@@ -79,15 +85,33 @@ def _batches(items: list[Path], size: int) -> Iterator[tuple[int, list[Path]]]:
         yield start, items[start:start + size]
 
 
-def _output_names(files: list[Path]) -> list[str]:
-    """Each input's own file name, with _1, _2 ... when two inputs share one."""
-    seen: dict[str, int] = {}
+def output_names(files: list[Path]) -> list[str]:
+    """Each input's own file name; a name an earlier input already took gets the first `<stem>_<n><suffix>`
+    that is neither taken nor any input's own name, so a renamed copy never lands on a real `a_1.png`.
+    Compared without case: on macOS and Windows `A.png` and `a.png` are one file."""
+    real = {file.name.lower() for file in files}
+    taken: set[str] = set()
     names = []
     for file in files:
-        count = seen.get(file.name.lower(), 0)
-        seen[file.name.lower()] = count + 1
-        names.append(file.name if count == 0 else f"{file.stem}_{count}{file.suffix}")
+        name, n = file.name, 0
+        while name.lower() in taken or (n and name.lower() in real):
+            n += 1
+            name = f"{file.stem}_{n}{file.suffix}"
+        taken.add(name.lower())
+        names.append(name)
     return names
+
+
+def score_threshold(text: str) -> float:
+    """argparse type of --score-threshold: a finite number in [0, 1] (scores are probabilities)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise argparse.ArgumentTypeError(
+            f"{text} is not a score; give a number from 0 to 1 (detections scoring at least it are kept)")
+    return value
 
 
 @torch.no_grad()
@@ -100,6 +124,8 @@ def predict(ckpt_path: str | Path, inputs: list[str], out_dir: str | Path, *, sc
     """
     if batch_size < 1:
         raise DataError(f"--batch-size {batch_size} must be at least 1")
+    if not (math.isfinite(score_threshold) and 0.0 <= score_threshold <= 1.0):
+        raise DataError(f"--score-threshold {score_threshold} must be a number from 0 to 1")
     files = collect_images(inputs)
     out = _output_dir(out_dir, files)
     ckpt_path = checkpoint.checkpoint_in(ckpt_path)
@@ -113,7 +139,7 @@ def predict(ckpt_path: str | Path, inputs: list[str], out_dir: str | Path, *, sc
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise DataError(f"--out {out} cannot be created ({err.strerror}); give a directory you can write") from None
-    names = _output_names(files)
+    names = output_names(files)
     # Labels are 1-based indices into the checkpoint's classes; category ids are those labels.
     label_ids = {i: i for i in range(1, len(classes) + 1)}
     results: list[dict[str, Any]] = []
@@ -133,7 +159,8 @@ def predict(ckpt_path: str | Path, inputs: list[str], out_dir: str | Path, *, sc
             Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(target, **extra)
             for result in detections_to_coco([kept], [index], label_ids, with_masks=with_masks):
                 label = result["category_id"]
-                results.append({"file_name": str(files[index]), **result, "category_name": classes[label - 1]})
+                results.append({"file_name": str(files[index]), "drawn": names[index], **result,
+                                "category_name": classes[label - 1]})
     # One detection per line: valid JSON that still reads (and diffs) well.
     (out / "predictions.json").write_text("[\n" + ",\n".join(json.dumps(r) for r in results) + "\n]\n")
     return results, highest_dropped
@@ -143,10 +170,10 @@ def predict(ckpt_path: str | Path, inputs: list[str], out_dir: str | Path, *, sc
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=prog_name("frcnn_train.predict"), description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="checkpoint file (or run directory: best.pth, else last.pth)")
-    parser.add_argument("inputs", nargs="+", help="image files or directories (jpg, jpeg, png, bmp)")
+    parser.add_argument("inputs", nargs="+", help=f"image files or directories ({', '.join(IMAGE_SUFFIXES)})")
     parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--score-threshold", type=float, default=0.5,
-                        help="draw and keep detections scoring at least this")
+    parser.add_argument("--score-threshold", type=score_threshold, default=0.5,
+                        help="draw and keep detections scoring at least this (0 to 1)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass")
     parser.add_argument("--raw", action="store_true",
@@ -155,6 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     results, highest_dropped = predict(args.checkpoint, args.inputs, args.out, score_threshold=args.score_threshold,
                                        device=args.device, batch_size=args.batch_size, raw=args.raw)
     print(f"{len(results)} detections; drawn images and predictions.json in {args.out}")
+    files = collect_images(args.inputs)
+    renamed = [(file, name) for file, name in zip(files, output_names(files)) if name != file.name]
+    if renamed:
+        shown = ", ".join(f"{file} -> {name}" for file, name in renamed[:3]) + (", ..." if len(renamed) > 3 else "")
+        print(f"{len(renamed)} input(s) share a file name with an earlier one and were drawn under a free name: "
+              f"{shown} (predictions.json: file_name -> drawn)")
     if not results and highest_dropped is not None:
         print(f"every detection scored below --score-threshold {args.score_threshold} (highest "
               f"{highest_dropped:.3f}); lower it to see them, or train longer")

@@ -23,7 +23,8 @@ from frcnn_train import checkpoint, distributed, rundir
 from frcnn_train.config import MUTABLE_ON_RESUME, START_KEYS, check_values, with_schema
 from frcnn_train.errors import CheckpointError, ConfigError, UserError
 from frcnn_train.models import build_model
-from frcnn_train.models.fingerprint import diff_layouts, diff_specs, fingerprint, tensor_layout
+from frcnn_train.models.fingerprint import (config_mismatch, diff_layouts, fingerprint, mismatch_advice,
+                                            tensor_layout)
 from frcnn_train.overrides import flatten, requested_keys
 from frcnn_train.state import Registry
 
@@ -83,9 +84,25 @@ def merge_for_resume(saved: dict, cfg: DictConfig, overrides: Sequence[str], sou
             changes.append(f"{key}: {saved_flat.get(key)!r} -> {value!r}")
         else:
             conflicts.append(f"{key} (checkpoint {saved_flat.get(key)!r}, requested {value!r})")
+    renamed = _renamed_run(wanted.get("run_name"), source)
     if conflicts:
-        raise ResumeConflict(conflicts, source, saved=merged, requested=requested)
+        raise ResumeConflict(conflicts + ([renamed] if renamed else []), source, saved=merged, requested=requested)
+    if renamed:
+        run_dir = Path(source).parent
+        raise ConfigError(
+            f"resume={source} continues the run in its own directory {run_dir}, so run_name={wanted['run_name']} "
+            f"cannot rename it (run_name is not a key a resume may change); drop run_name= to resume, or start a "
+            f"new run from these weights with run_name={wanted['run_name']} init_from={source}"
+        )
     return merged, changes
+
+
+def _renamed_run(run_name: Any, source: str) -> str | None:
+    """The conflict line when the command line names another run than the checkpoint's directory (None: same
+    or not given). resume=auto finds the checkpoint under run_name, so there the two always agree."""
+    if run_name is None or str(run_name) == Path(source).parent.name:
+        return None
+    return f"run_name (the run's directory {Path(source).parent.name!r}, requested {str(run_name)!r})"
 
 
 def describe_model_change(saved: DictConfig, requested: DictConfig) -> str:
@@ -216,15 +233,11 @@ class Resume:
     def fingerprint(self, model: torch.nn.Module, spec: dict[str, Any]) -> str:
         """The model's architecture fingerprint; on a resume it must be the checkpoint's."""
         digest = fingerprint(spec, model)
-        saved = self.ckpt["architecture"] if self.ckpt else {}
-        if saved.get("fingerprint") in (None, digest):
+        if self.ckpt is None or not (lines := config_mismatch(self.ckpt, spec, model)):
             return digest
-        lines = diff_specs(saved.get("spec", {}), spec) + diff_layouts(tensor_layout(self.ckpt["model"]),
-                                                                       tensor_layout(model))
         raise CheckpointError(
-            f"the model rebuilt from {self.source}'s config does not match the one it saved "
-            f"({'; '.join(lines[:6]) or 'same config, different tensors'}); resume with the frcnn_train "
-            "version that wrote it, or start from its weights with init_from="
+            f"the config in {self.source} does not match its weights ({'; '.join(lines[:6])}); "
+            f"{mismatch_advice(self.ckpt, spec)}, or start a new run from its weights with init_from={self.source}"
         )
 
     def precision_change(self, precision: str, device: torch.device) -> None:

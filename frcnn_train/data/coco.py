@@ -24,6 +24,7 @@ from torch import Tensor
 from frcnn_train.data.coco_json import check_coco_dict, finite_numbers, fix_hint, key_prefix, load_annotation_file
 from frcnn_train.data.decode import (
     EXIF_APPLIED,
+    IMAGE_SUFFIXES,
     NOTES,
     ImageDecodeError,
     ImageRangeError,
@@ -115,15 +116,31 @@ class CocoDetection(torch.utils.data.Dataset):
         self._records, self.image_ids = self._annotations(data["annotations"], images, cat_to_label, skip_empty)
         if not self.image_ids:
             if images:
-                raise self._error(
-                    "gives an empty training split: no image has a usable annotation",
-                    f"set data.skip_empty=false or {fix_hint(ann_key, 'file')}",
-                )
+                raise self._error(*self._why_empty(len(data["annotations"]), ann_key))
             raise self._error("gives an empty split: it lists no images", fix_hint(ann_key, "file"))
         self.coco = COCO()
         self.coco.dataset = data
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress chatter
             self.coco.createIndex()
+
+    def _why_empty(self, total: int, ann_key: str | None) -> tuple[str, str]:
+        """(problem, fix) for a training split without one usable annotation: the counts by cause, and a fix
+        that gives the model objects to learn (data.skip_empty=false would train on none)."""
+        if not total:
+            return "gives an empty training split: it lists no annotations", f"annotate the images or {fix_hint(ann_key, 'file')}"
+        causes = {"crowd": "crowd regions (iscrowd=1, which only mark areas evaluation ignores)",
+                  "no_polygon": "objects without a polygon of 3 or more points",
+                  "no_area": "boxes of zero or negative area after clipping to their image",
+                  "unreadable": "on images data.bad_images=skip left out"}
+        fixes = {"crowd": "annotate the objects one by one with iscrowd=0",
+                 "no_polygon": "give the objects polygons of 3 or more points (or train boxes only with "
+                               "model=faster_rcnn)",
+                 "no_area": "fix the boxes ([x, y, width, height] inside the image)",
+                 "unreadable": "replace the unreadable images"}
+        found = [(key, n) for key, n in self._unusable.items() if n]
+        counts = ", ".join(f"{n} {causes[key]}" for key, n in found)
+        return (f"gives an empty training split: all {total} annotations are unusable ({counts})",
+                f"{'; '.join(fixes[key] for key, _ in found)}, or {fix_hint(ann_key, 'file')}")
 
     def _error(self, problem: str, fix: str) -> DataError:
         return DataError(f"{key_prefix(self._key)}{self.source} {problem}; {fix}")
@@ -216,8 +233,8 @@ class CocoDetection(torch.utils.data.Dataset):
             return
         raise DataError(
             f"image {path} ({where}{self.images_dir}, listed in {self.source}) is truncated or corrupt "
-            f"({cause}); replace the file, remove it from the annotations, or set data.bad_images=skip to "
-            "train without it"
+            f"({cause}); replace the file with a valid image ({', '.join(IMAGE_SUFFIXES)}), remove it from the "
+            "annotations, or set data.bad_images=skip to train without it"
         )
 
     def _annotations(
@@ -228,6 +245,8 @@ class CocoDetection(torch.utils.data.Dataset):
         degenerate: list[Any] = []  # ids of annotations with polygons of fewer than 3 points
         no_polygon = 0  # objects dropped because no polygon of 3 or more points was left
         seen_ids: set[Any] = set()
+        # Annotations that give no training target, by cause: named when none is left (_why_empty).
+        self._unusable = unusable = {"crowd": 0, "no_polygon": 0, "no_area": 0, "unreadable": 0}
         for ann in annotations:
             if not isinstance(ann, dict) or "id" not in ann:
                 raise self._error(
@@ -238,6 +257,7 @@ class CocoDetection(torch.utils.data.Dataset):
             seen_ids.add(ann["id"])
             image_id, cat_id = ann.get("image_id"), ann.get("category_id")
             if image_id in self._unreadable:
+                unusable["unreadable"] += 1
                 continue
             if image_id not in images:
                 raise self._error(
@@ -259,6 +279,7 @@ class CocoDetection(torch.utils.data.Dataset):
             if "area" not in ann and isinstance(ann.get("bbox"), list) and len(ann["bbox"]) == 4:
                 ann["area"] = float(ann["bbox"][2]) * float(ann["bbox"][3])
             if crowd and self.train:
+                unusable["crowd"] += 1
                 continue  # crowd regions only mark areas COCOeval ignores; they are no training targets
             try:
                 x, y, w, h = (float(v) for v in ann["bbox"])
@@ -271,6 +292,7 @@ class CocoDetection(torch.utils.data.Dataset):
             x1, y1, x2, y2 = max(x, 0.0), max(y, 0.0), min(x + w, width), min(y + h, height)
             if x2 <= x1 or y2 <= y1:
                 dropped += 1
+                unusable["no_area"] += 1
                 continue
             if (x1, y1, x2, y2) != (x, y, x + w, y + h):
                 clipped += 1
@@ -281,6 +303,7 @@ class CocoDetection(torch.utils.data.Dataset):
                     degenerate.append(ann["id"])
                 if segmentation == []:
                     no_polygon += 1
+                    unusable["no_polygon"] += 1
                     continue
             area = float(ann.get("area") or (x2 - x1) * (y2 - y1))
             per_image[image_id].append(((x1, y1, x2, y2), cat_to_label[cat_id], area, crowd, segmentation))
