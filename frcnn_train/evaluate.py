@@ -52,8 +52,10 @@ def _override_keys(overrides: Sequence[str]) -> list[str]:
     return [o.key_or_group.replace("/", ".") for o in parsed]
 
 
-def apply_overrides(saved: dict[str, Any], overrides: Sequence[str]) -> DictConfig:
-    """The checkpoint's config with data / device / batch-size overrides; model.* is refused.
+def apply_overrides(saved: dict[str, Any], overrides: Sequence[str], *, command: str = "evaluate",
+                    allowed: Sequence[str] = ALLOWED_KEYS) -> DictConfig:
+    """The checkpoint's config with data overrides and the `allowed` keys (evaluate: device, batch size,
+    autocast; export: none); model.* is refused.
 
     `data=<name>` replaces the whole data subtree by the composed one, so no key
     of the checkpoint's dataset leaks into another dataset's config.
@@ -65,13 +67,13 @@ def apply_overrides(saved: dict[str, Any], overrides: Sequence[str]) -> DictConf
     model_keys = [k for k in keys if k == "model" or k.startswith("model.")]
     if model_keys:
         raise ConfigError(
-            f"evaluate rebuilds the model from the checkpoint's config, so {', '.join(model_keys)} cannot be "
-            "overridden; evaluate a checkpoint trained with that architecture instead"
+            f"{command} rebuilds the model from the checkpoint's config, so {', '.join(model_keys)} cannot be "
+            f"overridden; {command} a checkpoint trained with that architecture instead"
         )
-    other = [k for k in keys if k not in ALLOWED_KEYS and k != "data" and not k.startswith("data.")]
+    other = [k for k in keys if k not in allowed and k != "data" and not k.startswith("data.")]
     if other:
-        raise ConfigError(f"evaluate cannot override {', '.join(other)}; it accepts data=, data.*, "
-                          f"{', '.join(ALLOWED_KEYS)} and data.num_workers")
+        raise ConfigError(f"{command} cannot override {', '.join(other)}; it accepts data= and data.* (e.g. "
+                          f"data.root=, data.num_workers=){''.join(f', {k}' for k in allowed)}")
     composed = compose_overrides(overrides)
     if "data" in keys:
         cfg.data = composed.data

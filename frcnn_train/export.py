@@ -29,16 +29,15 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from frcnn_train import __version__, checkpoint
-from frcnn_train.config import with_schema
 from frcnn_train.errors import ExportError, UserError
-from frcnn_train.evaluate import load_model
-from frcnn_train.export_check import CheckReport, check_export, validation_images
+from frcnn_train.evaluate import apply_overrides, load_model
+from frcnn_train.export_check import CheckReport, check_export, synthetic_image, validation_images
 from frcnn_train.models.export_view import for_export
 from frcnn_train.runtime import cli, prog_name, resolve_device
 
@@ -177,8 +176,11 @@ def _describe_model(cfg: Any) -> str:
 
 
 def export(ckpt_path: str | Path, fmt: str, out: str | Path | None = None, *, dynamic: bool = False,
-           raw: bool = False, device: str = "cpu", check_images: int = 16) -> ExportResult:
-    """Write the checkpoint's detector as `fmt` and check it on `check_images` validation images (0: no check)."""
+           raw: bool = False, device: str = "cpu", check_images: int = 16,
+           overrides: Sequence[str] = ()) -> ExportResult:
+    """Write the checkpoint's detector as `fmt` and check it on `check_images` validation images, found through
+    the checkpoint's data config with `overrides` (data=, data.*) as evaluate takes them. With 0 no image is
+    read: the trace follows a synthetic model.min_size square and nothing is checked."""
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt} is not an export format; choose one of {', '.join(FORMATS)}")
     if check_images < 0:
@@ -195,12 +197,12 @@ def export(ckpt_path: str | Path, fmt: str, out: str | Path | None = None, *, dy
     out_path = resolve_out(path, fmt, out)
     dev = resolve_device(device)
     ckpt = checkpoint.load_checkpoint(path)
-    cfg = with_schema(ckpt["config"])
+    cfg = apply_overrides(ckpt["config"], overrides, command="export", allowed=())
     arch = cfg.model.arch
     model = load_model(ckpt, cfg, str(path), raw=raw).to(dev)
     _, weights = checkpoint.inference_weights(ckpt, raw=raw)
     # The example the trace follows, and the check's images: the checkpoint's own validation split.
-    images = validation_images(cfg, max(check_images, 1))
+    images = validation_images(cfg, check_images) if check_images else [synthetic_image(cfg.model.min_size)]
     example = images[0].to(dev)
     names = output_names(arch)
     metadata = build_metadata(ckpt, arch, weights, dynamic=dynamic, input_shape=list(example.shape), source=path)
@@ -245,6 +247,8 @@ def describe(result: ExportResult) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=prog_name("frcnn_train.export"), description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="checkpoint file (or run directory: best.pth, else last.pth)")
+    parser.add_argument("overrides", nargs="*",
+                        help="data=..., data.*=...: where the check images are, as evaluate takes them")
     parser.add_argument("--format", required=True, help="onnx (run with onnxruntime) or torchscript (torch.jit.load)")
     parser.add_argument("--out", help="file to write (default: beside the checkpoint, <name>.onnx or "
                                       "<name>.torchscript.pt); an existing file is replaced")
@@ -260,13 +264,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="torchscript only: cpu, cuda or cuda:N, where the model is traced and checked; the "
                              "trace runs on that device only (default cpu). ONNX files are device-free")
     parser.add_argument("--check-images", type=int, default=16,
-                        help="validation images to compare the file with the PyTorch model on (0: no check)")
+                        help="validation images to compare the file with the PyTorch model on (0: no check and no "
+                             "data read; the trace follows a synthetic model.min_size square image)")
     args = parser.parse_args(argv)
     result = export(args.checkpoint, args.format, args.out, dynamic=args.dynamic, raw=args.raw,
-                    device=args.device, check_images=args.check_images)
+                    device=args.device, check_images=args.check_images, overrides=args.overrides)
     print(describe(result))
     if result.check is None:
-        print("not checked (--check-images 0)")
+        h, w = result.input_shape[1:]
+        print(f"not checked (--check-images 0): traced on a synthetic {h}x{w} image, no data read")
         return 0
     print(result.check.summary())
     return 0 if result.check.passed else 1
