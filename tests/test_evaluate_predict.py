@@ -79,9 +79,9 @@ def test_predict_a_directory_writes_images_and_results(trained: Path, tmp_path: 
 
 def test_predict_says_when_the_threshold_hides_everything(trained: Path, tmp_path: Path, capsys) -> None:
     image = sorted(val_images(trained).glob("*.png"))[0]
-    assert predict_main([str(trained / "last.pth"), str(image), "--out", str(tmp_path), "--score-threshold", "1.01"]) == 0
+    assert predict_main([str(trained / "last.pth"), str(image), "--out", str(tmp_path), "--score-threshold", "1"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("0 detections") and "below --score-threshold 1.01 (highest 0." in out, out
+    assert out.startswith("0 detections") and "below --score-threshold 1.0 (highest 0." in out, out
 
 
 def test_predict_mask_rcnn_writes_rle_masks(tiny_runs, tmp_path: Path) -> None:
