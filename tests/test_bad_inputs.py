@@ -503,7 +503,8 @@ def coco_every_training_annotation_a_crowd(ctx: Ctx):
     _edit_json(ann, lambda data: [a.update(iscrowd=1) for a in data["annotations"]])
     total = len(json.loads(ann.read_text())["annotations"])
     return args, [f"data.train_ann: {ann} gives an empty training split: all {total} annotations are unusable "
-                  f"({total} crowd regions (iscrowd=1", "annotate the objects one by one with iscrowd=0",
+                  f"({total} crowd regions)", "crowd region (iscrowd=1) only marks an area evaluation ignores, so "
+                  "annotate the objects one by one with iscrowd=0",
                   "!skip_empty"]
 
 

@@ -127,3 +127,13 @@ def test_predict_reads_a_16_bit_image(trained: Path, tmp_path: Path, capsys) -> 
     assert predict_main([str(trained / "last.pth"), str(image), "--out", str(tmp_path / "o"), "--device", "cpu"]) == 0
     drawn = np.asarray(Image.open(tmp_path / "o" / "deep.png"))
     assert 30 < drawn.min() and drawn.max() < 150, "the 16-bit values were clipped, not scaled"
+
+
+def test_output_names_never_collide_and_keep_real_names() -> None:
+    """Issue 22, item 8: a renamed copy skips names that inputs hold themselves, compared without case."""
+    from frcnn_train.predict import output_names
+
+    files = [Path("x/a.png"), Path("y/a.png"), Path("y/a_1.png"), Path("z/A.png"), Path("w/a_2.png")]
+    names = output_names(files)
+    assert names == ["a.png", "a_3.png", "a_1.png", "A_4.png", "a_2.png"]
+    assert len({n.lower() for n in names}) == len(files)

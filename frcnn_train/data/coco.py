@@ -127,12 +127,14 @@ class CocoDetection(torch.utils.data.Dataset):
         """(problem, fix) for a training split without one usable annotation: the counts by cause, and a fix
         that gives the model objects to learn (data.skip_empty=false would train on none)."""
         if not total:
-            return "gives an empty training split: it lists no annotations", f"annotate the images or {fix_hint(ann_key, 'file')}"
-        causes = {"crowd": "crowd regions (iscrowd=1, which only mark areas evaluation ignores)",
+            return ("gives an empty training split: it lists no annotations",
+                    f"annotate the images or {fix_hint(ann_key, 'file')}")
+        causes = {"crowd": "crowd regions",
                   "no_polygon": "objects without a polygon of 3 or more points",
                   "no_area": "boxes of zero or negative area after clipping to their image",
                   "unreadable": "on images data.bad_images=skip left out"}
-        fixes = {"crowd": "annotate the objects one by one with iscrowd=0",
+        fixes = {"crowd": "a crowd region (iscrowd=1) only marks an area evaluation ignores, so annotate the objects "
+                          "one by one with iscrowd=0",
                  "no_polygon": "give the objects polygons of 3 or more points (or train boxes only with "
                                "model=faster_rcnn)",
                  "no_area": "fix the boxes ([x, y, width, height] inside the image)",
