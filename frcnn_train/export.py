@@ -107,7 +107,7 @@ class ExportResult:
     input_shape: list[int]  # [3, H, W] of the example; H and W are fixed unless dynamic
     metadata: dict[str, Any]
     check: CheckReport | None
-    has_ema: bool  # the checkpoint holds EMA weights (exported unless --raw)
+    has_ema: bool  # the checkpoint holds EMA weights that were updated (exported unless --raw)
     device: str  # where the model was traced (a TorchScript trace runs there only)
 
 
@@ -224,7 +224,8 @@ def export(ckpt_path: str | Path, fmt: str, out: str | Path | None = None, *, dy
         report = check_export(out_path, fmt, model, images[:check_images], names,
                               input_size=None if dynamic else list(example.shape[1:]), device=dev)
     return ExportResult(path=out_path, format=fmt, weights=weights, seconds=seconds, input_shape=list(example.shape),
-                        metadata=metadata, check=report, has_ema=bool(ckpt.get("ema")), device=str(dev))
+                        metadata=metadata, check=report,
+                        has_ema=bool(ckpt.get("ema")) and checkpoint.ema_skipped(ckpt) is None, device=str(dev))
 
 
 def describe(result: ExportResult) -> str:

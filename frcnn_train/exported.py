@@ -80,8 +80,8 @@ def render_exported(f: dict[str, Any]) -> list[str]:
     rows = [("export", f"{f['path']} ({f['format']}"
              + (", written by frcnn-export)" if f["frcnn_train"] else ", not written by frcnn-export)"))]
     if not f["frcnn_train"]:
-        rows.append(("metadata", "none from frcnn_train (no class names, fingerprint or weights record); "
-                                 "inspect reads these from files frcnn-export wrote"))
+        rows.append(("metadata", ("none from frcnn_train (no class names, fingerprint or weights record); "
+                                  "inspect reads these from files frcnn-export wrote")))
     meta = f["metadata"] or {}
     for key in [*SHOWN, *(k for k in meta if k not in SHOWN and k != "format")]:
         if key in meta:

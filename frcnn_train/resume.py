@@ -23,8 +23,13 @@ from frcnn_train import checkpoint, distributed, rundir
 from frcnn_train.config import MUTABLE_ON_RESUME, START_KEYS, check_values, with_schema
 from frcnn_train.errors import CheckpointError, ConfigError, UserError
 from frcnn_train.models import build_model
-from frcnn_train.models.fingerprint import (config_mismatch, diff_layouts, fingerprint, mismatch_advice,
-                                            tensor_layout)
+from frcnn_train.models.fingerprint import (
+    config_mismatch,
+    diff_layouts,
+    fingerprint,
+    mismatch_advice,
+    tensor_layout,
+)
 from frcnn_train.overrides import flatten, requested_keys
 from frcnn_train.state import Registry
 
