@@ -63,17 +63,25 @@ def _upgrade(saved: dict[str, Any]) -> dict[str, Any]:
     return saved
 
 
-def merge_for_resume(saved: dict, cfg: DictConfig, overrides: Sequence[str], source: str) -> tuple[DictConfig, list[str]]:
+def merge_for_resume(saved: dict, cfg: DictConfig, overrides: Sequence[str], source: str,
+                     versions: dict[str, Any] | None = None) -> tuple[DictConfig, list[str]]:
     """The checkpoint's config with the mutable keys the user asked to change.
 
     Returns the config to resume with and "key: old -> new" lines for the history.
     Any requested non-mutable change is refused, naming each key with both values.
+    `versions`: the checkpoint's, for the advice when its config cannot be read.
     """
     try:
         merged = with_schema(_upgrade(saved))
     except Exception as err:  # noqa: BLE001 - OmegaConf validation errors
-        raise CheckpointError(f"{source} holds a config this version cannot read ({str(err).splitlines()[0]}); "
-                              "use the frcnn_train version that wrote it") from None
+        written = (versions or {}).get("frcnn_train")
+        here = checkpoint.library_versions()["frcnn_train"]
+        advice = ("use the frcnn_train version that wrote it" if written is None
+                  else f"use frcnn_train {written}, which wrote it" if written != here
+                  else f"the same frcnn_train {here} wrote it, so the config was edited since: fix that value in it")
+        key = f"{err.full_key}: " if getattr(err, "full_key", None) else ""  # OmegaConf's errors know the key
+        raise CheckpointError(f"{source} holds a config this version cannot read ({key}{str(err).splitlines()[0]}); "
+                              f"{advice}") from None
     saved_flat = flatten(merged)
     # Untyped copy: it may receive values the schema would coerce or reject (lists of rules).
     requested = OmegaConf.create(OmegaConf.to_container(merged))
@@ -193,7 +201,7 @@ class Resume:
             return cls(cfg=cfg)
         ckpt = checkpoint.load_for_resume(source)
         try:
-            merged, changes = merge_for_resume(ckpt["config"], cfg, overrides, str(source))
+            merged, changes = merge_for_resume(ckpt["config"], cfg, overrides, str(source), ckpt.get("versions"))
         except ResumeConflict as conflict:
             raise conflict.with_modules(describe_model_change(conflict.saved, conflict.requested)) from None
         check_values(merged)  # the checkpoint's values with the mutable keys this resume changed

@@ -468,6 +468,15 @@ def resume_a_checkpoint_whose_config_was_edited(ctx: Ctx):
         "!use that version"]
 
 
+@case("train")
+def resume_a_checkpoint_whose_config_holds_an_edited_bad_value(ctx: Ctx):
+    path = _edited_checkpoint(ctx, lambda ckpt: ckpt["config"]["trainer"].update(epochs="many"))
+    return ctx.train_args(f"resume={path}"), [
+        f"{path} holds a config this version cannot read (trainer.epochs: Value 'many'",
+        "the same frcnn_train 0.1.0 wrote it, so the config was edited since: fix that value in it",
+        "!use the frcnn_train version"]
+
+
 @case("evaluate")
 def evaluate_a_checkpoint_of_another_version_that_built_other_tensors(ctx: Ctx):
     def renamed_by_that_version(ckpt: dict) -> None:
