@@ -18,13 +18,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from frcnn_train import checkpoint
 from frcnn_train.composition import composition_error
-from frcnn_train.config import check_values, compose_config, with_schema
+from frcnn_train.config import check_values, compose_config
 from frcnn_train.data import build_datasets, build_eval_loader, resolve_num_workers
 from frcnn_train.errors import CheckpointError, ConfigError
 from frcnn_train.evaluation import evaluate, format_table
 from frcnn_train.logs import log
 from frcnn_train.models import architecture_spec, build_model
 from frcnn_train.models.fingerprint import config_mismatch, mismatch_advice
+from frcnn_train.resume import saved_config
 from frcnn_train.runtime import amp_dtype, cli, prog_name, resolve_device, seed_everything
 
 # Leaf keys evaluate may change besides anything under `data`.
@@ -53,14 +54,16 @@ def _override_keys(overrides: Sequence[str]) -> list[str]:
 
 
 def apply_overrides(saved: dict[str, Any], overrides: Sequence[str], *, command: str = "evaluate",
-                    allowed: Sequence[str] = ALLOWED_KEYS) -> DictConfig:
+                    allowed: Sequence[str] = ALLOWED_KEYS, source: str = "the checkpoint",
+                    versions: dict[str, Any] | None = None) -> DictConfig:
     """The checkpoint's config with data overrides and the `allowed` keys (evaluate: device, batch size,
     autocast; export: none); model.* is refused.
 
     `data=<name>` replaces the whole data subtree by the composed one, so no key
-    of the checkpoint's dataset leaks into another dataset's config.
+    of the checkpoint's dataset leaks into another dataset's config. `source`, `versions`: the file and
+    its versions, for the message when its config does not validate (resume.saved_config).
     """
-    cfg = with_schema(saved)
+    cfg = saved_config(saved, source, versions)
     if not overrides:
         return cfg
     keys = _override_keys(overrides)
@@ -105,7 +108,7 @@ def run_evaluation(ckpt_path: str | Path, overrides: Sequence[str] = (),
     path = checkpoint.checkpoint_in(ckpt_path)
     out_path = _results_path(out, path)
     ckpt = checkpoint.load_checkpoint(path)
-    cfg = apply_overrides(ckpt["config"], overrides)
+    cfg = apply_overrides(ckpt["config"], overrides, source=str(path), versions=ckpt.get("versions"))
     check_values(cfg, keys=("data", "trainer.batch_size", "trainer.amp_dtype"))  # what evaluate lets a user change
     with_masks = cfg.model.arch == "mask_rcnn"
     device = resolve_device(cfg.device)

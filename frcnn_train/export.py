@@ -197,7 +197,8 @@ def export(ckpt_path: str | Path, fmt: str, out: str | Path | None = None, *, dy
     out_path = resolve_out(path, fmt, out)
     dev = resolve_device(device)
     ckpt = checkpoint.load_checkpoint(path)
-    cfg = apply_overrides(ckpt["config"], overrides, command="export", allowed=())
+    cfg = apply_overrides(ckpt["config"], overrides, command="export", allowed=(), source=str(path),
+                          versions=ckpt.get("versions"))
     arch = cfg.model.arch
     model = load_model(ckpt, cfg, str(path), raw=raw).to(dev)
     _, weights = checkpoint.inference_weights(ckpt, raw=raw)

@@ -20,7 +20,6 @@ import torch
 from PIL import Image
 
 from frcnn_train import checkpoint
-from frcnn_train.config import with_schema
 from frcnn_train.data.decode import (
     IMAGE_SUFFIXES,
     ImageDecodeError,
@@ -30,6 +29,7 @@ from frcnn_train.data.decode import (
 from frcnn_train.errors import DataError
 from frcnn_train.evaluate import load_model
 from frcnn_train.evaluation import detections_to_coco
+from frcnn_train.resume import saved_config
 from frcnn_train.runtime import cli, prog_name, resolve_device
 from frcnn_train.visualize import draw_detections
 
@@ -130,7 +130,7 @@ def predict(ckpt_path: str | Path, inputs: list[str], out_dir: str | Path, *, sc
     out = _output_dir(out_dir, files)
     ckpt_path = checkpoint.checkpoint_in(ckpt_path)
     ckpt = checkpoint.load_checkpoint(ckpt_path)
-    cfg = with_schema(ckpt["config"])
+    cfg = saved_config(ckpt["config"], str(ckpt_path), ckpt.get("versions"))
     classes = list(ckpt["classes"])
     dev = resolve_device(device)
     model = load_model(ckpt, cfg, str(ckpt_path), raw=raw).to(dev)

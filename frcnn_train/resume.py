@@ -63,16 +63,11 @@ def _upgrade(saved: dict[str, Any]) -> dict[str, Any]:
     return saved
 
 
-def merge_for_resume(saved: dict, cfg: DictConfig, overrides: Sequence[str], source: str,
-                     versions: dict[str, Any] | None = None) -> tuple[DictConfig, list[str]]:
-    """The checkpoint's config with the mutable keys the user asked to change.
-
-    Returns the config to resume with and "key: old -> new" lines for the history.
-    Any requested non-mutable change is refused, naming each key with both values.
-    `versions`: the checkpoint's, for the advice when its config cannot be read.
-    """
+def saved_config(saved: dict[str, Any], source: str, versions: dict[str, Any] | None = None) -> DictConfig:
+    """A checkpoint's config validated against today's schema (keys added since filled in as that run had
+    them), or one CheckpointError naming the key; `versions` (the checkpoint's) decide the advice."""
     try:
-        merged = with_schema(_upgrade(saved))
+        return with_schema(_upgrade(saved))
     except Exception as err:  # noqa: BLE001 - OmegaConf validation errors
         written = (versions or {}).get("frcnn_train")
         here = checkpoint.library_versions()["frcnn_train"]
@@ -82,6 +77,17 @@ def merge_for_resume(saved: dict, cfg: DictConfig, overrides: Sequence[str], sou
         key = f"{err.full_key}: " if getattr(err, "full_key", None) else ""  # OmegaConf's errors know the key
         raise CheckpointError(f"{source} holds a config this version cannot read ({key}{str(err).splitlines()[0]}); "
                               f"{advice}") from None
+
+
+def merge_for_resume(saved: dict, cfg: DictConfig, overrides: Sequence[str], source: str,
+                     versions: dict[str, Any] | None = None) -> tuple[DictConfig, list[str]]:
+    """The checkpoint's config with the mutable keys the user asked to change.
+
+    Returns the config to resume with and "key: old -> new" lines for the history.
+    Any requested non-mutable change is refused, naming each key with both values.
+    `versions`: the checkpoint's, for the advice when its config cannot be read.
+    """
+    merged = saved_config(saved, source, versions)
     saved_flat = flatten(merged)
     # Untyped copy: it may receive values the schema would coerce or reject (lists of rules).
     requested = OmegaConf.create(OmegaConf.to_container(merged))

@@ -478,6 +478,13 @@ def resume_a_checkpoint_whose_config_holds_an_edited_bad_value(ctx: Ctx):
 
 
 @case("evaluate")
+def evaluate_a_checkpoint_whose_config_holds_an_edited_bad_value(ctx: Ctx):  # before: an OmegaConf traceback
+    path = _edited_checkpoint(ctx, lambda ckpt: ckpt["config"]["trainer"].update(epochs="many"))
+    return [str(path), "--out", str(ctx.tmp / "d.json")], [
+        f"{path} holds a config this version cannot read (trainer.epochs: Value 'many'", "fix that value in it"]
+
+
+@case("evaluate")
 def evaluate_a_checkpoint_of_another_version_that_built_other_tensors(ctx: Ctx):
     def renamed_by_that_version(ckpt: dict) -> None:
         ckpt["versions"]["frcnn_train"] = "0.0.1"
