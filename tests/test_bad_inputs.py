@@ -1071,7 +1071,9 @@ def inspect_a_foreign_onnx_file(ctx: Ctx):
     if importlib.util.find_spec("onnx") is None:
         pytest.skip("onnx (the export extra) is not installed")
     path = ctx.tmp / "linear.onnx"
-    torch.onnx.export(torch.nn.Linear(2, 2), (torch.zeros(1, 2),), str(path), dynamo=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript-based exporter is deprecated, and what many files came from
+        torch.onnx.export(torch.nn.Linear(2, 2), (torch.zeros(1, 2),), str(path), dynamo=False)
     return [str(path)], ["(ONNX, not written by frcnn-export)", "none from frcnn_train", "producer      pytorch"]
 
 
