@@ -46,18 +46,27 @@ class Detector:
         return self.config.model.arch == "mask_rcnn"
 
     @torch.no_grad()
-    def detect(self, images: Sequence[Tensor], *, score_threshold: float = 0.5,
-               batch_size: int = 4) -> list[dict[str, Tensor]]:
-        """The model's outputs (CPU tensors, masks as probabilities) for decoded images, `batch_size` images
-        per forward pass, keeping detections that score at least `score_threshold`."""
+    def forward(self, images: Sequence[Tensor], *, batch_size: int = 4) -> list[dict[str, Tensor]]:
+        """The model's outputs for decoded images as CPU tensors (masks as probabilities), `batch_size` images
+        per forward pass; a zoo model's placeholder classes (COCO's unused ids, never trained) left out."""
         if batch_size < 1:
             raise DataError(f"batch_size {batch_size} must be at least 1")
+        from frcnn_train.zoo import UNUSED_CLASS
+
+        unused = torch.tensor([False] + [name == UNUSED_CLASS for name in self.classes])
         outputs: list[dict[str, Tensor]] = []
         for start in range(0, len(images), batch_size):
             for output in self.model([image.to(self.device) for image in images[start:start + batch_size]]):
-                keep = output["scores"] >= score_threshold
-                outputs.append({k: v[keep].cpu() for k, v in output.items()})
+                output = {k: v.cpu() for k, v in output.items()}
+                real = ~unused[output["labels"]]
+                outputs.append({k: v[real] for k, v in output.items()})
         return outputs
+
+    def detect(self, images: Sequence[Tensor], *, score_threshold: float = 0.5,
+               batch_size: int = 4) -> list[dict[str, Tensor]]:
+        """forward(), keeping the detections that score at least `score_threshold`."""
+        return [{k: v[output["scores"] >= score_threshold] for k, v in output.items()}
+                for output in self.forward(images, batch_size=batch_size)]
 
     def predict(self, images: ImageLike | Sequence[ImageLike], *, score_threshold: float = 0.5,
                 batch_size: int = 4) -> dict[str, Any] | list[dict[str, Any]]:
@@ -146,8 +155,8 @@ def load(source: str | Path, device: str | torch.device | None = None, *, raw: b
     zoo is available, `torchvision:<builder>[.<WEIGHTS>]`. `device`: None or "auto" takes CUDA when there is
     one. A checkpoint runs its EMA weights when it has them, unless `raw` (as frcnn-predict --raw)."""
     from frcnn_train import checkpoint
-    from frcnn_train.config import with_schema
     from frcnn_train.evaluate import load_model
+    from frcnn_train.resume import saved_config
     from frcnn_train.runtime import resolve_device
 
     dev = resolve_device("auto" if device is None else str(device))
@@ -159,7 +168,7 @@ def load(source: str | Path, device: str | torch.device | None = None, *, raw: b
         return Detector(model.to(dev).eval(), list(classes), cfg, dev, text, text.split(":", 1)[1])
     path = checkpoint.checkpoint_in(text)
     ckpt = checkpoint.load_checkpoint(path)
-    cfg = with_schema(ckpt["config"])
+    cfg = saved_config(ckpt["config"], str(path), ckpt.get("versions"))
     model = load_model(ckpt, cfg, str(path), raw=raw).to(dev)
     return Detector(model, list(ckpt["classes"]), cfg, dev, str(path), checkpoint.inference_weights(ckpt, raw=raw)[1])
 

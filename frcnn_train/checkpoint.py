@@ -161,11 +161,25 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 def inference_weights(ckpt: dict[str, Any], *, raw: bool = False) -> tuple[dict[str, Any], str]:
     """The model weights to predict with and which they are: the EMA's ("ema") when the run kept an
     exponential moving average (trainer.ema), as detectron2 / mmdetection / Ultralytics evaluate, unless
-    `raw`; else the trained weights ("raw"). evaluate, predict, export and init_from all choose here."""
+    `raw`; else the trained weights ("raw"). An EMA that was never updated holds the initial weights, so
+    then the trained ones (see ema_skipped). evaluate, predict, export and init_from all choose here."""
     ema = ckpt.get("ema")
-    if ema and not raw:
+    if ema and not raw and not ema_skipped(ckpt):
         return ema["model"], "ema"
     return ckpt["model"], "raw"
+
+
+def ema_skipped(ckpt: dict[str, Any]) -> str | None:
+    """Why the checkpoint's EMA weights are not used although it has them (one line), or None. Its update count
+    (ema.py ModelEma.state_dict) is 0 when trainer.ema.every exceeded the steps trained: the average is still
+    the weights the run started from."""
+    ema = ckpt.get("ema")
+    if not ema or ema.get("updates") != 0:  # absent: written before the count was kept; trust the average
+        return None
+    every = ((ckpt.get("config") or {}).get("trainer") or {}).get("ema", {}).get("every")
+    step = (ckpt.get("trainer") or {}).get("global_step")
+    return (f"the trained weights are used: the checkpoint's EMA was never updated (trainer.ema.every={every}, "
+            f"{step} steps trained), so it still holds the weights the run started from")
 
 
 # ---------------------------------------------------------------- writing

@@ -361,6 +361,14 @@ def _or_null(check: Any) -> Any:
     return lambda v: v is None or check(v)
 
 
+def worker_count(value: Any) -> int | None:
+    """data.num_workers as a whole number >= 0, or None. The key also takes `auto`, so its type is Any and
+    Hydra leaves a quoted `data.num_workers='2'` a string: digits are read as the number they spell."""
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
 # key -> (test, the valid range as the message says it). Types are the schema's job;
 # these are values of the right type that would crash later or silently train nothing.
 VALUE_RULES: dict[str, tuple[Any, str]] = {
@@ -417,7 +425,7 @@ VALUE_RULES: dict[str, tuple[Any, str]] = {
     "model.backbone.trainable_layers": (_or_null(_non_negative), "a whole number >= 0, or null for all"),
     "model.attention.reduction": (_positive, "a whole number >= 1"),
     "model.attention.heads": (_positive, "a whole number >= 1"),
-    "data.num_workers": (lambda v: v == "auto" or (_non_negative(v) and isinstance(v, int) and not isinstance(v, bool)),
+    "data.num_workers": (lambda v: v == "auto" or worker_count(v) is not None,
                          "a whole number >= 0 (0: load in the main process), or auto"),
     "data.hflip_prob": (_fraction, "a probability in [0, 1]"),
     "data.bad_images": (lambda v: v in ("error", "skip"), "error or skip"),

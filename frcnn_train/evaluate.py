@@ -18,11 +18,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from frcnn_train import checkpoint, outputs
 from frcnn_train.composition import composition_error
-from frcnn_train.config import check_values, compose_config, with_schema
+from frcnn_train.config import check_values, compose_config
 from frcnn_train.data import build_datasets, build_eval_loader, resolve_num_workers
 from frcnn_train.errors import CheckpointError, ConfigError
 from frcnn_train.evaluation import evaluate, format_table
-from frcnn_train.models import build_model, diff_layouts, tensor_layout
+from frcnn_train.logs import log
+from frcnn_train.models import architecture_spec, build_model
+from frcnn_train.models.fingerprint import config_mismatch, mismatch_advice
+from frcnn_train.resume import saved_config
 from frcnn_train.runtime import amp_dtype, cli, prog_name, resolve_device, seed_everything
 from frcnn_train.zoo import is_zoo_source
 
@@ -51,26 +54,30 @@ def _override_keys(overrides: Sequence[str]) -> list[str]:
     return [o.key_or_group.replace("/", ".") for o in parsed]
 
 
-def apply_overrides(saved: dict[str, Any], overrides: Sequence[str]) -> DictConfig:
-    """The checkpoint's config with data / device / batch-size overrides; model.* is refused.
+def apply_overrides(saved: dict[str, Any], overrides: Sequence[str], *, command: str = "evaluate",
+                    allowed: Sequence[str] = ALLOWED_KEYS, source: str = "the checkpoint",
+                    versions: dict[str, Any] | None = None) -> DictConfig:
+    """The checkpoint's config with data overrides and the `allowed` keys (evaluate: device, batch size,
+    autocast; export: none); model.* is refused.
 
     `data=<name>` replaces the whole data subtree by the composed one, so no key
-    of the checkpoint's dataset leaks into another dataset's config.
+    of the checkpoint's dataset leaks into another dataset's config. `source`, `versions`: the file and
+    its versions, for the message when its config does not validate (resume.saved_config).
     """
-    cfg = with_schema(saved)
+    cfg = saved_config(saved, source, versions)
     if not overrides:
         return cfg
     keys = _override_keys(overrides)
     model_keys = [k for k in keys if k == "model" or k.startswith("model.")]
     if model_keys:
         raise ConfigError(
-            f"evaluate rebuilds the model from the checkpoint's config, so {', '.join(model_keys)} cannot be "
-            "overridden; evaluate a checkpoint trained with that architecture instead"
+            f"{command} rebuilds the model from the checkpoint's config, so {', '.join(model_keys)} cannot be "
+            f"overridden; {command} a checkpoint trained with that architecture instead"
         )
-    other = [k for k in keys if k not in ALLOWED_KEYS and k != "data" and not k.startswith("data.")]
+    other = [k for k in keys if k not in allowed and k != "data" and not k.startswith("data.")]
     if other:
-        raise ConfigError(f"evaluate cannot override {', '.join(other)}; it accepts data=, data.*, "
-                          f"{', '.join(ALLOWED_KEYS)} and data.num_workers")
+        raise ConfigError(f"{command} cannot override {', '.join(other)}; it accepts data= and data.* (e.g. "
+                          f"data.root=, data.num_workers=){''.join(f', {k}' for k in allowed)}")
     composed = compose_overrides(overrides)
     if "data" in keys:
         cfg.data = composed.data
@@ -84,15 +91,14 @@ def load_model(ckpt: dict[str, Any], cfg: DictConfig, source: str, *, raw: bool 
     """The checkpoint's model rebuilt from its config, in eval mode on the CPU, with its inference
     weights (checkpoint.inference_weights: the EMA's when it has them, unless `raw`)."""
     model = build_model(cfg.model, read_backbone_weights=False)
+    spec = architecture_spec(cfg.model)
+    if lines := config_mismatch(ckpt, spec, model):  # a load would fail, or (same shapes) load the wrong model
+        raise CheckpointError(f"the config in {source} does not match its weights ({'; '.join(lines[:4])}); "
+                              f"{mismatch_advice(ckpt, spec)}")
     weights, _ = checkpoint.inference_weights(ckpt, raw=raw)
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError:
-        lines = diff_layouts(tensor_layout(weights), tensor_layout(model))
-        raise CheckpointError(
-            f"the model rebuilt from {source}'s config does not match its weights ({'; '.join(lines[:4])}); "
-            "use the frcnn_train version that wrote it"
-        ) from None
+    if not raw and (why := checkpoint.ema_skipped(ckpt)):
+        log.warning("%s: %s.", source, why)
+    model.load_state_dict(weights)
     return model.eval()
 
 
@@ -108,7 +114,7 @@ def run_evaluation(ckpt_path: str | Path, overrides: Sequence[str] = (),
     path = checkpoint.checkpoint_in(ckpt_path)
     out_path = _results_path(out, path)
     ckpt = checkpoint.load_checkpoint(path)
-    cfg = apply_overrides(ckpt["config"], overrides)
+    cfg = apply_overrides(ckpt["config"], overrides, source=str(path), versions=ckpt.get("versions"))
     # What evaluate lets a user change.
     check_values(cfg, keys=("data", "trainer.batch_size", "trainer.amp_dtype", "eval.backend"))
     with_masks = cfg.model.arch == "mask_rcnn"

@@ -31,16 +31,16 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
+from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from frcnn_train import __version__, checkpoint, outputs, zoo
-from frcnn_train.config import with_schema
 from frcnn_train.errors import ExportError, UserError
-from frcnn_train.evaluate import load_model
-from frcnn_train.export_check import CheckReport, check_export, validation_images
+from frcnn_train.evaluate import apply_overrides, load_model
+from frcnn_train.export_check import CheckReport, check_export, synthetic_image, validation_images
 from frcnn_train.models import architecture_spec, fingerprint
 from frcnn_train.models.export_view import for_export
 from frcnn_train.runtime import cli, prog_name, resolve_device
@@ -115,7 +115,7 @@ class ExportResult:
     input_shape: list[int]  # [3, H, W] of the example; H and W are fixed unless dynamic
     metadata: dict[str, Any]
     check: CheckReport | None
-    has_ema: bool  # the checkpoint holds EMA weights (exported unless --raw)
+    has_ema: bool  # the checkpoint holds EMA weights that were updated (exported unless --raw)
     device: str  # where the model was traced (a TorchScript trace runs there only)
 
 
@@ -134,24 +134,29 @@ class Source:
     path: Path  # where the default output goes beside
 
 
-def open_source(source: str | Path, *, raw: bool) -> Source:
-    """A checkpoint (file or run directory), or `torchvision:<builder>[.<ENUM>]`."""
+def open_source(source: str | Path, *, raw: bool, overrides: Sequence[str] = ()) -> Source:
+    """A checkpoint (file or run directory), or `torchvision:<builder>[.<ENUM>]`; `overrides` (data=, data.*)
+    say where the check images are, as evaluate takes them."""
     if zoo.is_zoo_source(str(source)):
         model, classes, cfg = zoo.from_torchvision(str(source))
         # No validation split of its own: generated shapes images at the model's size make the trace and the check.
         shapes = cfg.data.shapes
         shapes.image_size, shapes.num_train, shapes.num_val = int(cfg.model.min_size), 1, 16
+        cfg = apply_overrides(OmegaConf.to_container(cfg, resolve=True), overrides, command="export", allowed=(),
+                              source=str(source))
         builder = str(source).split(":", 1)[1]
         digest = fingerprint(architecture_spec(cfg.model), model)
         return Source(model=model, cfg=cfg, classes=classes, fingerprint=digest, weights=str(source),
                       name=str(source), global_step=None, has_ema=False, path=Path(builder + ".pth"))
     path = checkpoint_file(source)
     ckpt = checkpoint.load_checkpoint(path)
-    cfg = with_schema(ckpt["config"])
+    cfg = apply_overrides(ckpt["config"], overrides, command="export", allowed=(), source=str(path),
+                          versions=ckpt.get("versions"))
     return Source(model=load_model(ckpt, cfg, str(path), raw=raw), cfg=cfg, classes=list(ckpt["classes"]),
                   fingerprint=ckpt["architecture"].get("fingerprint"),
                   weights=checkpoint.inference_weights(ckpt, raw=raw)[1], name=path.name,
-                  global_step=ckpt["trainer"].get("global_step"), has_ema=bool(ckpt.get("ema")), path=path)
+                  global_step=ckpt["trainer"].get("global_step"),
+                  has_ema=bool(ckpt.get("ema")) and checkpoint.ema_skipped(ckpt) is None, path=path)
 
 
 def build_metadata(source: Source, arch: str, *, dynamic: bool, input_shape: list[int]) -> dict[str, Any]:
@@ -218,8 +223,11 @@ def _describe_model(cfg: Any) -> str:
 
 
 def export(ckpt_path: str | Path, fmt: str, out: str | Path | None = None, *, dynamic: bool = False,
-           raw: bool = False, device: str = "cpu", check_images: int = 16) -> ExportResult:
-    """Write the checkpoint's detector as `fmt` and check it on `check_images` validation images (0: no check)."""
+           raw: bool = False, device: str = "cpu", check_images: int = 16,
+           overrides: Sequence[str] = ()) -> ExportResult:
+    """Write the checkpoint's detector as `fmt` and check it on `check_images` validation images, found through
+    the checkpoint's data config with `overrides` (data=, data.*) as evaluate takes them. With 0 no image is
+    read: the trace follows a synthetic model.min_size square and nothing is checked."""
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt} is not an export format; choose one of {', '.join(FORMATS)}")
     if check_images < 0:
@@ -232,14 +240,14 @@ def export(ckpt_path: str | Path, fmt: str, out: str | Path | None = None, *, dy
     elif device != "cpu" and not torch.cuda.is_available():
         raise UserError(f"--device {device} but CUDA is not available here; trace for the GPU on a machine with one, "
                         "or use --device cpu")
-    source = open_source(ckpt_path, raw=raw)
+    source = open_source(ckpt_path, raw=raw, overrides=overrides)
     out_path = resolve_out(source.path, fmt, out)
     dev = resolve_device(device)
     cfg, weights = source.cfg, source.weights
     arch = cfg.model.arch
     model = source.model.to(dev)
     # The example the trace follows, and the check's images: the checkpoint's own validation split.
-    images = validation_images(cfg, max(check_images, 1))
+    images = validation_images(cfg, check_images) if check_images else [synthetic_image(cfg.model.min_size)]
     example = images[0].to(dev)
     names = output_names(arch)
     metadata = build_metadata(source, arch, dynamic=dynamic, input_shape=list(example.shape))
@@ -286,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog_name("frcnn_train.export"), description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="checkpoint file (or run directory: best.pth, else last.pth), or "
                                            "torchvision:<builder>[.<weights>] for torchvision's COCO weights")
+    parser.add_argument("overrides", nargs="*",
+                        help="data=..., data.*=...: where the check images are, as evaluate takes them")
     parser.add_argument("--format", required=True, help="onnx (run with onnxruntime) or torchscript (torch.jit.load)")
     parser.add_argument("--out", help="file to write (default: beside the checkpoint, <name>.onnx or "
                                       "<name>.torchscript.pt); an existing file is replaced only if it is an earlier "
@@ -302,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="torchscript only: cpu, cuda or cuda:N, where the model is traced and checked; the "
                              "trace runs on that device only (default cpu). ONNX files are device-free")
     parser.add_argument("--check-images", type=int, default=16,
-                        help="validation images to compare the file with the PyTorch model on (0: no check)")
+                        help="validation images to compare the file with the PyTorch model on (0: no check and no "
+                             "data read; the trace follows a synthetic model.min_size square image)")
     return parser
 
 
@@ -310,10 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     result = export(args.checkpoint, args.format, args.out, dynamic=args.dynamic, raw=args.raw,
-                    device=args.device, check_images=args.check_images)
+                    device=args.device, check_images=args.check_images, overrides=args.overrides)
     print(describe(result))
     if result.check is None:
-        print("not checked (--check-images 0)")
+        h, w = result.input_shape[1:]
+        print(f"not checked (--check-images 0): traced on a synthetic {h}x{w} image, no data read")
         return 0
     print(result.check.summary())
     return 0 if result.check.passed else 1

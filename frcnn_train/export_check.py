@@ -30,14 +30,23 @@ def as_float_image(image: Tensor) -> Tensor:
 
 
 def validation_images(cfg: DictConfig, count: int) -> list[Tensor]:
-    """The first `count` images of the checkpoint's validation split, built from its config as evaluate does."""
+    """The first `count` images of the checkpoint's validation split, built from its config (with the data
+    overrides the command took) as evaluate does."""
     try:
         val = build_datasets(cfg.data, with_masks=cfg.model.arch == "mask_rcnn").val
     except UserError as err:
-        raise DataError(f"{err} (export traces and checks the model on the checkpoint's validation images)") from None
+        raise DataError(f"{err} (export traces and checks the model on the checkpoint's validation images: "
+                        "give data overrides after the checkpoint as evaluate takes them, or --check-images 0 to "
+                        "export from the checkpoint alone)") from None
     if len(val) == 0:
         raise DataError("the checkpoint's validation split is empty; export traces and checks the model on its images")
     return [as_float_image(val[i][0]) for i in range(min(count, len(val)))]
+
+
+def synthetic_image(min_size: int) -> Tensor:
+    """The example a trace follows when no image is read (--check-images 0): min_size x min_size, the size the
+    model resizes a square image to, of seeded noise (the same file from the same checkpoint)."""
+    return torch.rand(3, min_size, min_size, generator=torch.Generator().manual_seed(0))
 
 
 def resized(image: Tensor, size: list[int]) -> Tensor:

@@ -27,8 +27,10 @@ from frcnn_train.resume import merge_for_resume
 from frcnn_train.errors import CheckpointError, UserError
 from frcnn_train.evaluate import compose_overrides
 from frcnn_train.evaluation import summary_metrics
+from frcnn_train.exported import describe_exported, render_exported
 from frcnn_train.models import architecture_spec, build_model, diff_layouts, diff_specs, tensor_layout
 from frcnn_train.models.builder import resolve_sites, valid_attention_sites
+from frcnn_train.models.fingerprint import config_mismatch
 from frcnn_train.overrides import flatten, requested_keys
 from frcnn_train.runtime import cli, prog_name
 from frcnn_train.state import PARTS, describe_position
@@ -66,6 +68,21 @@ def _resolved_sites(cfg: dict[str, Any]) -> list[str]:
         return listed
 
 
+def _config_mismatch(ckpt: dict[str, Any]) -> list[str]:
+    """How the model its config builds differs from its weights (resume's check; [] when it matches), built
+    on the meta device: no memory, no weights read."""
+    if not isinstance(ckpt.get("model"), dict) or not isinstance(ckpt.get("config"), dict):
+        return []  # reported as incomplete
+    try:
+        cfg = with_schema(ckpt["config"])
+        with torch.device("meta"):
+            model = build_model(cfg.model, read_backbone_weights=False)
+        spec = architecture_spec(cfg.model)
+    except (UserError, OmegaConfBaseException) as err:
+        return [f"its config builds no model ({str(err).splitlines()[0]})"]
+    return config_mismatch(ckpt, spec, model)
+
+
 def describe_checkpoint(path: Path, ckpt: dict[str, Any]) -> dict[str, Any]:
     cfg, counters = ckpt.get("config", {}), ckpt.get("trainer", {})
     model_cfg, state = cfg.get("model", {}), ckpt.get("model", {})
@@ -77,6 +94,7 @@ def describe_checkpoint(path: Path, ckpt: dict[str, Any]) -> dict[str, Any]:
         "kind": "checkpoint", "path": str(path),
         "format": f"{ckpt.get('format')} v{ckpt.get('format_version')}",
         "complete": not [k for k in checkpoint.REQUIRED_KEYS if k not in ckpt],
+        "config_mismatch": _config_mismatch(ckpt),
         "parts": [k for k in PARTS if ckpt.get(k) is not None],
         "ema_updates": (ckpt.get("ema") or {}).get("updates"),
         "missing_keys": [k for k in checkpoint.REQUIRED_KEYS if k not in ckpt],
@@ -128,7 +146,9 @@ def render_checkpoint(f: dict[str, Any]) -> list[str]:
     lines = _rows([
         ("checkpoint", f["path"]),
         ("format", f"{f['format']}, "
-         + ("complete" if f["complete"] else f"INCOMPLETE (missing {', '.join(f['missing_keys'])})")),
+         + (f"INCOMPLETE (missing {', '.join(f['missing_keys'])})" if not f["complete"]
+            else f"config does not match the weights ({'; '.join(f['config_mismatch'][:6])})"
+            if f["config_mismatch"] else "complete")),
         ("written", f"{f['created']} by {versions}"),
         ("progress", describe_position(f) if f["global_step"] is not None else "unknown"),
         ("state", ", ".join(f["parts"]) + (f"; the EMA has {f['ema_updates']} updates" if f["ema_updates"] is not None
@@ -400,6 +420,11 @@ def inspect_paths(paths: list[str], overrides: list[str], *, trust: bool = False
             if not checkpoint.checkpoint_files(path):
                 raise CheckpointError(f"{path} holds no .pth file; give a run directory or a checkpoint file")
             return describe_run_dir(path), None
+        if path.is_file() and (exported := describe_exported(path)) is not None:
+            if len(paths) == 2 or overrides:
+                raise CheckpointError(f"{path} is {exported['format']} export, which inspect describes but does not "
+                                      "compare; give it alone, or compare the checkpoints it was exported from")
+            return exported, None
         loaded.append((path, *_load(path, trust)))
     if len(loaded) == 2:
         return diff_files(loaded[0], loaded[1]), None
@@ -411,7 +436,8 @@ def inspect_paths(paths: list[str], overrides: list[str], *, trust: bool = False
     return describe_checkpoint(path, data), data
 
 
-_RENDER = {"checkpoint": render_checkpoint, "weights": render_weights, "run_dir": render_run_dir, "diff": render_diff}
+_RENDER = {"checkpoint": render_checkpoint, "weights": render_weights, "run_dir": render_run_dir, "diff": render_diff,
+           "export": render_exported}
 
 
 def build_parser() -> argparse.ArgumentParser:

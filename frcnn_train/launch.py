@@ -268,10 +268,27 @@ def _log_start(cfg: DictConfig, trainer: Trainer, parts: Parts, device: torch.de
     if parts.ema is not None:
         log.info("EMA of the weights: decay %g (ramped over %d updates), updated every %d step(s); best.pth "
                  "follows %s.", parts.ema.decay, parts.ema.warmup_steps, parts.ema.every, cfg.trainer.best_metric)
+        if never := ema_never_updates(parts.ema, trainer):
+            log.warning("%s", never)
     if overrides:
         log.info("Overrides: %s", " ".join(overrides))
     if warning := start_warning(cfg.model, trainer.data.train):  # from the records: no image is read
         log.warning("%s", warning)
+
+
+def ema_never_updates(ema: ModelEma, trainer: Trainer) -> str | None:
+    """The warning for an EMA that this run will never update (trainer.ema.every beyond its last step):
+    it would stay the initial weights, which evaluate, predict and export would then skip."""
+    c, s = trainer.counters, trainer.s
+    last = s.epochs * trainer.steps_per_epoch
+    if s.max_steps is not None:
+        last = min(last, s.max_steps)
+    if ema.updates or last // ema.every > c.global_step // ema.every:
+        return None
+    return (f"trainer.ema.every={ema.every} is larger than this run's last step ({last}), so the EMA would never "
+            f"update and stay the weights of step {c.global_step}: its validation shows those weights, and "
+            "evaluate, predict and export will use the trained weights instead; set trainer.ema.every to at most "
+            f"{max(last, 1)} or trainer.ema.decay=null.")
 
 
 def _log_summary(summary: dict[str, Any], trainer: Trainer, run_dir: Path) -> None:

@@ -23,7 +23,13 @@ from frcnn_train import checkpoint, distributed, rundir
 from frcnn_train.config import MUTABLE_ON_RESUME, START_KEYS, check_values, with_schema
 from frcnn_train.errors import CheckpointError, ConfigError, UserError
 from frcnn_train.models import build_model
-from frcnn_train.models.fingerprint import diff_layouts, diff_specs, fingerprint, tensor_layout
+from frcnn_train.models.fingerprint import (
+    config_mismatch,
+    diff_layouts,
+    fingerprint,
+    mismatch_advice,
+    tensor_layout,
+)
 from frcnn_train.overrides import flatten, requested_keys
 from frcnn_train.state import Registry
 
@@ -60,17 +66,31 @@ def _upgrade(saved: dict[str, Any]) -> dict[str, Any]:
     return saved
 
 
-def merge_for_resume(saved: dict, cfg: DictConfig, overrides: Sequence[str], source: str) -> tuple[DictConfig, list[str]]:
+def saved_config(saved: dict[str, Any], source: str, versions: dict[str, Any] | None = None) -> DictConfig:
+    """A checkpoint's config validated against today's schema (keys added since filled in as that run had
+    them), or one CheckpointError naming the key; `versions` (the checkpoint's) decide the advice."""
+    try:
+        return with_schema(_upgrade(saved))
+    except Exception as err:  # noqa: BLE001 - OmegaConf validation errors
+        written = (versions or {}).get("frcnn_train")
+        here = checkpoint.library_versions()["frcnn_train"]
+        advice = ("use the frcnn_train version that wrote it" if written is None
+                  else f"use frcnn_train {written}, which wrote it" if written != here
+                  else f"the same frcnn_train {here} wrote it, so the config was edited since: fix that value in it")
+        key = f"{err.full_key}: " if getattr(err, "full_key", None) else ""  # OmegaConf's errors know the key
+        raise CheckpointError(f"{source} holds a config this version cannot read ({key}{str(err).splitlines()[0]}); "
+                              f"{advice}") from None
+
+
+def merge_for_resume(saved: dict, cfg: DictConfig, overrides: Sequence[str], source: str,
+                     versions: dict[str, Any] | None = None) -> tuple[DictConfig, list[str]]:
     """The checkpoint's config with the mutable keys the user asked to change.
 
     Returns the config to resume with and "key: old -> new" lines for the history.
     Any requested non-mutable change is refused, naming each key with both values.
+    `versions`: the checkpoint's, for the advice when its config cannot be read.
     """
-    try:
-        merged = with_schema(_upgrade(saved))
-    except Exception as err:  # noqa: BLE001 - OmegaConf validation errors
-        raise CheckpointError(f"{source} holds a config this version cannot read ({str(err).splitlines()[0]}); "
-                              "use the frcnn_train version that wrote it") from None
+    merged = saved_config(saved, source, versions)
     saved_flat = flatten(merged)
     # Untyped copy: it may receive values the schema would coerce or reject (lists of rules).
     requested = OmegaConf.create(OmegaConf.to_container(merged))
@@ -86,9 +106,25 @@ def merge_for_resume(saved: dict, cfg: DictConfig, overrides: Sequence[str], sou
             changes.append(f"{key}: {saved_flat.get(key)!r} -> {value!r}")
         else:
             conflicts.append(f"{key} (checkpoint {saved_flat.get(key)!r}, requested {value!r})")
+    renamed = _renamed_run(wanted.get("run_name"), source)
     if conflicts:
-        raise ResumeConflict(conflicts, source, saved=merged, requested=requested)
+        raise ResumeConflict(conflicts + ([renamed] if renamed else []), source, saved=merged, requested=requested)
+    if renamed:
+        run_dir = Path(source).parent
+        raise ConfigError(
+            f"resume={source} continues the run in its own directory {run_dir}, so run_name={wanted['run_name']} "
+            f"cannot rename it (run_name is not a key a resume may change); drop run_name= to resume, or start a "
+            f"new run from these weights with run_name={wanted['run_name']} init_from={source}"
+        )
     return merged, changes
+
+
+def _renamed_run(run_name: Any, source: str) -> str | None:
+    """The conflict line when the command line names another run than the checkpoint's directory (None: same
+    or not given). resume=auto finds the checkpoint under run_name, so there the two always agree."""
+    if run_name is None or str(run_name) == Path(source).parent.name:
+        return None
+    return f"run_name (the run's directory {Path(source).parent.name!r}, requested {str(run_name)!r})"
 
 
 def describe_model_change(saved: DictConfig, requested: DictConfig) -> str:
@@ -176,7 +212,7 @@ class Resume:
             return cls(cfg=cfg)
         ckpt = checkpoint.load_for_resume(source)
         try:
-            merged, changes = merge_for_resume(ckpt["config"], cfg, overrides, str(source))
+            merged, changes = merge_for_resume(ckpt["config"], cfg, overrides, str(source), ckpt.get("versions"))
         except ResumeConflict as conflict:
             raise conflict.with_modules(describe_model_change(conflict.saved, conflict.requested)) from None
         check_values(merged)  # the checkpoint's values with the mutable keys this resume changed
@@ -221,15 +257,11 @@ class Resume:
     def fingerprint(self, model: torch.nn.Module, spec: dict[str, Any]) -> str:
         """The model's architecture fingerprint; on a resume it must be the checkpoint's."""
         digest = fingerprint(spec, model)
-        saved = self.ckpt["architecture"] if self.ckpt else {}
-        if saved.get("fingerprint") in (None, digest):
+        if self.ckpt is None or not (lines := config_mismatch(self.ckpt, spec, model)):
             return digest
-        lines = diff_specs(saved.get("spec", {}), spec) + diff_layouts(tensor_layout(self.ckpt["model"]),
-                                                                       tensor_layout(model))
         raise CheckpointError(
-            f"the model rebuilt from {self.source}'s config does not match the one it saved "
-            f"({'; '.join(lines[:6]) or 'same config, different tensors'}); resume with the frcnn_train "
-            "version that wrote it, or start from its weights with init_from="
+            f"the config in {self.source} does not match its weights ({'; '.join(lines[:6])}); "
+            f"{mismatch_advice(self.ckpt, spec)}, or start a new run from its weights with init_from={self.source}"
         )
 
     def precision_change(self, precision: str, device: torch.device) -> None:

@@ -9,12 +9,14 @@ process shows (Hydra's own errors, DataLoader workers, a clean exit).
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -25,7 +27,7 @@ import torch
 from PIL import Image
 
 from conftest import python_path, tiny_overrides
-from frcnn_train import evaluate, inspect, predict
+from frcnn_train import evaluate, export, inspect, predict
 from frcnn_train.config import compose_config
 from frcnn_train.errors import UserError
 from frcnn_train.launch import run
@@ -106,6 +108,45 @@ def _voc(ctx: Ctx) -> Path:
     return root
 
 
+def _edited_checkpoint(ctx: Ctx, edit: Callable[[dict], None], run_name: str = "tiny") -> Path:
+    """A copy of the shared last.pth, changed by `edit`, alone in <tmp>/<run_name>/ (a resume with the cases'
+    run_name=tiny continues it there)."""
+    path = ctx.tmp / run_name / "last.pth"
+    path.parent.mkdir(parents=True)
+    ckpt = torch.load(ctx.last, map_location="cpu", weights_only=True)
+    edit(ckpt)
+    torch.save(ckpt, path)
+    return path
+
+
+def _backbone_edited(ckpt: dict) -> None:  # resnet34 in the config over resnet18 weights, as by hand
+    ckpt["config"]["model"]["backbone"]["name"] = "resnet34_fpn"
+
+
+def _ema_never_updated(ckpt: dict) -> None:
+    """An EMA that trainer.ema.every > the steps trained left at the initial weights (here: visibly other)."""
+    ckpt["config"]["trainer"]["ema"].update(decay=0.9, every=1000)
+    ckpt["ema"] = {"model": {k: v + 1 if v.is_floating_point() else v for k, v in ckpt["model"].items()},
+                   "updates": 0}
+
+
+def _export(ctx: Ctx, fmt: str, name: str) -> Path:
+    from frcnn_train.export import export
+
+    return export(ctx.last, fmt, ctx.tmp / name, check_images=0).path
+
+
+def _images_of_sizes(ctx: Ctx, files: dict[str, tuple[int, int]]) -> list[Path]:
+    """relative path -> (height, width): one flat-grey image each, told apart by size."""
+    paths = []
+    for name, (height, width) in files.items():
+        path = ctx.tmp / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((height, width, 3), 127, dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
 def _edit_json(path: Path, edit: Callable[[dict], None]) -> None:
     data = json.loads(path.read_text())
     edit(data)
@@ -147,7 +188,8 @@ def _exif_rotated_train_images(ctx: Ctx, json_says_displayed: bool) -> None:
 # ---------------------------------------------------------------- the cases
 # name -> (CLI, prepare(ctx) -> (argv, strings the message must contain)).
 # CLI: train (in process: compose + launch.run, as train.py does), train-process (the real
-# `python -m frcnn_train.train`), evaluate / predict / inspect (their main(argv) in process).
+# `python -m frcnn_train.train`), evaluate / predict / inspect / export (their main(argv) in process).
+# An expected string "!text" must not appear.
 Case = Callable[[Ctx], tuple[list[str], list[str]]]
 CASES: dict[str, tuple[str, Case]] = {}
 
@@ -390,6 +432,113 @@ def evaluate_an_override_that_does_not_compose(ctx: Ctx):
 @case("inspect")
 def inspect_with_an_unknown_group_option(ctx: Ctx):
     return [str(ctx.last), "model=retinanet"], ["model/retinanet", "mask_rcnn"]
+
+
+# -- issue 22: values argparse refuses, a renamed resume, edited checkpoints, export without data
+for _threshold in ("-1", "nan", "inf", "2"):
+    def _bad_threshold(ctx: Ctx, threshold: str = _threshold):
+        return ([str(ctx.last), str(_image(ctx)), "--out", str(ctx.tmp / "p"), "--score-threshold", threshold],
+                [f"argument --score-threshold: {threshold} is not a score", "from 0 to 1"])
+    _bad_threshold.__name__ = f"predict_score_threshold_{_threshold.lstrip('-')}"
+    case("predict")(_bad_threshold)
+
+
+@case("train")
+def resume_with_another_run_name(ctx: Ctx):  # run_name=tiny (train_args) over the run in .../shared
+    return ctx.train_args(f"resume={ctx.last}"), [
+        f"continues the run in its own directory {ctx.run_dir}", "run_name=tiny cannot rename it",
+        f"run_name=tiny init_from={ctx.last}"]
+
+
+@case("evaluate")
+def evaluate_a_checkpoint_whose_config_was_edited(ctx: Ctx):
+    path = _edited_checkpoint(ctx, _backbone_edited)
+    return [str(path), "--out", str(ctx.tmp / "d.json")], [
+        f"the config in {path} does not match its weights (model.backbone.name: resnet18_fpn -> resnet34_fpn;",
+        "backbone.body.layer1.2: 12 tensors added", "edited after it was saved",
+        "put back model.backbone.name=resnet18_fpn", "!frcnn_train version", "!use that version"]
+
+
+@case("train")
+def resume_a_checkpoint_whose_config_was_edited(ctx: Ctx):
+    path = _edited_checkpoint(ctx, _backbone_edited)
+    return ctx.train_args(f"resume={path}"), [
+        f"the config in {path} does not match its weights (model.backbone.name: resnet18_fpn -> resnet34_fpn;",
+        "edited after it was saved", "put back model.backbone.name=resnet18_fpn", f"init_from={path}",
+        "!use that version"]
+
+
+@case("train")
+def resume_a_checkpoint_whose_config_holds_an_edited_bad_value(ctx: Ctx):
+    path = _edited_checkpoint(ctx, lambda ckpt: ckpt["config"]["trainer"].update(epochs="many"))
+    return ctx.train_args(f"resume={path}"), [
+        f"{path} holds a config this version cannot read (trainer.epochs: Value 'many'",
+        "the same frcnn_train 0.1.0 wrote it, so the config was edited since: fix that value in it",
+        "!use the frcnn_train version"]
+
+
+@case("evaluate")
+def evaluate_a_checkpoint_whose_config_holds_an_edited_bad_value(ctx: Ctx):  # before: an OmegaConf traceback
+    path = _edited_checkpoint(ctx, lambda ckpt: ckpt["config"]["trainer"].update(epochs="many"))
+    return [str(path), "--out", str(ctx.tmp / "d.json")], [
+        f"{path} holds a config this version cannot read (trainer.epochs: Value 'many'", "fix that value in it"]
+
+
+@case("evaluate")
+def evaluate_a_checkpoint_of_another_version_that_built_other_tensors(ctx: Ctx):
+    def renamed_by_that_version(ckpt: dict) -> None:
+        ckpt["versions"]["frcnn_train"] = "0.0.1"
+        ckpt["model"]["roi_heads.box_head.fc6_renamed.weight"] = ckpt["model"].pop("roi_heads.box_head.fc6.weight")
+    path = _edited_checkpoint(ctx, renamed_by_that_version)
+    return [str(path)], ["does not match its weights", "roi_heads.box_head",
+                         "it was written by frcnn_train 0.0.1 (here: frcnn_train 0.1.0); use that version"]
+
+
+@case("export")
+def export_with_an_override_it_does_not_take(ctx: Ctx):
+    return [str(ctx.last), "device=cpu", "--format", "torchscript", "--out", str(ctx.tmp / "m.pt")], [
+        "export cannot override device", "data= and data.*"]
+
+
+@case("export")
+def export_checked_on_images_that_are_gone(ctx: Ctx):
+    """A run trained on a dataset since moved: the message names overrides export takes, and the way without."""
+    args = ctx.coco_args("trainer.max_steps=1", "run_name=gone")
+    run(compose_config(args), overrides=args)
+    root = ctx.coco()
+    shutil.rmtree(root)  # (ctx.coco() would copy it again)
+    last = ctx.tmp / "outputs" / "gone" / "last.pth"
+    return [str(last), "--format", "torchscript", "--out", str(ctx.tmp / "m.pt"), "--check-images", "1"], [
+        f"data.train_images: image directory {root / 'train'} does not exist", "data overrides",
+        "--check-images 0 to export from the checkpoint alone"]
+
+
+@case("train")
+def coco_every_training_annotation_a_crowd(ctx: Ctx):
+    args, ann = ctx.coco_args(), ctx.coco() / "instances_train.json"
+    _edit_json(ann, lambda data: [a.update(iscrowd=1) for a in data["annotations"]])
+    total = len(json.loads(ann.read_text())["annotations"])
+    return args, [f"data.train_ann: {ann} gives an empty training split: all {total} annotations are unusable "
+                  f"({total} crowd regions)", "crowd region (iscrowd=1) only marks an area evaluation ignores, so "
+                  "annotate the objects one by one with iscrowd=0",
+                  "!skip_empty"]
+
+
+@case("train")
+def coco_every_training_object_a_crowd_or_a_short_polygon(ctx: Ctx):
+    args, ann = ctx.coco_args("model=mask_rcnn"), ctx.coco() / "instances_train.json"
+
+    def spoil(data: dict) -> None:
+        for i, annotation in enumerate(data["annotations"]):
+            if i < 3:
+                annotation["segmentation"] = [[1.0, 1.0, 10.0, 10.0]]  # 2 points
+            else:
+                annotation["iscrowd"] = 1
+    _edit_json(ann, spoil)
+    total = len(json.loads(ann.read_text())["annotations"])
+    return args, [f"all {total} annotations are unusable ({total - 3} crowd regions",
+                  "3 objects without a polygon of 3 or more points)", "iscrowd=0",
+                  "give the objects polygons of 3 or more points", "!skip_empty"]
 
 
 # -- datasets
@@ -829,6 +978,114 @@ def coco_symlinked_image_folders(ctx: Ctx):
     return args, []
 
 
+# -- issue 22
+@accepted("train-process")
+def num_workers_as_a_quoted_number(ctx: Ctx):  # Hydra leaves '2' a string: read as 2 workers
+    return ctx.train_args("data.num_workers='2'", "trainer.max_steps=1"), []
+
+
+@accepted("train")
+def ema_every_beyond_the_runs_steps(ctx: Ctx):
+    return ctx.train_args("trainer.ema.decay=0.9", "trainer.ema.every=5"), [
+        "trainer.ema.every=5 is larger than this run's last step (2), so the EMA would never update",
+        "set trainer.ema.every to at most 2 or trainer.ema.decay=null"]
+
+
+@accepted("evaluate")
+def evaluate_a_checkpoint_whose_ema_never_updated(ctx: Ctx):
+    path = _edited_checkpoint(ctx, _ema_never_updated)
+    return [str(path), "--out", str(ctx.tmp / "d.json")], [
+        "the trained weights are used: the checkpoint's EMA was never updated (trainer.ema.every=1000, 1 steps "
+        "trained)", "weights: the trained weights"]
+
+
+@accepted("predict")
+def predict_with_a_checkpoint_whose_ema_never_updated(ctx: Ctx):
+    path = _edited_checkpoint(ctx, _ema_never_updated)
+    return [str(path), str(_image(ctx)), "--out", str(ctx.tmp / "p")], ["the checkpoint's EMA was never updated"]
+
+
+@accepted("export")
+def export_with_a_checkpoint_whose_ema_never_updated(ctx: Ctx):
+    path = _edited_checkpoint(ctx, _ema_never_updated)
+    return [str(path), "--format", "torchscript", "--out", str(ctx.tmp / "m.pt"), "--check-images", "0"], [
+        "the checkpoint's EMA was never updated", "the trained (raw) weights"]
+
+
+@accepted("export")
+def export_from_the_checkpoint_alone(ctx: Ctx):
+    """--check-images 0: no data read, so a run whose dataset has gone still exports (issue 22, item 19)."""
+    args = ctx.coco_args("trainer.max_steps=1", "run_name=gone")
+    run(compose_config(args), overrides=args)
+    shutil.rmtree(ctx.coco())
+    return [str(ctx.tmp / "outputs" / "gone" / "last.pth"), "--format", "onnx", "--out", str(ctx.tmp / "m.onnx"),
+            "--check-images", "0"], ["not checked (--check-images 0): traced on a synthetic 64x64 image, no data read"]
+
+
+@accepted("export")
+def export_checked_on_moved_images_named_by_an_override(ctx: Ctx):
+    args = ctx.coco_args("trainer.max_steps=1", "run_name=moved")
+    run(compose_config(args), overrides=args)
+    moved = ctx.coco().rename(ctx.tmp / "moved_coco")
+    return [str(ctx.tmp / "outputs" / "moved" / "last.pth"), f"data.root={moved}", "--format", "torchscript",
+            "--out", str(ctx.tmp / "m.pt"), "--check-images", "1"], ["check against the PyTorch model", "passed"]
+
+
+@accepted("predict")
+def predict_tiff_and_webp_images(ctx: Ctx):  # what training reads (data.decode.IMAGE_SUFFIXES)
+    folder = ctx.tmp / "scans"
+    folder.mkdir()
+    grey = np.full((48, 64), 30000, dtype=np.uint16)
+    Image.fromarray(grey).save(folder / "deep.tif")  # 16-bit, as microscopes write them
+    Image.fromarray(np.full((48, 64, 3), 127, dtype=np.uint8)).save(folder / "flat.TIFF")
+    Image.fromarray(np.full((48, 64, 3), 90, dtype=np.uint8)).save(folder / "web.webp")
+    return [str(ctx.last), str(folder), "--out", str(ctx.tmp / "p")], ["drawn images and predictions.json"]
+
+
+@accepted("inspect")
+def inspect_a_checkpoint_whose_config_was_edited(ctx: Ctx):
+    path = _edited_checkpoint(ctx, _backbone_edited)
+    return [str(path)], ["config does not match the weights (model.backbone.name: resnet18_fpn -> resnet34_fpn; "
+                         "backbone.body.layer1.2: 12 tensors added", "!complete"]
+
+
+@accepted("inspect")
+def inspect_our_onnx_export(ctx: Ctx):
+    if importlib.util.find_spec("onnx") is None:
+        pytest.skip("onnx (the export extra) is not installed")
+    return [str(_export(ctx, "onnx", "model.onnx"))], [
+        "(ONNX, written by frcnn-export)", "classes       5: circle, square, triangle, star, ellipse",
+        "fingerprint   " + torch.load(ctx.last, weights_only=True)["architecture"]["fingerprint"],
+        "weights       the trained (raw) weights", "version       0.1.0", "opset         ai.onnx 17"]
+
+
+@accepted("inspect")
+def inspect_our_torchscript_export(ctx: Ctx):
+    return [str(_export(ctx, "torchscript", "model.torchscript.pt"))], [
+        "(TorchScript, written by frcnn-export)", "classes       5: circle", "weights       the trained (raw) weights",
+        "input_size    64x64", "extra files   frcnn_train.json"]
+
+
+@accepted("inspect")
+def inspect_a_foreign_onnx_file(ctx: Ctx):
+    if importlib.util.find_spec("onnx") is None:
+        pytest.skip("onnx (the export extra) is not installed")
+    path = ctx.tmp / "linear.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript-based exporter is deprecated, and what many files came from
+        torch.onnx.export(torch.nn.Linear(2, 2), (torch.zeros(1, 2),), str(path), dynamo=False)
+    return [str(path)], ["(ONNX, not written by frcnn-export)", "none from frcnn_train", "producer      pytorch"]
+
+
+@accepted("inspect")
+def inspect_a_foreign_torchscript_file(ctx: Ctx):
+    path = ctx.tmp / "linear.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, and still what people have
+        torch.jit.save(torch.jit.trace(torch.nn.Linear(2, 2), torch.zeros(1, 2)), str(path))
+    return [str(path)], ["(TorchScript, not written by frcnn-export)", "none from frcnn_train"]
+
+
 # ---------------------------------------------------------------- running them
 @pytest.fixture(scope="module")
 def shared(tiny_runs, shapes_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
@@ -862,7 +1119,11 @@ def _run_cli(cli: str, argv: list[str], capsys: pytest.CaptureFixture) -> tuple[
         else:
             code = 0
     else:
-        code = {"evaluate": evaluate.main, "predict": predict.main, "inspect": inspect.main}[cli](argv)
+        main = {"evaluate": evaluate.main, "predict": predict.main, "inspect": inspect.main, "export": export.main}[cli]
+        try:
+            code = main(argv)
+        except SystemExit as exit_:  # argparse's refusal: usage, then "<prog>: error: ..."
+            code = exit_.code
     captured = capsys.readouterr()
     return code, captured.out + captured.err
 
@@ -877,11 +1138,14 @@ def test_bad_input_is_one_sentence_and_touches_nothing(name: str, shared, tmp_pa
     code, output = _run_cli(cli, argv, capsys)
     assert code == 2, output
     assert "Traceback" not in output, output
-    errors = [line for line in output.splitlines() if line.startswith("error")]
+    errors = [line for line in output.splitlines() if line.startswith("error") or ": error: " in line]
     assert len(errors) == 1, output
     message = errors[0]
-    for text in expected:
-        assert text in message, f"{text!r} not in {message!r}"
+    for text in expected:  # "!text": must not be said
+        if text.startswith("!"):
+            assert text[1:] not in message, f"{text[1:]!r} in {message!r}"
+        else:
+            assert text in message, f"{text!r} not in {message!r}"
     after = _snapshot(*roots)
     changed = [str(p) for p, digest in before.items() if after.get(p) != digest]
     assert not changed, f"files changed or removed: {changed}"
@@ -925,7 +1189,35 @@ def test_odd_but_valid_input_is_handled(name: str, shared, tmp_path: Path, capsy
     output += "\n".join(r.getMessage() for r in caplog.records)
     assert code == 0, output
     assert "Traceback" not in output, output
-    for text in expected:
-        assert text in output, f"{text!r} not in the output"
+    for text in expected:  # "!text": must not be said
+        if text.startswith("!"):
+            assert text[1:] not in output, f"{text[1:]!r} in the output"
+        else:
+            assert text in output, f"{text!r} not in the output"
     after = _snapshot(*roots)
     assert before == after, "the shared run or dataset changed"
+
+
+def test_predict_gives_every_drawn_image_its_own_name(shared, tmp_path: Path, capsys) -> None:
+    """Two folders with a.png, one also with a real a_1.png: the second a.png may not land on a_1.png (issue 22,
+    item 8). Told apart by size, every drawn image is its input's, and predictions.json maps each to it."""
+    ctx = Ctx(tmp=tmp_path, run_dir=shared["run_dir"], shapes=shared["shapes"], coco_source=shared["coco"])
+    sizes = {"one/a.png": (40, 56), "two/a.png": (48, 64), "two/a_1.png": (32, 48), "two/A.png": (56, 40)}
+    inputs = _images_of_sizes(ctx, sizes)
+    before = _snapshot(tmp_path, shared["run_dir"])
+    out = tmp_path / "preds"
+    code, output = _run_cli("predict", [str(ctx.last), str(tmp_path / "one"), str(tmp_path / "two"), "--out",
+                                        str(out), "--score-threshold", "0"], capsys)
+    assert code == 0, output
+    assert before == {p: d for p, d in _snapshot(tmp_path, shared["run_dir"]).items() if out not in p.parents}
+    drawn = {p.name: Image.open(p).size for p in out.iterdir() if p.suffix == ".png"}
+    assert len(drawn) == len(inputs), drawn  # none lost
+    results = json.loads((out / "predictions.json").read_text())
+    mapping = {r["file_name"]: r["drawn"] for r in results}
+    assert set(mapping) == {str(p) for p in inputs}  # --score-threshold 0: every image has detections
+    assert len(set(mapping.values())) == len(inputs)
+    for path in inputs:
+        height, width = sizes[str(path.relative_to(tmp_path))]
+        assert drawn[mapping[str(path)]] == (width, height), path
+    assert mapping[str(tmp_path / "two" / "a_1.png")] == "a_1.png"  # a real name is never given away
+    assert "drawn under a free name" in output

@@ -117,3 +117,15 @@ def test_num_workers_auto_is_the_default_and_a_saved_number_resumes() -> None:
     overrides = ["resume=x.pth", "data.num_workers=auto"]
     merged, changes = merge_for_resume(saved, compose_config(overrides), overrides, "x.pth")
     assert merged.data.num_workers == "auto" and changes == ["data.num_workers: 4 -> 'auto'"]
+
+
+def test_num_workers_written_in_quotes_is_the_number() -> None:
+    """Issue 22, item 14: the key also takes `auto`, so Hydra leaves data.num_workers='2' a string."""
+    from frcnn_train.data import resolve_num_workers
+
+    cfg = compose_config(["data.num_workers='2'"])
+    assert cfg.data.num_workers == "2"
+    check_values(cfg)
+    assert resolve_num_workers(cfg.data.num_workers, "cpu") == 2
+    with pytest.raises(ConfigError, match=r"data.num_workers=-2 must be a whole number"):
+        check_values(compose_config(["data.num_workers='-2'"]))

@@ -107,3 +107,21 @@ def test_ema_may_be_switched_on_at_a_resume_but_not_off_or_changed(compose_tiny,
         overrides = [f"resume={last}", "trainer.epochs=3", *change]
         with pytest.raises(ResumeConflict, match=change[0].split("=")[0].replace(".", r"\.")):
             run(compose_tiny(*overrides), overrides=overrides)
+
+
+def test_an_ema_never_updated_gives_way_to_the_trained_weights() -> None:
+    """trainer.ema.every beyond the steps trained leaves the average at the initial weights (issue 22, item 6):
+    evaluate, predict, export and init_from take the trained ones, and say why; a count of 1 or none (a file
+    from before the count was kept) keeps the EMA."""
+    trained, average = {"w": torch.ones(2)}, {"w": torch.zeros(2)}
+    ckpt = {"model": trained, "config": {"trainer": {"ema": {"every": 50}}}, "trainer": {"global_step": 4}}
+    for updates, expected in ((0, "raw"), (1, "ema"), (None, "ema")):
+        ckpt["ema"] = {"model": average} if updates is None else {"model": average, "updates": updates}
+        weights, which = checkpoint.inference_weights(ckpt)
+        assert which == expected and weights is (trained if expected == "raw" else average)
+        assert (checkpoint.ema_skipped(ckpt) is not None) == (updates == 0)
+    ckpt["ema"]["updates"] = 0
+    assert checkpoint.ema_skipped(ckpt) == ("the trained weights are used: the checkpoint's EMA was never updated "
+                                            "(trainer.ema.every=50, 4 steps trained), so it still holds the "
+                                            "weights the run started from")
+    assert checkpoint.inference_weights(ckpt, raw=True) == (trained, "raw")

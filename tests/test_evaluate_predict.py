@@ -79,9 +79,9 @@ def test_predict_a_directory_writes_images_and_results(trained: Path, tmp_path: 
 
 def test_predict_says_when_the_threshold_hides_everything(trained: Path, tmp_path: Path, capsys) -> None:
     image = sorted(val_images(trained).glob("*.png"))[0]
-    assert predict_main([str(trained / "last.pth"), str(image), "--out", str(tmp_path), "--score-threshold", "1.01"]) == 0
+    assert predict_main([str(trained / "last.pth"), str(image), "--out", str(tmp_path), "--score-threshold", "1"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("0 detections") and "below --score-threshold 1.01 (highest 0." in out, out
+    assert out.startswith("0 detections") and "below --score-threshold 1.0 (highest 0." in out, out
 
 
 def test_predict_mask_rcnn_writes_rle_masks(tiny_runs, tmp_path: Path) -> None:
@@ -127,3 +127,13 @@ def test_predict_reads_a_16_bit_image(trained: Path, tmp_path: Path, capsys) -> 
     assert predict_main([str(trained / "last.pth"), str(image), "--out", str(tmp_path / "o"), "--device", "cpu"]) == 0
     drawn = np.asarray(Image.open(tmp_path / "o" / "deep.png"))
     assert 30 < drawn.min() and drawn.max() < 150, "the 16-bit values were clipped, not scaled"
+
+
+def test_output_names_never_collide_and_keep_real_names() -> None:
+    """Issue 22, item 8: a renamed copy skips names that inputs hold themselves, compared without case."""
+    from frcnn_train.predict import output_names
+
+    files = [Path("x/a.png"), Path("y/a.png"), Path("y/a_1.png"), Path("z/A.png"), Path("w/a_2.png")]
+    names = output_names(files)
+    assert names == ["a.png", "a_3.png", "a_1.png", "A_4.png", "a_2.png"]
+    assert len({n.lower() for n in names}) == len(files)

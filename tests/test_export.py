@@ -225,3 +225,24 @@ def test_torchscript_traced_for_cuda_runs_there(runs: dict[str, Path], tmp_path:
     with torch.no_grad():
         boxes = model(torch.rand(3, 64, 64, device="cuda"))[0]
     assert boxes.is_cuda and boxes.shape[1] == 4
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_an_export_traced_without_data_reproduces_the_model_on_real_images(runs: dict[str, Path], tmp_path: Path,
+                                                                          fmt: str, monkeypatch) -> None:
+    """--check-images 0 reads no data (issue 22, item 19): the trace follows a synthetic image of model.min_size,
+    and the file it gives matches the PyTorch model on the validation images as a checked export does."""
+    from frcnn_train.data.decode import read_image
+    from frcnn_train.export_check import as_float_image, check_export
+
+    last = runs["mask"] / "last.pth"
+    with monkeypatch.context() as patch:
+        patch.setattr("frcnn_train.export_check.build_datasets", lambda *a, **k: pytest.fail("a dataset was read"))
+        result = export(last, fmt, tmp_path / f"m.{fmt}", check_images=0)
+    assert result.check is None and result.input_shape == [3, 64, 64]
+    ckpt = checkpoint.load_checkpoint(last)
+    model = load_model(ckpt, with_schema(ckpt["config"]), str(last))
+    images = [as_float_image(read_image(p).image) for p in val_image_files(runs["mask"])[:2]]
+    report = check_export(result.path, fmt, model, images, ("boxes", "labels", "scores", "masks"), input_size=[64, 64],
+                          device=torch.device("cpu"))
+    assert report.passed and report.reference > 0, report.summary()

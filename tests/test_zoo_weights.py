@@ -174,6 +174,13 @@ def test_from_torchvision_and_predict_draw_coco_names(torch_home: Path, tmp_path
     results = json.loads((tmp_path / "preds" / "predictions.json").read_text())
     assert results and {r["category_name"] for r in results} == {"person"} and results[0]["category_id"] == 1
     assert (tmp_path / "preds" / "a.png").is_file()
+    # The Python API on the same source: frcnn-predict's very detections, placeholder classes left out too.
+    import frcnn_train
+
+    det = frcnn_train.load(f"torchvision:{SMALL}", device="cpu")
+    mine = det.predict(photos / "a.png", score_threshold=0.1)
+    assert det.classes == classes and mine["names"] == [r["category_name"] for r in results]
+    assert [round(s, 5) for s in mine["scores"].tolist()] == [r["score"] for r in results]
     monkeypatch.setattr(zoo, "from_torchvision", build)
     assert predict_main(["torchvision:fasterrcnn_resnet50_fpn", str(photos), "--out", str(tmp_path / "p2")]) == 2
 

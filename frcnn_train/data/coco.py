@@ -32,6 +32,7 @@ from frcnn_train.data.coco_json import (
 )
 from frcnn_train.data.decode import (
     EXIF_APPLIED,
+    IMAGE_SUFFIXES,
     NOTES,
     ImageDecodeError,
     ImageRangeError,
@@ -133,10 +134,7 @@ class CocoDetection(torch.utils.data.Dataset):
             self._records = self._annotations(data["annotations"], images, cat_to_label, skip_empty, polygons)
         if not len(self._records):
             if images:
-                empty = self._error(
-                    "gives an empty training split: no image has a usable annotation",
-                    f"set data.skip_empty=false or {fix_hint(ann_key, 'file')}",
-                )
+                empty = self._error(*self._why_empty(len(data["annotations"]), ann_key))
             else:
                 empty = self._error("gives an empty split: it lists no images", fix_hint(ann_key, "file"))
             report(self._problems, "empty split", self.source, empty)
@@ -170,6 +168,27 @@ class CocoDetection(torch.utils.data.Dataset):
     def __getstate__(self) -> dict[str, Any]:
         # A loader worker gets the records, not the index: it never evaluates.
         return {**self.__dict__, "_coco": None}
+
+    def _why_empty(self, total: int, ann_key: str | None) -> tuple[str, str]:
+        """(problem, fix) for a training split without one usable annotation: the counts by cause, and a fix
+        that gives the model objects to learn (data.skip_empty=false would train on none)."""
+        if not total:
+            return ("gives an empty training split: it lists no annotations",
+                    f"annotate the images or {fix_hint(ann_key, 'file')}")
+        causes = {"crowd": "crowd regions",
+                  "no_polygon": "objects without a polygon of 3 or more points",
+                  "no_area": "boxes of zero or negative area after clipping to their image",
+                  "unreadable": "on images data.bad_images=skip left out"}
+        fixes = {"crowd": "a crowd region (iscrowd=1) only marks an area evaluation ignores, so annotate the objects "
+                          "one by one with iscrowd=0",
+                 "no_polygon": "give the objects polygons of 3 or more points (or train boxes only with "
+                               "model=faster_rcnn)",
+                 "no_area": "fix the boxes ([x, y, width, height] inside the image)",
+                 "unreadable": "replace the unreadable images"}
+        found = [(key, n) for key, n in self._unusable.items() if n]
+        counts = ", ".join(f"{n} {causes[key]}" for key, n in found)
+        return (f"gives an empty training split: all {total} annotations are unusable ({counts})",
+                f"{'; '.join(fixes[key] for key, _ in found)}, or {fix_hint(ann_key, 'file')}")
 
     def _error(self, problem: str, fix: str) -> DataError:
         return DataError(f"{key_prefix(self._key)}{self.source} {problem}; {fix}")
@@ -264,8 +283,8 @@ class CocoDetection(torch.utils.data.Dataset):
         cause = str(err).splitlines()[0] if str(err) else type(err).__name__
         error = DataError(
             f"image {path} ({where}{self.images_dir}, listed in {self.source}) is truncated or corrupt "
-            f"({cause}); replace the file, remove it from the annotations, or set data.bad_images=skip to "
-            "train without it"
+            f"({cause}); replace the file with a valid image ({', '.join(IMAGE_SUFFIXES)}), remove it from the "
+            "annotations, or set data.bad_images=skip to train without it"
         )
         if self._problems is not None:
             kind = "undecodable image (data.bad_images=skip)" if self.bad_images == "skip" else "undecodable image"
@@ -289,6 +308,8 @@ class CocoDetection(torch.utils.data.Dataset):
         problems = self._problems
         clipped_ids: list[Any] = []  # frcnn-data check's ids of the clipped and the dropped boxes
         dropped_ids: list[Any] = []
+        # Annotations that give no training target, by cause: named when none is left (_why_empty).
+        self._unusable = unusable = {"crowd": 0, "no_polygon": 0, "no_area": 0, "unreadable": 0}
         for ann in annotations:
             if not isinstance(ann, dict) or "id" not in ann:
                 report(problems, "malformed annotation", f"{ann!r:.40}", self._error(
@@ -301,6 +322,7 @@ class CocoDetection(torch.utils.data.Dataset):
             seen_ids.add(ann["id"])
             image_id, cat_id = ann.get("image_id"), ann.get("category_id")
             if image_id in self._unreadable:
+                unusable["unreadable"] += 1
                 continue
             if image_id not in images:
                 report(problems, "annotation of an unknown image", ann["id"], self._error(
@@ -327,6 +349,7 @@ class CocoDetection(torch.utils.data.Dataset):
             if crowd and self.train:
                 if problems is not None:
                     problems.add("crowd region", ann["id"])
+                unusable["crowd"] += 1
                 continue  # crowd regions only mark areas COCOeval ignores; they are no training targets
             try:
                 x, y, w, h = (float(v) for v in ann["bbox"])
@@ -340,6 +363,7 @@ class CocoDetection(torch.utils.data.Dataset):
             if x2 <= x1 or y2 <= y1:
                 dropped += 1
                 dropped_ids.append(ann["id"])
+                unusable["no_area"] += 1
                 continue
             if (x1, y1, x2, y2) != (x, y, x + w, y + h):
                 clipped += 1
@@ -358,6 +382,7 @@ class CocoDetection(torch.utils.data.Dataset):
                     no_polygon += 1
                     if problems is not None:
                         problems.add("object without a usable polygon", ann["id"])
+                    unusable["no_polygon"] += 1
                     continue
             area = float(ann.get("area") or (x2 - x1) * (y2 - y1))
             records.add(image_id, (x1, y1, x2, y2), cat_to_label[cat_id], area, crowd, segmentation)

@@ -31,6 +31,10 @@ except ImportError:  # a torchvision without its image codecs (deprecated in 0.2
 JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 UINT16_MAX = 65535.0
+# The image files read_image reads (lower case): what `predict` collects from a directory and names in its
+# messages, and what a dataset's images may be (COCO's file_name is taken as given; these are the formats
+# the tests decode: 8/16-bit PNG, JPEG, BMP, TIFF (8, 16 and 32 bits), WebP).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 # What a dataset says once (see SaidOnce): one flag each.
 SCALED_16BIT, SCALED_32BIT_INT, FLOAT_AS_IS, EXIF_APPLIED = range(4)

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
+from frcnn_train.config import worker_count
 from frcnn_train.data.coco import CocoDetection
 from frcnn_train.data.grouping import dataset_groups, grouped_order
 from frcnn_train.data.problems import Problems
@@ -188,8 +189,8 @@ def resolve_num_workers(value: int | str, device: torch.device | str) -> int:
     """data.num_workers as a number. `auto`: on CUDA min(8, usable CPUs // processes on this node), so that
     decoding keeps ahead of the GPU without oversubscribing the host; on the CPU 0, because there the
     training step itself uses every core, and workers only compete with it (measured on 2 cores)."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
+    if (count := worker_count(value)) is not None:
+        return count
     if value != "auto":
         raise ConfigError(f"data.num_workers={value!r} must be a whole number >= 0 (0: load in the main process) "
                           "or auto")

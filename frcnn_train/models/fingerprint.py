@@ -17,7 +17,11 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from frcnn_train.checkpoint import strip_wrapper_prefixes, unwrap_model
+from frcnn_train.checkpoint import (
+    library_versions,
+    strip_wrapper_prefixes,
+    unwrap_model,
+)
 from frcnn_train.models.backbones import resolve_norm, resolve_returned_layers
 from frcnn_train.models.builder import check_arch, check_num_classes, check_version
 from frcnn_train.weights import module_group
@@ -182,3 +186,37 @@ def diff_layouts(old: dict, new: dict) -> list[str]:
         lines.append(line)
     return lines
 
+
+
+# ---------------------------------------------------------------- a checkpoint's config against its weights
+def config_mismatch(ckpt: dict[str, Any], spec: dict[str, Any], model: nn.Module) -> list[str]:
+    """How the model built from a checkpoint's config (`spec`, `model`; meta tensors will do) differs from the
+    one it saved, [] when it is the same: the spec keys that differ from the saved spec, then the tensors
+    that differ from its weights. resume, evaluate (predict, export) and inspect all ask this."""
+    saved = ckpt.get("architecture") or {}
+    tensors = diff_layouts(tensor_layout(ckpt["model"]), tensor_layout(model))
+    if not tensors and saved.get("fingerprint") in (None, fingerprint(spec, model)):
+        return []
+    keys = diff_specs(saved["spec"], spec) if saved.get("spec") else []
+    return keys + tensors or ["same config, different tensors"]
+
+
+def _release(version: Any) -> str:
+    return str(version).split("+")[0]  # 0.29.1+cu130 and 0.29.1 build the same modules
+
+
+def mismatch_advice(ckpt: dict[str, Any], spec: dict[str, Any]) -> str:
+    """What to do about a config_mismatch: another version built the model differently (then: that version),
+    or the checkpoint was edited after it was saved (then: the saved values, named)."""
+    written, here = ckpt.get("versions") or {}, library_versions()
+    other = [name for name in ("frcnn_train", "torchvision") if _release(written.get(name)) != _release(here[name])]
+    if other:
+        return ("it was written by " + ", ".join(f"{n} {written.get(n)}" for n in other)
+                + f" (here: {', '.join(f'{n} {here[n]}' for n in other)}); use that version")
+    same = f"the same frcnn_train {here['frcnn_train']} and torchvision {here['torchvision']} wrote it"
+    saved = (ckpt.get("architecture") or {}).get("spec") or {}
+    restore = [f"{key}={_show(saved[key])}" for key in saved if key in spec and spec[key] != saved[key]]
+    if restore:
+        return (f"its config was edited after it was saved ({same}): put back {', '.join(restore)} in the "
+                "checkpoint's config, the values its weights were saved with")
+    return f"its weights or architecture record were edited after it was saved ({same}); use an unedited copy"
