@@ -179,10 +179,10 @@ def zoo_v2(c: Check, preset: str) -> dict[str, Any]:
     error = str(figures.get("error", ""))
     finite = True if result["status"] == "ok" else False if "loss became" in error else None
     figures.update(losses_finite=finite, steps_per_side=warmup + steps * rounds)
+    precision = {"torch.float16": "fp16", "torch.bfloat16": "bf16"}.get(figures.get("amp", ""), "fp32")
     if finite:
-        result["note"] = (f"{figures['steps_per_side']} {figures.get('amp', '?')} steps a side, losses finite"
-                          + (": the v2 BatchNorm did not overflow in fp16" if figures.get("amp") == "torch.float16"
-                             else ""))
+        result["note"] = (f"{figures['steps_per_side']} {precision} steps a side, losses finite"
+                          + (": the v2 heads' BatchNorm did not overflow" if precision == "fp16" else ""))
     elif error:
         result["note"] = error[:200]
     return result
