@@ -1,9 +1,9 @@
-"""Every GPU figure of issue 17 in one command: run it first on a GPU machine, in at most 8 minutes.
+"""Every GPU figure in one command: run it first on a GPU machine, in at most 9 minutes (--budget 530 s).
 
 On the GPU machine (Python 3.12, torch 2.11 / torchvision 0.26, no package registry), from the
 repository root, with ./.whl filled beforehand on a machine that reaches PyPI by
 `bash scripts/prepare_wheels.sh` (hydra-core, omegaconf, antlr4, pycocotools, onnx, onnxruntime,
-protobuf, ml_dtypes, flatbuffers; .whl is git-ignored, so the device run must carry it):
+protobuf, ml_dtypes, flatbuffers, faster-coco-eval; .whl is git-ignored, so the device run must carry it):
 
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD && python3 scripts/gpu_check.py
 
@@ -13,14 +13,21 @@ each section's output under sections/). Each section runs in processes of its ow
 time limit, so one that fails or hangs loses only itself; the whole stops at --budget seconds
 (later sections are then listed as skipped). Sections, most wanted first:
 
-  environment      the versions the sections see (a wheel's protobuf that breaks TensorBoard is moved aside)
+  environment      the versions the sections see (a wheel's protobuf that breaks TensorBoard is moved aside;
+                   faster_coco_eval and matplotlib are optional: "missing" there fails nothing)
   bench_{faster,mask}_{e2e,compute}  scripts/benchmark.py --vs-torchvision, end to end and --compute-only
   train_100        a 100-step R50-FPN 800 px fp16 run of `python -m frcnn_train.train`: images/s, the
                    blocking ms of every save (train.log), finite losses, the AP it logged
   evaluate_fp32    that checkpoint through `python -m frcnn_train.evaluate ... trainer.amp=false`
   profile          torch.profiler of our CUDA step: the top ops (profile.txt)
   pytest_gpu       `pytest -m gpu` (tests/test_gpu.py and tests/test_export.py's GPU test; the benchmark's
-                   test deselected: the bench_* sections ran it); host syncs per site in sections/host_syncs.json
+                   test deselected: the bench_* sections ran it), each test's outcome in the JSON; among them the
+                   v2 zoo presets against torchvision's builders at 800 px and frcnn_train.load(train_100's
+                   checkpoint, device="cuda").predict equal to frcnn-predict; host syncs in sections/host_syncs.json
+  zoo_v2_{faster,mask}  model=fasterrcnn_resnet50_fpn_v2 / maskrcnn_resnet50_fpn_v2 trained 27 fp16 steps at
+                   800 px, batch 8, beside torchvision's own *_v2 builder (benchmark.py --vs-torchvision
+                   --compute-only): images/s and peak memory per side, and finite losses, i.e. the v2 heads'
+                   BatchNorm did not overflow in fp16
   deterministic    trainer.deterministic=true: a straight run to step 10 against one stopped at step 3 and
                    resumed, compared tensor by tensor; torch's warnings about nondeterministic ops; images/s
   roi_align        RoI pooling forward + backward: torchvision's kernel, torchvision deterministic, ours
