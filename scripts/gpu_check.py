@@ -255,7 +255,7 @@ def pytest_gpu(c: Check) -> dict[str, Any]:
     closing = next((line for line in reversed(text.splitlines()) if re.search(r"\d+ (passed|failed|error)", line)), "")
     counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|errors?)", closing)}
     failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", text, re.M)
-    tests = dict((name, state) for state, name in re.findall(r"^(PASSED|FAILED|ERROR|SKIPPED) (\S+)", text, re.M))
+    tests = {name: state for state, name in re.findall(r"^(PASSED|FAILED|ERROR) (\S+)", text, re.M)}
     return outcome(code, {**counts, "failed_tests": failed, "tests": tests}, "" if code == 0 else f"{len(failed)} failed")
 
 
