@@ -256,7 +256,8 @@ def pytest_gpu(c: Check) -> dict[str, Any]:
     counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|errors?)", closing)}
     failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", text, re.M)
     tests = {name: state for state, name in re.findall(r"^(PASSED|FAILED|ERROR) (\S+)", text, re.M)}
-    return outcome(code, {**counts, "failed_tests": failed, "tests": tests}, "" if code == 0 else f"{len(failed)} failed")
+    figures = {**counts, "failed_tests": failed, "tests": tests}
+    return outcome(code, figures, "" if code == 0 else f"{len(failed)} failed")
 
 
 def deterministic(c: Check) -> dict[str, Any]:
