@@ -4,6 +4,7 @@
     python scripts/benchmark.py --vs-torchvision --compute-only   # the same batches already on the device
     python scripts/benchmark.py --vs-torchvision --accuracy   # both sides trained the whole schedule: AP each
     python scripts/benchmark.py --vs-torchvision --device cuda --steps 20 --json result.json
+    python scripts/benchmark.py --vs-torchvision --compute-only model=maskrcnn_resnet50_fpn_v2  # vs its _v2 builder
     python scripts/benchmark.py                          # every backbone, faster_rcnn, default shapes sizes
     python scripts/benchmark.py --arch mask_rcnn --backbones resnet18_fpn resnet50_fpn --steps 10
     python scripts/benchmark.py --device cuda --batch-size 8 model.min_size=800 model.max_size=1333

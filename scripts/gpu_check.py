@@ -1,9 +1,9 @@
-"""Every GPU figure of issue 17 in one command: run it first on a GPU machine, in at most 8 minutes.
+"""Every GPU figure in one command: run it first on a GPU machine, in at most 9 minutes (--budget 530 s).
 
 On the GPU machine (Python 3.12, torch 2.11 / torchvision 0.26, no package registry), from the
 repository root, with ./.whl filled beforehand on a machine that reaches PyPI by
 `bash scripts/prepare_wheels.sh` (hydra-core, omegaconf, antlr4, pycocotools, onnx, onnxruntime,
-protobuf, ml_dtypes, flatbuffers; .whl is git-ignored, so the device run must carry it):
+protobuf, ml_dtypes, flatbuffers, faster-coco-eval; .whl is git-ignored, so the device run must carry it):
 
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD && python3 scripts/gpu_check.py
 
@@ -13,14 +13,21 @@ each section's output under sections/). Each section runs in processes of its ow
 time limit, so one that fails or hangs loses only itself; the whole stops at --budget seconds
 (later sections are then listed as skipped). Sections, most wanted first:
 
-  environment      the versions the sections see (a wheel's protobuf that breaks TensorBoard is moved aside)
+  environment      the versions the sections see (a wheel's protobuf that breaks TensorBoard is moved aside;
+                   faster_coco_eval and matplotlib are optional: "missing" there fails nothing)
   bench_{faster,mask}_{e2e,compute}  scripts/benchmark.py --vs-torchvision, end to end and --compute-only
   train_100        a 100-step R50-FPN 800 px fp16 run of `python -m frcnn_train.train`: images/s, the
                    blocking ms of every save (train.log), finite losses, the AP it logged
   evaluate_fp32    that checkpoint through `python -m frcnn_train.evaluate ... trainer.amp=false`
   profile          torch.profiler of our CUDA step: the top ops (profile.txt)
   pytest_gpu       `pytest -m gpu` (tests/test_gpu.py and tests/test_export.py's GPU test; the benchmark's
-                   test deselected: the bench_* sections ran it); host syncs per site in sections/host_syncs.json
+                   test deselected: the bench_* sections ran it), each test's outcome in the JSON; among them the
+                   v2 zoo presets against torchvision's builders at 800 px and frcnn_train.load(train_100's
+                   checkpoint, device="cuda").predict equal to frcnn-predict; host syncs in sections/host_syncs.json
+  zoo_v2_{faster,mask}  model=fasterrcnn_resnet50_fpn_v2 / maskrcnn_resnet50_fpn_v2 trained 27 fp16 steps at
+                   800 px, batch 8, beside torchvision's own *_v2 builder (benchmark.py --vs-torchvision
+                   --compute-only): images/s and peak memory per side, and finite losses, i.e. the v2 heads'
+                   BatchNorm did not overflow in fp16
   deterministic    trainer.deterministic=true: a straight run to step 10 against one stopped at step 3 and
                    resumed, compared tensor by tensor; torch's warnings about nondeterministic ops; images/s
   roi_align        RoI pooling forward + backward: torchvision's kernel, torchvision deterministic, ours
@@ -53,7 +60,10 @@ TINY = ["data.shapes.num_train=8", "data.shapes.num_val=4", "data.shapes.image_s
         "model.rpn_post_nms_top_n_test=16", "model.rpn_batch_size_per_image=32", "model.box_batch_size_per_image=16",
         "model.box_head_dim=32", "model.mask_head_dim=16", "model.mask_head_layers=1", "trainer.batch_size=2",
         "trainer.vis_images=1"]
-SLOW_ON_CPU = ("bench_faster_e2e", "bench_mask_e2e", "bench_mask_compute", "deterministic", "data_loader_float")
+# torchvision's *_v2 builders fix the FPN and head widths: the v2 sections keep them on the CPU (R50 heads at 64 px).
+V2_HEADS = ("model.backbone.fpn_channels", "model.box_head_dim", "model.mask_head_dim", "model.mask_head_layers")
+SLOW_ON_CPU = ("bench_faster_e2e", "bench_mask_e2e", "bench_mask_compute", "deterministic", "data_loader_float",
+               "zoo_v2_faster", "zoo_v2_mask")
 
 
 class Check:
@@ -68,10 +78,12 @@ class Check:
                     "PYTHONPATH": os.pathsep.join(dict.fromkeys([str(REPO)] + [
                         e for e in os.environ.get("PYTHONPATH", "").split(os.pathsep) if e]))}
 
-    def model(self) -> list[str]:
-        """The R50-FPN 800 px fp16 config of the CUDA benchmark, or the tiny one on the CPU."""
+    def model(self, v2_heads: bool = False) -> list[str]:
+        """The R50-FPN 800 px fp16 config of the CUDA benchmark, or the tiny one on the CPU (`v2_heads`: at
+        torchvision's head widths)."""
         if not self.cuda:
-            return [*TINY, f"data.cache_dir={self.cache}", "device=cpu"]
+            tiny = [o for o in TINY if not (v2_heads and o.startswith(V2_HEADS))]
+            return [*tiny, f"data.cache_dir={self.cache}", "device=cpu"]
         sys.path.insert(0, str(REPO / "scripts"))
         from vs_torchvision import CUDA_DEFAULTS
 
@@ -117,7 +129,8 @@ def last_error(text: str) -> str:
 
 # ---------------------------------------------------------------- sections
 VERSIONS = ("import importlib, json\nout = {}\nfor name in ('torch', 'torchvision', 'numpy', 'tensorboard', "
-            "'google.protobuf', 'onnx', 'onnxruntime', 'hydra', 'omegaconf', 'pycocotools'):\n"
+            "'google.protobuf', 'onnx', 'onnxruntime', 'hydra', 'omegaconf', 'pycocotools', 'faster_coco_eval', "
+            "'matplotlib'):\n"
             "    try:\n        module = importlib.import_module(name)\n"
             "        out[name] = getattr(module, '__version__', 'present')\n"
             "    except Exception as err:\n        out[name] = f'missing: {type(err).__name__}: {err}'[:160]\n"
@@ -147,17 +160,39 @@ def environment(c: Check) -> dict[str, Any]:
             "note": note}
 
 
-def bench(c: Check, arch: str, compute: bool) -> dict[str, Any]:
-    name = f"bench_{arch.split('_')[0]}_{'compute' if compute else 'e2e'}"
+BENCH_STEPS = {"cuda": ("8", "3", "3"), "cpu": ("1", "2", "1")}  # --steps, --rounds, --warmup (one side)
+
+
+def bench(c: Check, arch: str, compute: bool, name: str = "", timeout: float = 150) -> dict[str, Any]:
+    name = name or f"bench_{arch.split('_')[0]}_{'compute' if compute else 'e2e'}"
     result = c.work / f"{name}.json"
-    steps = ["--steps", "8", "--rounds", "3", "--warmup", "3"] if c.cuda else ["--steps", "1", "--rounds", "2",
-                                                                                "--warmup", "1"]
-    argv = [PY, "scripts/benchmark.py", "--vs-torchvision", "--device", c.device, *steps, "--json", str(result),
-            *(["--compute-only"] if compute else []), f"model={arch}", *c.model()[:-1]]
-    code, text = c.run(name, argv, 150)
+    steps, rounds, warmup = BENCH_STEPS["cuda" if c.cuda else "cpu"]
+    argv = [PY, "scripts/benchmark.py", "--vs-torchvision", "--device", c.device, "--steps", steps, "--rounds", rounds,
+            "--warmup", warmup, "--json", str(result), *(["--compute-only"] if compute else []), f"model={arch}",
+            *c.model(v2_heads=arch.endswith("_v2"))[:-1]]
+    code, text = c.run(name, argv, timeout)
     figures = json.loads(result.read_text()) if result.exists() else {}
-    keep = ("ratio", "ratios", "images_per_s", "memory_mb", "blocking_ms", "plain_save_ms", "error")
+    keep = ("ratio", "ratios", "images_per_s", "memory_mb", "blocking_ms", "plain_save_ms", "error", "amp")
     return outcome(code, {k: figures[k] for k in keep if k in figures}, "" if code == 0 else last_error(text))
+
+
+def zoo_v2(c: Check, preset: str) -> dict[str, Any]:
+    """The v2 preset's short fp16 training at real size (800 px, batch 8; CPU: fp32 at 64 px) beside torchvision's
+    own *_v2 builder: the compute-only benchmark, whose sides train from the same weights (which also proves the
+    layouts equal). A non-finite loss (the v2 heads' BatchNorm overflowing in fp16) ends it, naming the side."""
+    result = bench(c, preset, True, name=f"zoo_v2_{preset.split('rcnn')[0]}", timeout=150 if c.cuda else 300)
+    figures = result["figures"]
+    steps, rounds, warmup = (int(v) for v in BENCH_STEPS["cuda" if c.cuda else "cpu"])
+    error = str(figures.get("error", ""))
+    finite = True if result["status"] == "ok" else False if "loss became" in error else None
+    figures.update(losses_finite=finite, steps_per_side=warmup + steps * rounds)
+    precision = {"torch.float16": "fp16", "torch.bfloat16": "bf16"}.get(figures.get("amp", ""), "fp32")
+    if finite:
+        result["note"] = (f"{figures['steps_per_side']} {precision} steps a side, losses finite"
+                          + (": the v2 heads' BatchNorm did not overflow" if precision == "fp16" else ""))
+    elif error:
+        result["note"] = error[:200]
+    return result
 
 
 STEP_LINE = re.compile(r"epoch \d+ step \d+/\d+  loss (\S+)  lr \S+  ([\d.]+) img/s")
@@ -210,13 +245,19 @@ def pytest_gpu(c: Check) -> dict[str, Any]:
     if not c.cuda:
         return skip("needs CUDA (every test marked gpu skips without it)")
     # The benchmark's own GPU test runs what the bench_* sections ran already.
-    argv = [PY, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-rfE", "tests",
+    # The API test predicts with train_100's checkpoint (the R50-FPN at 800 px) when there is one.
+    argv = [PY, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-rfEsp", "tests",
             "--deselect", "tests/test_gpu.py::test_benchmark_vs_torchvision_on_cuda"]
-    code, text = c.run("pytest_gpu", argv, 260, env={"FRCNN_GPU_REPORT": str(c.out / "sections")})
+    trained = c.work / "runs" / "train_100" / "last.pth"
+    env = {"FRCNN_GPU_REPORT": str(c.out / "sections"), **({"FRCNN_GPU_CHECKPOINT": str(trained)}
+                                                          if trained.exists() else {})}
+    code, text = c.run("pytest_gpu", argv, 260, env=env)
     closing = next((line for line in reversed(text.splitlines()) if re.search(r"\d+ (passed|failed|error)", line)), "")
     counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|errors?)", closing)}
     failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", text, re.M)
-    return outcome(code, {**counts, "failed_tests": failed}, "" if code == 0 else f"{len(failed)} failed")
+    tests = {name: state for state, name in re.findall(r"^(PASSED|FAILED|ERROR) (\S+)", text, re.M)}
+    figures = {**counts, "failed_tests": failed, "tests": tests}
+    return outcome(code, figures, "" if code == 0 else f"{len(failed)} failed")
 
 
 def deterministic(c: Check) -> dict[str, Any]:
@@ -314,6 +355,8 @@ SECTIONS: dict[str, Callable[[Check], dict[str, Any]]] = {
     "bench_mask_compute": lambda c: bench(c, "mask_rcnn", True),
     "profile": profile,
     "pytest_gpu": pytest_gpu,
+    "zoo_v2_faster": lambda c: zoo_v2(c, "fasterrcnn_resnet50_fpn_v2"),
+    "zoo_v2_mask": lambda c: zoo_v2(c, "maskrcnn_resnet50_fpn_v2"),
     "deterministic": deterministic,
     "roi_align": roi_align,
     "data_decode": lambda c: data_speed(c, "decode"),
@@ -330,7 +373,7 @@ def summary(figures: dict[str, Any]) -> str:
         return " ".join(f"{k.split('.')[-1]} {str(v).split()[0]}" for k, v in figures.items())[:150]
     parts = []
     for key in ("ratio", "images_per_s", "logged_ap", "ap_fp32", "same_as_logged", "max_blocking_ms", "passed",
-                "failed", "bitwise_equal", "differing", "step_ms", "losses_finite"):
+                "failed", "bitwise_equal", "differing", "step_ms", "losses_finite", "memory_mb"):
         if key in figures and figures[key] is not None:
             value = figures[key]
             if isinstance(value, dict):
@@ -359,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None, help="cuda (default where there is one) or cpu (a tiny config)")
     parser.add_argument("--out", type=Path, default=None, help="default: $OUT, else outputs/gpu_check")
     parser.add_argument("--work", type=Path, default=None, help="data, runs and caches (default: /tmp/frcnn_gpu_check)")
-    parser.add_argument("--budget", type=float, default=470, help="seconds for everything (sections after it skip)")
+    parser.add_argument("--budget", type=float, default=530, help="seconds for everything (sections after it skip)")
     parser.add_argument("--sections", nargs="+", choices=list(SECTIONS), default=list(SECTIONS))
     parser.add_argument("--quick", action="store_true", help=f"skip the slower CPU sections: {', '.join(SLOW_ON_CPU)}")
     args = parser.parse_args(argv)

@@ -1,8 +1,9 @@
 """The torchvision side of `benchmark.py --vs-torchvision`: its model, its loader and its training loop.
 
 What a torchvision user writes after references/detection/train.py and engine.py:
-- the model from torchvision's builder (`fasterrcnn_resnet50_fpn` / `maskrcnn_resnet50_fpn`), or
-  from its classes (ResNet, BackboneWithFPN, FasterRCNN) for sizes its builders do not take;
+- the model from torchvision's builder (`fasterrcnn_resnet50_fpn` / `maskrcnn_resnet50_fpn`, and for the
+  v2 presets `fasterrcnn_resnet50_fpn_v2` / `maskrcnn_resnet50_fpn_v2`), or from its classes (ResNet,
+  BackboneWithFPN, FasterRCNN) for v1 sizes its builders do not take;
 - the loader of train.py: a shuffled BatchSampler, `--workers 4`, `utils.collate_fn` (tuples), images
   made float32 in [0, 1] in the workers (the presets' `ToDtype(torch.float, scale=True)`), no pinned
   memory, a new set of workers every epoch;
@@ -69,6 +70,14 @@ def torchvision_model(model_cfg: DictConfig, num_classes: int) -> nn.Module:
     own_sizes = (resnet == "resnet50" and bb.fpn_channels == 256 and list(model_cfg.anchor_sizes) == [32, 64, 128, 256, 512]
                  and list(model_cfg.aspect_ratios) == [0.5, 1.0, 2.0] and model_cfg.box_head_dim == 1024
                  and (arch == "faster_rcnn" or (model_cfg.mask_head_layers, model_cfg.mask_head_dim) == (4, 256)))
+    if str(model_cfg.get("version", "v1")) == "v2":  # the *_v2 builders: their heads only at their own sizes
+        if not (own_sizes and (model_cfg.box_head_convs, model_cfg.box_head_conv_dim) == (4, 256)):
+            raise SystemExit("--vs-torchvision compares v2 heads at torchvision's own sizes only (FPN 256, box head "
+                             "of 4 convs of 256 and an FC of 1024, mask head of 4 convs of 256)")
+        from frcnn_train.zoo import builder_for
+
+        return torchvision.models.get_model(builder_for(model_cfg), weights=None, weights_backbone=None,
+                                            num_classes=num_classes + 1, **sizes)
     if own_sizes:  # exactly what a torchvision user calls
         builder = maskrcnn_resnet50_fpn if arch == "mask_rcnn" else fasterrcnn_resnet50_fpn
         return builder(weights=None, weights_backbone=None, num_classes=num_classes + 1, **sizes)

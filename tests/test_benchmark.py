@@ -78,3 +78,25 @@ def test_accuracy_trains_both_sides_and_prints_each_sides_ap(shapes_cache: Path,
     assert "4 steps of 2 images, 64 px, cpu; AP / AP50 on the 4 val images:" in lines[-3], lines[-3]
     for line, side in zip(lines[-2:], ("torchvision", "frcnn_train")):
         assert re.fullmatch(side + r" +AP +[\d.]+  AP50 +[\d.]+  \(\d+ s\)", line), line
+
+
+@pytest.mark.parametrize("builder", ["fasterrcnn_resnet50_fpn_v2", "maskrcnn_resnet50_fpn_v2"])
+def test_the_torchvision_side_of_a_v2_preset_is_torchvisions_v2_builder(builder: str) -> None:
+    """gpu_check's zoo_v2_* sections set our v2 preset beside torchvision's own *_v2 builder: the same layout
+    (ours loads strictly), built by that builder; v2 heads at other sizes are refused in one line."""
+    from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
+
+    from frcnn_train.config import compose_config
+    from frcnn_train.models import build_model
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from torchvision_side import torchvision_model
+
+    cfg = compose_config([f"model={builder}", "model.num_classes=5"])
+    theirs = torchvision_model(cfg.model, 5)
+    assert type(theirs).__module__.startswith("torchvision.") and isinstance(theirs.roi_heads.box_head,
+                                                                             FastRCNNConvFCHead)
+    theirs.load_state_dict(build_model(cfg.model).state_dict())
+    cfg.model.box_head_conv_dim = 128
+    with pytest.raises(SystemExit, match="v2 heads at torchvision's own sizes only"):
+        torchvision_model(cfg.model, 5)

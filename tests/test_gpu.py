@@ -1,7 +1,8 @@
 """CUDA: AMP training (fp16, bf16) saves and resumes on CUDA and on the CPU; evaluation under AMP equals
 fp32; the training step's host syncs; the side-by-side benchmark; channels_last and compile; the R50-FPN
 800 px model trains in fp16; bitwise resume with trainer.deterministic=true; the transform and the
-deterministic RoI pooling on CUDA.
+deterministic RoI pooling on CUDA; the v2 zoo presets detect as torchvision at
+800 px; the Python API predicts as frcnn-predict on CUDA.
 
 Run with `pytest -m gpu` on a machine with CUDA (scripts/gpu_check.py runs it with every other GPU figure).
 With FRCNN_GPU_REPORT=<dir> set, the sync test writes the host syncs it saw, per site, to <dir>/host_syncs.json.
@@ -364,3 +365,40 @@ def test_object_gathers_under_nccl_stay_in_host_memory(tmp_path: Path) -> None:
         assert torch.cuda.max_memory_allocated(device) - before < 2**20  # the 40 MB of results never went there
     finally:
         distributed.shutdown()
+
+
+def api_detections_equal_predict(ckpt: Path, device: str, out: Path) -> int:
+    """frcnn_train.load(ckpt, device).predict(images) against frcnn-predict on the same device: the same
+    detections, file by file, as predictions.json writes them. Returns how many were compared."""
+    import frcnn_train
+    from frcnn_train.predict import main as predict_main
+
+    cache = Path(checkpoint.load_checkpoint(ckpt)["config"]["data"]["cache_dir"], "shapes")
+    images = sorted(cache.glob("*/val/*.png"))[:4]  # the checkpoint's own data; one batch of predict's 4
+    assert images, f"no validation images under {cache}"
+    det = frcnn_train.load(ckpt, device=device)
+    assert det.device.type == torch.device(device).type and next(det.model.parameters()).device.type == det.device.type
+    results = det.predict([str(p) for p in images], score_threshold=0.0)
+    assert predict_main([str(ckpt), *map(str, images), "--out", str(out), "--score-threshold", "0.0",
+                         "--device", device]) == 0
+    ours = []
+    for path, result in zip(images, results):
+        boxes = result["boxes"]
+        xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1)  # in float32, as the COCO results
+        for box, score, name in zip(xywh.tolist(), result["scores"].tolist(), result["names"]):
+            ours.append((str(path), name, round(score, 5), [round(v, 3) for v in box]))
+    written = json.loads((out / "predictions.json").read_text())
+    assert ours == [(r["file_name"], r["category_name"], r["score"], r["bbox"]) for r in written]
+    return len(ours)
+
+
+def test_api_predict_on_cuda_equals_frcnn_predict(compose_tiny, tmp_path: Path) -> None:
+    """The Python API on CUDA gives frcnn-predict's detections. The checkpoint: FRCNN_GPU_CHECKPOINT
+    (scripts/gpu_check.py passes train_100's, the R50-FPN at 800 px), else a tiny one trained here on CUDA."""
+    ckpt = os.environ.get("FRCNN_GPU_CHECKPOINT")
+    if not ckpt:  # many low-scoring boxes, so that one tiny epoch gives detections to compare
+        summary = run(compose_tiny("device=cuda", "trainer.eval_every=0", "model.box_score_thresh=0.0",
+                                   "model.rpn_pre_nms_top_n_test=1000", "model.rpn_post_nms_top_n_test=300",
+                                   "model.box_detections_per_img=300"))
+        ckpt = str(Path(summary["run_dir"]) / "last.pth")
+    assert api_detections_equal_predict(Path(ckpt), "cuda", tmp_path / "predictions") > 0, "no detections to compare"

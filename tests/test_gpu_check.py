@@ -53,7 +53,8 @@ def test_on_the_cpu_every_section_runs_or_says_why_not(tmp_path: Path) -> None:
     result, record = _check(tmp_path, "--quick")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     _assert_table(result, record)
-    assert record["sections"]["deterministic"]["note"] == "--quick on the CPU"
+    for name in ("deterministic", "zoo_v2_faster", "zoo_v2_mask"):
+        assert record["sections"][name]["note"] == "--quick on the CPU"
     assert (tmp_path / "out" / "profile.txt").read_text().count("aten::") > 5
 
 
@@ -66,8 +67,12 @@ def test_every_cpu_section_runs(tmp_path: Path) -> None:
     assert [n for n, s in sections.items() if s["status"] == "skipped"] == ["pytest_gpu", "options"]
     assert sections["deterministic"]["figures"]["bitwise_equal"] is True
     assert sections["deterministic"]["figures"]["tensors"] > 100
-    for name in ("bench_faster_e2e", "bench_mask_e2e", "bench_mask_compute"):
+    for name in ("bench_faster_e2e", "bench_mask_e2e", "bench_mask_compute", "zoo_v2_faster", "zoo_v2_mask"):
         assert sections[name]["figures"]["ratio"] > 0
+    for name in ("zoo_v2_faster", "zoo_v2_mask"):  # the v2 presets trained beside torchvision's *_v2 builders
+        figures = sections[name]["figures"]
+        assert figures["losses_finite"] is True and figures["steps_per_side"] == 3, figures
+        assert set(figures["images_per_s"]) == {"torchvision", "frcnn_train"}, figures
 
 
 def test_a_failing_section_loses_only_itself_and_the_budget_stops_the_rest(tmp_path: Path,
@@ -89,3 +94,18 @@ def test_a_failing_section_loses_only_itself_and_the_budget_stops_the_rest(tmp_p
     code = gpu_check.main(["--device", "cpu", "--out", str(out), "--work", str(tmp_path / "work"), "--budget", "5"])
     record = json.loads((out / "gpu_check.json").read_text())
     assert code == 0 and {s["note"] for s in record["sections"].values()} == {"overall budget spent"}
+
+
+def test_a_v2_preset_whose_fp16_loss_overflows_is_a_failure_naming_the_side(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """zoo_v2_*: the benchmark's exit 2 with its JSON error (a non-finite loss) reads as losses_finite False."""
+    def benchmark_ended(c, name, argv, timeout, env=None):
+        error = "frcnn_train side: the loss became non-finite at step 4 (epoch 1: loss_classifier=nan)"
+        Path(argv[argv.index("--json") + 1]).write_text(json.dumps({"amp": "torch.float16", "error": error}))
+        return 2, f"error: {error}"
+
+    monkeypatch.setattr(gpu_check.Check, "run", benchmark_ended)
+    args = gpu_check.argparse.Namespace(device="cpu", out=tmp_path / "out", quick=False, work=tmp_path, budget=60)
+    result = gpu_check.zoo_v2(gpu_check.Check(args), "maskrcnn_resnet50_fpn_v2")
+    assert result["status"] == "failed" and result["figures"]["losses_finite"] is False
+    assert result["note"].startswith("frcnn_train side: the loss became non-finite at step 4")
