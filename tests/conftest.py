@@ -1,12 +1,13 @@
 """Tiny configs composed with Hydra's compose(), shared by every test."""
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pytest
 import torch
@@ -35,6 +36,32 @@ def python_path(*first: str | Path, repo: bool = True) -> str:
         inherited = [e for e in inherited if Path(e).resolve() != REPO]
     entries = [str(e) for e in first] + ([str(REPO)] if repo else []) + inherited
     return os.pathsep.join(dict.fromkeys(entries))
+
+
+# ---------------------------------------------------------------- thread counts
+# Float sums are reordered by the number of intra-op threads (each thread sums its own slice) and by the CPU's
+# kernels, so a test that claims exactness must run both of its sides with the same thread count on the same
+# host. torchrun sets OMP_NUM_THREADS=1 for its workers (when it starts several per node and the variable is not
+# set); a test that compares a torchrun run with an in-process one pins both sides to this count.
+WORKER_THREADS = 1
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """The block runs with `n` intra-op threads (the in-process side of a like-for-like comparison)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def threads_env(n: int | None = None) -> dict[str, str]:
+    """Environment for a subprocess that must sum floats as this process does: its intra-op thread count is
+    `n`, by default this process's own (a subprocess would otherwise take OMP_NUM_THREADS or the core count,
+    which need not be what pytest runs with)."""
+    return {"OMP_NUM_THREADS": str(n if n is not None else torch.get_num_threads())}
 
 
 def tiny_overrides(cache_dir: Path, output_dir: Path) -> list[str]:

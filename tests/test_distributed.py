@@ -2,12 +2,17 @@
 
 Each torchrun here trains the tiny config (8 images, batch 1, 2 epochs: 4 steps per epoch on 2 processes).
 The long variants are marked slow: `python -m pytest -m slow tests/test_distributed.py`.
+
+Every rank runs with WORKER_THREADS intra-op threads (set explicitly: torchrun sets OMP_NUM_THREADS=1 only when
+the variable is unset), and every comparison of a torchrun run with one in this process runs this side with the
+same count (conftest.torch_threads): another count sums floats in another order.
 """
 from __future__ import annotations
 
 import os
-import re
 import random
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_overrides
+from conftest import WORKER_THREADS, threads_env, tiny_overrides, torch_threads
 from frcnn_train import checkpoint, distributed
 from frcnn_train.config import compose_config
 from frcnn_train.launch import run
@@ -41,7 +46,8 @@ def torchrun_cmd(*args: str, nproc: int = 2, launcher: tuple[str, ...] = ()) -> 
 def start(cmd: list[str], env: dict[str, str] | None = None, *, own_group: bool = False) -> subprocess.Popen:
     """torchrun in the background; `own_group`: in a process group of its own, as a terminal's foreground job."""
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=None if env is None else {**os.environ, **env}, start_new_session=own_group)
+                            env={**os.environ, **threads_env(WORKER_THREADS), **(env or {})},
+                            start_new_session=own_group)
 
 
 def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
@@ -126,7 +132,8 @@ def test_ap_logged_by_a_ddp_run_is_what_evaluate_reports_on_its_checkpoint(base:
     holds; rank 0 alone scores. (The tiny run's AP is 0; test_ddp_evaluation_... checks the detections.)"""
     from frcnn_train.evaluate import run_evaluation
 
-    metrics, _, _ = run_evaluation(Path(_output_dir(base)) / "reference" / "last.pth")
+    with torch_threads(WORKER_THREADS):  # exact: the ranks' thread count
+        metrics, _, _ = run_evaluation(Path(_output_dir(base)) / "reference" / "last.pth")
     assert metrics == reference["trainer"]["last_metrics"]
 
 
@@ -144,7 +151,8 @@ def test_ddp_evaluation_gives_one_process_detections_to_rank_0_and_the_metrics_t
     worker = Path(__file__).parent / "distributed_eval_worker.py"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master-port={free_port()}",
            str(worker), str(tmp_path), *overrides]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **threads_env(WORKER_THREADS)})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
 
@@ -153,9 +161,10 @@ def test_ddp_evaluation_gives_one_process_detections_to_rank_0_and_the_metrics_t
     cfg.model.num_classes = len(data.classes)
     torch.manual_seed(0)
     model = build_model(cfg.model, read_backbone_weights=False)
-    metrics, results = evaluate(model, build_eval_loader(data.val, batch_size=1, num_workers=0),
-                                coco_gt=data.val.coco, label_to_cat_id=data.val.label_to_cat_id,
-                                device=torch.device("cpu"), with_masks=False)
+    with torch_threads(WORKER_THREADS):  # exactly equal detections need the ranks' thread count here too
+        metrics, results = evaluate(model, build_eval_loader(data.val, batch_size=1, num_workers=0),
+                                    coco_gt=data.val.coco, label_to_cat_id=data.val.label_to_cat_id,
+                                    device=torch.device("cpu"), with_masks=False)
     assert len(results) > 10 and {r["image_id"] for r in results} == set(data.val.image_ids)
     assert ranks[0]["results"] == json.loads(json.dumps(results)) and ranks[1]["results"] == []
     assert ranks[0]["metrics"] == ranks[1]["metrics"] == metrics
@@ -328,30 +337,43 @@ def test_five_kills_of_random_ranks_at_random_steps(base: list[str], reference: 
 # ------------------------------------------------------------------ another world size
 def test_resume_on_one_then_two_processes_keeps_the_global_batch(base: list[str], reference: dict) -> None:
     """2 processes x 1 image -> 1 process x 1 image x accumulate 2 -> 2 processes again: same images, same LR;
-    parameters equal a straight 2-process run up to float rounding (gradients are summed in another order).
+    parameters equal a straight 2-process run up to float rounding.
 
-    Compared at the end of epoch 1 (step 4): in runs this tiny a one-ulp difference grows to percents of the
-    weights within four more steps (the samplers' discrete choices flip), so a later comparison measures that.
+    The one-process step (step 3) runs with the ranks' thread count, so each micro-batch's gradient is the one a
+    rank computes; what differs is how the two are combined (accumulated here, all-reduced there), a rounding of
+    the gradient at most. The weights are compared right after that step, with the straight run's at step 3: an
+    SGD step moves a weight by lr x (gradient + weight decay), so that rounding moves it by ~lr x ulp, far inside
+    the tolerance. Not later: in runs this tiny such a difference flips the RPN and RoI samplers' discrete choices
+    within a few steps and then grows to percents of the weights, which a later comparison would measure instead.
     """
     out_dir = Path(_output_dir(base))
     torchrun(*base, "run_name=regrouped", "trainer.max_steps=2")
+    # The straight run at step 3: resumed from the same step-2 checkpoint on 2 processes (bitwise the reference's
+    # step 3, test_torchrun_stop_and_resume_matches_an_uninterrupted_run).
+    shutil.copytree(out_dir / "regrouped", out_dir / "straight")
+    torchrun(*base, f"resume={out_dir}/straight", "trainer.max_steps=3")
     overrides = [f"resume={out_dir}/regrouped", "trainer.max_steps=3"]  # one step on one process
-    summary = run(compose_config([*base, *overrides]), overrides=overrides)
+    with torch_threads(WORKER_THREADS):
+        summary = run(compose_config([*base, *overrides]), overrides=overrides)
     assert summary["global_step"] == 3
     one = checkpoint.load_checkpoint(out_dir / "regrouped" / "last.pth")
     assert (one["trainer"]["world_size"], one["trainer"]["accumulate"], one["config"]["trainer"]["accumulate"]) == (1, 2, 2)
     assert "world size 2 -> 1: trainer.accumulate 1 -> 2 keeps the global batch of 2 images (1 x 1 x 2)" in \
         one["trainer"]["history"][-1]["changes"]
+    at_3 = checkpoint.load_checkpoint(out_dir / "straight" / "last.pth")
+    assert at_3["trainer"]["global_step"] == 3 and at_3["trainer"]["world_size"] == 2
+    # BatchNorm running statistics are left out: under DDP they are rank 0's images only.
+    params = [k for k in at_3["model"] if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    # Measured largest difference: 0 (same thread count; two addends sum alike in either order, halving is
+    # exact); 2.5e-7 with 2 threads on this side, against 3.7e-6 one step later, at step 4.
+    for key in params:
+        torch.testing.assert_close(one["model"][key], at_3["model"][key], rtol=1e-5, atol=1e-6, msg=key)
     torchrun(*base, f"resume={out_dir}/regrouped", "trainer.max_steps=4")
     final = checkpoint.load_checkpoint(out_dir / "regrouped" / "last.pth")
     at_4 = checkpoint.load_checkpoint(out_dir / "reference" / "epoch_0001.pth")
     assert final["trainer"]["global_step"] == at_4["trainer"]["global_step"] == 4 and final["trainer"]["accumulate"] == 1
     assert final["scheduler"]["last_epoch"] == at_4["scheduler"]["last_epoch"]
     assert final["optimizer"]["param_groups"][0]["lr"] == at_4["optimizer"]["param_groups"][0]["lr"]
-    # BatchNorm running statistics are left out: under DDP they are rank 0's images only.
-    params = [k for k in at_4["model"] if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
-    for key in params:
-        torch.testing.assert_close(final["model"][key], at_4["model"][key], rtol=1e-5, atol=1e-6, msg=key)
     assert any(not torch.equal(final["model"][k], one["model"][k]) for k in params), "trained on after the regroup"
 
 
@@ -375,10 +397,8 @@ def test_two_nodes_train_stop_on_a_signal_and_resume(base: list[str], reference:
     def nodes(*args: str, outputs: tuple[Path, Path]) -> list[subprocess.Popen]:
         launcher = ("--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
                     f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-id=two-nodes")
-        # torchrun sets OMP_NUM_THREADS=1 only for several processes per node; the reference had it, and
-        # another thread count sums floats in another order.
-        return [start(torchrun_cmd(*base, *args, f"output_dir={out}", launcher=launcher), env={"OMP_NUM_THREADS": "1"})
-                for out in outputs]
+        # One process per node: torchrun would leave the thread count alone; start() pins the reference's.
+        return [start(torchrun_cmd(*base, *args, f"output_dir={out}", launcher=launcher)) for out in outputs]
 
     # c10d orders the nodes by their agents' pids: the first started (writing to `shared`) is global rank 0.
     shared, elsewhere = tmp_path / "shared", tmp_path / "node1"
