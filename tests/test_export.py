@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import assert_same_detections
 from frcnn_train import checkpoint
 from frcnn_train.config import with_schema
 from frcnn_train.evaluate import load_model
@@ -150,8 +151,10 @@ def test_ema_weights_are_exported_unless_raw(runs: dict[str, Path], tmp_path: Pa
     checkpoint.save_checkpoint(ckpt, path)
     image = torch.rand(3, 64, 64)
 
-    def boxes(file: Path) -> torch.Tensor:
-        return torch.jit.load(str(file))(image)[0]
+    def detections(file: Path) -> dict[str, torch.Tensor]:
+        extra = {"frcnn_train.json": ""}
+        outputs = torch.jit.load(str(file), _extra_files=extra)(image)
+        return dict(zip(json.loads(extra["frcnn_train.json"])["outputs"], outputs))
 
     # No check here (--check-images 0): the comparison below is the test's own.
     assert main([str(path), "--format", "torchscript", "--out", str(tmp_path / "ema.pt"), "--check-images", "0"]) == 0
@@ -162,8 +165,10 @@ def test_ema_weights_are_exported_unless_raw(runs: dict[str, Path], tmp_path: Pa
     cfg = with_schema(ckpt["config"])
     with torch.no_grad():
         for file, raw in (("ema.pt", False), ("raw.pt", True)):
-            expected = load_model(ckpt, cfg, "test", raw=raw)([image])[0]["boxes"]
-            assert torch.allclose(boxes(tmp_path / file), expected, atol=1e-3), file
+            expected = load_model(ckpt, cfg, "test", raw=raw)([image])[0]
+            got = detections(tmp_path / file)
+            # Traced torchvision classes against ours: equal up to float rounding, paired as export_check pairs.
+            assert_same_detections(got, {k: expected[k] for k in got}, atol=1e-3)
     extra = {"frcnn_train.json": ""}
     torch.jit.load(str(tmp_path / "ema.pt"), _extra_files=extra)
     assert json.loads(extra["frcnn_train.json"])["weights"] == "ema"

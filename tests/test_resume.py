@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import assert_same_training, python_path
+from conftest import assert_same_training, python_path, threads_env
 from frcnn_train import checkpoint
 from frcnn_train.config import compose_config
 from frcnn_train.errors import CheckpointError, ConfigError
@@ -130,7 +130,8 @@ def test_signal_at_a_random_step_then_resume_is_exact(compose_tiny, reference, t
     cache = Path(compose_tiny().data.cache_dir)
     args = tiny_overrides(cache, tmp_path / "outputs") + list(EPOCHS) + ["run_name=signalled",
                                                                            f"data.num_workers={workers}"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # Steps before the stop run in the subprocess, the rest here: bitwise needs this process's thread count there.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **threads_env()}
     proc = subprocess.Popen([sys.executable, "-m", "frcnn_train.train", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
     output = []
@@ -305,13 +306,14 @@ def test_random_stop_resume_chain_is_bitwise_exact(compose_tiny, shapes_cache: P
     assert reference["completed"] and reference["global_step"] == 24
     args = tiny_overrides(shapes_cache, tmp_path / "outputs") + list(epochs) + ["run_name=chain", "resume=auto"]
     run_dir, rng = tmp_path / "outputs" / "chain", random.Random(12)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": python_path()}
+    # The reference trained here: the chain's processes sum floats as this one does (bitwise needs it).
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": python_path(), **threads_env()}
     stops: list[tuple[str, str, int]] = []
     for attempt in range(40):
         proc = subprocess.Popen([sys.executable, "-m", "frcnn_train.train", *args], stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
         lines: queue.Queue = queue.Queue()
-        threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout] + [lines.put(None)],
+        threading.Thread(target=lambda proc=proc, lines=lines: [lines.put(line) for line in proc.stdout] + [lines.put(None)],
                          daemon=True).start()
         when, signum = rng.choice(["step", "epoch_end", "saving"]), rng.choice([signal.SIGTERM, signal.SIGINT])
         output, sent, finished = [], False, False
