@@ -14,8 +14,9 @@ import re
 import shutil
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torchvision
@@ -52,7 +53,7 @@ def strip_wrapper_prefixes(state: dict[str, Any]) -> dict[str, Any]:
     return {clean(key): value for key, value in state.items()}
 
 
-def unwrap_model(model: "torch.nn.Module") -> "torch.nn.Module":
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     """The bare model inside DataParallel / DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
     while True:
         inner = getattr(model, "_orig_mod", None)

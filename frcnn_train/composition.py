@@ -8,6 +8,7 @@ naming the key, file or option and the fix, exit 2.
 from __future__ import annotations
 
 import re
+
 from frcnn_train.errors import ConfigError
 
 _FIX = "fix the key or the value (configs/train.yaml and frcnn_train/config.py list them)"

@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import difflib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, is_dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from frcnn_train.errors import ConfigError
-
 
 
 def _find_config_dir() -> str:
@@ -36,46 +36,46 @@ class BackboneConfig:
     # resnet18_fpn, resnet34_fpn, resnet50_fpn, resnet101_fpn, mobilenet_v2_fpn, mobilenet_v3_fpn
     name: str = "resnet50_fpn"
     # Local file of ImageNet weights in torchvision's naming; never downloaded.
-    weights: Optional[str] = None
+    weights: str | None = None
     # How many stages (counted from the top) train; the rest are frozen. None: all.
-    trainable_layers: Optional[int] = None
+    trainable_layers: int | None = None
     # auto: FrozenBatchNorm2d with pretrained weights (as torchvision does), BatchNorm2d from scratch
     # (SyncBatchNorm under DDP on CUDA). syncbn: SyncBatchNorm under DDP, BatchNorm2d on one process.
     norm: str = "auto"  # auto | frozen_bn | bn | syncbn
     # Backbone stages that feed the FPN; None: the torchvision default for the backbone.
-    returned_layers: Optional[List[int]] = None
+    returned_layers: list[int] | None = None
     fpn_channels: int = 256
 
 
 @dataclass
 class AttentionConfig:
     type: str = "none"  # none | se | cbam | eca | nonlocal
-    sites: List[str] = field(default_factory=list)
+    sites: list[str] = field(default_factory=list)
     reduction: int = 16  # SE / CBAM channel bottleneck
     kernel_size: int = 7  # CBAM spatial conv
-    eca_kernel_size: Optional[int] = None  # None: chosen from the channel count (ECA paper)
-    inner_channels: Optional[int] = None  # non-local; None: channels // 2
+    eca_kernel_size: int | None = None  # None: chosen from the channel count (ECA paper)
+    inner_channels: int | None = None  # non-local; None: channels // 2
     heads: int = 1  # non-local
     # Per-site changes, e.g. {"fpn.p3": {"type": "cbam", "reduction": 8}}.
-    overrides: Dict[str, Any] = field(default_factory=dict)
+    overrides: dict[str, Any] = field(default_factory=dict)
     # Start every block as an identity mapping; None: on when backbone weights are loaded.
-    identity_init: Optional[bool] = None
+    identity_init: bool | None = None
 
 
 @dataclass
 class ModelConfig:
     arch: str = "faster_rcnn"  # faster_rcnn | mask_rcnn
     # Object classes, background excluded (as in detectron2 / mmdetection). None: from the dataset.
-    num_classes: Optional[int] = None
+    num_classes: int | None = None
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     min_size: int = 800
     max_size: int = 1333
-    image_mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
-    image_std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    image_mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    image_std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     # One base size per FPN level; if the count differs, every level gets all sizes.
-    anchor_sizes: List[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
-    aspect_ratios: List[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    anchor_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
+    aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
     rpn_pre_nms_top_n_train: int = 2000
     rpn_pre_nms_top_n_test: int = 1000
     rpn_post_nms_top_n_train: int = 2000
@@ -102,28 +102,28 @@ class ShapesConfig:
 @dataclass
 class DataConfig:
     name: str = "shapes"  # shapes | coco | voc
-    root: Optional[str] = None
+    root: str | None = None
     # coco: image folders and instances JSON files; relative paths are under `root`.
-    train_images: Optional[str] = None
-    train_ann: Optional[str] = None
-    val_images: Optional[str] = None
-    val_ann: Optional[str] = None
+    train_images: str | None = None
+    train_ann: str | None = None
+    val_images: str | None = None
+    val_ann: str | None = None
     # voc: ImageSets/Main split names; class names (None: the 20 Pascal VOC classes).
     train_split: str = "train"
     val_split: str = "val"
-    classes: Optional[List[str]] = None
+    classes: list[str] | None = None
     skip_empty: bool = True  # drop training images without annotations
     # A truncated or undecodable image: error (stop, naming the file; last.pth saved first) or
     # skip (leave it out of its batch, with a warning naming it).
     bad_images: str = "error"
     hflip_prob: float = 0.5
     # [min, max] random rescale factor applied before the model's own resize; None: off.
-    scale_jitter: Optional[List[float]] = None
+    scale_jitter: list[float] | None = None
     # Loader worker processes: a number, or auto (on CUDA min(8, usable CPUs // processes on the node), on the
     # CPU 0); frcnn_train.data.resolve_num_workers says why.
     num_workers: Any = "auto"
     # shapes: generated once into cache_dir and reused; None: $FRCNN_DATA_CACHE or ~/.cache/frcnn_train.
-    cache_dir: Optional[str] = None
+    cache_dir: str | None = None
     shapes: ShapesConfig = field(default_factory=ShapesConfig)
 
 
@@ -133,7 +133,7 @@ class ParamGroupRule:
     # shorthands backbone, fpn, rpn, roi_heads, attention.
     match: str = ""
     lr_mult: float = 1.0
-    weight_decay: Optional[float] = None
+    weight_decay: float | None = None
     freeze: bool = False
 
 
@@ -142,15 +142,15 @@ class OptimConfig:
     name: str = "sgd"  # sgd | adamw
     lr: float = 0.01
     momentum: float = 0.9
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 1e-4
     # optim.lr is the LR of a global batch (processes x trainer.batch_size x trainer.accumulate) of this
     # many images; another global batch scales it linearly (Goyal et al.; detectron2's REFERENCE_WORLD_SIZE).
     # null: optim.lr is used as it is, whatever the batch.
-    reference_batch: Optional[int] = 4
+    reference_batch: int | None = 4
     # Norm weights and all biases get no weight decay (detectron2 / mmdetection default).
     no_decay_norm_and_bias: bool = True
-    param_groups: List[ParamGroupRule] = field(default_factory=list)
+    param_groups: list[ParamGroupRule] = field(default_factory=list)
 
 
 @dataclass
@@ -159,7 +159,7 @@ class ScheduleConfig:
     warmup_steps: int = 100
     warmup_factor: float = 0.001
     # multistep: epochs (fractions allowed) at which the LR is multiplied by gamma.
-    milestones: List[float] = field(default_factory=lambda: [10, 13])
+    milestones: list[float] = field(default_factory=lambda: [10, 13])
     gamma: float = 0.1
     # cosine: final LR as a fraction of the base LR.
     min_lr_factor: float = 0.0
@@ -169,7 +169,7 @@ class ScheduleConfig:
 class EmaConfig:
     # Exponential moving average of the weights (frcnn_train/ema.py); null: off. 0.9998 (Ultralytics) for
     # long runs; shorter runs want less (the default run: see README "EMA").
-    decay: Optional[float] = None
+    decay: float | None = None
     warmup_steps: int = 2000  # the decay ramps up as decay * (1 - exp(-updates / warmup_steps)); 0: no ramp
     every: int = 1  # optimizer steps between updates
 
@@ -180,12 +180,12 @@ class TrainerConfig:
     batch_size: int = 2
     amp: bool = False  # autocast: fp16 or bf16 on CUDA, bf16 on CPUs with AVX-512 (runtime.amp_dtype)
     amp_dtype: str = "fp16"  # fp16 | bf16
-    grad_clip: Optional[float] = None  # max total gradient norm
+    grad_clip: float | None = None  # max total gradient norm
     accumulate: int = 1  # batches per optimizer step
     eval_every: int = 1  # epochs; 0: only at the end
     checkpoint_every_steps: int = 0  # 0: only at epoch ends
     keep_last: int = 3  # per-epoch checkpoint files kept; 0 keeps none
-    max_steps: Optional[int] = None  # stop (and save) after this many optimizer steps
+    max_steps: int | None = None  # stop (and save) after this many optimizer steps
     log_every: int = 20  # steps between TensorBoard scalar writes
     vis_images: int = 4  # validation images drawn into TensorBoard
     # auto: on for CPU (bitwise resume), off on CUDA (cudnn.benchmark, TF32). true | false force it.
@@ -201,7 +201,7 @@ class TrainerConfig:
 @dataclass
 class InitConfig:
     # Ordered renames applied to init_from keys: {"from": "prefix or regex", "to": "..."}.
-    remap: List[Dict[str, str]] = field(default_factory=list)
+    remap: list[dict[str, str]] = field(default_factory=list)
     strict: bool = False
     trust: bool = False  # allow full unpickling of init_from files
     raw: bool = False  # of an frcnn_train checkpoint with EMA weights, take the trained ones instead
@@ -213,10 +213,10 @@ class TrainConfig:
     output_dir: str = "outputs"
     seed: int = 42
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    resume: Optional[str] = None
+    resume: str | None = None
     # A new run into a directory that holds a run moves the old one aside (to <run_name>.old-<time>).
     overwrite: bool = False
-    init_from: Optional[str] = None
+    init_from: str | None = None
     init: InitConfig = field(default_factory=InitConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import contextlib
 import io
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import pycocotools.mask as mask_util

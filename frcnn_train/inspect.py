@@ -23,13 +23,13 @@ from omegaconf.errors import OmegaConfBaseException
 from frcnn_train import checkpoint
 from frcnn_train.checkpoint import strip_wrapper_prefixes
 from frcnn_train.config import START_KEYS, with_schema
-from frcnn_train.resume import merge_for_resume
 from frcnn_train.errors import CheckpointError, UserError
 from frcnn_train.evaluate import compose_overrides
 from frcnn_train.evaluation import summary_metrics
 from frcnn_train.models import architecture_spec, build_model, diff_layouts, diff_specs, tensor_layout
 from frcnn_train.models.builder import resolve_sites, valid_attention_sites
 from frcnn_train.overrides import flatten, requested_keys
+from frcnn_train.resume import merge_for_resume
 from frcnn_train.runtime import cli, prog_name
 from frcnn_train.state import PARTS, describe_position
 from frcnn_train.weights import extract_state_dict, load_init_weights, module_group, wrapper_prefixes

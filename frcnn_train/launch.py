@@ -10,9 +10,10 @@ import logging
 import sys
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -29,8 +30,8 @@ from frcnn_train.models.backbones import resolve_norm
 from frcnn_train.optim import apply_current_schedule, build_optimizer, build_scheduler, group_summary, lr_scale
 from frcnn_train.progress import StepLog
 from frcnn_train.resume import Resume
-from frcnn_train.runtime import amp_dtype, precision_name, resolve_device, seed_everything, seed_for
 from frcnn_train.rng import RngStreams
+from frcnn_train.runtime import amp_dtype, precision_name, resolve_device, seed_everything, seed_for
 from frcnn_train.state import Counters, Registry, Scaler, describe_position
 from frcnn_train.trainer import Trainer, steps_per_epoch
 from frcnn_train.validation import Validator

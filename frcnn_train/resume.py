@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import datetime
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -44,7 +45,7 @@ class ResumeConflict(ConfigError):
             f"other overrides to resume, or start a new run from these weights with init_from={source}"
         )
 
-    def with_modules(self, modules: str) -> "ResumeConflict":
+    def with_modules(self, modules: str) -> ResumeConflict:
         return ResumeConflict(self.conflicts, self.source, self.saved, self.requested, modules)
 
 
@@ -165,7 +166,7 @@ class Resume:
     shown: list[tuple[int, str]] = field(default_factory=list)  # already on the console, for train.log
 
     @classmethod
-    def open(cls, source: Path | None, cfg: DictConfig, overrides: Sequence[str]) -> "Resume":
+    def open(cls, source: Path | None, cfg: DictConfig, overrides: Sequence[str]) -> Resume:
         """Read `source` (None: a new run) and merge the command line into its config, or refuse."""
         if source is None:
             return cls(cfg=cfg)

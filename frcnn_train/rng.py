@@ -4,7 +4,8 @@ draws from, on every rank, and the data order.
 from __future__ import annotations
 
 import random
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch

@@ -12,7 +12,8 @@ import random
 import re
 import signal
 import sys
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numpy as np
 import torch

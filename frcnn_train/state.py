@@ -9,8 +9,9 @@ registered in launch.py, and is then saved, restored, inspected and compared eve
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 

@@ -16,7 +16,6 @@ from frcnn_train.logs import RunLogger, log
 from frcnn_train.visualize import draw_detections
 
 
-
 @dataclass
 class Validator:
     data: DataBundle

@@ -17,8 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from frcnn_train.checkpoint import (FORMAT, inference_weights, migrate, read_file, strip_wrapper_prefixes,
-                                    unwrap_model)
+from frcnn_train.checkpoint import FORMAT, inference_weights, migrate, read_file, strip_wrapper_prefixes, unwrap_model
 from frcnn_train.errors import CheckpointError, ConfigError
 
 # Keys under which training scripts commonly nest the model's state dict, most specific first.

@@ -23,7 +23,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/ is not a package
 from benchmark import time_train_steps  # noqa: E402
-
 from frcnn_train.config import compose_config  # noqa: E402
 from frcnn_train.models.attention import BLOCKS  # noqa: E402
 from frcnn_train.models.builder import valid_attention_sites  # noqa: E402

@@ -16,7 +16,8 @@ and, with trainer.grad_clip, gradients clipped to that norm after unscaling.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 import torchvision
@@ -43,8 +44,7 @@ class NonFiniteLoss(Exception):
 
 def torchvision_model(model_cfg: DictConfig, num_classes: int) -> nn.Module:
     """The same detector made by torchvision alone: its builder when the sizes are its own, else its classes."""
-    from torchvision.models.detection import (FasterRCNN, MaskRCNN, fasterrcnn_resnet50_fpn,
-                                              maskrcnn_resnet50_fpn)
+    from torchvision.models.detection import FasterRCNN, MaskRCNN, fasterrcnn_resnet50_fpn, maskrcnn_resnet50_fpn
     from torchvision.models.detection.anchor_utils import AnchorGenerator
     from torchvision.models.detection.backbone_utils import BackboneWithFPN
     from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead

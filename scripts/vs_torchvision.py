@@ -49,8 +49,6 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from torchvision_side import (THEIR_WORKERS, NonFiniteLoss, TheirLoop, their_float, their_loader,
-                              torchvision_model)
 from frcnn_train import checkpoint
 from frcnn_train.config import compose_config
 from frcnn_train.data import build_datasets, resolve_num_workers
@@ -59,6 +57,7 @@ from frcnn_train.optim import lr_factor_fn, lr_scale
 from frcnn_train.runtime import amp_dtype as _amp_dtype
 from frcnn_train.runtime import seed_everything
 from frcnn_train.trainer import Trainer, TrainingError, steps_per_epoch
+from torchvision_side import THEIR_WORKERS, NonFiniteLoss, TheirLoop, their_float, their_loader, torchvision_model
 
 # Faster R-CNN ResNet-50 FPN at torchvision's sizes, batch 8, fp16, torchvision's LR rule (0.02 per 16 images).
 CUDA_DEFAULTS = [
@@ -308,7 +307,7 @@ def compute_only(device: torch.device, cfg: DictConfig, *, steps: int, rounds: i
     except TrainingError as err:
         raise NonFiniteLoss("frcnn_train", str(err)) from None
     ours_ms = []
-    for i in range(3):
+    for _ in range(3):
         start = _sync(device)
         trainer.save()
         ours_ms.append((_sync(device) - start) * 1000)

@@ -5,9 +5,10 @@ import contextlib
 import math
 import os
 import signal
+from collections.abc import Callable, Iterator
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 import torch

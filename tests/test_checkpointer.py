@@ -306,7 +306,7 @@ def assert_consistent_after_kill(run_dir: Path) -> dict:
     restarted = make_checkpointer(run_dir, keep_last=1)  # as launch builds it on resume
     restarted.repair_links(last, counters)
     assert not list(run_dir.glob(".*tmp*")), "temporaries of the killed process are cleaned at start"
-    assert os.path.samefile(run_dir / "best.pth", last), "best.pth is the recorded best (step %d)" % step
+    assert os.path.samefile(run_dir / "best.pth", last), f"best.pth is the recorded best (step {step})"
     assert os.path.samefile(run_dir / f"epoch_{step:04d}.pth", last)
     assert sorted(p.name for p in run_dir.glob("epoch_*")) == [f"epoch_{step:04d}.pth"], "keep_last=1"
     return counters

@@ -6,9 +6,9 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from frcnn_train.config import check_values, compose_config
+from frcnn_train.errors import ConfigError
 from frcnn_train.overrides import requested_keys
 from frcnn_train.resume import merge_for_resume
-from frcnn_train.errors import ConfigError
 
 
 def saved_config(*overrides: str) -> dict:

@@ -11,7 +11,6 @@ from frcnn_train import checkpoint
 from frcnn_train.evaluate import main as evaluate_main
 from frcnn_train.predict import main as predict_main
 
-
 # Inference-only knobs (not part of the architecture): many low-scoring boxes per image, so that
 # one epoch of training already gives a non-zero AP and "equal" below is not 0.0 == 0.0.
 MANY_BOXES = ("model.box_score_thresh=0.0", "model.rpn_pre_nms_top_n_test=1000",

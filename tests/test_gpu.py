@@ -16,7 +16,7 @@ import re
 import subprocess
 import sys
 import warnings
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -88,7 +88,7 @@ def test_evaluation_under_cuda_autocast_equals_fp32(compose_tiny, dtype: torch.d
         assert max(abs(x - y) for x, y in zip(a["bbox"], b["bbox"])) <= 1e-3
 
 
-@lru_cache(maxsize=None)
+@cache
 def _functions(filename: str) -> list[tuple[int, int, str]]:
     tree = ast.parse(Path(filename).read_text())
     return [(node.lineno, node.end_lineno or node.lineno, node.name) for node in ast.walk(tree)

@@ -17,7 +17,6 @@ from frcnn_train.errors import ConfigError
 from frcnn_train.inspect import main
 from frcnn_train.launch import run
 
-
 BACKBONE_SLOW = "optim.param_groups=[{match:backbone,lr_mult:0.1}]"
 
 

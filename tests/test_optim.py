@@ -80,16 +80,22 @@ def test_scheduler_resumes_on_the_same_curve_across_warmup() -> None:
     opt, sched = make()
     lrs = []
     for _ in range(12):
-        opt.step(); sched.step(); lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
     opt1, sched1 = make()
     for _ in range(4):
-        opt1.step(); sched1.step()
+        opt1.step()
+        sched1.step()
     state_opt, state_sched = opt1.state_dict(), sched1.state_dict()
     opt2, sched2 = make()
-    opt2.load_state_dict(state_opt); sched2.load_state_dict(state_sched)
+    opt2.load_state_dict(state_opt)
+    sched2.load_state_dict(state_sched)
     resumed = [opt2.param_groups[0]["lr"]]
     for _ in range(8):
-        opt2.step(); sched2.step(); resumed.append(opt2.param_groups[0]["lr"])
+        opt2.step()
+        sched2.step()
+        resumed.append(opt2.param_groups[0]["lr"])
     assert resumed == lrs[3:]
 
 
@@ -102,19 +108,23 @@ def test_resume_onto_a_longer_cosine_takes_the_new_curve_at_once() -> None:
 
     opt, sched = make(20)
     for _ in range(10):
-        opt.step(); sched.step()
+        opt.step()
+        sched.step()
     saved = opt.state_dict(), sched.state_dict()
 
     same_opt, same = make(20)
-    same_opt.load_state_dict(saved[0]); same.load_state_dict(saved[1])
+    same_opt.load_state_dict(saved[0])
+    same.load_state_dict(saved[1])
     assert apply_current_schedule(same) is None
 
     longer_opt, longer = make(40)
-    longer_opt.load_state_dict(saved[0]); longer.load_state_dict(saved[1])
+    longer_opt.load_state_dict(saved[0])
+    longer.load_state_dict(saved[1])
     assert apply_current_schedule(longer) == (pytest.approx(0.5), pytest.approx(0.5 * (1 + math.cos(math.pi / 4))))
     fresh_opt, fresh = make(40)
     for _ in range(10):
-        fresh_opt.step(); fresh.step()
+        fresh_opt.step()
+        fresh.step()
     assert longer_opt.param_groups[0]["lr"] == fresh_opt.param_groups[0]["lr"]
 
 

@@ -11,9 +11,9 @@ from frcnn_train.evaluation import coco_metrics, format_table, summary_metrics
 
 @pytest.fixture(scope="module")
 def val(shapes_cache: Path):
+    from conftest import tiny_overrides
     from frcnn_train.config import compose_config
     from frcnn_train.data import build_datasets
-    from conftest import tiny_overrides
 
     cfg = compose_config(tiny_overrides(shapes_cache, Path("unused")))
     return build_datasets(cfg.data, with_masks=False).val

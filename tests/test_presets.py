@@ -5,8 +5,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from frcnn_train.config import compose_config
-from frcnn_train.resume import ResumeConflict, merge_for_resume
 from frcnn_train.overrides import requested_keys
+from frcnn_train.resume import ResumeConflict, merge_for_resume
 
 SHAPES_SIZES = {"min_size": 96, "box_head_dim": 256, "rpn_post_nms_top_n_train": 150}
 TORCHVISION_SIZES = {"min_size": 800, "box_head_dim": 1024, "rpn_post_nms_top_n_train": 2000}

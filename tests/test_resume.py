@@ -309,12 +309,13 @@ def test_random_stop_resume_chain_is_bitwise_exact(compose_tiny, shapes_cache: P
     # The reference trained here: the chain's processes sum floats as this one does (bitwise needs it).
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": python_path(), **threads_env()}
     stops: list[tuple[str, str, int]] = []
-    for attempt in range(40):
+    for _ in range(40):
         proc = subprocess.Popen([sys.executable, "-m", "frcnn_train.train", *args], stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
         lines: queue.Queue = queue.Queue()
-        threading.Thread(target=lambda proc=proc, lines=lines: [lines.put(line) for line in proc.stdout] + [lines.put(None)],
-                         daemon=True).start()
+        # Bound now: the names are the next attempt's by the time a late line would arrive.
+        threading.Thread(target=lambda proc=proc, lines=lines: [lines.put(line) for line in proc.stdout]
+                         + [lines.put(None)], daemon=True).start()
         when, signum = rng.choice(["step", "epoch_end", "saving"]), rng.choice([signal.SIGTERM, signal.SIGINT])
         output, sent, finished = [], False, False
         while True:

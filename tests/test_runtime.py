@@ -6,8 +6,16 @@ import torch
 
 from frcnn_train.config import with_schema
 from frcnn_train.errors import ConfigError, DataError
-from frcnn_train.runtime import (EXIT_USER_ERROR, amp_dtype, cli, deterministic_mode, exit_code_for,
-                                 interrupt_exit_code, resolve_device, seed_everything)
+from frcnn_train.runtime import (
+    EXIT_USER_ERROR,
+    amp_dtype,
+    cli,
+    deterministic_mode,
+    exit_code_for,
+    interrupt_exit_code,
+    resolve_device,
+    seed_everything,
+)
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
 

@@ -73,6 +73,6 @@ def test_inspect_lists_the_parts_a_checkpoint_holds(tiny_runs, capsys) -> None:
 
     run_dir: Path = tiny_runs("parts", "trainer.max_steps=1")
     assert inspect.main([str(run_dir / "last.pth")]) == 0
-    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("state"))
+    line = next(text for text in capsys.readouterr().out.splitlines() if text.startswith("state"))
     assert line.split(None, 1)[1] == "model, optimizer, scheduler, scaler, trainer, rng; no EMA (trainer.ema off)"
     assert torch.load(run_dir / "last.pth", weights_only=True)["ema"] is None

@@ -9,13 +9,12 @@ import pytest
 import torch
 from omegaconf import DictConfig
 
+from conftest import tiny_overrides
 from frcnn_train.config import compose_config
 from frcnn_train.errors import CheckpointError, ConfigError
 from frcnn_train.launch import run
 from frcnn_train.models import build_model
 from frcnn_train.weights import LoadReport, load_init_weights
-
-from conftest import tiny_overrides
 
 COUNTER = "num_batches_tracked"
 

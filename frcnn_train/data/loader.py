@@ -12,9 +12,10 @@ import logging
 import os
 import signal
 import weakref
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -331,7 +332,7 @@ class TrainLoader:
             iterator._shutdown_workers()
 
 
-_OPEN_LOADERS: "weakref.WeakSet[TrainLoader]" = weakref.WeakSet()
+_OPEN_LOADERS: weakref.WeakSet[TrainLoader] = weakref.WeakSet()
 
 
 @atexit.register  # registered after torch's own exit hook, so it runs first, while torch can still shut workers down

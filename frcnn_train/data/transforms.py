@@ -6,7 +6,7 @@ augmentation reproducible across resumes and worker counts.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F

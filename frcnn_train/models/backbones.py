@@ -73,7 +73,7 @@ def _meta_classifier(tv_name: str) -> nn.Module:
         return getattr(tvm, tv_name)(weights=None)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _mobilenet_stages(tv_name: str) -> tuple[int, ...]:
     return tuple(_mobilenet_stage_indices(_meta_classifier(tv_name).features))
 

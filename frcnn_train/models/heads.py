@@ -34,8 +34,7 @@ from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork
-from torchvision.models.detection.transform import (GeneralizedRCNNTransform, _resize_image_and_masks,
-                                                    resize_keypoints)
+from torchvision.models.detection.transform import GeneralizedRCNNTransform, _resize_image_and_masks, resize_keypoints
 from torchvision.ops import boxes as box_ops
 
 # Boxes per NMS call on CUDA: the coordinate-offset trick keeps a [n, n/64] mask, so the

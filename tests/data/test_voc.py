@@ -1,8 +1,8 @@
 """Pascal VOC: XML to COCO conversion, difficult objects, bad trees."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest

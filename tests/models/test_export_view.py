@@ -6,7 +6,6 @@ import torch
 from torch import nn
 
 from conftest import assert_same_detections
-
 from frcnn_train.models import build_model
 from frcnn_train.models.export_view import for_export
 
