@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shutil
 import signal
 from collections.abc import Callable, Iterator
 from dataclasses import fields
@@ -119,6 +120,22 @@ def tiny_overrides(cache_dir: Path, output_dir: Path) -> list[str]:
 def shapes_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One generated shapes dataset for the whole session."""
     return tmp_path_factory.mktemp("shapes_cache")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_temporaries_removed(request: pytest.FixtureRequest, shapes_cache: Path,
+                                tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The directories a test module's fixtures made (tmp_path_factory.mktemp: its tiny runs, wheels, exports)
+    are removed when the module ends, unless one of its tests failed: pytest would keep them to the end of the
+    session, so a full run's disk would be the sum of every module's. (The session's shapes_cache, requested
+    here so that it exists before the module starts, stays; tmp_path_retention_policy = "failed" removes the
+    rest.)"""
+    base = tmp_path_factory.getbasetemp()
+    before, failed = set(base.iterdir()), request.session.testsfailed
+    yield
+    if request.session.testsfailed == failed:
+        for path in set(base.iterdir()) - before:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
