@@ -6,6 +6,7 @@ import math
 import os
 import shutil
 import signal
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import fields
 from pathlib import Path
@@ -120,6 +121,22 @@ def tiny_overrides(cache_dir: Path, output_dir: Path) -> list[str]:
 def shapes_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One generated shapes dataset for the whole session."""
     return tmp_path_factory.mktemp("shapes_cache")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _temporary_files_under_pytests_directory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Temporary files of the code under test and of every process it starts (torchrun's torchelastic_* log
+    directories, TorchInductor's cache, anything through tempfile) go under pytest's directory, which a passing
+    run removes, instead of piling up in /tmp."""
+    tmp = tmp_path_factory.mktemp("tmpdir")
+    before_env, before_module = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"], tempfile.tempdir = str(tmp), str(tmp)
+    yield
+    tempfile.tempdir = before_module
+    if before_env is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = before_env
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -12,16 +12,23 @@ import pytest
 from conftest import python_path, tiny_overrides
 
 REPO = Path(__file__).resolve().parent.parent
+# What pyproject.toml builds the wheel from (its readme, packages and package-dir); a file it comes to name joins.
+WHEEL_SOURCES = ("pyproject.toml", "README.md", "frcnn_train", "configs")
 
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The wheel built from this checkout, installed (without dependencies: the venv has them) into a directory."""
     tmp = tmp_path_factory.mktemp("wheel")
-    # From a clean copy: a stale build/ in the checkout could put deleted modules into the wheel.
+    # From a clean copy of what the wheel is built from, and nothing else: a stale build/ in the checkout could put
+    # deleted modules into the wheel, and a copy of the whole checkout took its .venv along (6 GB under CI).
     source = tmp / "source"
-    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns("build", "*.egg-info", ".git", "outputs",
-                                                                "__pycache__", ".pytest_cache"))
+    source.mkdir()
+    for name in WHEEL_SOURCES:
+        if (REPO / name).is_dir():
+            shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(REPO / name, source / name)
     # No build isolation: the venv's setuptools builds it, no index needed.
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp),
                     str(source)], check=True, capture_output=True, cwd=tmp)
