@@ -124,19 +124,22 @@ def shapes_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _temporary_files_under_pytests_directory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+def _files_under_pytests_directory(tmp_path_factory: pytest.TempPathFactory, shapes_cache: Path) -> Iterator[None]:
     """Temporary files of the code under test and of every process it starts (torchrun's torchelastic_* log
     directories, TorchInductor's cache, anything through tempfile) go under pytest's directory, which a passing
-    run removes, instead of piling up in /tmp."""
-    tmp = tmp_path_factory.mktemp("tmpdir")
-    before_env, before_module = os.environ.get("TMPDIR"), tempfile.tempdir
-    os.environ["TMPDIR"], tempfile.tempdir = str(tmp), str(tmp)
+    run removes, instead of piling up in /tmp; so does a dataset that a test generates without data.cache_dir
+    (FRCNN_DATA_CACHE), instead of going to ~/.cache/frcnn_train."""
+    settings = {"TMPDIR": str(tmp_path_factory.mktemp("tmpdir")), "FRCNN_DATA_CACHE": str(shapes_cache)}
+    before, before_tempdir = {name: os.environ.get(name) for name in settings}, tempfile.tempdir
+    os.environ.update(settings)
+    tempfile.tempdir = settings["TMPDIR"]
     yield
-    tempfile.tempdir = before_module
-    if before_env is None:
-        os.environ.pop("TMPDIR", None)
-    else:
-        os.environ["TMPDIR"] = before_env
+    tempfile.tempdir = before_tempdir
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -152,7 +155,10 @@ def _module_temporaries_removed(request: pytest.FixtureRequest, shapes_cache: Pa
     yield
     if request.session.testsfailed == failed:
         for path in set(base.iterdir()) - before:
-            shutil.rmtree(path, ignore_errors=True)
+            if path.is_symlink():  # pytest's <name>current links to the newest of its directories
+                path.unlink(missing_ok=True)
+            else:
+                shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
