@@ -67,10 +67,12 @@ def threads_env(n: int | None = None) -> dict[str, str]:
     return {"OMP_NUM_THREADS": str(n if n is not None else torch.get_num_threads())}
 
 
-def assert_same_detections(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], *, atol: float) -> None:
-    """One image's detections by two models agree to `atol` (boxes in pixels, scores, masks), paired by label and
-    nearest box, not by position: where the two sides' kernels sum floats in another order, two near-equal scores
-    may swap places in the score-sorted output (what export_check does for an exported file)."""
+def assert_same_detections(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], *,
+                           atol: float | dict[str, float]) -> None:
+    """One image's detections by two models agree to `atol` (boxes in pixels, scores, masks; or one per key),
+    paired by label and nearest box, not by position: where the two sides' kernels sum floats in another order,
+    two near-equal scores may swap places in the score-sorted output (what export_check does for an exported
+    file)."""
     from frcnn_train.export_check import match
 
     assert got.keys() == want.keys() and len(got["boxes"]) == len(want["boxes"]), \
@@ -80,7 +82,8 @@ def assert_same_detections(got: dict[str, torch.Tensor], want: dict[str, torch.T
     mine = torch.tensor([i for i, _ in pairs], dtype=torch.long)
     theirs = torch.tensor([j for _, j in pairs], dtype=torch.long)
     for key in want:
-        torch.testing.assert_close(got[key][theirs], want[key][mine], atol=atol, rtol=0, msg=key)
+        torch.testing.assert_close(got[key][theirs], want[key][mine], rtol=0, msg=key,
+                                   atol=atol[key] if isinstance(atol, dict) else atol)
 
 
 def tiny_overrides(cache_dir: Path, output_dir: Path) -> list[str]:

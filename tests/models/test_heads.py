@@ -10,6 +10,7 @@ from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.ops import boxes as box_ops
 
+from conftest import assert_same_detections
 from frcnn_train.data import build_datasets, build_eval_loader
 from frcnn_train.evaluation import evaluate
 from frcnn_train.models import architecture_spec, build_model, fingerprint, tensor_layout
@@ -103,10 +104,19 @@ def test_evaluation_under_autocast_equals_fp32(compose_tiny) -> None:
                                   device=torch.device("cpu"), with_masks=False, autocast_dtype=dtype)
     fp32, amp = runs[None], runs[torch.bfloat16]
     assert len(fp32) > 20 and len(amp) == len(fp32)
-    for a, b in zip(fp32, amp):
-        assert (a["image_id"], a["category_id"]) == (b["image_id"], b["category_id"])
-        assert max(abs(x - y) for x, y in zip(a["bbox"], b["bbox"])) <= 1e-3
-        assert abs(a["score"] - b["score"]) <= 1e-5
+
+    def detections(results: list[dict], image_id: int) -> dict[str, torch.Tensor]:
+        mine = [r for r in results if r["image_id"] == image_id]
+        return {"boxes": torch.tensor([r["bbox"] for r in mine]),
+                "labels": torch.tensor([r["category_id"] for r in mine]),
+                "scores": torch.tensor([r["score"] for r in mine])}
+
+    # Paired by label and nearest box per image, not by position: where bf16 rounds differently two near-equal
+    # scores may swap places. Measured here: no difference at all. Boxes: the results round them to 3 decimals, so
+    # a difference far below 1e-3 px can flip a rounding and show as 1e-3; 2e-3 allows that once.
+    for image_id in sorted({r["image_id"] for r in fp32}):
+        got, want = detections(amp, image_id), detections(fp32, image_id)
+        assert_same_detections(got, want, atol={"boxes": 2e-3, "labels": 0, "scores": 1e-5})
 
 
 def test_training_proposals_are_decoded_in_fp32_under_autocast(compose_tiny) -> None:
