@@ -150,9 +150,9 @@ def _module_temporaries_removed(request: pytest.FixtureRequest, shapes_cache: Pa
                                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """The directories a test module's fixtures made (tmp_path_factory.mktemp: its tiny runs, wheels, exports)
     are removed when the module ends, unless one of its tests failed: pytest would keep them to the end of the
-    session, so a full run's disk would be the sum of every module's. (The session's shapes_cache, requested
-    here so that it exists before the module starts, stays; tmp_path_retention_policy = "failed" removes the
-    rest.)"""
+    session, so a full run's disk would be the sum of every module's. The session's shapes_cache is requested
+    here so that it exists before the module starts and stays: a session-scoped fixture that makes a directory
+    must be requested here too. tmp_path_retention_policy = "failed" removes the rest."""
     base = tmp_path_factory.getbasetemp()
     before, failed = set(base.iterdir()), request.session.testsfailed
     yield
