@@ -3,6 +3,7 @@
 The Python API (frcnn_train.api): `load(source)` returns a Detector, `train(overrides)` runs a training.
 Both are imported on first use, so `import frcnn_train` (and every command's start-up) stays light.
 """
+
 from __future__ import annotations
 
 import importlib

@@ -19,11 +19,13 @@ reported beside it.
 Small / medium / large follow COCO's area ranges on the annotations' own pixels (the
 'area' field, what COCOeval's APs / APm / APl use), so the split lines up with the AP table.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -57,8 +59,7 @@ class Boxes:
             hw.append(np.tile(np.asarray(rec["size"], dtype=np.float64), (int(keep.sum()), 1)))
         if not xyxy:
             return cls(np.zeros((0, 4)), np.zeros(0), np.zeros((0, 2)))
-        return cls(np.concatenate(xyxy).astype(np.float64), np.concatenate(area).astype(np.float64),
-                   np.concatenate(hw))
+        return cls(np.concatenate(xyxy).astype(np.float64), np.concatenate(area).astype(np.float64), np.concatenate(hw))
 
 
 @dataclass(frozen=True)
@@ -79,9 +80,12 @@ class AnchorSetup:
         return [tuple(self.sizes)] * len(self.strides)
 
     def overrides(self) -> list[str]:
-        return [f"model.anchor_sizes=[{','.join(str(s) for s in self.sizes)}]",
-                f"model.aspect_ratios=[{','.join(_short(r) for r in self.ratios)}]",
-                f"model.min_size={self.min_size}", f"model.max_size={self.max_size}"]
+        return [
+            f"model.anchor_sizes=[{','.join(str(s) for s in self.sizes)}]",
+            f"model.aspect_ratios=[{','.join(_short(r) for r in self.ratios)}]",
+            f"model.min_size={self.min_size}",
+            f"model.max_size={self.max_size}",
+        ]
 
 
 def _short(value: float) -> str:
@@ -149,10 +153,12 @@ class Fit:
         if not self.boxes:
             return "anchor fit: no training boxes to measure"
         parts = ", ".join(f"{name} {r:.3f} of {n}" if n else f"{name} -" for name, (r, n) in self.by_area.items())
-        lines = [f"anchor fit: best possible recall {self.recall:.3f} of {self.boxes} boxes (best anchor IoU >= "
-                 f"{MATCH_IOU}; {parts}; {self.positive:.3f} reach {FG_IOU_THRESH}) with "
-                 f"model.anchor_sizes={list(self.setup.sizes)}, aspect_ratios="
-                 f"{[float(_short(r)) for r in self.setup.ratios]}, resize {self.setup.min_size}/{self.setup.max_size}"]
+        lines = [
+            f"anchor fit: best possible recall {self.recall:.3f} of {self.boxes} boxes (best anchor IoU >= "
+            f"{MATCH_IOU}; {parts}; {self.positive:.3f} reach {FG_IOU_THRESH}) with "
+            f"model.anchor_sizes={list(self.setup.sizes)}, aspect_ratios="
+            f"{[float(_short(r)) for r in self.setup.ratios]}, resize {self.setup.min_size}/{self.setup.max_size}"
+        ]
         if self.suggestion is not None:
             s = self.suggestion
             changed = [o for o, old in zip(s.setup.overrides(), self.setup.overrides()) if o != old]
@@ -169,8 +175,13 @@ def measure(boxes: Boxes, setup: AnchorSetup) -> Fit:
     for name, (low, high) in AREA_RANGES.items():
         inside = (boxes.area >= low) & (boxes.area < high)
         by_area[name] = (float(hit[inside].mean()) if inside.any() else float("nan"), int(inside.sum()))
-    return Fit(setup, float(hit.mean()) if len(hit) else float("nan"), by_area, len(hit),
-               positive=float((iou >= FG_IOU_THRESH).mean()) if len(iou) else float("nan"))
+    return Fit(
+        setup,
+        float(hit.mean()) if len(hit) else float("nan"),
+        by_area,
+        len(hit),
+        positive=float((iou >= FG_IOU_THRESH).mean()) if len(iou) else float("nan"),
+    )
 
 
 RATIO_SETS = ((0.5, 1.0, 2.0), (0.33, 0.5, 1.0, 2.0, 3.0), (0.25, 0.5, 1.0, 2.0, 4.0))
@@ -190,11 +201,18 @@ def candidates(setup: AnchorSetup) -> list[AnchorSetup]:
                 for scale in sorted(SCALES, key=lambda s: abs(math.log(s))):
                     sizes = [max(1, round(s * scale)) for s in setup.sizes]
                     if dense:  # an extra size between each pair: every level gets them all
-                        sizes = sorted({*sizes, *(max(1, round(s * scale * 2 ** 0.5)) for s in setup.sizes)})
+                        sizes = sorted({*sizes, *(max(1, round(s * scale * 2**0.5)) for s in setup.sizes)})
                         if len(sizes) == len(setup.strides):
                             continue
-                    out.append(AnchorSetup(tuple(sizes), tuple(ratios), setup.strides,
-                                           round(setup.min_size * up), round(setup.max_size * up)))
+                    out.append(
+                        AnchorSetup(
+                            tuple(sizes),
+                            tuple(ratios),
+                            setup.strides,
+                            round(setup.min_size * up),
+                            round(setup.max_size * up),
+                        )
+                    )
     return list(dict.fromkeys(out))
 
 
@@ -219,8 +237,10 @@ def fit_anchors(boxes: Boxes, setup: AnchorSetup, *, suggest: bool = True, seed:
         if fit.suggestion.recall <= fit.recall:
             fit.suggestion = None
     if fit.suggestion is not None and fit.suggestion.setup.min_size != setup.min_size:
-        fit.notes.append(f"no anchor setting alone reaches {TARGET}: the boxes are too small for the stride-"
-                         f"{min(setup.strides)} grid, so the images must be enlarged (slower steps)")
+        fit.notes.append(
+            f"no anchor setting alone reaches {TARGET}: the boxes are too small for the stride-"
+            f"{min(setup.strides)} grid, so the images must be enlarged (slower steps)"
+        )
     return fit
 
 
@@ -230,19 +250,27 @@ def level_strides(backbone_cfg: Any) -> tuple[int, ...]:
 
     size = 1024
     with torch.device("meta"):
-        backbone = build_backbone(str(backbone_cfg.name), weights=None, trainable_layers=None, norm="bn",
-                                  returned_layers=None if backbone_cfg.returned_layers is None
-                                  else list(backbone_cfg.returned_layers),
-                                  fpn_channels=int(backbone_cfg.fpn_channels))
+        backbone = build_backbone(
+            str(backbone_cfg.name),
+            weights=None,
+            trainable_layers=None,
+            norm="bn",
+            returned_layers=None if backbone_cfg.returned_layers is None else list(backbone_cfg.returned_layers),
+            fpn_channels=int(backbone_cfg.fpn_channels),
+        )
         features = backbone(torch.empty(1, 3, size, size))
     return tuple(size // int(f.shape[-1]) for f in features.values())
 
 
 def setup_from_config(model_cfg: Any, strides: Sequence[int] | None = None) -> AnchorSetup:
     """The anchor setting a model config describes (builders read the config; the rest takes this)."""
-    return AnchorSetup(tuple(int(s) for s in model_cfg.anchor_sizes), tuple(float(r) for r in model_cfg.aspect_ratios),
-                       tuple(strides) if strides is not None else level_strides(model_cfg.backbone),
-                       int(model_cfg.min_size), int(model_cfg.max_size))
+    return AnchorSetup(
+        tuple(int(s) for s in model_cfg.anchor_sizes),
+        tuple(float(r) for r in model_cfg.aspect_ratios),
+        tuple(strides) if strides is not None else level_strides(model_cfg.backbone),
+        int(model_cfg.min_size),
+        int(model_cfg.max_size),
+    )
 
 
 START_IMAGES = 5000  # the start-of-training check reads at most this many images' records, evenly spaced
@@ -259,9 +287,11 @@ def start_warning(model_cfg: Any, dataset: Any) -> str | None:
     if not fit.boxes or fit.recall >= WARN_BELOW:
         return None
     small = fit.by_area["small"]
-    return (f"Anchor fit: only {fit.recall:.0%} of the training boxes have an anchor of IoU >= {MATCH_IOU} "
-            f"(small boxes: {small[0]:.0%} of {small[1]}) with model.anchor_sizes={list(fit.setup.sizes)}; the RPN "
-            "will miss the others: `frcnn-data check` with this run's overrides suggests settings that fit.")
+    return (
+        f"Anchor fit: only {fit.recall:.0%} of the training boxes have an anchor of IoU >= {MATCH_IOU} "
+        f"(small boxes: {small[0]:.0%} of {small[1]}) with model.anchor_sizes={list(fit.setup.sizes)}; the RPN "
+        "will miss the others: `frcnn-data check` with this run's overrides suggests settings that fit."
+    )
 
 
 class _Every:

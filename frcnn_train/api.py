@@ -10,11 +10,13 @@ Both go through the code the commands use (predict's model loading, launch.run),
 the one `frcnn-predict` writes, and a run trained here is the one `frcnn-train` would have made. A user
 error raises the one-sentence UserError the command would print; nothing calls sys.exit.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,7 +27,7 @@ from torch import Tensor, nn
 from frcnn_train.data.decode import UINT16_MAX, _gray_to_rgb, from_pil, pixel_interleaved
 from frcnn_train.errors import DataError
 
-ImageLike = Union[str, Path, Image.Image, np.ndarray, Tensor]
+ImageLike = str | Path | Image.Image | np.ndarray | Tensor
 # COCO's evaluation and frcnn-predict's RLE masks binarise Mask R-CNN's mask probabilities here.
 MASK_THRESHOLD = 0.5
 
@@ -56,20 +58,24 @@ class Detector:
         unused = torch.tensor([False] + [name == UNUSED_CLASS for name in self.classes])
         outputs: list[dict[str, Tensor]] = []
         for start in range(0, len(images), batch_size):
-            for output in self.model([image.to(self.device) for image in images[start:start + batch_size]]):
+            for output in self.model([image.to(self.device) for image in images[start : start + batch_size]]):
                 output = {k: v.cpu() for k, v in output.items()}
                 real = ~unused[output["labels"]]
                 outputs.append({k: v[real] for k, v in output.items()})
         return outputs
 
-    def detect(self, images: Sequence[Tensor], *, score_threshold: float = 0.5,
-               batch_size: int = 4) -> list[dict[str, Tensor]]:
+    def detect(
+        self, images: Sequence[Tensor], *, score_threshold: float = 0.5, batch_size: int = 4
+    ) -> list[dict[str, Tensor]]:
         """forward(), keeping the detections that score at least `score_threshold`."""
-        return [{k: v[output["scores"] >= score_threshold] for k, v in output.items()}
-                for output in self.forward(images, batch_size=batch_size)]
+        return [
+            {k: v[output["scores"] >= score_threshold] for k, v in output.items()}
+            for output in self.forward(images, batch_size=batch_size)
+        ]
 
-    def predict(self, images: ImageLike | Sequence[ImageLike], *, score_threshold: float = 0.5,
-                batch_size: int = 4) -> dict[str, Any] | list[dict[str, Any]]:
+    def predict(
+        self, images: ImageLike | Sequence[ImageLike], *, score_threshold: float = 0.5, batch_size: int = 4
+    ) -> dict[str, Any] | list[dict[str, Any]]:
         """Detections for one image (a dict) or a list of images (a list of dicts, in order).
 
         An image is a file path, a PIL image, a numpy array (H x W x 3 RGB or H x W gray; uint8, uint16,
@@ -79,15 +85,20 @@ class Detector:
         """
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)
-        outputs = self.detect([as_image(item) for item in items], score_threshold=score_threshold,
-                              batch_size=batch_size)
+        outputs = self.detect(
+            [as_image(item) for item in items], score_threshold=score_threshold, batch_size=batch_size
+        )
         results = [self._result(output) for output in outputs]
         return results[0] if single else results
 
     def _result(self, output: dict[str, Tensor]) -> dict[str, Any]:
         labels = output["labels"]
-        result: dict[str, Any] = {"boxes": output["boxes"], "scores": output["scores"], "labels": labels,
-                                  "names": [self.classes[int(label) - 1] for label in labels]}
+        result: dict[str, Any] = {
+            "boxes": output["boxes"],
+            "scores": output["scores"],
+            "labels": labels,
+            "names": [self.classes[int(label) - 1] for label in labels],
+        }
         if "masks" in output:
             result["masks"] = output["masks"][:, 0] > MASK_THRESHOLD
         return result
@@ -99,8 +110,10 @@ def as_image(item: ImageLike) -> Tensor:
 
     if isinstance(item, (str, Path)):
         if not Path(item).is_file():
-            raise DataError(f"image {item} does not exist or is not a file; give an image file's path "
-                            "(for a directory, pass the list of its images)")
+            raise DataError(
+                f"image {item} does not exist or is not a file; give an image file's path "
+                "(for a directory, pass the list of its images)"
+            )
         return load_image(Path(item))
     if isinstance(item, Image.Image):
         return from_pil(item).image
@@ -108,16 +121,20 @@ def as_image(item: ImageLike) -> Tensor:
         return _from_array(item)
     if isinstance(item, Tensor):
         return _from_tensor(item)
-    raise DataError(f"an image of type {type(item).__name__} cannot be read; give a file path, a PIL image, "
-                    "a numpy array or a tensor")
+    raise DataError(
+        f"an image of type {type(item).__name__} cannot be read; give a file path, a PIL image, "
+        "a numpy array or a tensor"
+    )
 
 
 def _from_array(array: np.ndarray) -> Tensor:
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[:, :, 0]
     if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] == 3)):
-        raise DataError(f"a numpy image of shape {list(array.shape)} is neither H x W x 3 (RGB) nor H x W (gray); "
-                        "give one of those (convert BGR or RGBA first)")
+        raise DataError(
+            f"a numpy image of shape {list(array.shape)} is neither H x W x 3 (RGB) nor H x W (gray); "
+            "give one of those (convert BGR or RGBA first)"
+        )
     if array.dtype == np.uint8:
         rgb = array if array.ndim == 3 else np.repeat(array[:, :, None], 3, axis=2)
         return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)
@@ -128,8 +145,9 @@ def _from_array(array: np.ndarray) -> Tensor:
         if not np.isfinite(array).all() or array.size and (array.min() < 0 or array.max() > 1):
             raise DataError("a float numpy image must hold finite values in [0, 1]; divide 0-255 values by 255")
     else:
-        raise DataError(f"a numpy image of dtype {array.dtype} has no known scale; give uint8, uint16 or "
-                        "float in [0, 1]")
+        raise DataError(
+            f"a numpy image of dtype {array.dtype} has no known scale; give uint8, uint16 or float in [0, 1]"
+        )
     if array.ndim == 2:
         return _gray_to_rgb(array)
     return pixel_interleaved(torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1))
@@ -137,8 +155,10 @@ def _from_array(array: np.ndarray) -> Tensor:
 
 def _from_tensor(image: Tensor) -> Tensor:
     if image.ndim != 3 or image.shape[0] not in (1, 3):
-        raise DataError(f"a tensor image of shape {list(image.shape)} is not [3, H, W] or [1, H, W]; permute an "
-                        "H x W x C tensor with .permute(2, 0, 1)")
+        raise DataError(
+            f"a tensor image of shape {list(image.shape)} is not [3, H, W] or [1, H, W]; permute an "
+            "H x W x C tensor with .permute(2, 0, 1)"
+        )
     if image.dtype == torch.uint8:
         return image.expand(3, -1, -1) if image.shape[0] == 1 else image
     if not image.is_floating_point():
@@ -189,6 +209,8 @@ def train(overrides: Sequence[str] = ()) -> tuple[Path, dict[str, float]]:
     cfg = compose_overrides(list(overrides))
     summary = run(cfg, overrides=resolved_overrides(cfg, overrides))
     if exit_code_for(summary) != EXIT_OK:  # a Ctrl-C or SIGTERM: saved, and the caller's code must stop too
-        raise KeyboardInterrupt(f"{summary['stop_reason']}: stopped after saving {summary['run_dir']}/last.pth; "
-                                f"continue with frcnn_train.train(['resume={summary['run_dir']}'])")
+        raise KeyboardInterrupt(
+            f"{summary['stop_reason']}: stopped after saving {summary['run_dir']}/last.pth; "
+            f"continue with frcnn_train.train(['resume={summary['run_dir']}'])"
+        )
     return Path(summary["run_dir"]), dict(summary.get("metrics") or {})

@@ -4,6 +4,7 @@ A checkpoint holds only tensors and plain containers, so it loads with
 `torch.load(path, map_location="cpu", weights_only=True)`: loading never runs
 code from the file. See DESIGN.md ("Checkpoint file") for the keys.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -14,8 +15,9 @@ import re
 import shutil
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torchvision
@@ -44,6 +46,7 @@ def library_versions() -> dict[str, str]:
 
 def strip_wrapper_prefixes(state: dict[str, Any]) -> dict[str, Any]:
     """Drop `module.` (DataParallel / DDP) and `_orig_mod.` (torch.compile) wherever they appear."""
+
     def clean(key: str) -> str:
         while _WRAPPER_RE.search(key):  # nested wrappers: module._orig_mod.x
             key = _WRAPPER_RE.sub(r"\1", key)
@@ -52,7 +55,7 @@ def strip_wrapper_prefixes(state: dict[str, Any]) -> dict[str, Any]:
     return {clean(key): value for key, value in state.items()}
 
 
-def unwrap_model(model: "torch.nn.Module") -> "torch.nn.Module":
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     """The bare model inside DataParallel / DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
     while True:
         inner = getattr(model, "_orig_mod", None)
@@ -72,8 +75,11 @@ def _migrate_v0(ckpt: dict[str, Any]) -> dict[str, Any]:
     ckpt.setdefault("scheduler", {})
     ckpt.setdefault("scaler", {})
     ckpt["trainer"] = {
-        "epoch": ckpt.pop("epoch"), "global_step": ckpt.pop("step"), "step_in_epoch": 0,
-        "best_metric": None, "history": [],
+        "epoch": ckpt.pop("epoch"),
+        "global_step": ckpt.pop("step"),
+        "step_in_epoch": 0,
+        "best_metric": None,
+        "history": [],
     }
     ckpt.setdefault("rng", {})
     ckpt.setdefault("architecture", {"fingerprint": None, "spec": {}})
@@ -126,15 +132,21 @@ def read_file(path: str | Path, *, trust: bool = False, for_resume: bool = False
         text = str(err)
         refused = _REFUSED_GLOBAL_RE.search(text)
         if refused or _is_raw_pickle(path):
-            what = (f"holds pickled Python objects whose loading calls {refused.group(1)}, code that would run "
-                    "on this machine," if refused else
-                    "is a plain Python pickle (not written by torch.save), which may hold code that would run on "
-                    "this machine when loaded,")
+            what = (
+                f"holds pickled Python objects whose loading calls {refused.group(1)}, code that would run "
+                "on this machine,"
+                if refused
+                else "is a plain Python pickle (not written by torch.save), which may hold code that would run on "
+                "this machine when loaded,"
+            )
             # init.trust=true is named only beside what it does: run the file's code.
-            trust = ("only if you trust whoever made the file, init.trust=true loads it and runs that code")
-            fix = (f"frcnn_train checkpoints never hold such objects, so other code wrote it; to start from its "
-                   f"weights use init_from= ({trust})" if for_resume
-                   else f"re-save its tensors with torch.save(model.state_dict(), ...), or, {trust}")
+            trust = "only if you trust whoever made the file, init.trust=true loads it and runs that code"
+            fix = (
+                f"frcnn_train checkpoints never hold such objects, so other code wrote it; to start from its "
+                f"weights use init_from= ({trust})"
+                if for_resume
+                else f"re-save its tensors with torch.save(model.state_dict(), ...), or, {trust}"
+            )
             raise CheckpointError(f"{path} {what} so safe weights_only loading refused it; {fix}") from None
         raise CheckpointError(
             f"{path} ({path.stat().st_size} bytes) is not a readable checkpoint: it is truncated, corrupted "
@@ -154,7 +166,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     ckpt = migrate(ckpt, path)
     missing = [key for key in REQUIRED_KEYS if key not in ckpt]
     if missing:
-        raise CheckpointError(f"{path} is an incomplete checkpoint (missing {', '.join(missing)}); use another checkpoint")
+        raise CheckpointError(
+            f"{path} is an incomplete checkpoint (missing {', '.join(missing)}); use another checkpoint"
+        )
     return ckpt
 
 
@@ -178,8 +192,10 @@ def ema_skipped(ckpt: dict[str, Any]) -> str | None:
         return None
     every = ((ckpt.get("config") or {}).get("trainer") or {}).get("ema", {}).get("every")
     step = (ckpt.get("trainer") or {}).get("global_step")
-    return (f"the trained weights are used: the checkpoint's EMA was never updated (trainer.ema.every={every}, "
-            f"{step} steps trained), so it still holds the weights the run started from")
+    return (
+        f"the trained weights are used: the checkpoint's EMA was never updated (trainer.ema.every={every}, "
+        f"{step} steps trained), so it still holds the weights the run started from"
+    )
 
 
 # ---------------------------------------------------------------- writing
@@ -413,5 +429,7 @@ def checkpoint_in(path: str | Path) -> Path:
     for name in ("best.pth", "last.pth"):
         if (path / name).is_file():
             return path / name
-    raise CheckpointError(f"{path} is a directory without best.pth or last.pth{_existing_hint(path)}; "
-                          "give a checkpoint file, or the run directory of a run that saved one")
+    raise CheckpointError(
+        f"{path} is a directory without best.pth or last.pth{_existing_hint(path)}; "
+        "give a checkpoint file, or the run directory of a run that saved one"
+    )

@@ -5,6 +5,7 @@ state of every registered part (state.Registry) and says which kind of save this
 this object adds the run's fixed facts (config, architecture, classes) and owns
 everything about files. `checkpoint.py` owns the file format.
 """
+
 from __future__ import annotations
 
 import errno
@@ -77,8 +78,9 @@ class Checkpointer:
     calls `save`, because building the state gathers all ranks' RNG streams.
     """
 
-    def __init__(self, run_dir: Path, *, extras: dict[str, Any], keep_last: int, logger: RunLogger,
-                 enabled: bool = True) -> None:
+    def __init__(
+        self, run_dir: Path, *, extras: dict[str, Any], keep_last: int, logger: RunLogger, enabled: bool = True
+    ) -> None:
         self.run_dir = run_dir
         self.extras = extras  # config, architecture, classes: fixed for the run
         self.keep_last = keep_last
@@ -110,17 +112,28 @@ class Checkpointer:
         best_step = counters.get("best_step")
         best = self.run_dir / "best.pth"
         if best_step is not None and _step_of(best) != best_step:
-            origin = source if best_step == step else next(
-                (p for p in epoch_files(self.run_dir).values() if _step_of(p) == best_step), None)
+            origin = (
+                source
+                if best_step == step
+                else next((p for p in epoch_files(self.run_dir).values() if _step_of(p) == best_step), None)
+            )
             if origin is not None:
                 checkpoint.link_checkpoint(origin, best)
-                log.warning("best.pth did not hold the best recorded in %s (step %d, %s %.4f); linked it to %s.",
-                            source, best_step, counters.get("best_metric_name", "metric"), counters["best_metric"],
-                            origin.name)
+                log.warning(
+                    "best.pth did not hold the best recorded in %s (step %d, %s %.4f); linked it to %s.",
+                    source,
+                    best_step,
+                    counters.get("best_metric_name", "metric"),
+                    counters["best_metric"],
+                    origin.name,
+                )
             else:
-                log.warning("best.pth does not hold the best recorded in %s (step %d) and no checkpoint of that "
-                            "step is left; best.pth stays as it is until a better evaluation replaces it.",
-                            source, best_step)
+                log.warning(
+                    "best.pth does not hold the best recorded in %s (step %d) and no checkpoint of that "
+                    "step is left; best.pth stays as it is until a better evaluation replaces it.",
+                    source,
+                    best_step,
+                )
         epoch = counters["epoch"]
         if counters["step_in_epoch"] == 0 and epoch > 0 and self.keep_last > 0:
             path = self.run_dir / f"epoch_{epoch:04d}.pth"
@@ -150,9 +163,16 @@ class Checkpointer:
         blocking_s = time.perf_counter() - started
         step = state["trainer"]["global_step"]
         self.logger.scalars({"checkpoint/blocking_ms": blocking_s * 1000}, step)
-        job = dict(ckpt=checkpoint.make_checkpoint(**self.extras, **copied), step=step, epoch_end=epoch_end,
-                   best=best, synced=synced, blocking_s=blocking_s, waited=waited,
-                   after=self._jobs[-1].thread if self._jobs else None)
+        job = dict(
+            ckpt=checkpoint.make_checkpoint(**self.extras, **copied),
+            step=step,
+            epoch_end=epoch_end,
+            best=best,
+            synced=synced,
+            blocking_s=blocking_s,
+            waited=waited,
+            after=self._jobs[-1].thread if self._jobs else None,
+        )
         thread = threading.Thread(target=self._write, kwargs=job, name="checkpoint-writer")
         self._jobs.append(_Job(thread, slot, step))
         thread.start()  # not a daemon: the interpreter waits for it even on an unexpected exit
@@ -179,8 +199,9 @@ class Checkpointer:
     def busy(self) -> bool:
         return any(job.thread.is_alive() for job in self._jobs)
 
-    def _snapshot(self, state: dict[str, Any], buffers: dict[tuple, torch.Tensor]
-                  ) -> tuple[dict[str, Any], torch.cuda.Event | None]:
+    def _snapshot(
+        self, state: dict[str, Any], buffers: dict[tuple, torch.Tensor]
+    ) -> tuple[dict[str, Any], torch.cuda.Event | None]:
         """A deep copy on the CPU, taken before the next optimizer step changes anything in place.
 
         Each tensor is copied into a CPU buffer kept for later saves (pinned for CUDA
@@ -214,9 +235,18 @@ class Checkpointer:
             event.record()
         return copied, event
 
-    def _write(self, *, ckpt: dict[str, Any], step: int, epoch_end: int | None, best: bool,
-               synced: torch.cuda.Event | None, blocking_s: float, waited: tuple[float, int] | None,
-               after: threading.Thread | None) -> None:
+    def _write(
+        self,
+        *,
+        ckpt: dict[str, Any],
+        step: int,
+        epoch_end: int | None,
+        best: bool,
+        synced: torch.cuda.Event | None,
+        blocking_s: float,
+        waited: tuple[float, int] | None,
+        after: threading.Thread | None,
+    ) -> None:
         """A writer thread: after the write before it, last.pth, then the links, then rotation.
         Errors are kept for `check()`."""
         if after is not None:
@@ -245,28 +275,49 @@ class Checkpointer:
             return
         write_s = time.perf_counter() - started
         self.logger.scalars({"checkpoint/write_s": write_s}, step)
-        waiting = (f" (of which {waited[0] * 1000:.0f} ms waiting for the write of step {waited[1]}: saves come "
-                   "faster than the disk writes them)" if waited else "")
-        log.info("Saved %s at step %d: blocked training %.0f ms%s, written in %.2f s.", " + ".join(written), step,
-                 blocking_s * 1000, waiting, write_s)
+        waiting = (
+            f" (of which {waited[0] * 1000:.0f} ms waiting for the write of step {waited[1]}: saves come "
+            "faster than the disk writes them)"
+            if waited
+            else ""
+        )
+        log.info(
+            "Saved %s at step %d: blocked training %.0f ms%s, written in %.2f s.",
+            " + ".join(written),
+            step,
+            blocking_s * 1000,
+            waiting,
+            write_s,
+        )
 
     def _write_error(self, err: OSError, target: Path, nbytes: int) -> CheckpointWriteError:
         """One sentence: what failed, what is on disk (read back, not assumed), how to go on."""
         counters = checkpoint.peek_counters(self.last_path)
         which = "the previous last.pth" if target == self.last_path else "last.pth"
-        kept = (f"{which} (step {counters['global_step']}) is intact" if counters is not None
-                else "no loadable last.pth was written before")
+        kept = (
+            f"{which} (step {counters['global_step']}) is intact"
+            if counters is not None
+            else "no loadable last.pth was written before"
+        )
         # resume=DIR needs DIR/last.pth; without one, resume=auto starts the run again in its directory.
-        go_on = (f"resume with resume={self.run_dir}" if counters is not None else
-                 "run the same command again with resume=auto, which starts the run afresh there as nothing was saved")
+        go_on = (
+            f"resume with resume={self.run_dir}"
+            if counters is not None
+            else "run the same command again with resume=auto, which starts the run afresh there as nothing was saved"
+        )
         if err.errno in (errno.ENOSPC, errno.EDQUOT):
             return CheckpointWriteError(
                 f"no space left on device while writing {target} (about {max(1, round(nbytes / 2**20))} MB needed); "
                 f"{kept}; free space and {go_on}"
             )
-        reason = {errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
-                  errno.EPERM: "permission denied"}.get(err.errno, err.strerror or str(err))
-        return CheckpointWriteError(f"cannot write {target}: {reason}; {kept}; make {self.run_dir} writable and {go_on}")
+        reason = {
+            errno.EROFS: "the file system is read-only",
+            errno.EACCES: "permission denied",
+            errno.EPERM: "permission denied",
+        }.get(err.errno, err.strerror or str(err))
+        return CheckpointWriteError(
+            f"cannot write {target}: {reason}; {kept}; make {self.run_dir} writable and {go_on}"
+        )
 
     def _rotate(self, epoch: int) -> None:
         """Delete epoch files older than the newest `keep_last` up to `epoch`, by number.

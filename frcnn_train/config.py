@@ -4,19 +4,20 @@ Hydra merges the YAML groups into these dataclasses, so a misspelled key or a
 wrong type fails at start with Hydra's own message, before any work is done.
 Only builders read these objects; modules and the Trainer take plain arguments.
 """
+
 from __future__ import annotations
 
 import difflib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, is_dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from frcnn_train.errors import ConfigError
-
 
 
 def _find_config_dir() -> str:
@@ -25,7 +26,9 @@ def _find_config_dir() -> str:
     for candidate in (package / "configs", package.parent / "configs"):
         if (candidate / "train.yaml").is_file():
             return str(candidate)
-    raise RuntimeError(f"frcnn_train's configs/ is missing (looked in {package} and {package.parent}); reinstall frcnn_train")
+    raise RuntimeError(
+        f"frcnn_train's configs/ is missing (looked in {package} and {package.parent}); reinstall frcnn_train"
+    )
 
 
 CONFIG_DIR = _find_config_dir()
@@ -39,14 +42,14 @@ class BackboneConfig:
     name: str = "resnet50_fpn"
     # ImageNet weights: a name of the backbone's torchvision weights enum (IMAGENET1K_V1, IMAGENET1K_V2,
     # DEFAULT; fetched once into torch's hub cache, frcnn_train/zoo.py), or a local file in torchvision's naming.
-    weights: Optional[str] = None
+    weights: str | None = None
     # How many stages (counted from the top) train; the rest are frozen. None: all.
-    trainable_layers: Optional[int] = None
+    trainable_layers: int | None = None
     # auto: FrozenBatchNorm2d with pretrained weights (as torchvision does), BatchNorm2d from scratch
     # (SyncBatchNorm under DDP on CUDA). syncbn: SyncBatchNorm under DDP, BatchNorm2d on one process.
     norm: str = "auto"  # auto | frozen_bn | bn | syncbn
     # Backbone stages that feed the FPN; None: the torchvision default for the backbone.
-    returned_layers: Optional[List[int]] = None
+    returned_layers: list[int] | None = None
     fpn_channels: int = 256  # channels of every FPN level
 
 
@@ -57,16 +60,16 @@ class AttentionConfig:
     type: str = "none"  # none | se | cbam | eca | nonlocal
     # Where blocks go: backbone.<stage>, fpn.<level>, roi_heads.box, roi_heads.mask, or a group of
     # them: backbone, fpn, roi_heads, backbone.last.
-    sites: List[str] = field(default_factory=list)
+    sites: list[str] = field(default_factory=list)
     reduction: int = 16  # SE / CBAM channel bottleneck
     kernel_size: int = 7  # CBAM spatial conv
-    eca_kernel_size: Optional[int] = None  # None: chosen from the channel count (ECA paper)
-    inner_channels: Optional[int] = None  # non-local; None: channels // 2
+    eca_kernel_size: int | None = None  # None: chosen from the channel count (ECA paper)
+    inner_channels: int | None = None  # non-local; None: channels // 2
     heads: int = 1  # non-local
     # Per-site changes, e.g. {"fpn.p3": {"type": "cbam", "reduction": 8}}.
-    overrides: Dict[str, Any] = field(default_factory=dict)
+    overrides: dict[str, Any] = field(default_factory=dict)
     # Start every block as an identity mapping; None: on when backbone weights are loaded.
-    identity_init: Optional[bool] = None
+    identity_init: bool | None = None
 
 
 @dataclass
@@ -79,16 +82,16 @@ class ModelConfig:
     # box head of box_head_convs 3x3 convs then one FC, BatchNorm in the mask head).
     version: str = "v1"
     # Object classes, background excluded (as in detectron2 / mmdetection). None: from the dataset.
-    num_classes: Optional[int] = None
+    num_classes: int | None = None
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     min_size: int = 800  # the shorter image side is resized to this (torchvision's GeneralizedRCNNTransform)
     max_size: int = 1333  # the longer image side is kept at most this, which may shrink the shorter one
-    image_mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])  # RGB, on the [0, 1] scale
-    image_std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])  # RGB, on the [0, 1] scale
+    image_mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])  # RGB, on the [0, 1] scale
+    image_std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])  # RGB, on the [0, 1] scale
     # One base size per FPN level; if the count differs, every level gets all sizes.
-    anchor_sizes: List[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
-    aspect_ratios: List[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])  # anchor height / width
+    anchor_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
+    aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])  # anchor height / width
     rpn_pre_nms_top_n_train: int = 2000  # RPN proposals per level kept before NMS, training
     rpn_pre_nms_top_n_test: int = 1000  # RPN proposals per level kept before NMS, evaluation and prediction
     rpn_post_nms_top_n_train: int = 2000  # RPN proposals per image kept after NMS, training
@@ -122,14 +125,14 @@ class DataConfig:
     """The dataset (group `data`: shapes, coco, voc; docs/data.md)."""
 
     name: str = "shapes"  # shapes | coco | voc
-    root: Optional[str] = None  # the dataset's directory (coco, voc); relative paths below are under it
-    train_images: Optional[str] = None  # coco: the training images' folder
-    train_ann: Optional[str] = None  # coco: the training instances JSON
-    val_images: Optional[str] = None  # coco: the validation images' folder
-    val_ann: Optional[str] = None  # coco: the validation instances JSON
+    root: str | None = None  # the dataset's directory (coco, voc); relative paths below are under it
+    train_images: str | None = None  # coco: the training images' folder
+    train_ann: str | None = None  # coco: the training instances JSON
+    val_images: str | None = None  # coco: the validation images' folder
+    val_ann: str | None = None  # coco: the validation instances JSON
     train_split: str = "train"  # voc: ImageSets/Main/<split>.txt of the training images
     val_split: str = "val"  # voc: the same for the validation images
-    classes: Optional[List[str]] = None  # voc: class names in label order; None: the 20 Pascal VOC classes
+    classes: list[str] | None = None  # voc: class names in label order; None: the 20 Pascal VOC classes
     skip_empty: bool = True  # drop training images without annotations
     # A truncated or undecodable image: error (stop, naming the file; last.pth saved first) or
     # skip (leave it out of its batch, with a warning naming it).
@@ -140,12 +143,12 @@ class DataConfig:
     group_by_aspect_ratio: bool = True
     hflip_prob: float = 0.5  # probability of a horizontal flip of a training image
     # [min, max] random rescale factor applied before the model's own resize; None: off.
-    scale_jitter: Optional[List[float]] = None
+    scale_jitter: list[float] | None = None
     # Loader worker processes: a number, or auto (on CUDA min(8, usable CPUs // processes on the node), on the
     # CPU 0); frcnn_train.data.resolve_num_workers says why.
     num_workers: Any = "auto"
     # shapes: generated once into cache_dir and reused; None: $FRCNN_DATA_CACHE or ~/.cache/frcnn_train.
-    cache_dir: Optional[str] = None
+    cache_dir: str | None = None
     shapes: ShapesConfig = field(default_factory=ShapesConfig)
 
 
@@ -157,7 +160,7 @@ class ParamGroupRule:
     # shorthands backbone, fpn, rpn, roi_heads, attention.
     match: str = ""
     lr_mult: float = 1.0  # the group's LR is optim.lr times this
-    weight_decay: Optional[float] = None  # None: optim.weight_decay
+    weight_decay: float | None = None  # None: optim.weight_decay
     freeze: bool = False  # true: the parameters never train (and never reach the optimizer)
 
 
@@ -168,16 +171,16 @@ class OptimConfig:
     name: str = "sgd"  # sgd | adamw
     lr: float = 0.01  # base learning rate, for a global batch of reference_batch images
     momentum: float = 0.9  # sgd only
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw only
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw only
     weight_decay: float = 1e-4  # L2 penalty (adamw: decoupled weight decay)
     # optim.lr is the LR of a global batch (processes x trainer.batch_size x trainer.accumulate) of this
     # many images; another global batch scales it linearly (Goyal et al.; detectron2's REFERENCE_WORLD_SIZE).
     # null: optim.lr is used as it is, whatever the batch.
-    reference_batch: Optional[int] = 4
+    reference_batch: int | None = 4
     # Norm weights and all biases get no weight decay (detectron2 / mmdetection default).
     no_decay_norm_and_bias: bool = True
     # Ordered rules giving parts of the model their own LR multiplier, weight decay, or freezing them.
-    param_groups: List[ParamGroupRule] = field(default_factory=list)
+    param_groups: list[ParamGroupRule] = field(default_factory=list)
 
 
 @dataclass
@@ -188,7 +191,7 @@ class ScheduleConfig:
     warmup_steps: int = 100  # optimizer steps of linear warmup; 0: none
     warmup_factor: float = 0.001  # the warmup starts at this fraction of the LR
     # multistep: epochs (fractions allowed) at which the LR is multiplied by gamma.
-    milestones: List[float] = field(default_factory=lambda: [10, 13])
+    milestones: list[float] = field(default_factory=lambda: [10, 13])
     gamma: float = 0.1  # multistep: the factor at each milestone
     # cosine: final LR as a fraction of the base LR.
     min_lr_factor: float = 0.0
@@ -200,7 +203,7 @@ class EmaConfig:
 
     # Exponential moving average of the weights (frcnn_train/ema.py); null: off. 0.9998 (Ultralytics) for
     # long runs; shorter runs want less (the default run: see docs/fine-tuning.md, "EMA of the weights").
-    decay: Optional[float] = None
+    decay: float | None = None
     warmup_steps: int = 2000  # the decay ramps up as decay * (1 - exp(-updates / warmup_steps)); 0: no ramp
     every: int = 1  # optimizer steps between updates
 
@@ -213,12 +216,12 @@ class TrainerConfig:
     batch_size: int = 2  # images per process and step
     amp: bool = False  # autocast: fp16 or bf16 on CUDA, bf16 on CPUs with AVX-512 (runtime.amp_dtype)
     amp_dtype: str = "fp16"  # fp16 | bf16
-    grad_clip: Optional[float] = None  # max total gradient norm
+    grad_clip: float | None = None  # max total gradient norm
     accumulate: int = 1  # batches per optimizer step
     eval_every: int = 1  # epochs; 0: only at the end
     checkpoint_every_steps: int = 0  # 0: only at epoch ends
     keep_last: int = 3  # per-epoch checkpoint files kept; 0 keeps none
-    max_steps: Optional[int] = None  # stop (and save) after this many optimizer steps
+    max_steps: int | None = None  # stop (and save) after this many optimizer steps
     log_every: int = 20  # steps between TensorBoard scalar writes
     vis_images: int = 4  # validation images drawn into TensorBoard
     # Per-class PR curves and a confusion matrix at each evaluation: PNG under <run>/plots/ and TensorBoard.
@@ -245,7 +248,7 @@ class InitConfig:
     """How init_from loads weights (docs/fine-tuning.md)."""
 
     # Ordered renames applied to init_from keys: {"from": "prefix or regex", "to": "..."}.
-    remap: List[Dict[str, str]] = field(default_factory=list)
+    remap: list[dict[str, str]] = field(default_factory=list)
     strict: bool = False  # any skipped, missing or unexpected tensor is an error
     trust: bool = False  # allow full unpickling of init_from files
     raw: bool = False  # of an frcnn_train checkpoint with EMA weights, take the trained ones instead
@@ -259,10 +262,10 @@ class TrainConfig:
     output_dir: str = "outputs"  # where run directories (and sweeps' records) go
     seed: int = 42  # any integer; the same seed repeats the run
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    resume: Optional[str] = None  # a checkpoint file, a run directory, or auto
+    resume: str | None = None  # a checkpoint file, a run directory, or auto
     # A new run into a directory that holds a run moves the old one aside (to <run_name>.old-<time>).
     overwrite: bool = False
-    init_from: Optional[str] = None  # weights to start from (fine-tuning); never optimizer state or counters
+    init_from: str | None = None  # weights to start from (fine-tuning); never optimizer state or counters
     init: InitConfig = field(default_factory=InitConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -301,7 +304,7 @@ START_KEYS = ("resume", "run_name", "output_dir", "overwrite", "init_from", "ini
 
 
 def _job_suffix() -> str:
-    """"_<job number>" inside a Hydra multirun, else "": the default run_name of each job differs."""
+    """ "_<job number>" inside a Hydra multirun, else "": the default run_name of each job differs."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -387,15 +390,20 @@ VALUE_RULES: dict[str, tuple[Any, str]] = {
     "optim.lr": (_non_negative, "a number >= 0, e.g. 0.01"),
     "optim.weight_decay": (_non_negative, "a number >= 0"),
     "optim.momentum": (lambda v: _non_negative(v) and v < 1, "a number in [0, 1)"),
-    "optim.betas": (lambda v: len(v) == 2 and all(_non_negative(b) and b < 1 for b in v),
-                    "two numbers in [0, 1), e.g. [0.9, 0.999]"),
+    "optim.betas": (
+        lambda v: len(v) == 2 and all(_non_negative(b) and b < 1 for b in v),
+        "two numbers in [0, 1), e.g. [0.9, 0.999]",
+    ),
     "schedule.warmup_steps": (_non_negative, "a whole number >= 0 (0: no warmup)"),
     "schedule.warmup_factor": (lambda v: _positive(v) and v <= 1, "a number in (0, 1]"),
     "schedule.gamma": (_positive, "a number > 0"),
     "schedule.min_lr_factor": (_fraction, "a number in [0, 1]"),
     "schedule.milestones": (lambda v: all(_positive(m) for m in v), "epochs > 0"),
     "optim.reference_batch": (_or_null(_positive), "a whole number of images >= 1, or null to use optim.lr as it is"),
-    "trainer.ema.decay": (_or_null(lambda v: _positive(v) and v < 1), "a number in (0, 1), e.g. 0.999, or null for no EMA"),
+    "trainer.ema.decay": (
+        _or_null(lambda v: _positive(v) and v < 1),
+        "a number in (0, 1), e.g. 0.999, or null for no EMA",
+    ),
     "trainer.ema.warmup_steps": (_non_negative, "a whole number >= 0 (0: the full decay from the first update)"),
     "trainer.ema.every": (_positive, "a whole number >= 1"),
     "model.num_classes": (_or_null(_positive), "a whole number >= 1 (background excluded), or null"),
@@ -425,12 +433,16 @@ VALUE_RULES: dict[str, tuple[Any, str]] = {
     "model.backbone.trainable_layers": (_or_null(_non_negative), "a whole number >= 0, or null for all"),
     "model.attention.reduction": (_positive, "a whole number >= 1"),
     "model.attention.heads": (_positive, "a whole number >= 1"),
-    "data.num_workers": (lambda v: v == "auto" or worker_count(v) is not None,
-                         "a whole number >= 0 (0: load in the main process), or auto"),
+    "data.num_workers": (
+        lambda v: v == "auto" or worker_count(v) is not None,
+        "a whole number >= 0 (0: load in the main process), or auto",
+    ),
     "data.hflip_prob": (_fraction, "a probability in [0, 1]"),
     "data.bad_images": (lambda v: v in ("error", "skip"), "error or skip"),
-    "eval.backend": (lambda v: v in ("auto", "pycocotools", "faster_coco_eval"),
-                     "auto, pycocotools or faster_coco_eval"),
+    "eval.backend": (
+        lambda v: v in ("auto", "pycocotools", "faster_coco_eval"),
+        "auto, pycocotools or faster_coco_eval",
+    ),
     "data.shapes.num_train": (_positive, "a whole number >= 1"),
     "data.shapes.num_val": (_positive, "a whole number >= 1"),
     "data.shapes.image_size": (_positive, "a whole number of pixels >= 1"),
@@ -458,6 +470,7 @@ def check_values(cfg: DictConfig, keys: Sequence[str] | None = None) -> None:
     `keys` limits the check to those keys and the keys under them (evaluate checks
     only what it lets a user change); None checks every rule.
     """
+
     def wanted(key: str) -> bool:
         return keys is None or any(key == k or key.startswith(k + ".") for k in keys)
 
@@ -482,9 +495,11 @@ def check_values(cfg: DictConfig, keys: Sequence[str] | None = None) -> None:
         if not OmegaConf.is_missing(cfg, "trainer.best_metric"):
             from frcnn_train.evaluation import metric_problem
 
-            if problem := metric_problem(cfg.trainer.best_metric, with_masks=cfg.model.arch == "mask_rcnn",
-                                         ema=OmegaConf.select(cfg, "trainer.ema.decay") is not None):
+            if problem := metric_problem(
+                cfg.trainer.best_metric,
+                with_masks=cfg.model.arch == "mask_rcnn",
+                ema=OmegaConf.select(cfg, "trainer.ema.decay") is not None,
+            ):
                 problems.append(problem)
     if problems:
         raise ConfigError(f"{'; '.join(problems)}; fix {'this value' if len(problems) == 1 else 'these values'}")
-

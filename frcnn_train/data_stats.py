@@ -5,6 +5,7 @@ ratios are given after the model's resize (GeneralizedRCNNTransform: model.min_s
 where they meet the anchors; small / medium / large are COCO's area ranges on the annotations'
 own pixels, as COCOeval's APs / APm / APl count them.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -29,8 +30,9 @@ class SplitStats:
     area: np.ndarray  # [objects] COCO area, the annotations' pixels
 
 
-def split_stats(name: str, dataset: Any, num_classes: int, setup: AnchorSetup, *, left_out: int = 0,
-                crowd_left_out: int = 0) -> SplitStats:
+def split_stats(
+    name: str, dataset: Any, num_classes: int, setup: AnchorSetup, *, left_out: int = 0, crowd_left_out: int = 0
+) -> SplitStats:
     """Stats of one split; `left_out` images and `crowd_left_out` crowd regions the reader dropped (train)."""
     records = [dataset.record(i) for i in range(len(dataset))]
     crowd = crowd_left_out + sum(int(r["iscrowd"].sum()) for r in records)
@@ -39,10 +41,15 @@ def split_stats(name: str, dataset: Any, num_classes: int, setup: AnchorSetup, *
     boxes = Boxes.from_dataset(dataset)
     resized, _ = resize_boxes(boxes, setup.min_size, setup.max_size)
     return SplitStats(
-        name=name, images=len(records), empty_images=int((counts == 0).sum()) + left_out, crowd=crowd,
-        objects_per_image=counts, per_class=np.bincount(labels, minlength=num_classes + 1)[1:],
+        name=name,
+        images=len(records),
+        empty_images=int((counts == 0).sum()) + left_out,
+        crowd=crowd,
+        objects_per_image=counts,
+        per_class=np.bincount(labels, minlength=num_classes + 1)[1:],
         image_hw=np.array([r["size"] for r in records], dtype=np.int64).reshape(-1, 2),
-        box_wh=resized[:, 2:] - resized[:, :2], area=boxes.area,
+        box_wh=resized[:, 2:] - resized[:, :2],
+        area=boxes.area,
     )
 
 
@@ -54,8 +61,10 @@ def _pct(values: np.ndarray, digits: int = 0) -> str:
 
 
 def format_stats(stats: list[SplitStats], classes: list[str], setup: AnchorSetup) -> str:
-    lines = [f"(sizes after the model's resize: model.min_size={setup.min_size}, max_size={setup.max_size}; "
-             "distributions as min / p10 / median / p90 / max)"]
+    lines = [
+        f"(sizes after the model's resize: model.min_size={setup.min_size}, max_size={setup.max_size}; "
+        "distributions as min / p10 / median / p90 / max)"
+    ]
     for s in stats:
         side = np.sqrt(np.prod(s.box_wh, axis=1)) if s.box_wh.size else np.zeros(0)
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -99,19 +108,23 @@ def stats_figures(stats: list[SplitStats], classes: list[str], setup: AnchorSetu
 
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     for s in stats:
-        axes[0].hist(s.objects_per_image, bins=np.arange(s.objects_per_image.max(initial=0) + 2) - 0.5,
-                     alpha=0.6, label=s.name)
+        axes[0].hist(
+            s.objects_per_image, bins=np.arange(s.objects_per_image.max(initial=0) + 2) - 0.5, alpha=0.6, label=s.name
+        )
         axes[1].scatter(s.image_hw[:, 1], s.image_hw[:, 0], s=4, alpha=0.4, label=s.name)
         side = np.sqrt(np.prod(s.box_wh, axis=1))
         if side.size:
-            axes[2].hist(side, bins=np.geomspace(max(side.min(), 1), max(side.max(), 2), 40), alpha=0.6,
-                         label=s.name)
+            axes[2].hist(side, bins=np.geomspace(max(side.min(), 1), max(side.max(), 2), 40), alpha=0.6, label=s.name)
     for size in sorted(set(setup.sizes)):
         axes[2].axvline(size, color="k", linestyle=":", linewidth=1)
     axes[0].set(xlabel="objects per image", ylabel="images", title="objects per image")
     axes[1].set(xlabel="width (px)", ylabel="height (px)", title="image sizes (annotations' pixels)")
-    axes[2].set(xscale="log", xlabel="sqrt(w*h) after resize (px); dotted: model.anchor_sizes", ylabel="boxes",
-                title="box sizes as the model sees them")
+    axes[2].set(
+        xscale="log",
+        xlabel="sqrt(w*h) after resize (px); dotted: model.anchor_sizes",
+        ylabel="boxes",
+        title="box sizes as the model sees them",
+    )
     for ax in axes:
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -121,12 +134,12 @@ def stats_figures(stats: list[SplitStats], classes: list[str], setup: AnchorSetu
     for s in stats:
         if s.box_wh.size:
             axes[0].scatter(s.box_wh[:, 0], s.box_wh[:, 1], s=3, alpha=0.3, label=s.name)
-            axes[1].hist(np.log2(s.box_wh[:, 0] / np.maximum(s.box_wh[:, 1], 1e-9)), bins=40, alpha=0.6,
-                         label=s.name)
+            axes[1].hist(np.log2(s.box_wh[:, 0] / np.maximum(s.box_wh[:, 1], 1e-9)), bins=40, alpha=0.6, label=s.name)
     for r in setup.ratios:
         axes[1].axvline(np.log2(1 / r), color="k", linestyle=":", linewidth=1)  # torchvision's ratio is h/w
-    axes[0].set(xscale="log", yscale="log", xlabel="box width (px, after resize)", ylabel="box height",
-                title="box shapes")
+    axes[0].set(
+        xscale="log", yscale="log", xlabel="box width (px, after resize)", ylabel="box height", title="box shapes"
+    )
     axes[1].set(xlabel="log2(w/h); dotted: model.aspect_ratios", ylabel="boxes", title="box aspect ratios")
     for ax in axes:
         ax.legend(fontsize=8)

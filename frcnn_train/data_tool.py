@@ -9,14 +9,16 @@ what a run would read:
   stats    images, objects, classes, sizes after the model's resize: a table and PNG plots (--out)
   show N   N training samples after the training transforms, ground truth drawn (--out)
 """
+
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
@@ -51,14 +53,18 @@ def check(overrides: Sequence[str], *, decode: bool = True, keep: int = 5) -> tu
         lines += [f"{split}:\n{p.format()}" for split, p in problems.items() if p.groups]
         lines.append(f"  ERROR  reading stopped: {err}")
         return "\n".join(lines), 2
-    lines.append(f"data={cfg.data.name}, model={cfg.model.arch}: {len(data.classes)} classes "
-                 f"({', '.join(data.classes[:10])}{', ...' if len(data.classes) > 10 else ''})")
+    lines.append(
+        f"data={cfg.data.name}, model={cfg.model.arch}: {len(data.classes)} classes "
+        f"({', '.join(data.classes[:10])}{', ...' if len(data.classes) > 10 else ''})"
+    )
     for split, dataset in (("train", data.train), ("val", data.val)):
         if decode:
             _decode_all(dataset)
         objects = sum(int((dataset.record(i)["iscrowd"] == 0).sum()) for i in range(len(dataset)))
-        lines.append(f"{split}: {dataset.source}: {len(dataset)} images, {objects} objects"
-                     f"{'' if decode else ' (images not decoded: --no-decode)'}")
+        lines.append(
+            f"{split}: {dataset.source}: {len(dataset)} images, {objects} objects"
+            f"{'' if decode else ' (images not decoded: --no-decode)'}"
+        )
         lines.append(problems[split].format())
     fit = fit_anchors(Boxes.from_dataset(data.train), setup_from_config(cfg.model))
     lines.append(fit.format())
@@ -71,9 +77,15 @@ def check(overrides: Sequence[str], *, decode: bool = True, keep: int = 5) -> tu
     elif code == 1:
         repairs = max(p.exit_code() for p in problems.values()) == 1
         anchors = fit.recall < TARGET
-        verdict = "warnings only: training runs" + (", repairing or leaving out what is listed" if repairs else "") + (
-            f"{' and' if repairs else ','} with anchors that miss boxes (best possible recall under {TARGET})"
-            if anchors else "")
+        verdict = (
+            "warnings only: training runs"
+            + (", repairing or leaving out what is listed" if repairs else "")
+            + (
+                f"{' and' if repairs else ','} with anchors that miss boxes (best possible recall under {TARGET})"
+                if anchors
+                else ""
+            )
+        )
     else:
         verdict = "clean"
     lines.append(f"result: {verdict} (exit {code})")
@@ -95,16 +107,24 @@ def stats(overrides: Sequence[str], out: Path | None) -> tuple[str, list[Path]]:
     cfg, data = load(overrides, problems)
     setup = setup_from_config(cfg.model)
     train = problems["train"].groups
-    rows = [split_stats("train", data.train, len(data.classes), setup,
-                        left_out=train["image without training targets"].count
-                        if "image without training targets" in train else 0,
-                        crowd_left_out=train["crowd region"].count if "crowd region" in train else 0),
-            split_stats("val", data.val, len(data.classes), setup)]
+    rows = [
+        split_stats(
+            "train",
+            data.train,
+            len(data.classes),
+            setup,
+            left_out=train["image without training targets"].count if "image without training targets" in train else 0,
+            crowd_left_out=train["crowd region"].count if "crowd region" in train else 0,
+        ),
+        split_stats("val", data.val, len(data.classes), setup),
+    ]
     table = format_stats(rows, data.classes, setup)
     errors = sum(p.count(ERROR) for p in problems.values())
     if errors:
-        table += (f"\n({errors} problem(s) of the files would stop training and are left out of these numbers; "
-                  "`frcnn-data check` lists them)")
+        table += (
+            f"\n({errors} problem(s) of the files would stop training and are left out of these numbers; "
+            "`frcnn-data check` lists them)"
+        )
     written = write_stats(out, rows, data.classes, setup) if out is not None else []
     return table, written
 
@@ -144,9 +164,12 @@ def show(count: int, overrides: Sequence[str], out: Path, *, model_input: bool =
 # ---------------------------------------------------------------- command line
 def build_parser() -> argparse.ArgumentParser:
     """The command's arguments; docs/ generates the command-line reference from it."""
-    parser = argparse.ArgumentParser(prog=prog_name("frcnn_train.data_tool"), description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.splitlines()[6:]))
+    parser = argparse.ArgumentParser(
+        prog=prog_name("frcnn_train.data_tool"),
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.splitlines()[6:]),
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     overrides_help = "config overrides as for training, e.g. data=coco data.root=/data/coco"
     p = sub.add_parser("check", help="every problem of the files, and the anchor fit (exit 0 / 1 / 2)")

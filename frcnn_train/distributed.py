@@ -2,6 +2,7 @@
 
 Outside torchrun every function behaves as a single process of rank 0.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -38,8 +39,9 @@ def init_from_env(device: torch.device) -> None:
     timeout = datetime.timedelta(minutes=30)
     store, rank_, size = next(dist.rendezvous("env://", timeout=timeout))
     store = dist.PrefixStore(_fresh_namespace(store, rank_, size), store)
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", store=store,
-                            rank=rank_, world_size=size, timeout=timeout)
+    dist.init_process_group(
+        backend="nccl" if device.type == "cuda" else "gloo", store=store, rank=rank_, world_size=size, timeout=timeout
+    )
     use_host_memory_for_objects(device, timeout)
 
 
@@ -198,8 +200,12 @@ def launcher() -> str:
     restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
     words = ["torchrun"]
     if nodes > 1:
-        words += [f"--nnodes={nodes}", f"--nproc_per_node={per_node}", "--rdzv-backend=c10d",
-                  "--rdzv-endpoint=<host:port>"]
+        words += [
+            f"--nnodes={nodes}",
+            f"--nproc_per_node={per_node}",
+            "--rdzv-backend=c10d",
+            "--rdzv-endpoint=<host:port>",
+        ]
     else:
         words += [f"--nproc_per_node={per_node}"]
     if restarts:
@@ -217,7 +223,7 @@ class StopRequest:
         self._first = 0.0
         self._previous: dict[int, Any] = {}
 
-    def __enter__(self) -> "StopRequest":
+    def __enter__(self) -> StopRequest:
         self._previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         return self
 

@@ -7,6 +7,7 @@ drag the random initial weights along early on (Ultralytics' tau). Averaged weig
 detector usually score higher than the last weights and move less from one epoch to the
 next; evaluate, predict, init_from and export use them when a checkpoint has them.
 """
+
 from __future__ import annotations
 
 import copy

@@ -2,12 +2,14 @@
 
 Each message names the cause (the file, key or value) and the fix.
 """
+
 import re
 
 # torch's DataLoader re-raises a worker's exception as `type(err)(text)`, where the text is
 # "Caught DataError in DataLoader worker process 0.\nOriginal Traceback ...\n<module.Class>: <message>".
 _WORKER_TEXT = re.compile(
-    r"\ACaught \w+ in DataLoader worker process \d+\.\nOriginal Traceback.*\n[\w.]+: ([^\n]+)\n?\Z", re.DOTALL)
+    r"\ACaught \w+ in DataLoader worker process \d+\.\nOriginal Traceback.*\n[\w.]+: ([^\n]+)\n?\Z", re.DOTALL
+)
 
 
 class UserError(Exception):

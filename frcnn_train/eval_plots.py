@@ -12,11 +12,13 @@ objects to find: detections on them are left out, as COCOeval ignores them.
 Only evaluation calls this (never the training step). Without matplotlib the numbers are
 still computed and evaluation goes on; the figures are skipped with one hint how to get them.
 """
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -60,8 +62,9 @@ def pr_curves(evaluator: Any) -> dict[str, dict[str, np.ndarray]]:
     return out
 
 
-def confusion_matrix(coco_gt: Any, results: Sequence[dict[str, Any]], *, iou_threshold: float = 0.5,
-                     score_threshold: float = 0.5) -> tuple[np.ndarray, list[str]]:
+def confusion_matrix(
+    coco_gt: Any, results: Sequence[dict[str, Any]], *, iou_threshold: float = 0.5, score_threshold: float = 0.5
+) -> tuple[np.ndarray, list[str]]:
     """[K + 1, K + 1] counts (rows: true class, columns: predicted; index K: background) and the K class names
     in the ground truth's category order."""
     cat_ids = sorted(coco_gt.getCatIds())
@@ -166,8 +169,9 @@ def confusion_figure(matrix: np.ndarray, names: list[str], *, normalised: bool, 
     return fig
 
 
-def evaluation_figures(coco_gt: Any, evaluators: dict[str, Any], results: Sequence[dict[str, Any]], *,
-                       score_threshold: float = 0.5) -> dict[str, Any]:
+def evaluation_figures(
+    coco_gt: Any, evaluators: dict[str, Any], results: Sequence[dict[str, Any]], *, score_threshold: float = 0.5
+) -> dict[str, Any]:
     """{name: matplotlib figure}: PR curves per IoU type (where COCOeval ran: there were detections), the
     box confusion matrix in counts and normalised. Empty without matplotlib."""
     if matplotlib_or_none() is None:
@@ -179,7 +183,8 @@ def evaluation_figures(coco_gt: Any, evaluators: dict[str, Any], results: Sequen
     where = f"IoU 0.5, score >= {score_threshold}"
     figures["confusion"] = confusion_figure(matrix, names, normalised=False, title=f"confusion ({where})")
     figures["confusion_normalised"] = confusion_figure(
-        matrix, names, normalised=True, title=f"confusion, share of each true class ({where})")
+        matrix, names, normalised=True, title=f"confusion, share of each true class ({where})"
+    )
     return figures
 
 

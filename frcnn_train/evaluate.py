@@ -5,13 +5,15 @@ the Trainer does (same eval loader, batch size and autocast), so on the run's
 own val split the numbers equal the ones the run logged. Only data, device and
 batch-size keys may be overridden: the architecture is the checkpoint's.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -54,9 +56,15 @@ def _override_keys(overrides: Sequence[str]) -> list[str]:
     return [o.key_or_group.replace("/", ".") for o in parsed]
 
 
-def apply_overrides(saved: dict[str, Any], overrides: Sequence[str], *, command: str = "evaluate",
-                    allowed: Sequence[str] = ALLOWED_KEYS, source: str = "the checkpoint",
-                    versions: dict[str, Any] | None = None) -> DictConfig:
+def apply_overrides(
+    saved: dict[str, Any],
+    overrides: Sequence[str],
+    *,
+    command: str = "evaluate",
+    allowed: Sequence[str] = ALLOWED_KEYS,
+    source: str = "the checkpoint",
+    versions: dict[str, Any] | None = None,
+) -> DictConfig:
     """The checkpoint's config with data overrides and the `allowed` keys (evaluate: device, batch size,
     autocast; export: none); model.* is refused.
 
@@ -76,8 +84,10 @@ def apply_overrides(saved: dict[str, Any], overrides: Sequence[str], *, command:
         )
     other = [k for k in keys if k not in allowed and k != "data" and not k.startswith("data.")]
     if other:
-        raise ConfigError(f"{command} cannot override {', '.join(other)}; it accepts data= and data.* (e.g. "
-                          f"data.root=, data.num_workers=){''.join(f', {k}' for k in allowed)}")
+        raise ConfigError(
+            f"{command} cannot override {', '.join(other)}; it accepts data= and data.* (e.g. "
+            f"data.root=, data.num_workers=){''.join(f', {k}' for k in allowed)}"
+        )
     composed = compose_overrides(overrides)
     if "data" in keys:
         cfg.data = composed.data
@@ -93,8 +103,9 @@ def load_model(ckpt: dict[str, Any], cfg: DictConfig, source: str, *, raw: bool 
     model = build_model(cfg.model, read_backbone_weights=False)
     spec = architecture_spec(cfg.model)
     if lines := config_mismatch(ckpt, spec, model):  # a load would fail, or (same shapes) load the wrong model
-        raise CheckpointError(f"the config in {source} does not match its weights ({'; '.join(lines[:4])}); "
-                              f"{mismatch_advice(ckpt, spec)}")
+        raise CheckpointError(
+            f"the config in {source} does not match its weights ({'; '.join(lines[:4])}); {mismatch_advice(ckpt, spec)}"
+        )
     weights, _ = checkpoint.inference_weights(ckpt, raw=raw)
     if not raw and (why := checkpoint.ema_skipped(ckpt)):
         log.warning("%s: %s.", source, why)
@@ -102,15 +113,22 @@ def load_model(ckpt: dict[str, Any], cfg: DictConfig, source: str, *, raw: bool 
     return model.eval()
 
 
-def run_evaluation(ckpt_path: str | Path, overrides: Sequence[str] = (),
-                   out: str | Path | None = None, *, raw: bool = False,
-                   plots: str | Path | None = None) -> tuple[dict[str, float], Path, str]:
+def run_evaluation(
+    ckpt_path: str | Path,
+    overrides: Sequence[str] = (),
+    out: str | Path | None = None,
+    *,
+    raw: bool = False,
+    plots: str | Path | None = None,
+) -> tuple[dict[str, float], Path, str]:
     """Evaluate a checkpoint (its EMA weights when it has them, unless `raw`); returns the metrics, the
     COCO results file written and which weights ran ("ema" or "raw"). `plots`: a directory for the PR
     curves and the confusion matrix (PNG)."""
     if is_zoo_source(str(ckpt_path)):  # its labels are COCO's 91 ids, not a dataset's classes
-        raise ConfigError(f"frcnn-evaluate takes a checkpoint or run directory, not {ckpt_path}; predict with it "
-                          "(frcnn-predict), or evaluate a run fine-tuned from it (init_from=torchvision)")
+        raise ConfigError(
+            f"frcnn-evaluate takes a checkpoint or run directory, not {ckpt_path}; predict with it "
+            "(frcnn-predict), or evaluate a run fine-tuned from it (init_from=torchvision)"
+        )
     path = checkpoint.checkpoint_in(ckpt_path)
     out_path = _results_path(out, path)
     ckpt = checkpoint.load_checkpoint(path)
@@ -128,13 +146,22 @@ def run_evaluation(ckpt_path: str | Path, overrides: Sequence[str] = (),
             "would be scored as the wrong categories; evaluate on a dataset with the same classes"
         )
     model = load_model(ckpt, cfg, str(path), raw=raw).to(device)
-    loader = build_eval_loader(data.val, batch_size=cfg.trainer.batch_size,
-                               num_workers=resolve_num_workers(cfg.data.num_workers, device))
+    loader = build_eval_loader(
+        data.val, batch_size=cfg.trainer.batch_size, num_workers=resolve_num_workers(cfg.data.num_workers, device)
+    )
     dtype = amp_dtype(cfg.trainer.amp, cfg.trainer.amp_dtype, device)
     evaluators: dict[str, Any] = {}
-    metrics, results = evaluate(model, loader, coco_gt=data.val.coco, label_to_cat_id=data.val.label_to_cat_id,
-                                device=device, with_masks=with_masks, autocast_dtype=dtype, evaluators=evaluators,
-                                backend=cfg.eval.backend)
+    metrics, results = evaluate(
+        model,
+        loader,
+        coco_gt=data.val.coco,
+        label_to_cat_id=data.val.label_to_cat_id,
+        device=device,
+        with_masks=with_masks,
+        autocast_dtype=dtype,
+        evaluators=evaluators,
+        backend=cfg.eval.backend,
+    )
     if plots is not None:
         _write_plots(Path(plots).expanduser(), data.val.coco, evaluators, results)
     # COCO.loadRes adds area / id / iscrowd (and box polygons) to the dicts it is given; write only ours.
@@ -143,8 +170,9 @@ def run_evaluation(ckpt_path: str | Path, overrides: Sequence[str] = (),
     try:
         outputs.write_file(out_path, json.dumps(results).encode("utf-8"))
     except OSError as err:
-        raise ConfigError(f"the detections could not be written to {out_path} ({err.strerror}); "
-                          "give a writable file with --out") from None
+        raise ConfigError(
+            f"the detections could not be written to {out_path} ({err.strerror}); give a writable file with --out"
+        ) from None
     return metrics, out_path, checkpoint.inference_weights(ckpt, raw=raw)[1]
 
 
@@ -157,8 +185,9 @@ def _write_plots(out_dir: Path, coco_gt: Any, evaluators: dict[str, Any], result
     try:
         save_figures(figures, out_dir)
     except OSError as err:
-        raise ConfigError(f"the plots could not be written to {out_dir} ({err.strerror}); "
-                          "give a writable directory with --plots") from None
+        raise ConfigError(
+            f"the plots could not be written to {out_dir} ({err.strerror}); give a writable directory with --plots"
+        ) from None
 
 
 def _results_path(out: str | Path | None, ckpt_path: Path) -> Path:
@@ -168,8 +197,13 @@ def _results_path(out: str | Path | None, ckpt_path: Path) -> Path:
     out_path = Path(out).expanduser() if out else ckpt_path.parent / name
     if out_path.is_dir():
         out_path = out_path / name
-    outputs.check_file(out_path, kind="detections", command="frcnn-evaluate", example=ckpt_path.parent / name,
-                       reads={ckpt_path: "the checkpoint it evaluates"})
+    outputs.check_file(
+        out_path,
+        kind="detections",
+        command="frcnn-evaluate",
+        example=ckpt_path.parent / name,
+        reads={ckpt_path: "the checkpoint it evaluates"},
+    )
     return out_path
 
 
@@ -177,15 +211,21 @@ def build_parser() -> argparse.ArgumentParser:
     """The command's arguments; docs/ generates the command-line reference from it."""
     parser = argparse.ArgumentParser(prog=prog_name("frcnn_train.evaluate"), description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="checkpoint file (or run directory: best.pth, else last.pth)")
-    parser.add_argument("overrides", nargs="*",
-                        help="data=..., data.*=..., device=..., trainer.batch_size=..., eval.backend=...")
-    parser.add_argument("--out", help="COCO results JSON, or a directory for it "
-                                      "(default: <ckpt dir>/detections_<ckpt stem>.json)")
-    parser.add_argument("--plots", metavar="DIR",
-                        help="write per-class PR curves and a confusion matrix (PNG, needs matplotlib) to DIR")
+    parser.add_argument(
+        "overrides", nargs="*", help="data=..., data.*=..., device=..., trainer.batch_size=..., eval.backend=..."
+    )
+    parser.add_argument(
+        "--out", help="COCO results JSON, or a directory for it (default: <ckpt dir>/detections_<ckpt stem>.json)"
+    )
+    parser.add_argument(
+        "--plots", metavar="DIR", help="write per-class PR curves and a confusion matrix (PNG, needs matplotlib) to DIR"
+    )
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON instead of a table")
-    parser.add_argument("--raw", action="store_true",
-                        help="evaluate the trained weights, not the EMA's (for checkpoints of runs with trainer.ema)")
+    parser.add_argument(
+        "--raw",
+        action="store_true",
+        help="evaluate the trained weights, not the EMA's (for checkpoints of runs with trainer.ema)",
+    )
     return parser
 
 

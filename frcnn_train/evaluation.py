@@ -1,11 +1,13 @@
 """COCO-style evaluation with COCOeval (pycocotools', or faster-coco-eval's with eval.backend), boxes and masks."""
+
 from __future__ import annotations
 
 import contextlib
 import importlib.util
 import io
 import weakref
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import pycocotools.mask as mask_util
@@ -38,8 +40,10 @@ def coco_api(backend: str = "auto") -> tuple[type, type]:
             from faster_coco_eval import COCO as FasterCOCO
             from faster_coco_eval import COCOeval_faster
         except ImportError:
-            raise ConfigError("eval.backend=faster_coco_eval needs the faster-coco-eval package, which is not "
-                              "installed; pip install 'frcnn_train[eval]' or set eval.backend=pycocotools") from None
+            raise ConfigError(
+                "eval.backend=faster_coco_eval needs the faster-coco-eval package, which is not "
+                "installed; pip install 'frcnn_train[eval]' or set eval.backend=pycocotools"
+            ) from None
         return FasterCOCO, COCOeval_faster
     return COCO, COCOeval
 
@@ -112,8 +116,13 @@ def run_cocoeval(coco_gt: COCO, results: list[dict[str, Any]], iou_type: str, ba
     return evaluator
 
 
-def coco_metrics(coco_gt: COCO, results: list[dict[str, Any]], iou_type: str, backend: str = "auto",
-                 keep: dict[str, Any] | None = None) -> dict[str, float]:
+def coco_metrics(
+    coco_gt: COCO,
+    results: list[dict[str, Any]],
+    iou_type: str,
+    backend: str = "auto",
+    keep: dict[str, Any] | None = None,
+) -> dict[str, float]:
     """AP, AP50, AP75, APs, APm, APl and "AP-<class>" per category for one IoU type ("bbox" or "segm").
 
     `keep`: the accumulated COCOeval is stored there under `iou_type`, for the plots (eval_plots)."""
@@ -123,8 +132,10 @@ def coco_metrics(coco_gt: COCO, results: list[dict[str, Any]], iou_type: str, ba
     if keep is not None:
         keep[iou_type] = evaluator
     # -1 (pycocotools' convention) means "no ground truth of that size", e.g. APl on small images.
-    return {**{name: round(float(v), METRIC_DECIMALS) for name, v in zip(METRIC_NAMES, evaluator.stats[:6])},
-            **per_class_ap(evaluator)}
+    return {
+        **{name: round(float(v), METRIC_DECIMALS) for name, v in zip(METRIC_NAMES, evaluator.stats[:6])},
+        **per_class_ap(evaluator),
+    }
 
 
 # ---------------------------------------------------------------- per-class AP
@@ -149,8 +160,10 @@ def per_class_ap(evaluator: COCOeval) -> dict[str, float]:
 
 def _no_detections_per_class(coco_gt: COCO) -> dict[str, float]:
     """Per-class AP when nothing was detected: 0 for a category with ground truth, -1 without."""
-    return {f"{PER_CLASS_PREFIX}{c['name']}": 0.0 if coco_gt.getAnnIds(catIds=[c["id"]]) else -1.0
-            for c in coco_gt.loadCats(sorted(coco_gt.getCatIds()))}
+    return {
+        f"{PER_CLASS_PREFIX}{c['name']}": 0.0 if coco_gt.getAnnIds(catIds=[c["id"]]) else -1.0
+        for c in coco_gt.loadCats(sorted(coco_gt.getCatIds()))
+    }
 
 
 def metric_problem(name: str, *, with_masks: bool, ema: bool, classes: Sequence[str] | None = None) -> str | None:
@@ -161,17 +174,25 @@ def metric_problem(name: str, *, with_masks: bool, ema: bool, classes: Sequence[
     """
     types = ("bbox", "segm") if with_masks else ("bbox",)
     iou_type, _, metric = str(name).removeprefix(EMA_PREFIX if ema else "").partition("/")
-    if iou_type in types and (metric in METRIC_NAMES or metric.startswith(PER_CLASS_PREFIX) and (
-            classes is None or metric[len(PER_CLASS_PREFIX):] in classes)):
+    if iou_type in types and (
+        metric in METRIC_NAMES
+        or metric.startswith(PER_CLASS_PREFIX)
+        and (classes is None or metric[len(PER_CLASS_PREFIX) :] in classes)
+    ):
         return None
     shown = "" if classes is None else f" ({', '.join(list(classes)[:8])}{', ...' if len(classes) > 8 else ''})"
     per_class = " or ".join(f"{t}/{PER_CLASS_PREFIX}<class>" for t in types) + f" for a class of the dataset{shown}"
     masks = "" if with_masks else " (segm/... only with model=mask_rcnn)"
-    averaged = (f"; each also as {EMA_PREFIX}<name> for the EMA weights" if ema
-                else f" ({EMA_PREFIX}<name> needs trainer.ema.decay)")
-    return (f"trainer.best_metric={name} is not a metric this run computes, so no best.pth would ever be written; "
-            f"choose one of {', '.join(f'{t}/{m}' for t in types for m in METRIC_NAMES)}, or {per_class}{masks}"
-            f"{averaged}")
+    averaged = (
+        f"; each also as {EMA_PREFIX}<name> for the EMA weights"
+        if ema
+        else f" ({EMA_PREFIX}<name> needs trainer.ema.decay)"
+    )
+    return (
+        f"trainer.best_metric={name} is not a metric this run computes, so no best.pth would ever be written; "
+        f"choose one of {', '.join(f'{t}/{m}' for t in types for m in METRIC_NAMES)}, or {per_class}{masks}"
+        f"{averaged}"
+    )
 
 
 def require_metric(name: str, *, with_masks: bool, ema: bool, classes: Sequence[str]) -> None:
@@ -189,14 +210,17 @@ def format_per_class(metrics: dict[str, float], columns: int = 3) -> str:
     """Per-class AP under the AP table: "name  AP" pairs, `columns` to a row, per IoU type."""
     lines = []
     for iou_type in sorted({k.split("/")[0] for k in metrics}, key=lambda t: t != "bbox"):
-        pairs = [(k.split("/", 1)[1][len(PER_CLASS_PREFIX):], v) for k, v in metrics.items()
-                 if k.startswith(f"{iou_type}/{PER_CLASS_PREFIX}")]
+        pairs = [
+            (k.split("/", 1)[1][len(PER_CLASS_PREFIX) :], v)
+            for k, v in metrics.items()
+            if k.startswith(f"{iou_type}/{PER_CLASS_PREFIX}")
+        ]
         if not pairs:
             continue
         width = max(len(name) for name, _ in pairs)
         cells = [f"{name:<{width}} {100 * v:5.1f}" if v >= 0 else f"{name:<{width}} {'-':>5}" for name, v in pairs]
         lines.append(f"per-class {iou_type} AP:")
-        lines += ["  " + "    ".join(cells[i:i + columns]) for i in range(0, len(cells), columns)]
+        lines += ["  " + "    ".join(cells[i : i + columns]) for i in range(0, len(cells), columns)]
     if any(v < 0 for k, v in metrics.items() if PER_CLASS_PREFIX in k):
         lines.append("(- : the split has no objects of that class)")
     return "\n".join(lines)

@@ -20,6 +20,7 @@ ONNX tests do: its default dynamo exporter stops at torchvision's data-dependent
 One image per call: torchvision's detectors take a list of images, whose length a
 trace fixes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,9 +30,10 @@ import json
 import sys
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from omegaconf import OmegaConf
@@ -81,8 +83,10 @@ def require_onnx() -> None:
         except ImportError:
             missing.append(package)
     if missing:
-        raise UserError(f"--format onnx needs {' and '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} "
-                        f"not installed; install the export extra: {INSTALL_HINT}")
+        raise UserError(
+            f"--format onnx needs {' and '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} "
+            f"not installed; install the export extra: {INSTALL_HINT}"
+        )
 
 
 def resolve_out(ckpt_path: Path, fmt: str, out: str | Path | None) -> Path:
@@ -93,8 +97,9 @@ def resolve_out(ckpt_path: Path, fmt: str, out: str | Path | None) -> Path:
     if path.is_dir():
         example = path / (ckpt_path.stem + SUFFIXES[fmt])
         raise UserError(f"--out {path} is a directory; give a file name, e.g. {example}")
-    outputs.check_file(path, kind=fmt, command="frcnn-export", example=default,
-                       reads={ckpt_path: "the checkpoint it exports"})
+    outputs.check_file(
+        path, kind=fmt, command="frcnn-export", example=default, reads={ckpt_path: "the checkpoint it exports"}
+    )
     return path
 
 
@@ -142,21 +147,38 @@ def open_source(source: str | Path, *, raw: bool, overrides: Sequence[str] = ())
         # No validation split of its own: generated shapes images at the model's size make the trace and the check.
         shapes = cfg.data.shapes
         shapes.image_size, shapes.num_train, shapes.num_val = int(cfg.model.min_size), 1, 16
-        cfg = apply_overrides(OmegaConf.to_container(cfg, resolve=True), overrides, command="export", allowed=(),
-                              source=str(source))
+        cfg = apply_overrides(
+            OmegaConf.to_container(cfg, resolve=True), overrides, command="export", allowed=(), source=str(source)
+        )
         builder = str(source).split(":", 1)[1]
         digest = fingerprint(architecture_spec(cfg.model), model)
-        return Source(model=model, cfg=cfg, classes=classes, fingerprint=digest, weights=str(source),
-                      name=str(source), global_step=None, has_ema=False, path=Path(builder + ".pth"))
+        return Source(
+            model=model,
+            cfg=cfg,
+            classes=classes,
+            fingerprint=digest,
+            weights=str(source),
+            name=str(source),
+            global_step=None,
+            has_ema=False,
+            path=Path(builder + ".pth"),
+        )
     path = checkpoint_file(source)
     ckpt = checkpoint.load_checkpoint(path)
-    cfg = apply_overrides(ckpt["config"], overrides, command="export", allowed=(), source=str(path),
-                          versions=ckpt.get("versions"))
-    return Source(model=load_model(ckpt, cfg, str(path), raw=raw), cfg=cfg, classes=list(ckpt["classes"]),
-                  fingerprint=ckpt["architecture"].get("fingerprint"),
-                  weights=checkpoint.inference_weights(ckpt, raw=raw)[1], name=path.name,
-                  global_step=ckpt["trainer"].get("global_step"),
-                  has_ema=bool(ckpt.get("ema")) and checkpoint.ema_skipped(ckpt) is None, path=path)
+    cfg = apply_overrides(
+        ckpt["config"], overrides, command="export", allowed=(), source=str(path), versions=ckpt.get("versions")
+    )
+    return Source(
+        model=load_model(ckpt, cfg, str(path), raw=raw),
+        cfg=cfg,
+        classes=list(ckpt["classes"]),
+        fingerprint=ckpt["architecture"].get("fingerprint"),
+        weights=checkpoint.inference_weights(ckpt, raw=raw)[1],
+        name=path.name,
+        global_step=ckpt["trainer"].get("global_step"),
+        has_ema=bool(ckpt.get("ema")) and checkpoint.ema_skipped(ckpt) is None,
+        path=path,
+    )
 
 
 def build_metadata(source: Source, arch: str, *, dynamic: bool, input_shape: list[int]) -> dict[str, Any]:
@@ -175,8 +197,9 @@ def build_metadata(source: Source, arch: str, *, dynamic: bool, input_shape: lis
     }
 
 
-def _onnx_bytes(module: nn.Module, example: Tensor, names: tuple[str, ...], dynamic: bool,
-                metadata: dict[str, Any]) -> bytes:
+def _onnx_bytes(
+    module: nn.Module, example: Tensor, names: tuple[str, ...], dynamic: bool, metadata: dict[str, Any]
+) -> bytes:
     import onnx
 
     detections = {name: {0: "detections"} for name in names}  # the count always varies
@@ -187,8 +210,17 @@ def _onnx_bytes(module: nn.Module, example: Tensor, names: tuple[str, ...], dyna
             axes["masks"] = {0: "detections", 2: "height", 3: "width"}
     kwargs: dict[str, Any] = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
     buffer = io.BytesIO()
-    torch.onnx.export(module, (example,), buffer, opset_version=ONNX_OPSET, input_names=[INPUT_NAME],
-                      output_names=list(names), dynamic_axes=axes, do_constant_folding=True, **kwargs)
+    torch.onnx.export(
+        module,
+        (example,),
+        buffer,
+        opset_version=ONNX_OPSET,
+        input_names=[INPUT_NAME],
+        output_names=list(names),
+        dynamic_axes=axes,
+        do_constant_folding=True,
+        **kwargs,
+    )
     proto = onnx.load_from_string(buffer.getvalue())
     _forget_loop_shapes(proto.graph)
     # metadata_props are strings: lists and numbers as JSON.
@@ -218,13 +250,22 @@ def _torchscript_bytes(module: nn.Module, example: Tensor, metadata: dict[str, A
 
 def _describe_model(cfg: Any) -> str:
     attention = cfg.model.attention.type
-    return (f"{cfg.model.arch} with {cfg.model.backbone.name}"
-            + (f" and {attention} attention" if attention != "none" else ""))
+    return f"{cfg.model.arch} with {cfg.model.backbone.name}" + (
+        f" and {attention} attention" if attention != "none" else ""
+    )
 
 
-def export(ckpt_path: str | Path, fmt: str, out: str | Path | None = None, *, dynamic: bool = False,
-           raw: bool = False, device: str = "cpu", check_images: int = 16,
-           overrides: Sequence[str] = ()) -> ExportResult:
+def export(
+    ckpt_path: str | Path,
+    fmt: str,
+    out: str | Path | None = None,
+    *,
+    dynamic: bool = False,
+    raw: bool = False,
+    device: str = "cpu",
+    check_images: int = 16,
+    overrides: Sequence[str] = (),
+) -> ExportResult:
     """Write the checkpoint's detector as `fmt` and check it on `check_images` validation images, found through
     the checkpoint's data config with `overrides` (data=, data.*) as evaluate takes them. With 0 no image is
     read: the trace follows a synthetic model.min_size square and nothing is checked."""
@@ -234,12 +275,16 @@ def export(ckpt_path: str | Path, fmt: str, out: str | Path | None = None, *, dy
         raise UserError(f"--check-images {check_images} must be 0 (no check) or more")
     if fmt == "onnx":
         if device != "cpu":
-            raise UserError(f"--device {device} applies to --format torchscript (a trace is bound to its device); "
-                            "an ONNX file is exported on the CPU and runs wherever onnxruntime does, so drop --device")
+            raise UserError(
+                f"--device {device} applies to --format torchscript (a trace is bound to its device); "
+                "an ONNX file is exported on the CPU and runs wherever onnxruntime does, so drop --device"
+            )
         require_onnx()
     elif device != "cpu" and not torch.cuda.is_available():
-        raise UserError(f"--device {device} but CUDA is not available here; trace for the GPU on a machine with one, "
-                        "or use --device cpu")
+        raise UserError(
+            f"--device {device} but CUDA is not available here; trace for the GPU on a machine with one, "
+            "or use --device cpu"
+        )
     source = open_source(ckpt_path, raw=raw, overrides=overrides)
     out_path = resolve_out(source.path, fmt, out)
     dev = resolve_device(device)
@@ -256,72 +301,129 @@ def export(ckpt_path: str | Path, fmt: str, out: str | Path | None = None, *, dy
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer warnings about torchvision's own tracing branches
-            data = (_onnx_bytes(module, example, names, dynamic, metadata) if fmt == "onnx"
-                    else _torchscript_bytes(module, example, metadata))
+            data = (
+                _onnx_bytes(module, example, names, dynamic, metadata)
+                if fmt == "onnx"
+                else _torchscript_bytes(module, example, metadata)
+            )
     except Exception as err:  # noqa: BLE001 - exporters raise many types; the sentence names the combination
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ExportError(f"{_describe_model(cfg)} cannot be exported to {fmt} with torch {torch.__version__} "
-                          f"({first[:300]}); try the other format") from err
+        raise ExportError(
+            f"{_describe_model(cfg)} cannot be exported to {fmt} with torch {torch.__version__} "
+            f"({first[:300]}); try the other format"
+        ) from err
     seconds = time.perf_counter() - start
     outputs.write_file(out_path, data)
     report = None
     if check_images:
-        report = check_export(out_path, fmt, model, images[:check_images], names,
-                              input_size=None if dynamic else list(example.shape[1:]), device=dev)
-    return ExportResult(path=out_path, format=fmt, weights=weights, seconds=seconds, input_shape=list(example.shape),
-                        metadata=metadata, check=report, has_ema=source.has_ema, device=str(dev))
+        report = check_export(
+            out_path,
+            fmt,
+            model,
+            images[:check_images],
+            names,
+            input_size=None if dynamic else list(example.shape[1:]),
+            device=dev,
+        )
+    return ExportResult(
+        path=out_path,
+        format=fmt,
+        weights=weights,
+        seconds=seconds,
+        input_shape=list(example.shape),
+        metadata=metadata,
+        check=report,
+        has_ema=source.has_ema,
+        device=str(dev),
+    )
 
 
 def describe(result: ExportResult) -> str:
     also_ema = " (--raw; the checkpoint also has EMA weights)" if result.has_ema else ""
-    weights = ("the EMA weights (--raw exports the trained ones)" if result.weights == "ema"
-               else f"the trained (raw) weights{also_ema}" if result.weights == "raw"
-               else f"{result.weights}'s weights")
+    weights = (
+        "the EMA weights (--raw exports the trained ones)"
+        if result.weights == "ema"
+        else f"the trained (raw) weights{also_ema}"
+        if result.weights == "raw"
+        else f"{result.weights}'s weights"
+    )
     h, w = result.input_shape[1:]
-    size = ("any height and width (--dynamic)" if result.metadata["input_size"] is None
-            else f"{h}x{w} only (--dynamic for any size)" if result.format == "onnx"
-            else f"traced and checked at {h}x{w} (--dynamic checks a second size too)")
-    fmt = (f"ONNX opset {ONNX_OPSET}" if result.format == "onnx"
-           else f"TorchScript, a trace for {result.device}")
-    return (f"exported {result.path} ({fmt}, {result.metadata['arch']}, {weights}) in {result.seconds:.1f} s\n"
-            f"input {INPUT_NAME}: float32 [3, H, W] RGB in [0, 1], {size}; "
-            f"outputs: {', '.join(result.metadata['outputs'])}; {len(result.metadata['classes'])} class names "
-            f"and the fingerprint in the file's metadata")
+    size = (
+        "any height and width (--dynamic)"
+        if result.metadata["input_size"] is None
+        else f"{h}x{w} only (--dynamic for any size)"
+        if result.format == "onnx"
+        else f"traced and checked at {h}x{w} (--dynamic checks a second size too)"
+    )
+    fmt = f"ONNX opset {ONNX_OPSET}" if result.format == "onnx" else f"TorchScript, a trace for {result.device}"
+    return (
+        f"exported {result.path} ({fmt}, {result.metadata['arch']}, {weights}) in {result.seconds:.1f} s\n"
+        f"input {INPUT_NAME}: float32 [3, H, W] RGB in [0, 1], {size}; "
+        f"outputs: {', '.join(result.metadata['outputs'])}; {len(result.metadata['classes'])} class names "
+        f"and the fingerprint in the file's metadata"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command's arguments; docs/ generates the command-line reference from it."""
     parser = argparse.ArgumentParser(prog=prog_name("frcnn_train.export"), description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", help="checkpoint file (or run directory: best.pth, else last.pth), or "
-                                           "torchvision:<builder>[.<weights>] for torchvision's COCO weights")
-    parser.add_argument("overrides", nargs="*",
-                        help="data=..., data.*=...: where the check images are, as evaluate takes them")
+    parser.add_argument(
+        "checkpoint",
+        help="checkpoint file (or run directory: best.pth, else last.pth), or "
+        "torchvision:<builder>[.<weights>] for torchvision's COCO weights",
+    )
+    parser.add_argument(
+        "overrides", nargs="*", help="data=..., data.*=...: where the check images are, as evaluate takes them"
+    )
     parser.add_argument("--format", required=True, help="onnx (run with onnxruntime) or torchscript (torch.jit.load)")
-    parser.add_argument("--out", help="file to write (default: beside the checkpoint, <name>.onnx or "
-                                      "<name>.torchscript.pt); an existing file is replaced only if it is an earlier "
-                                      "export of the same format")
-    parser.add_argument("--dynamic", action="store_true",
-                        help="any input height and width: ONNX with dynamic axes, and the check also runs at a "
-                             "second size; without it the ONNX file takes only the size it was exported at (the "
-                             "validation images' size, printed and stored in the metadata). One image per call "
-                             "either way")
-    parser.add_argument("--raw", action="store_true",
-                        help="export the trained weights even when the checkpoint has EMA weights (the default "
-                             "when it has them)")
-    parser.add_argument("--device", default="cpu",
-                        help="torchscript only: cpu, cuda or cuda:N, where the model is traced and checked; the "
-                             "trace runs on that device only (default cpu). ONNX files are device-free")
-    parser.add_argument("--check-images", type=int, default=16,
-                        help="validation images to compare the file with the PyTorch model on (0: no check and no "
-                             "data read; the trace follows a synthetic model.min_size square image)")
+    parser.add_argument(
+        "--out",
+        help="file to write (default: beside the checkpoint, <name>.onnx or "
+        "<name>.torchscript.pt); an existing file is replaced only if it is an earlier "
+        "export of the same format",
+    )
+    parser.add_argument(
+        "--dynamic",
+        action="store_true",
+        help="any input height and width: ONNX with dynamic axes, and the check also runs at a "
+        "second size; without it the ONNX file takes only the size it was exported at (the "
+        "validation images' size, printed and stored in the metadata). One image per call "
+        "either way",
+    )
+    parser.add_argument(
+        "--raw",
+        action="store_true",
+        help="export the trained weights even when the checkpoint has EMA weights (the default when it has them)",
+    )
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="torchscript only: cpu, cuda or cuda:N, where the model is traced and checked; the "
+        "trace runs on that device only (default cpu). ONNX files are device-free",
+    )
+    parser.add_argument(
+        "--check-images",
+        type=int,
+        default=16,
+        help="validation images to compare the file with the PyTorch model on (0: no check and no "
+        "data read; the trace follows a synthetic model.min_size square image)",
+    )
     return parser
 
 
 @cli
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    result = export(args.checkpoint, args.format, args.out, dynamic=args.dynamic, raw=args.raw,
-                    device=args.device, check_images=args.check_images, overrides=args.overrides)
+    result = export(
+        args.checkpoint,
+        args.format,
+        args.out,
+        dynamic=args.dynamic,
+        raw=args.raw,
+        device=args.device,
+        check_images=args.check_images,
+        overrides=args.overrides,
+    )
     print(describe(result))
     if result.check is None:
         h, w = result.input_shape[1:]

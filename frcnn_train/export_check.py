@@ -5,13 +5,14 @@ for TorchScript) and its detections are paired with the PyTorch model's: same
 label, nearest box. Both run fp32, so boxes agree to float rounding (about 1e-5 px);
 a missing detection, another label or a box off by more than BOX_TOLERANCE fails.
 """
+
 from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -35,9 +36,11 @@ def validation_images(cfg: DictConfig, count: int) -> list[Tensor]:
     try:
         val = build_datasets(cfg.data, with_masks=cfg.model.arch == "mask_rcnn").val
     except UserError as err:
-        raise DataError(f"{err} (export traces and checks the model on the checkpoint's validation images: "
-                        "give data overrides after the checkpoint as evaluate takes them, or --check-images 0 to "
-                        "export from the checkpoint alone)") from None
+        raise DataError(
+            f"{err} (export traces and checks the model on the checkpoint's validation images: "
+            "give data overrides after the checkpoint as evaluate takes them, or --check-images 0 to "
+            "export from the checkpoint alone)"
+        ) from None
     if len(val) == 0:
         raise DataError("the checkpoint's validation split is empty; export traces and checks the model on its images")
     return [as_float_image(val[i][0]) for i in range(min(count, len(val)))]
@@ -75,14 +78,19 @@ class CheckReport:
     def summary(self) -> str:
         sizes = ", ".join(f"{h}x{w}" for h, w in sorted(self.sizes))
         mask = "" if self.max_mask is None else f", largest mask difference {self.max_mask:.2g}"
-        verdict = ("passed" if self.passed else
-                   f"FAILED: the file does not reproduce the model (tolerance {BOX_TOLERANCE} px, every detection "
-                   "matched); it was written anyway")
-        return (f"check against the PyTorch model on {_count(self.images, 'validation image')} "
-                f"({_count(self.runs, 'run')} at {sizes}, "
-                f"{self.seconds:.1f} s): {self.matched} of {self.reference} detections matched with the same label "
-                f"({self.exported} from the file), largest box difference {self.max_box:.2g} px, largest score "
-                f"difference {self.max_score:.2g}{mask}; {verdict}")
+        verdict = (
+            "passed"
+            if self.passed
+            else f"FAILED: the file does not reproduce the model (tolerance {BOX_TOLERANCE} px, every detection "
+            "matched); it was written anyway"
+        )
+        return (
+            f"check against the PyTorch model on {_count(self.images, 'validation image')} "
+            f"({_count(self.runs, 'run')} at {sizes}, "
+            f"{self.seconds:.1f} s): {self.matched} of {self.reference} detections matched with the same label "
+            f"({self.exported} from the file), largest box difference {self.max_box:.2g} px, largest score "
+            f"difference {self.max_score:.2g}{mask}; {verdict}"
+        )
 
 
 def _count(n: int, noun: str) -> str:
@@ -142,8 +150,16 @@ def _compare(report: CheckReport, reference: dict[str, Tensor], outputs: list[Te
 
 
 @torch.no_grad()
-def check_export(path: Path, fmt: str, model: nn.Module, images: list[Tensor], names: tuple[str, ...], *,
-                 input_size: list[int] | None, device: torch.device) -> CheckReport:
+def check_export(
+    path: Path,
+    fmt: str,
+    model: nn.Module,
+    images: list[Tensor],
+    names: tuple[str, ...],
+    *,
+    input_size: list[int] | None,
+    device: torch.device,
+) -> CheckReport:
     """Run the file and `model` on `images`. A fixed-size file (`input_size` [H, W]) gets the images resized to
     it; a dynamic one gets each image as it is and once more at another size (3/4 the height, 5/4 the width)."""
     start = time.perf_counter()
@@ -162,4 +178,3 @@ def check_export(path: Path, fmt: str, model: nn.Module, images: list[Tensor], n
             report.sizes.add((case.shape[1], case.shape[2]))
     report.seconds = time.perf_counter() - start
     return report
-

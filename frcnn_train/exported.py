@@ -6,6 +6,7 @@ read without running or unpickling the model: a TorchScript file is a zip archiv
 `constants.pkl` marks it (torch.load's own test), read with zipfile; an ONNX file is a protobuf,
 parsed with onnx (the export extra) when it is installed.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,18 @@ from frcnn_train.export import TORCHSCRIPT_METADATA
 
 EXPORT_FORMAT = "frcnn_train.export"  # the "format" value export.build_metadata writes
 # Shown in this order; any other key the file holds follows.
-SHOWN = ("arch", "classes", "fingerprint", "weights", "frcnn_train_version", "checkpoint", "global_step", "input",
-         "input_size", "outputs")
+SHOWN = (
+    "arch",
+    "classes",
+    "fingerprint",
+    "weights",
+    "frcnn_train_version",
+    "checkpoint",
+    "global_step",
+    "input",
+    "input_size",
+    "outputs",
+)
 
 
 def describe_exported(path: Path) -> dict[str, Any] | None:
@@ -41,8 +52,12 @@ def _torchscript(path: Path) -> dict[str, Any] | None:
             metadata = json.loads(text)
         except ValueError:
             metadata = None
-    return _facts(path, "TorchScript", metadata, details={"extra files": [n.split("/extra/", 1)[1] for n in names
-                                                                          if "/extra/" in n]})
+    return _facts(
+        path,
+        "TorchScript",
+        metadata,
+        details={"extra files": [n.split("/extra/", 1)[1] for n in names if "/extra/" in n]},
+    )
 
 
 def _onnx(path: Path) -> dict[str, Any] | None:
@@ -64,24 +79,45 @@ def _onnx(path: Path) -> dict[str, Any] | None:
         except ValueError:
             metadata[prop.key] = prop.value  # plain strings are stored as they are
     opsets = ", ".join(f"{o.domain or 'ai.onnx'} {o.version}" for o in proto.opset_import)
-    details = {"producer": f"{proto.producer_name} {proto.producer_version}".strip() or "unknown",
-               "opset": opsets, "graph inputs": [i.name for i in proto.graph.input],
-               "graph outputs": [o.name for o in proto.graph.output]}
+    details = {
+        "producer": f"{proto.producer_name} {proto.producer_version}".strip() or "unknown",
+        "opset": opsets,
+        "graph inputs": [i.name for i in proto.graph.input],
+        "graph outputs": [o.name for o in proto.graph.output],
+    }
     return _facts(path, "ONNX", metadata if metadata.get("format") == EXPORT_FORMAT else None, details)
 
 
 def _facts(path: Path, fmt: str, metadata: dict[str, Any] | None, details: dict[str, Any]) -> dict[str, Any]:
     ours = metadata is not None and metadata.get("format") == EXPORT_FORMAT
-    return {"kind": "export", "path": str(path), "format": fmt, "frcnn_train": ours,
-            "metadata": metadata if ours else None, "file": details}
+    return {
+        "kind": "export",
+        "path": str(path),
+        "format": fmt,
+        "frcnn_train": ours,
+        "metadata": metadata if ours else None,
+        "file": details,
+    }
 
 
 def render_exported(f: dict[str, Any]) -> list[str]:
-    rows = [("export", f"{f['path']} ({f['format']}"
-             + (", written by frcnn-export)" if f["frcnn_train"] else ", not written by frcnn-export)"))]
+    rows = [
+        (
+            "export",
+            f"{f['path']} ({f['format']}"
+            + (", written by frcnn-export)" if f["frcnn_train"] else ", not written by frcnn-export)"),
+        )
+    ]
     if not f["frcnn_train"]:
-        rows.append(("metadata", ("none from frcnn_train (no class names, fingerprint or weights record); "
-                                  "inspect reads these from files frcnn-export wrote")))
+        rows.append(
+            (
+                "metadata",
+                (
+                    "none from frcnn_train (no class names, fingerprint or weights record); "
+                    "inspect reads these from files frcnn-export wrote"
+                ),
+            )
+        )
     meta = f["metadata"] or {}
     for key in [*SHOWN, *(k for k in meta if k not in SHOWN and k != "format")]:
         if key in meta:

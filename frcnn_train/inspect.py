@@ -6,6 +6,7 @@ weights file (key groups, and whether init_from would load it) or a run director
 overrides: what differs. Every fact is collected into a plain dict first, so
 `--json` and the text show the same things.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,7 +24,6 @@ from omegaconf.errors import OmegaConfBaseException
 from frcnn_train import checkpoint
 from frcnn_train.checkpoint import strip_wrapper_prefixes
 from frcnn_train.config import START_KEYS, with_schema
-from frcnn_train.resume import merge_for_resume
 from frcnn_train.errors import CheckpointError, UserError
 from frcnn_train.evaluate import compose_overrides
 from frcnn_train.evaluation import summary_metrics
@@ -32,6 +32,7 @@ from frcnn_train.models import architecture_spec, build_model, diff_layouts, dif
 from frcnn_train.models.builder import resolve_sites, valid_attention_sites
 from frcnn_train.models.fingerprint import config_mismatch
 from frcnn_train.overrides import flatten, requested_keys
+from frcnn_train.resume import merge_for_resume
 from frcnn_train.runtime import cli, prog_name
 from frcnn_train.state import PARTS, describe_position
 from frcnn_train.weights import extract_state_dict, load_init_weights, module_group, wrapper_prefixes
@@ -50,8 +51,11 @@ def _load(path: Path, trust: bool) -> tuple[str, dict[str, Any]]:
     if isinstance(obj, dict) and obj.get("format") == checkpoint.FORMAT:
         return "checkpoint", checkpoint.migrate(obj, path)
     raw, container = extract_state_dict(obj, str(path))
-    return "weights", {"state": strip_wrapper_prefixes(raw), "container": container,
-                       "stripped": wrapper_prefixes(list(raw))}
+    return "weights", {
+        "state": strip_wrapper_prefixes(raw),
+        "container": container,
+        "stripped": wrapper_prefixes(list(raw)),
+    }
 
 
 def _keys(state: dict[str, Any]) -> list[dict[str, Any]]:
@@ -91,32 +95,48 @@ def describe_checkpoint(path: Path, ckpt: dict[str, Any]) -> dict[str, Any]:
     attention = model_cfg.get("attention", {})
     name = counters.get("best_metric_name", cfg.get("trainer", {}).get("best_metric"))
     return {
-        "kind": "checkpoint", "path": str(path),
+        "kind": "checkpoint",
+        "path": str(path),
         "format": f"{ckpt.get('format')} v{ckpt.get('format_version')}",
         "complete": not [k for k in checkpoint.REQUIRED_KEYS if k not in ckpt],
         "config_mismatch": _config_mismatch(ckpt),
         "parts": [k for k in PARTS if ckpt.get(k) is not None],
         "ema_updates": (ckpt.get("ema") or {}).get("updates"),
         "missing_keys": [k for k in checkpoint.REQUIRED_KEYS if k not in ckpt],
-        "created": ckpt.get("created"), "versions": ckpt.get("versions", {}),
-        "epoch": counters.get("epoch"), "global_step": counters.get("global_step"),
+        "created": ckpt.get("created"),
+        "versions": ckpt.get("versions", {}),
+        "epoch": counters.get("epoch"),
+        "global_step": counters.get("global_step"),
         "step_in_epoch": counters.get("step_in_epoch"),
         "best_metric": {"name": name, "value": counters.get("best_metric")},
         "last_metrics": counters.get("last_metrics", {}),
-        "arch": model_cfg.get("arch"), "backbone": model_cfg.get("backbone", {}).get("name"),
+        "arch": model_cfg.get("arch"),
+        "backbone": model_cfg.get("backbone", {}).get("name"),
         "version": model_cfg.get("version", "v1"),  # checkpoints from before model.version: v1
         "attention": {"type": attention.get("type", "none"), "sites": _resolved_sites(cfg)},
-        "num_classes": len(ckpt.get("classes", [])), "classes": list(ckpt.get("classes", [])),
-        "parameters": _values(state), "trainable_parameters": _values(state, trainable) if trainable else None,
-        "tensors": len(state), "fingerprint": (ckpt.get("architecture", {}).get("fingerprint") or "none")[:12],
+        "num_classes": len(ckpt.get("classes", [])),
+        "classes": list(ckpt.get("classes", [])),
+        "parameters": _values(state),
+        "trainable_parameters": _values(state, trainable) if trainable else None,
+        "tensors": len(state),
+        "fingerprint": (ckpt.get("architecture", {}).get("fingerprint") or "none")[:12],
         "optimizer": cfg.get("optim", {}).get("name"),
         "param_groups": [
-            {"name": g.get("name", f"group{i}"), "lr": g.get("lr"), "base_lr": g.get("initial_lr"),
-             "lr_mult": g.get("lr_mult", 1.0), "weight_decay": g.get("weight_decay"), "tensors": len(g["params"])}
-            for i, g in enumerate(opt_groups)],
+            {
+                "name": g.get("name", f"group{i}"),
+                "lr": g.get("lr"),
+                "base_lr": g.get("initial_lr"),
+                "lr_mult": g.get("lr_mult", 1.0),
+                "weight_decay": g.get("weight_decay"),
+                "tensors": len(g["params"]),
+            }
+            for i, g in enumerate(opt_groups)
+        ],
         "rules": cfg.get("optim", {}).get("param_groups", []),
-        "scheduler": {"name": cfg.get("schedule", {}).get("name"),
-                      "last_step": ckpt.get("scheduler", {}).get("last_epoch")},
+        "scheduler": {
+            "name": cfg.get("schedule", {}).get("name"),
+            "last_step": ckpt.get("scheduler", {}).get("last_epoch"),
+        },
         "scaler_scale": (ckpt.get("scaler") or {}).get("scale"),
         "launch": ckpt.get("launch"),
         "history": counters.get("history", []),
@@ -143,40 +163,77 @@ def render_checkpoint(f: dict[str, Any]) -> list[str]:
     versions = ", ".join(f"{k} {v}" for k, v in f["versions"].items())
     trainable = f" ({f['trainable_parameters'] / 1e6:.2f}M trainable)" if f["trainable_parameters"] else ""
     sites = ", ".join(f["attention"]["sites"]) or "no sites"
-    lines = _rows([
-        ("checkpoint", f["path"]),
-        ("format", f"{f['format']}, "
-         + (f"INCOMPLETE (missing {', '.join(f['missing_keys'])})" if not f["complete"]
-            else f"config does not match the weights ({'; '.join(f['config_mismatch'][:6])})"
-            if f["config_mismatch"] else "complete")),
-        ("written", f"{f['created']} by {versions}"),
-        ("progress", describe_position(f) if f["global_step"] is not None else "unknown"),
-        ("state", ", ".join(f["parts"]) + (f"; the EMA has {f['ema_updates']} updates" if f["ema_updates"] is not None
-                                           else "; no EMA (trainer.ema off)")),
-        ("best", f"{best['name']} = {_fmt(best['value'])}" if best["value"] is not None else "none yet"),
-        ("last metrics", "  ".join(f"{k} {v:.4f}" for k, v in summary_metrics(f["last_metrics"]).items())
-         or "none yet"),
-        ("model", f"{f['arch']} / {f['backbone']}{' (v2 heads)' if f.get('version') == 'v2' else ''}, "
-                  f"attention {f['attention']['type']} ({sites})"),
-        ("classes", f"{f['num_classes']}: {classes}"),
-        ("parameters", f"{f['parameters'] / 1e6:.2f}M{trainable} in {f['tensors']} tensors"),
-        ("fingerprint", f["fingerprint"]),
-        ("optimizer", f"{f['optimizer']}, {len(f['param_groups'])} param groups"
-         + (f" from rules {json.dumps(f['rules'])}" if f["rules"] else "")),
-    ])
-    lines += _table(["group", "lr", "x", "weight_decay", "tensors"],
-                    [[g["name"], g["lr"], g["lr_mult"], g["weight_decay"], g["tensors"]] for g in f["param_groups"]])
+    lines = _rows(
+        [
+            ("checkpoint", f["path"]),
+            (
+                "format",
+                f"{f['format']}, "
+                + (
+                    f"INCOMPLETE (missing {', '.join(f['missing_keys'])})"
+                    if not f["complete"]
+                    else f"config does not match the weights ({'; '.join(f['config_mismatch'][:6])})"
+                    if f["config_mismatch"]
+                    else "complete"
+                ),
+            ),
+            ("written", f"{f['created']} by {versions}"),
+            ("progress", describe_position(f) if f["global_step"] is not None else "unknown"),
+            (
+                "state",
+                ", ".join(f["parts"])
+                + (
+                    f"; the EMA has {f['ema_updates']} updates"
+                    if f["ema_updates"] is not None
+                    else "; no EMA (trainer.ema off)"
+                ),
+            ),
+            ("best", f"{best['name']} = {_fmt(best['value'])}" if best["value"] is not None else "none yet"),
+            (
+                "last metrics",
+                "  ".join(f"{k} {v:.4f}" for k, v in summary_metrics(f["last_metrics"]).items()) or "none yet",
+            ),
+            (
+                "model",
+                f"{f['arch']} / {f['backbone']}{' (v2 heads)' if f.get('version') == 'v2' else ''}, "
+                f"attention {f['attention']['type']} ({sites})",
+            ),
+            ("classes", f"{f['num_classes']}: {classes}"),
+            ("parameters", f"{f['parameters'] / 1e6:.2f}M{trainable} in {f['tensors']} tensors"),
+            ("fingerprint", f["fingerprint"]),
+            (
+                "optimizer",
+                f"{f['optimizer']}, {len(f['param_groups'])} param groups"
+                + (f" from rules {json.dumps(f['rules'])}" if f["rules"] else ""),
+            ),
+        ]
+    )
+    lines += _table(
+        ["group", "lr", "x", "weight_decay", "tensors"],
+        [[g["name"], g["lr"], g["lr_mult"], g["weight_decay"], g["tensors"]] for g in f["param_groups"]],
+    )
     launch = f.get("launch") or {}
-    lines += _rows([("scheduler", f"{f['scheduler']['name']}, last step {f['scheduler']['last_step']}"),
-                    ("scaler", f"scale {f['scaler_scale']:g}" if f["scaler_scale"] is not None else "off"),
-                    ("launched", f"{launch['started_at']} on {launch['device']} ({launch['precision']}): "
-                     f"{_command(launch['overrides'])}" if launch else "not recorded (an older checkpoint)"),
-                    *[("started from", _weights_line(w)) for w in launch.get("weights", [])],
-                    ("resumes", len(f["history"]) or "none")])
+    lines += _rows(
+        [
+            ("scheduler", f"{f['scheduler']['name']}, last step {f['scheduler']['last_step']}"),
+            ("scaler", f"scale {f['scaler_scale']:g}" if f["scaler_scale"] is not None else "off"),
+            (
+                "launched",
+                f"{launch['started_at']} on {launch['device']} ({launch['precision']}): {_command(launch['overrides'])}"
+                if launch
+                else "not recorded (an older checkpoint)",
+            ),
+            *[("started from", _weights_line(w)) for w in launch.get("weights", [])],
+            ("resumes", len(f["history"]) or "none"),
+        ]
+    )
     for h in f["history"]:
         changes = "; ".join(h.get("changes", [])) or "no changes"
-        where = (describe_position(h) if "step_in_epoch" in h  # records written before it was kept: epochs done
-                 else f"step {h.get('global_step')} ({h.get('epoch')} epochs done)")
+        where = (
+            describe_position(h)
+            if "step_in_epoch" in h  # records written before it was kept: epochs done
+            else f"step {h.get('global_step')} ({h.get('epoch')} epochs done)"
+        )
         lines.append(f"  {h.get('resumed_at')} at {where}: {changes}")
         if "overrides" in h:
             lines.append(f"    on {h.get('device')} ({h.get('precision')}): {_command(h['overrides'])}")
@@ -208,8 +265,12 @@ def infer_overrides(state: dict[str, Any]) -> dict[str, str]:
         found["model.mask_head_dim"] = str(state["roi_heads.mask_predictor.conv5_mask.weight"].shape[1])
     blocks = [len({k.split(".")[3] for k in state if k.startswith(f"backbone.body.layer{i}.")}) for i in range(1, 5)]
     bottleneck = any(".conv3." in k for k in state if k.startswith("backbone.body.layer"))
-    names = {(2, 2, 2, 2, False): "resnet18_fpn", (3, 4, 6, 3, False): "resnet34_fpn",
-             (3, 4, 6, 3, True): "resnet50_fpn", (3, 4, 23, 3, True): "resnet101_fpn"}
+    names = {
+        (2, 2, 2, 2, False): "resnet18_fpn",
+        (3, 4, 6, 3, False): "resnet34_fpn",
+        (3, 4, 6, 3, True): "resnet50_fpn",
+        (3, 4, 23, 3, True): "resnet101_fpn",
+    }
     backbone = names.get((*blocks, bottleneck))
     if backbone is None and "backbone.body.0.0.weight" in state:
         backbone = "mobilenet_v3_fpn" if any(".fc1." in k for k in state) else "mobilenet_v2_fpn"
@@ -224,8 +285,10 @@ def infer_overrides(state: dict[str, Any]) -> dict[str, str]:
         fc = f"roi_heads.box_head.{len(convs) + 1}.weight"  # after the convs and a Flatten
         if fc in state:
             found["model.box_head_dim"] = str(state[fc].shape[0])
-    for key, name in (("model.backbone.fpn_channels", "backbone.fpn.layer_blocks.0.0.weight"),
-                      ("model.box_head_dim", "roi_heads.box_head.fc6.weight")):
+    for key, name in (
+        ("model.backbone.fpn_channels", "backbone.fpn.layer_blocks.0.0.weight"),
+        ("model.box_head_dim", "roi_heads.box_head.fc6.weight"),
+    ):
         if name in state:
             found[key] = str(state[name].shape[0])
     return found
@@ -242,18 +305,28 @@ def describe_weights(path: Path, loaded: dict[str, Any], overrides: list[str], t
     inferred = {k: v for k, v in infer_overrides(state).items() if k not in given and k.replace("/", ".") not in given}
     used = [f"{k}={v}" for k, v in inferred.items()] + list(overrides)
     facts: dict[str, Any] = {
-        "kind": "weights", "path": str(path), "container": loaded["container"], "wrappers": loaded["stripped"],
-        "tensors": len(state), "parameters": _values(state),
+        "kind": "weights",
+        "path": str(path),
+        "container": loaded["container"],
+        "wrappers": loaded["stripped"],
+        "tensors": len(state),
+        "parameters": _values(state),
         "groups": [{"prefix": g, "tensors": c[0], "values": c[1]} for g, c in groups.items()],
-        "inferred": inferred, "init_from": {"overrides": used},
+        "inferred": inferred,
+        "init_from": {"overrides": used},
     }
     try:
         cfg = compose_overrides(used)
         if cfg.model.num_classes is None:
             cfg.model.num_classes = 1
             facts["init_from"]["note"] = "model.num_classes neither given nor in the file; assumed 1"
-        report = load_init_weights(build_model(cfg.model), path, remap=OmegaConf.to_container(cfg.init.remap),
-                                   strict=cfg.init.strict, trust=trust)
+        report = load_init_weights(
+            build_model(cfg.model),
+            path,
+            remap=OmegaConf.to_container(cfg.init.remap),
+            strict=cfg.init.strict,
+            trust=trust,
+        )
         facts["init_from"].update(ok=True, counts=report.counts(), report=report.to_dict(), text=report.format())
     except UserError as err:
         facts["init_from"].update(ok=False, error=str(err))
@@ -261,9 +334,13 @@ def describe_weights(path: Path, loaded: dict[str, Any], overrides: list[str], t
 
 
 def render_weights(f: dict[str, Any]) -> list[str]:
-    lines = _rows([("weights", f"{f['path']} (not an frcnn_train checkpoint)"),
-                   ("state dict", f"{f['container']}; wrapper prefixes: {', '.join(f['wrappers']) or 'none'}"),
-                   ("parameters", f"{f['parameters'] / 1e6:.2f}M in {f['tensors']} tensors")])
+    lines = _rows(
+        [
+            ("weights", f"{f['path']} (not an frcnn_train checkpoint)"),
+            ("state dict", f"{f['container']}; wrapper prefixes: {', '.join(f['wrappers']) or 'none'}"),
+            ("parameters", f"{f['parameters'] / 1e6:.2f}M in {f['tensors']} tensors"),
+        ]
+    )
     lines += _table(["prefix", "tensors", "values"], [[g["prefix"], g["tensors"], g["values"]] for g in f["groups"]])
     init = f["init_from"]
     lines += _rows([("init_from", f"into a model built with: {' '.join(init['overrides']) or 'the default config'}")])
@@ -284,9 +361,16 @@ def describe_run_dir(path: Path) -> dict[str, Any]:
             continue
         counters = ckpt["trainer"]
         name = counters.get("best_metric_name", ckpt["config"].get("trainer", {}).get("best_metric", "bbox/AP"))
-        rows.append({"file": file.name, "valid": True, "epoch": counters["epoch"],
-                     "global_step": counters["global_step"], "metric": name,
-                     "value": counters.get("last_metrics", {}).get(name)})
+        rows.append(
+            {
+                "file": file.name,
+                "valid": True,
+                "epoch": counters["epoch"],
+                "global_step": counters["global_step"],
+                "metric": name,
+                "value": counters.get("last_metrics", {}).get(name),
+            }
+        )
     # resume=auto takes the newest that loads; the rows are already newest first.
     pick = next((r["file"] for r in rows if r["valid"]), None)
     return {"kind": "run_dir", "path": str(path), "checkpoints": rows, "resume_auto": pick}
@@ -294,21 +378,34 @@ def describe_run_dir(path: Path) -> dict[str, Any]:
 
 def render_run_dir(f: dict[str, Any]) -> list[str]:
     metric = next((r["metric"] for r in f["checkpoints"] if r["valid"]), "metric")
-    rows = [[r["file"], r.get("epoch", ""), r.get("global_step", ""),
-             "" if r.get("value") is None else f"{r['value']:.4f}",
-             ("ok" if r["valid"] else f"INVALID: {r['error']}")
-             + ("  <- resume=auto" if r["file"] == f["resume_auto"] else "")] for r in f["checkpoints"]]
+    rows = [
+        [
+            r["file"],
+            r.get("epoch", ""),
+            r.get("global_step", ""),
+            "" if r.get("value") is None else f"{r['value']:.4f}",
+            ("ok" if r["valid"] else f"INVALID: {r['error']}")
+            + ("  <- resume=auto" if r["file"] == f["resume_auto"] else ""),
+        ]
+        for r in f["checkpoints"]
+    ]
     pick = f["resume_auto"] or "nothing (a new run would start)"
-    return (_rows([("run directory", f"{f['path']} ({len(rows)} checkpoints, newest first)")])
-            + _table(["file", "epoch", "step", metric, "status"], rows) + _rows([("resume=auto", pick)]))
+    return (
+        _rows([("run directory", f"{f['path']} ({len(rows)} checkpoints, newest first)")])
+        + _table(["file", "epoch", "step", metric, "status"], rows)
+        + _rows([("resume=auto", pick)])
+    )
 
 
 # ---------------------------------------------------------------- differences
 def _config_diff(a: dict[str, Any], b: dict[str, Any]) -> list[dict[str, Any]]:
     fa, fb = flatten(a), flatten(b)
     missing = "<absent>"
-    return [{"key": k, "a": fa.get(k, missing), "b": fb.get(k, missing)}
-            for k in list(fa) + [k for k in fb if k not in fa] if fa.get(k, missing) != fb.get(k, missing)]
+    return [
+        {"key": k, "a": fa.get(k, missing), "b": fb.get(k, missing)}
+        for k in list(fa) + [k for k in fb if k not in fa]
+        if fa.get(k, missing) != fb.get(k, missing)
+    ]
 
 
 def _value_diff(state_a: dict[str, Any], state_b: dict[str, Any]) -> list[dict[str, Any]]:
@@ -332,15 +429,25 @@ def diff_files(a: tuple[Path, str, dict], b: tuple[Path, str, dict]) -> dict[str
     (pa, ka, da), (pb, kb, db) = a, b
     state_a = da["model"] if ka == "checkpoint" else da["state"]
     state_b = db["model"] if kb == "checkpoint" else db["state"]
-    facts: dict[str, Any] = {"kind": "diff", "a": str(pa), "b": str(pb), "config": [], "architecture": [],
-                             "counters": [], "tensors": diff_layouts(tensor_layout(state_a), tensor_layout(state_b)),
-                             "values": _value_diff(state_a, state_b)}
+    facts: dict[str, Any] = {
+        "kind": "diff",
+        "a": str(pa),
+        "b": str(pb),
+        "config": [],
+        "architecture": [],
+        "counters": [],
+        "tensors": diff_layouts(tensor_layout(state_a), tensor_layout(state_b)),
+        "values": _value_diff(state_a, state_b),
+    }
     if ka == kb == "checkpoint":
         facts["config"] = _config_diff(da.get("config", {}), db.get("config", {}))
-        facts["architecture"] = diff_specs(da.get("architecture", {}).get("spec", {}),
-                                           db.get("architecture", {}).get("spec", {}))
-        pairs = {"classes": (da.get("classes"), db.get("classes")),
-                 "fingerprint": (da["architecture"].get("fingerprint"), db["architecture"].get("fingerprint"))}
+        facts["architecture"] = diff_specs(
+            da.get("architecture", {}).get("spec", {}), db.get("architecture", {}).get("spec", {})
+        )
+        pairs = {
+            "classes": (da.get("classes"), db.get("classes")),
+            "fingerprint": (da["architecture"].get("fingerprint"), db["architecture"].get("fingerprint")),
+        }
         for key in ("epoch", "global_step", "step_in_epoch", "best_metric"):
             pairs[key] = (da.get("trainer", {}).get(key), db.get("trainer", {}).get(key))
         facts["counters"] = [{"key": k, "a": x, "b": y} for k, (x, y) in pairs.items() if x != y]
@@ -361,8 +468,13 @@ def diff_overrides(path: Path, ckpt: dict[str, Any], overrides: list[str]) -> di
                 node = node.setdefault(part, {})
             node[leaf] = value
     changed = with_schema(plain)
-    facts: dict[str, Any] = {"kind": "diff", "a": str(path), "b": " ".join(overrides), "counters": [],
-                             "config": _config_diff(ckpt["config"], plain)}
+    facts: dict[str, Any] = {
+        "kind": "diff",
+        "a": str(path),
+        "b": " ".join(overrides),
+        "counters": [],
+        "config": _config_diff(ckpt["config"], plain),
+    }
     try:
         facts["architecture"] = diff_specs(architecture_spec(saved.model), architecture_spec(changed.model))
         rebuilt = build_model(changed.model, read_backbone_weights=False)
@@ -379,8 +491,10 @@ def diff_overrides(path: Path, ckpt: dict[str, Any], overrides: list[str]) -> di
 
 def render_diff(f: dict[str, Any]) -> list[str]:
     lines = _rows([("a", f["a"]), ("b", f["b"])])
-    sections = [("config", [[d["key"], f"{_fmt(d['a'])} -> {_fmt(d['b'])}"] for d in f["config"]]),
-                ("counters", [[d["key"], f"{_fmt(d['a'])} -> {_fmt(d['b'])}"] for d in f["counters"]])]
+    sections = [
+        ("config", [[d["key"], f"{_fmt(d['a'])} -> {_fmt(d['b'])}"] for d in f["config"]]),
+        ("counters", [[d["key"], f"{_fmt(d['a'])} -> {_fmt(d['b'])}"] for d in f["counters"]]),
+    ]
     for title, rows in sections:
         lines.append(f"{title}: {'no differences' if not rows else ''}".rstrip())
         width = max((len(r[0]) for r in rows), default=0)
@@ -391,11 +505,16 @@ def render_diff(f: dict[str, Any]) -> list[str]:
     if "values" in f:
         changed = [v for v in f["values"] if v["differ"]]
         shared = sum(v["shared"] for v in f["values"])
-        lines.append(f"values: {sum(v['differ'] for v in changed)} of {shared} shared tensors differ"
-                     if changed else f"values: all {shared} shared tensors identical")
+        lines.append(
+            f"values: {sum(v['differ'] for v in changed)} of {shared} shared tensors differ"
+            if changed
+            else f"values: all {shared} shared tensors identical"
+        )
         if changed:
-            lines += _table(["module", "differ", "max |a-b|"],
-                            [[v["group"], f"{v['differ']}/{v['shared']}", f"{v['max_abs']:.3g}"] for v in changed])
+            lines += _table(
+                ["module", "differ", "max |a-b|"],
+                [[v["group"], f"{v['differ']}/{v['shared']}", f"{v['max_abs']:.3g}"] for v in changed],
+            )
     if "resume" in f:
         r = f["resume"]
         verdict = f"accepted ({'; '.join(r['changes']) or 'no changes'})" if r["accepted"] else f"refused: {r['error']}"
@@ -407,8 +526,10 @@ def render_diff(f: dict[str, Any]) -> list[str]:
 def inspect_paths(paths: list[str], overrides: list[str], *, trust: bool = False) -> tuple[dict[str, Any], Any]:
     """The facts about the command's paths and overrides, and the loaded file (for --config / --keys)."""
     if not paths or len(paths) > 2:
-        raise CheckpointError(f"inspect takes one or two paths, got {len(paths)}; "
-                              "give a checkpoint, a weights file or a run directory (and optionally a second file)")
+        raise CheckpointError(
+            f"inspect takes one or two paths, got {len(paths)}; "
+            "give a checkpoint, a weights file or a run directory (and optionally a second file)"
+        )
     loaded = []
     for raw in paths:
         path = Path(raw)
@@ -422,8 +543,10 @@ def inspect_paths(paths: list[str], overrides: list[str], *, trust: bool = False
             return describe_run_dir(path), None
         if path.is_file() and (exported := describe_exported(path)) is not None:
             if len(paths) == 2 or overrides:
-                raise CheckpointError(f"{path} is {exported['format']} export, which inspect describes but does not "
-                                      "compare; give it alone, or compare the checkpoints it was exported from")
+                raise CheckpointError(
+                    f"{path} is {exported['format']} export, which inspect describes but does not "
+                    "compare; give it alone, or compare the checkpoints it was exported from"
+                )
             return exported, None
         loaded.append((path, *_load(path, trust)))
     if len(loaded) == 2:
@@ -436,20 +559,27 @@ def inspect_paths(paths: list[str], overrides: list[str], *, trust: bool = False
     return describe_checkpoint(path, data), data
 
 
-_RENDER = {"checkpoint": render_checkpoint, "weights": render_weights, "run_dir": render_run_dir, "diff": render_diff,
-           "export": render_exported}
+_RENDER = {
+    "checkpoint": render_checkpoint,
+    "weights": render_weights,
+    "run_dir": render_run_dir,
+    "diff": render_diff,
+    "export": render_exported,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command's arguments; docs/ generates the command-line reference from it."""
     parser = argparse.ArgumentParser(prog=prog_name("frcnn_train.inspect"), description=__doc__.splitlines()[0])
-    parser.add_argument("items", nargs="+",
-                        help="1-2 paths (checkpoint, weights file, run directory), then key=value overrides")
+    parser.add_argument(
+        "items", nargs="+", help="1-2 paths (checkpoint, weights file, run directory), then key=value overrides"
+    )
     parser.add_argument("--config", action="store_true", help="print the checkpoint's resolved config as YAML")
     parser.add_argument("--keys", action="store_true", help="list every tensor with its shape and dtype")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    parser.add_argument("--trust", action="store_true",
-                        help="allow files that need full unpickling (like init.trust=true)")
+    parser.add_argument(
+        "--trust", action="store_true", help="allow files that need full unpickling (like init.trust=true)"
+    )
     return parser
 
 
@@ -469,8 +599,10 @@ def main(argv: list[str] | None = None) -> int:
         return _print(json.dumps(facts, indent=2, default=str))
     lines = _RENDER[facts["kind"]](facts)
     if args.keys and "keys" in facts:
-        lines += ["keys:"] + _table(["name", "shape", "dtype"], [[k["name"], "x".join(map(str, k["shape"])) or "scalar",
-                                                                 k["dtype"]] for k in facts["keys"]])
+        lines += ["keys:"] + _table(
+            ["name", "shape", "dtype"],
+            [[k["name"], "x".join(map(str, k["shape"])) or "scalar", k["dtype"]] for k in facts["keys"]],
+        )
     if args.config and facts["kind"] == "checkpoint":
         lines += ["config:", OmegaConf.to_yaml(data["config"]).rstrip()]
     return _print("\n".join(lines))

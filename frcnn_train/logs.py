@@ -1,11 +1,13 @@
 """Where a run reports: console, train.log, metrics.jsonl and TensorBoard (rank 0 only)."""
+
 from __future__ import annotations
 
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -62,8 +64,14 @@ class RunLogger:
     train.log was open, written to it now.
     """
 
-    def __init__(self, run_dir: Path, *, enabled: bool, resumed_at: tuple[int, int] | None = None,
-                 earlier: Sequence[tuple[int, str]] = ()) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        enabled: bool,
+        resumed_at: tuple[int, int] | None = None,
+        earlier: Sequence[tuple[int, str]] = (),
+    ) -> None:
         self.enabled = enabled
         self.run_dir = run_dir
         self._writer = None
@@ -79,8 +87,12 @@ class RunLogger:
         if resumed_at is not None:
             dropped = trim_metrics(run_dir / "metrics.jsonl", *resumed_at)
             if dropped:
-                log.info("Dropped %d line%s of metrics.jsonl written after step %d, the step this run continues "
-                         "from.", dropped, "s" * (dropped != 1), resumed_at[0])
+                log.info(
+                    "Dropped %d line%s of metrics.jsonl written after step %d, the step this run continues from.",
+                    dropped,
+                    "s" * (dropped != 1),
+                    resumed_at[0],
+                )
         from torch.utils.tensorboard import SummaryWriter
 
         self._writer = SummaryWriter(log_dir=str(run_dir), purge_step=resumed_at[0] + 1 if resumed_at else None)

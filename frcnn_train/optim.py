@@ -1,10 +1,12 @@
 """Optimizer, parameter groups and the per-step learning-rate schedule."""
+
 from __future__ import annotations
 
 import bisect
 import math
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
@@ -43,13 +45,17 @@ def lr_scale(optim_cfg: DictConfig, global_batch: int) -> tuple[float, str]:
     """
     reference = optim_cfg.reference_batch
     if reference is None:
-        return 1.0, (f"LR {optim_cfg.lr:g} as given, for a global batch of {global_batch} images "
-                     "(optim.reference_batch=null: no scaling with the batch).")
+        return 1.0, (
+            f"LR {optim_cfg.lr:g} as given, for a global batch of {global_batch} images "
+            "(optim.reference_batch=null: no scaling with the batch)."
+        )
     scale = global_batch / reference
-    return scale, (f"LR {optim_cfg.lr * scale:g} = optim.lr {optim_cfg.lr:g} x {global_batch}/{reference}: linear "
-                   f"scaling from optim.reference_batch={reference} images to this run's global batch of "
-                   f"{global_batch} (processes x trainer.batch_size x trainer.accumulate); "
-                   "optim.reference_batch=null uses optim.lr as it is.")
+    return scale, (
+        f"LR {optim_cfg.lr * scale:g} = optim.lr {optim_cfg.lr:g} x {global_batch}/{reference}: linear "
+        f"scaling from optim.reference_batch={reference} images to this run's global batch of "
+        f"{global_batch} (processes x trainer.batch_size x trainer.accumulate); "
+        "optim.reference_batch=null uses optim.lr as it is."
+    )
 
 
 def build_param_groups(model: nn.Module, optim_cfg: DictConfig, *, lr_scale: float = 1.0) -> list[dict[str, Any]]:
@@ -87,14 +93,22 @@ def build_param_groups(model: nn.Module, optim_cfg: DictConfig, *, lr_scale: flo
         key = base + ("/no_decay" if name in no_decay else "")
         group = groups.setdefault(
             key,
-            {"name": key, "params": [], "param_names": [], "lr": optim_cfg.lr * lr_scale * lr_mult,
-             "lr_mult": lr_mult, "weight_decay": 0.0 if name in no_decay else decay},
+            {
+                "name": key,
+                "params": [],
+                "param_names": [],
+                "lr": optim_cfg.lr * lr_scale * lr_mult,
+                "lr_mult": lr_mult,
+                "weight_decay": 0.0 if name in no_decay else decay,
+            },
         )
         group["params"].append(param)
         group["param_names"].append(name)
     ordered = sorted(groups.values(), key=lambda g: (order.index(g["name"].split("/")[0]), g["name"]))
     if not ordered:
-        raise ConfigError("no trainable parameters: every parameter is frozen; relax model.backbone.trainable_layers or the freeze rules in optim.param_groups")
+        raise ConfigError(
+            "no trainable parameters: every parameter is frozen; relax model.backbone.trainable_layers or the freeze rules in optim.param_groups"
+        )
     return ordered
 
 
@@ -156,9 +170,14 @@ def build_optimizer(model: nn.Module, optim_cfg: DictConfig, *, lr_scale: float 
 def group_summary(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
     """Plain description of the groups, for the log, the checkpoint and `inspect`."""
     return [
-        {"name": g.get("name", f"group{i}"), "params": len(g["params"]), "lr": g["lr"],
-         "lr_mult": g.get("lr_mult", 1.0), "weight_decay": g["weight_decay"],
-         "param_names": list(g.get("param_names", []))}
+        {
+            "name": g.get("name", f"group{i}"),
+            "params": len(g["params"]),
+            "lr": g["lr"],
+            "lr_mult": g.get("lr_mult", 1.0),
+            "weight_decay": g["weight_decay"],
+            "param_names": list(g.get("param_names", [])),
+        }
         for i, g in enumerate(optimizer.param_groups)
     ]
 

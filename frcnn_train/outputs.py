@@ -9,14 +9,16 @@ link to it) is never opened for writing. Training's run directory follows the
 same rule through `check_resume_target`: a checkpoint resumes only in its own
 run's directory, never in another run's, whose files the resume would replace.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import re
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -94,7 +96,7 @@ def _ours(path: Path, kind: str) -> bool:
 
 # ---------------------------------------------------------------- saying what a file is
 def _hard_links(path: Path) -> str:
-    """"; best.pth, epoch_0001.pth are hard links to it" (names beside it), or "" for a single name."""
+    """ "; best.pth, epoch_0001.pth are hard links to it" (names beside it), or "" for a single name."""
     try:
         links = path.stat().st_nlink
     except OSError:  # a dangling symlink
@@ -148,12 +150,15 @@ def _check_directory(path: Path, flag: str) -> None:
     if not existing.is_dir():
         raise OutputError(f"{flag} {path} passes through the file {existing}; give a path in a directory")
     if reason := unwritable(existing):
-        raise OutputError(f"{flag} {path} cannot be written: {existing} is not writable ({reason}); make it "
-                          "writable or give a path in a writable directory")
+        raise OutputError(
+            f"{flag} {path} cannot be written: {existing} is not writable ({reason}); make it "
+            "writable or give a path in a writable directory"
+        )
 
 
-def check_file(path: Path, *, kind: str, command: str, example: Path, flag: str = "--out",
-               reads: dict[Path, str] | None = None) -> None:
+def check_file(
+    path: Path, *, kind: str, command: str, example: Path, flag: str = "--out", reads: dict[Path, str] | None = None
+) -> None:
     """Refuse, before any work, an output file that exists and is not `command`'s own earlier `kind`,
     or one whose directory cannot be written. `example`: a free name to suggest; `reads`: the command's
     inputs by role ("the checkpoint it evaluates"), named as such when the path is one of them."""
@@ -166,8 +171,10 @@ def check_file(path: Path, *, kind: str, command: str, example: Path, flag: str 
     if _ours(path, kind) and not any(r.exists() and os.path.samefile(r, path) for r in reads):
         return
     suggestion = example if not example.exists() or _ours(example, kind) else example.with_name(f"new_{example.name}")
-    raise OutputError(f"{flag} {path} already exists and is {describe(path, reads)}, not {KINDS[kind][0]}, and "
-                      f"{command} never writes over a file it did not make; give a new file name such as {suggestion}")
+    raise OutputError(
+        f"{flag} {path} already exists and is {describe(path, reads)}, not {KINDS[kind][0]}, and "
+        f"{command} never writes over a file it did not make; give a new file name such as {suggestion}"
+    )
 
 
 def check_directory(out: Path, names: list[str], *, kind: str, command: str, inputs: list[Path]) -> None:
@@ -186,9 +193,11 @@ def check_directory(out: Path, names: list[str], *, kind: str, command: str, inp
         if earlier and (target == index or not any(r.exists() and os.path.samefile(r, target) for r in inputs)):
             continue
         why = "it is read by this command" if earlier else f"the directory has no {names[0]} of {command}"
-        raise OutputError(f"--out {out} already holds {name}, which is {describe(target, reads)}, not {command}'s own "
-                          f"output ({why}), and {command} never writes over a file it did not make; give a new or "
-                          "empty directory")
+        raise OutputError(
+            f"--out {out} already holds {name}, which is {describe(target, reads)}, not {command}'s own "
+            f"output ({why}), and {command} never writes over a file it did not make; give a new or "
+            "empty directory"
+        )
 
 
 def write_file(path: Path, data: bytes) -> None:
@@ -200,8 +209,10 @@ def write_file(path: Path, data: bytes) -> None:
 # ---------------------------------------------------------------- resuming in a run directory
 def _run_of(ckpt: dict[str, Any]) -> dict[str, Any]:
     config = ckpt.get("config") or {}
-    return {"dir": str(Path(str(config.get("output_dir"))) / str(config.get("run_name"))),
-            "started": (ckpt.get("launch") or {}).get("started_at")}
+    return {
+        "dir": str(Path(str(config.get("output_dir"))) / str(config.get("run_name"))),
+        "started": (ckpt.get("launch") or {}).get("started_at"),
+    }
 
 
 def _peek_run(path: Path) -> dict[str, Any] | None:
@@ -255,8 +266,7 @@ def check_resume_target(source: Path, run_dir: Path) -> None:
         theirs = theirs or run
     if not others:
         return
-    when = (f", first started {mine['started']}" if mine["started"] and theirs and theirs["dir"] == mine["dir"]
-            else "")
+    when = f", first started {mine['started']}" if mine["started"] and theirs and theirs["dir"] == mine["dir"] else ""
     raise RunDirError(
         f"{source} is a checkpoint of the run {mine['dir']}{when}, but {run_dir} holds another run "
         f"({theirs['dir'] if theirs else 'unknown'}: {', '.join(others)}), whose last.pth and config.yaml a resume "

@@ -5,10 +5,12 @@ a flag left off the command line never counts as a request, and a group choice
 (`model=mask_rcnn`, `+experiment=my_trees`, also from a `--config-dir`) counts as
 the keys its YAML file sets.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -34,8 +36,11 @@ def _config_dirs() -> list[Path]:
 
     dirs: list[Path] = []
     if HydraConfig.initialized():
-        dirs = [Path(source.path) for source in HydraConfig.get().runtime.config_sources
-                if source.schema == "file" and source.path]
+        dirs = [
+            Path(source.path)
+            for source in HydraConfig.get().runtime.config_sources
+            if source.schema == "file" and source.path
+        ]
     from frcnn_train.config import CONFIG_DIR  # config imports this module
 
     return dirs + [Path(CONFIG_DIR)]
@@ -61,7 +66,9 @@ def _group_file_keys(group: str, option: str) -> list[str] | None:
     does not ask for the backbone a checkpoint was trained with).
     """
     group = group.strip("/")
-    path = next((d / group / f"{option}.yaml" for d in _config_dirs() if (d / group / f"{option}.yaml").is_file()), None)
+    path = next(
+        (d / group / f"{option}.yaml" for d in _config_dirs() if (d / group / f"{option}.yaml").is_file()), None
+    )
     if path is None:
         return None
     text = path.read_text(encoding="utf-8")
@@ -74,7 +81,7 @@ def _group_file_keys(group: str, option: str) -> list[str] | None:
         if isinstance(entry, str):  # another option of this group, or _self_
             chosen = (group, entry) if entry != "_self_" else None
         else:
-            (target, choice), = entry.items()
+            ((target, choice),) = entry.items()
             target = str(target).removeprefix("optional ")
             chosen = (target.removeprefix("override ").strip(), str(choice)) if target.startswith("override ") else None
         if chosen:

@@ -12,6 +12,7 @@ file_name: the input's path, drawn: its drawn image's name, and category_name).
 The model is loaded and run by the Python API's Detector (api.py), so
 `frcnn_train.load(CKPT).predict(...)` gives these very detections.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,8 +20,9 @@ import io
 import json
 import math
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from PIL import Image
@@ -46,8 +48,9 @@ def collect_images(inputs: list[str]) -> list[Path]:
     for raw in inputs:
         path = Path(raw)
         if not path.exists():
-            raise DataError(f"input {path} does not exist; "
-                            f"give image files ({', '.join(IMAGE_SUFFIXES)}) or directories")
+            raise DataError(
+                f"input {path} does not exist; give image files ({', '.join(IMAGE_SUFFIXES)}) or directories"
+            )
         if path.is_dir():
             images = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
             if not images:
@@ -65,8 +68,10 @@ def load_image(path: Path) -> torch.Tensor:
     try:
         return read_image(path).image
     except (ImageDecodeError, OSError) as err:
-        raise DataError(f"{path} could not be decoded as an image ({err}); replace it with a valid image "
-                        f"({', '.join(IMAGE_SUFFIXES)}) or leave it out") from None
+        raise DataError(
+            f"{path} could not be decoded as an image ({err}); replace it with a valid image "
+            f"({', '.join(IMAGE_SUFFIXES)}) or leave it out"
+        ) from None
     except ImageRangeError as err:
         raise DataError(f"{path} {err}") from None
 
@@ -78,17 +83,19 @@ def _output_dir(out_dir: str | Path, files: list[Path]) -> Path:
     existing = next(p for p in (out, *out.parents) if p.exists())
     if not existing.is_dir():
         what = "is a file" if existing == out else f"passes through the file {existing}"
-        raise DataError(f"--out {out} {what}; give a directory for the drawn images and predictions.json "
-                        "(it is made if missing)")
+        raise DataError(
+            f"--out {out} {what}; give a directory for the drawn images and predictions.json (it is made if missing)"
+        )
     if out.is_dir() and any(f.parent.resolve() == out.resolve() for f in files):
-        raise DataError(f"--out {out} holds input images, which the drawn images (same names) would replace; "
-                        "give another directory")
+        raise DataError(
+            f"--out {out} holds input images, which the drawn images (same names) would replace; give another directory"
+        )
     return out
 
 
 def _batches(items: list[Path], size: int) -> Iterator[tuple[int, list[Path]]]:
     for start in range(0, len(items), size):
-        yield start, items[start:start + size]
+        yield start, items[start : start + size]
 
 
 def output_names(files: list[Path]) -> list[str]:
@@ -116,13 +123,22 @@ def score_threshold(text: str) -> float:
         value = math.nan
     if not (math.isfinite(value) and 0.0 <= value <= 1.0):
         raise argparse.ArgumentTypeError(
-            f"{text} is not a score; give a number from 0 to 1 (detections scoring at least it are kept)")
+            f"{text} is not a score; give a number from 0 to 1 (detections scoring at least it are kept)"
+        )
     return value
 
 
 @torch.no_grad()
-def predict(ckpt_path: str | Path, inputs: list[str], out_dir: str | Path, *, score_threshold: float = 0.5,
-            device: str = "auto", batch_size: int = 4, raw: bool = False) -> tuple[list[dict[str, Any]], float | None]:
+def predict(
+    ckpt_path: str | Path,
+    inputs: list[str],
+    out_dir: str | Path,
+    *,
+    score_threshold: float = 0.5,
+    device: str = "auto",
+    batch_size: int = 4,
+    raw: bool = False,
+) -> tuple[list[dict[str, Any]], float | None]:
     """Run the checkpoint (or a torchvision zoo model) over the inputs, write drawn images and predictions.json.
     The checkpoint's EMA weights when it has them, unless `raw` (checkpoint.inference_weights).
 
@@ -160,13 +176,20 @@ def predict(ckpt_path: str | Path, inputs: list[str], out_dir: str | Path, *, sc
             target = out / names[index]
             extra = {"quality": 95} if target.suffix.lower() in (".jpg", ".jpeg") else {}
             buffer = io.BytesIO()
-            Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(buffer, format=Image.registered_extensions()[
-                target.suffix.lower()], **extra)
+            Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(
+                buffer, format=Image.registered_extensions()[target.suffix.lower()], **extra
+            )
             write_file(target, buffer.getvalue())
             for result in detections_to_coco([kept], [index], label_ids, with_masks=with_masks):
                 label = result["category_id"]
-                results.append({"file_name": str(files[index]), "drawn": names[index], **result,
-                                "category_name": classes[label - 1]})
+                results.append(
+                    {
+                        "file_name": str(files[index]),
+                        "drawn": names[index],
+                        **result,
+                        "category_name": classes[label - 1],
+                    }
+                )
     # One detection per line: valid JSON that still reads (and diffs) well.
     write_file(out / PREDICTIONS, ("[\n" + ",\n".join(json.dumps(r) for r in results) + "\n]\n").encode())
     return results, highest_dropped
@@ -175,34 +198,55 @@ def predict(ckpt_path: str | Path, inputs: list[str], out_dir: str | Path, *, sc
 def build_parser() -> argparse.ArgumentParser:
     """The command's arguments; docs/ generates the command-line reference from it."""
     parser = argparse.ArgumentParser(prog=prog_name("frcnn_train.predict"), description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", help="checkpoint file (or run directory: best.pth, else last.pth), or "
-                                           "torchvision:<builder>[.<weights>] for torchvision's COCO weights")
+    parser.add_argument(
+        "checkpoint",
+        help="checkpoint file (or run directory: best.pth, else last.pth), or "
+        "torchvision:<builder>[.<weights>] for torchvision's COCO weights",
+    )
     parser.add_argument("inputs", nargs="+", help=f"image files or directories ({', '.join(IMAGE_SUFFIXES)})")
     parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--score-threshold", type=score_threshold, default=0.5,
-                        help="draw and keep detections scoring at least this (0 to 1)")
+    parser.add_argument(
+        "--score-threshold",
+        type=score_threshold,
+        default=0.5,
+        help="draw and keep detections scoring at least this (0 to 1)",
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass")
-    parser.add_argument("--raw", action="store_true",
-                        help="use the trained weights, not the EMA's (for checkpoints of runs with trainer.ema)")
+    parser.add_argument(
+        "--raw",
+        action="store_true",
+        help="use the trained weights, not the EMA's (for checkpoints of runs with trainer.ema)",
+    )
     return parser
 
 
 @cli
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    results, highest_dropped = predict(args.checkpoint, args.inputs, args.out, score_threshold=args.score_threshold,
-                                       device=args.device, batch_size=args.batch_size, raw=args.raw)
+    results, highest_dropped = predict(
+        args.checkpoint,
+        args.inputs,
+        args.out,
+        score_threshold=args.score_threshold,
+        device=args.device,
+        batch_size=args.batch_size,
+        raw=args.raw,
+    )
     print(f"{len(results)} detections; drawn images and predictions.json in {args.out}")
     files = collect_images(args.inputs)
     renamed = [(file, name) for file, name in zip(files, output_names(files)) if name != file.name]
     if renamed:
         shown = ", ".join(f"{file} -> {name}" for file, name in renamed[:3]) + (", ..." if len(renamed) > 3 else "")
-        print(f"{len(renamed)} input(s) share a file name with an earlier one and were drawn under a free name: "
-              f"{shown} (predictions.json: file_name -> drawn)")
+        print(
+            f"{len(renamed)} input(s) share a file name with an earlier one and were drawn under a free name: "
+            f"{shown} (predictions.json: file_name -> drawn)"
+        )
     if not results and highest_dropped is not None:
-        print(f"every detection scored below --score-threshold {args.score_threshold} (highest "
-              f"{highest_dropped:.3f}); lower it to see them, or train longer")
+        print(
+            f"every detection scored below --score-threshold {args.score_threshold} (highest "
+            f"{highest_dropped:.3f}); lower it to see them, or train longer"
+        )
     return 0
 
 

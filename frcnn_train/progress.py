@@ -5,6 +5,7 @@ steps they are read once (the only host sync logging costs) and averaged over th
 ranks (one all_reduce, as torchvision's `reduce_dict`), so a logged loss is the whole
 global batch's, not rank 0's.
 """
+
 from __future__ import annotations
 
 import time
@@ -17,8 +18,7 @@ from frcnn_train.logs import RunLogger, log
 
 
 class StepLog:
-    def __init__(self, logger: RunLogger, *, log_every: int, progress: bool, epochs: int,
-                 steps_per_epoch: int) -> None:
+    def __init__(self, logger: RunLogger, *, log_every: int, progress: bool, epochs: int, steps_per_epoch: int) -> None:
         self.logger, self.log_every, self.progress = logger, log_every, progress and distributed.is_main()
         self.epochs, self.steps_per_epoch = epochs, steps_per_epoch
         self._sums: dict[str, torch.Tensor] = {}
@@ -36,12 +36,26 @@ class StepLog:
         if self.progress:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=self.steps_per_epoch, initial=step_in_epoch, desc=f"epoch {epoch + 1}/{self.epochs}",
-                             leave=False, dynamic_ncols=True)
+            self._bar = tqdm(
+                total=self.steps_per_epoch,
+                initial=step_in_epoch,
+                desc=f"epoch {epoch + 1}/{self.epochs}",
+                leave=False,
+                dynamic_ncols=True,
+            )
 
-    def step(self, losses: dict[str, torch.Tensor], *, images: int, epoch: int, global_step: int,
-             step_in_epoch: int, steps_left: int, lrs: dict[str, float],
-             extra: dict[str, torch.Tensor] | None = None) -> None:
+    def step(
+        self,
+        losses: dict[str, torch.Tensor],
+        *,
+        images: int,
+        epoch: int,
+        global_step: int,
+        step_in_epoch: int,
+        steps_left: int,
+        lrs: dict[str, float],
+        extra: dict[str, torch.Tensor] | None = None,
+    ) -> None:
         """After an optimizer step: `losses` as the model returned them (detached, on the device),
         `images` trained on by all ranks, `extra` further device scalars to average (grad_norm)."""
         for name, value in {**losses, **(extra or {})}.items():
@@ -54,8 +68,12 @@ class StepLog:
         if global_step % self.log_every or not self._summed_steps:
             return
         names = list(self._sums)
-        means = dict(zip(names, distributed.mean_over_ranks(
-            torch.stack([self._sums[n] for n in names]) / self._summed_steps).tolist()))
+        means = dict(
+            zip(
+                names,
+                distributed.mean_over_ranks(torch.stack([self._sums[n] for n in names]) / self._summed_steps).tolist(),
+            )
+        )
         self._sums, self._summed_steps = {}, 0
         total = sum(means[name] for name in losses)
         elapsed = max(time.perf_counter() - self._window_start, 1e-9)
@@ -70,8 +88,16 @@ class StepLog:
             self._bar.set_postfix(loss=f"{total:.3f}", lr=f"{lr:.2e}", refresh=False)
         else:
             # %.3g: a slow step (one big image, a small CPU) reads 0.0412 img/s, not 0.0.
-            log.info("epoch %d step %d/%d  loss %.4f  lr %.3g  %.3g img/s  ETA %s", epoch + 1, step_in_epoch,
-                     self.steps_per_epoch, total, lr, images_per_s, duration(steps_left / steps_per_s))
+            log.info(
+                "epoch %d step %d/%d  loss %.4f  lr %.3g  %.3g img/s  ETA %s",
+                epoch + 1,
+                step_in_epoch,
+                self.steps_per_epoch,
+                total,
+                lr,
+                images_per_s,
+                duration(steps_left / steps_per_s),
+            )
 
     def end_epoch(self, global_step: int) -> None:
         self.close()

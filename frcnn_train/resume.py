@@ -8,13 +8,15 @@ architecture fingerprint checks, restoring the registered state, and the record 
 resume adds to the checkpoint's history. A new run gets a `Resume` too, with no
 checkpoint, so launch.py reads the same either way.
 """
+
 from __future__ import annotations
 
 import datetime
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -40,8 +42,9 @@ EMA_KEYS = ("trainer.ema.decay", "trainer.ema.warmup_steps", "trainer.ema.every"
 class ResumeConflict(ConfigError):
     """A resume asked for non-mutable changes; carries both configs so callers can describe the model change."""
 
-    def __init__(self, conflicts: list[str], source: str, saved: DictConfig, requested: DictConfig,
-                 modules: str = "") -> None:
+    def __init__(
+        self, conflicts: list[str], source: str, saved: DictConfig, requested: DictConfig, modules: str = ""
+    ) -> None:
         self.conflicts, self.source, self.saved, self.requested = conflicts, source, saved, requested
         super().__init__(
             f"cannot resume {source} with a changed config: {'; '.join(conflicts)}"
@@ -50,7 +53,7 @@ class ResumeConflict(ConfigError):
             f"other overrides to resume, or start a new run from these weights with init_from={source}"
         )
 
-    def with_modules(self, modules: str) -> "ResumeConflict":
+    def with_modules(self, modules: str) -> ResumeConflict:
         return ResumeConflict(self.conflicts, self.source, self.saved, self.requested, modules)
 
 
@@ -74,16 +77,22 @@ def saved_config(saved: dict[str, Any], source: str, versions: dict[str, Any] | 
     except Exception as err:  # noqa: BLE001 - OmegaConf validation errors
         written = (versions or {}).get("frcnn_train")
         here = checkpoint.library_versions()["frcnn_train"]
-        advice = ("use the frcnn_train version that wrote it" if written is None
-                  else f"use frcnn_train {written}, which wrote it" if written != here
-                  else f"the same frcnn_train {here} wrote it, so the config was edited since: fix that value in it")
+        advice = (
+            "use the frcnn_train version that wrote it"
+            if written is None
+            else f"use frcnn_train {written}, which wrote it"
+            if written != here
+            else f"the same frcnn_train {here} wrote it, so the config was edited since: fix that value in it"
+        )
         key = f"{err.full_key}: " if getattr(err, "full_key", None) else ""  # OmegaConf's errors know the key
-        raise CheckpointError(f"{source} holds a config this version cannot read ({key}{str(err).splitlines()[0]}); "
-                              f"{advice}") from None
+        raise CheckpointError(
+            f"{source} holds a config this version cannot read ({key}{str(err).splitlines()[0]}); {advice}"
+        ) from None
 
 
-def merge_for_resume(saved: dict, cfg: DictConfig, overrides: Sequence[str], source: str,
-                     versions: dict[str, Any] | None = None) -> tuple[DictConfig, list[str]]:
+def merge_for_resume(
+    saved: dict, cfg: DictConfig, overrides: Sequence[str], source: str, versions: dict[str, Any] | None = None
+) -> tuple[DictConfig, list[str]]:
     """The checkpoint's config with the mutable keys the user asked to change.
 
     Returns the config to resume with and "key: old -> new" lines for the history.
@@ -153,9 +162,11 @@ def describe_precision_change(ckpt: dict[str, Any], precision: str, device: torc
         before = "fp32"  # older checkpoints: without trainer.amp it was fp32 on any device
     if before in (None, precision):
         return ""
-    return (f"Precision changes with this resume: the checkpoint trained in {before}, training continues in "
-            f"{precision} on {device}; the loss curve may shift, and the run is no longer bitwise comparable "
-            "to one trained in a single precision.")
+    return (
+        f"Precision changes with this resume: the checkpoint trained in {before}, training continues in "
+        f"{precision} on {device}; the loss curve may shift, and the run is no longer bitwise comparable "
+        "to one trained in a single precision."
+    )
 
 
 def keep_global_batch(cfg: DictConfig, ckpt: dict[str, Any], world: int) -> str | None:
@@ -178,16 +189,25 @@ def keep_global_batch(cfg: DictConfig, ckpt: dict[str, Any], world: int) -> str 
             f"{global_batch // batch}"
         )
     cfg.trainer.accumulate = global_batch // (world * batch)
-    return (f"world size {old_world} -> {world}: trainer.accumulate {old_accumulate} -> {cfg.trainer.accumulate} "
-            f"keeps the global batch of {global_batch} images ({world} x {batch} x {cfg.trainer.accumulate})")
+    return (
+        f"world size {old_world} -> {world}: trainer.accumulate {old_accumulate} -> {cfg.trainer.accumulate} "
+        f"keeps the global batch of {global_batch} images ({world} x {batch} x {cfg.trainer.accumulate})"
+    )
 
 
-def launch_record(overrides: Sequence[str], precision: str, device: torch.device,
-                  weights: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+def launch_record(
+    overrides: Sequence[str], precision: str, device: torch.device, weights: Sequence[dict[str, Any]] = ()
+) -> dict[str, Any]:
     """What the checkpoint keeps of a run's first launch (inspect shows it); `weights`: the files it started
     from (init_from, model.backbone.weights), each by name and sha256."""
-    return {"started_at": _now(), "overrides": list(overrides), "precision": precision, "device": str(device),
-            "world_size": distributed.world_size(), "weights": list(weights)}
+    return {
+        "started_at": _now(),
+        "overrides": list(overrides),
+        "precision": precision,
+        "device": str(device),
+        "world_size": distributed.world_size(),
+        "weights": list(weights),
+    }
 
 
 def _now() -> str:
@@ -206,7 +226,7 @@ class Resume:
     shown: list[tuple[int, str]] = field(default_factory=list)  # already on the console, for train.log
 
     @classmethod
-    def open(cls, source: Path | None, cfg: DictConfig, overrides: Sequence[str]) -> "Resume":
+    def open(cls, source: Path | None, cfg: DictConfig, overrides: Sequence[str]) -> Resume:
         """Read `source` (None: a new run) and merge the command line into its config, or refuse."""
         if source is None:
             return cls(cfg=cfg)
@@ -268,15 +288,23 @@ class Resume:
         if self.ckpt is not None and (line := describe_precision_change(self.ckpt, precision, device)):
             self.notes.append((logging.WARNING, line))
 
-    def launch(self, overrides: Sequence[str], precision: str, device: torch.device,
-               weights: Sequence[dict[str, Any]] = ()) -> dict[str, Any] | None:
+    def launch(
+        self, overrides: Sequence[str], precision: str, device: torch.device, weights: Sequence[dict[str, Any]] = ()
+    ) -> dict[str, Any] | None:
         """How the run was first started: the checkpoint's record on a resume, a new one otherwise."""
         if self.ckpt is not None:
             return self.ckpt.get("launch")  # None in checkpoints written before it was recorded
         return launch_record(overrides, precision, device, weights)
 
-    def restore(self, registry: Registry, *, model: torch.nn.Module, overrides: Sequence[str], precision: str,
-                device: torch.device) -> None:
+    def restore(
+        self,
+        registry: Registry,
+        *,
+        model: torch.nn.Module,
+        overrides: Sequence[str],
+        precision: str,
+        device: torch.device,
+    ) -> None:
         """Load every registered part from the checkpoint and add this resume to its history."""
         if self.ckpt is None:
             return
@@ -284,12 +312,24 @@ class Resume:
         counters, ema = registry.parts["trainer"], registry.parts["ema"]
         if ema is not None and self.ckpt.get("ema") is None:
             ema.restart_from(model)
-            self.notes.append((logging.WARNING, f"trainer.ema is on from this resume: the average starts at the "
-                                                f"weights of step {counters.global_step}, not at step 0."))
-        counters.history.append({
-            "resumed_at": _now(), "from": str(self.source), "epoch": counters.epoch,
-            "global_step": counters.global_step, "step_in_epoch": counters.step_in_epoch,
-            "changes": list(self.changes),
-            "versions": checkpoint.library_versions(), "overrides": list(overrides), "precision": precision,
-            "device": str(device),
-        })
+            self.notes.append(
+                (
+                    logging.WARNING,
+                    f"trainer.ema is on from this resume: the average starts at the "
+                    f"weights of step {counters.global_step}, not at step 0.",
+                )
+            )
+        counters.history.append(
+            {
+                "resumed_at": _now(),
+                "from": str(self.source),
+                "epoch": counters.epoch,
+                "global_step": counters.global_step,
+                "step_in_epoch": counters.step_in_epoch,
+                "changes": list(self.changes),
+                "versions": checkpoint.library_versions(),
+                "overrides": list(overrides),
+                "precision": precision,
+                "device": str(device),
+            }
+        )

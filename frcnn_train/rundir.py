@@ -6,6 +6,7 @@ in the directory keeps two processes from writing one run at once. Every
 refusal comes before any data or model work, with nothing on disk changed.
 Under torchrun only global rank 0 writes files, so only it checks and locks.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -15,9 +16,10 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
@@ -126,8 +128,10 @@ def going_back(resume_from: Path, ckpt: dict[str, Any]) -> Notes:
     step = ckpt["trainer"]["global_step"]
     if newer <= step:
         return []
-    message = (f"Resuming from {resume_from.name} goes back from step {newer} (last.pth) to step {step}: steps "
-               f"{step + 1}-{newer} are trained again and the next save replaces {last}; copy it now to keep it.")
+    message = (
+        f"Resuming from {resume_from.name} goes back from step {newer} (last.pth) to step {step}: steps "
+        f"{step + 1}-{newer} are trained again and the next save replaces {last}; copy it now to keep it."
+    )
     log.warning(message)
     return [(logging.WARNING, message)]
 
@@ -146,13 +150,17 @@ def _run_files(run_dir: Path, *, allow_config: bool) -> list[str]:
 def _existing_run_message(run_dir: Path, held: list[str], *, restart: bool) -> str:
     found = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
     if restart:
-        return (f"resume=auto found no readable checkpoint in {run_dir}, which holds {found} (see the warnings "
-                f"above); to start over there set overwrite=true instead of resume=auto (the old run is moved "
-                f"aside, not deleted), or choose another run_name")
+        return (
+            f"resume=auto found no readable checkpoint in {run_dir}, which holds {found} (see the warnings "
+            f"above); to start over there set overwrite=true instead of resume=auto (the old run is moved "
+            f"aside, not deleted), or choose another run_name"
+        )
     # resume=DIR needs DIR/last.pth; resume=auto also takes an older checkpoint, or starts where none was saved.
     go_on = f"resume={run_dir}" if (run_dir / "last.pth").is_file() else "resume=auto (same run_name)"
-    return (f"{run_dir} already holds a run ({found}); continue it with {go_on}, start another with a "
-            f"different run_name=, or start over there with overwrite=true (the old run is moved aside, not deleted)")
+    return (
+        f"{run_dir} already holds a run ({found}); continue it with {go_on}, start another with a "
+        f"different run_name=, or start over there with overwrite=true (the old run is moved aside, not deleted)"
+    )
 
 
 def _check_writable(run_dir: Path, *, new: bool, overwrite: bool) -> None:
@@ -160,8 +168,10 @@ def _check_writable(run_dir: Path, *, new: bool, overwrite: bool) -> None:
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        raise RunDirError(f"cannot create the run directory {run_dir}: {existing} is a file; "
-                          "set output_dir= or run_name= to a path that is free")
+        raise RunDirError(
+            f"cannot create the run directory {run_dir}: {existing} is a file; "
+            "set output_dir= or run_name= to a path that is free"
+        )
     paths = [existing] + [run_dir / name for name in _WRITTEN_IN_PLACE if (run_dir / name).is_file()]
     if overwrite and run_dir.is_dir():
         paths.append(run_dir.parent)  # the old run is renamed inside it
@@ -169,17 +179,23 @@ def _check_writable(run_dir: Path, *, new: bool, overwrite: bool) -> None:
         if reason := _unwritable(path):
             raise _read_only(run_dir, path, reason, new=new)
         if path.is_file() and path.name != "config.yaml" and path.stat().st_nlink > 1:  # appended to in place
-            raise RunDirError(f"{path} has {path.stat().st_nlink} names (hard links), and the run appends to it, "
-                              "which would change every one of them; copy it (cp, not ln) to break the link, "
-                              "or use another run_name")
+            raise RunDirError(
+                f"{path} has {path.stat().st_nlink} names (hard links), and the run appends to it, "
+                "which would change every one of them; copy it (cp, not ln) to break the link, "
+                "or use another run_name"
+            )
 
 
 def _read_only(run_dir: Path, path: Path, reason: str, *, new: bool) -> RunDirError:
     if new:
-        return RunDirError(f"cannot write the run directory {run_dir}: {path} is not writable ({reason}); make it "
-                           "writable or set output_dir= to a writable directory")
-    return RunDirError(f"cannot resume in {run_dir}: {path} is not writable ({reason}) and a resume writes there; "
-                       "make it writable, or copy the run directory to a writable place and resume from the copy")
+        return RunDirError(
+            f"cannot write the run directory {run_dir}: {path} is not writable ({reason}); make it "
+            "writable or set output_dir= to a writable directory"
+        )
+    return RunDirError(
+        f"cannot resume in {run_dir}: {path} is not writable ({reason}) and a resume writes there; "
+        "make it writable, or copy the run directory to a writable place and resume from the copy"
+    )
 
 
 def _reason(err: OSError) -> str:
@@ -252,8 +268,14 @@ def _acquire(run_dir: Path, notes: Notes, *, new: bool) -> str:
     """Create the lock file (O_EXCL: exactly one process can) holding pid, host and start time."""
     path = run_dir / LOCK_NAME
     pid = os.getpid()
-    text = json.dumps({"pid": pid, "host": socket.gethostname(), "started": _process_start(pid),
-                       "since": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
+    text = json.dumps(
+        {
+            "pid": pid,
+            "host": socket.gethostname(),
+            "started": _process_start(pid),
+            "since": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+    )
     for _ in range(5):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -265,8 +287,10 @@ def _acquire(run_dir: Path, notes: Notes, *, new: bool) -> str:
         with os.fdopen(fd, "w") as f:
             f.write(text)
         return text
-    raise RunDirError(f"the lock file {path} kept changing while this run tried to take it; another process is "
-                      f"starting in {run_dir}: wait for it, or use another run_name")
+    raise RunDirError(
+        f"the lock file {path} kept changing while this run tried to take it; another process is "
+        f"starting in {run_dir}: wait for it, or use another run_name"
+    )
 
 
 def _take_over_if_stale(path: Path, run_dir: Path, notes: Notes) -> None:
@@ -277,37 +301,48 @@ def _take_over_if_stale(path: Path, run_dir: Path, notes: Notes) -> None:
     except FileNotFoundError:
         return  # released meanwhile
     except OSError as err:  # a directory, or unreadable: nobody's lock that we can judge
-        raise RunDirError(f"the lock file {path} cannot be read ({_reason(err)}), so whether a run is writing "
-                          f"{run_dir} is unknown; remove it if no run is, or use another run_name") from None
+        raise RunDirError(
+            f"the lock file {path} cannot be read ({_reason(err)}), so whether a run is writing "
+            f"{run_dir} is unknown; remove it if no run is, or use another run_name"
+        ) from None
     try:
         record = json.loads(text)
     except ValueError:
         record = None
     if not _is_record(record):
         if age < 5:  # created an instant ago, its holder is writing it
-            raise RunDirError(f"another process is starting in {run_dir} (lock file {path}); wait for it, "
-                              "or use another run_name")
+            raise RunDirError(
+                f"another process is starting in {run_dir} (lock file {path}); wait for it, or use another run_name"
+            )
         # Its writer died between creating and writing it, or something else wrote it: no process to wait for.
         alive, holder = False, None
-        message = (f"Took over the lock {path}, which held {_shown(text)} instead of a pid, host and start time "
-                   "(its writer died while creating it, or another program wrote it): no run is writing here.")
+        message = (
+            f"Took over the lock {path}, which held {_shown(text)} instead of a pid, host and start time "
+            "(its writer died while creating it, or another program wrote it): no run is writing here."
+        )
     else:
         alive = _holder_alive(record)
         holder = f"pid {record['pid']} on {record['host']}, since {record.get('since', 'an unknown time')}"
         message = f"Took over the stale lock {path} of {holder}: that process is no longer running."
     if alive:
-        raise RunDirError(f"another process ({holder}) is writing {run_dir} (lock file {path}); wait for it to "
-                          "end or stop it, or use another run_name")
+        raise RunDirError(
+            f"another process ({holder}) is writing {run_dir} (lock file {path}); wait for it to "
+            "end or stop it, or use another run_name"
+        )
     if alive is None:
-        raise RunDirError(f"{run_dir} is locked by {holder}, which cannot be checked from {socket.gethostname()} "
-                          f"(lock file {path}); wait for that run to end, or delete the lock file if it is not running")
+        raise RunDirError(
+            f"{run_dir} is locked by {holder}, which cannot be checked from {socket.gethostname()} "
+            f"(lock file {path}); wait for that run to end, or delete the lock file if it is not running"
+        )
     # Renamed away first: of two processes taking over one stale lock, one rename fails.
     grabbed = path.with_name(f"{LOCK_NAME}.stale-{os.getpid()}")
     try:
         os.rename(path, grabbed)
     except FileNotFoundError:
         return
-    if grabbed.read_text(errors="replace") != text:  # a fresh lock replaced the stale one before our rename: put it back
+    if (
+        grabbed.read_text(errors="replace") != text
+    ):  # a fresh lock replaced the stale one before our rename: put it back
         with contextlib.suppress(FileExistsError):
             os.link(grabbed, path)
         grabbed.unlink()
@@ -319,8 +354,12 @@ def _take_over_if_stale(path: Path, run_dir: Path, notes: Notes) -> None:
 
 def _is_record(record: Any) -> bool:
     """A lock record as `_acquire` writes it: a positive integer pid and a host name."""
-    return (isinstance(record, dict) and isinstance(record.get("pid"), int) and record["pid"] > 0
-            and isinstance(record.get("host"), str))
+    return (
+        isinstance(record, dict)
+        and isinstance(record.get("pid"), int)
+        and record["pid"] > 0
+        and isinstance(record.get("host"), str)
+    )
 
 
 def _shown(text: str) -> str:

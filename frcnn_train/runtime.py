@@ -4,6 +4,7 @@ Training, `evaluate` and `predict` pick the device and the autocast dtype the
 same way, so a checkpoint evaluated after training scores what the run logged.
 The four CLIs end the same way: a user error is one line on stderr and exit 2.
 """
+
 from __future__ import annotations
 
 import functools
@@ -13,7 +14,8 @@ import re
 import shlex
 import signal
 import sys
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -54,8 +56,9 @@ def resolve_device(name: str) -> torch.device:
     except RuntimeError:
         raise ConfigError(f"device={name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={name} but CUDA is not available on this machine; use device=cpu "
-                          "(device may change on resume)")
+        raise ConfigError(
+            f"device={name} but CUDA is not available on this machine; use device=cpu (device may change on resume)"
+        )
     return device
 
 
@@ -158,7 +161,7 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def precision_name(dtype: torch.dtype | None) -> str:
-    """"fp32", "fp16" or "bf16": how a run's precision is recorded in its checkpoint."""
+    """ "fp32", "fp16" or "bf16": how a run's precision is recorded in its checkpoint."""
     return {None: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
 
 
@@ -202,8 +205,11 @@ def override_arg(key: str, value: Any) -> str:
     text = str(value)
     if not _PLAIN_VALUE.fullmatch(text):
         text = text.replace("${", "\\${")
-        text = '"' + re.sub(r'(\\*)("|$)', lambda m: m.group(1) * 2 + ("\\" + m.group(2) if m.group(2) else ""),
-                            text) + '"'
+        text = (
+            '"'
+            + re.sub(r'(\\*)("|$)', lambda m: m.group(1) * 2 + ("\\" + m.group(2) if m.group(2) else ""), text)
+            + '"'
+        )
     return shlex.quote(f"{key}={text}")
 
 

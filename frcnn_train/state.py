@@ -6,11 +6,13 @@ required keys (checkpoint.REQUIRED_KEYS), `inspect`'s listing and the tests' bit
 full-state comparison all derive from `PARTS`, so a new piece of state is declared here,
 registered in launch.py, and is then saved, restored, inspected and compared everywhere.
 """
+
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -42,8 +44,10 @@ class Registry:
         unknown = set(parts) - set(PARTS)
         missing = set(PARTS) - set(parts)
         if unknown or missing:
-            raise ValueError(f"register exactly the parts declared in state.PARTS: unknown {sorted(unknown)}, "
-                             f"missing {sorted(missing)}")
+            raise ValueError(
+                f"register exactly the parts declared in state.PARTS: unknown {sorted(unknown)}, "
+                f"missing {sorted(missing)}"
+            )
         self.parts = {key: parts[key] for key in PARTS}
 
     def state_dict(self) -> dict[str, Any]:
@@ -120,5 +124,7 @@ class Scaler:
         if self.scaler.is_enabled():
             self.scaler.load_state_dict(state)
         else:
-            self.warn(f"The checkpoint carries an fp16 loss scale ({state.get('scale', float('nan')):.0f}) that has "
-                      "no use without CUDA fp16 autocast; continuing without loss scaling.")
+            self.warn(
+                f"The checkpoint carries an fp16 loss scale ({state.get('scale', float('nan')):.0f}) that has "
+                "no use without CUDA fp16 autocast; continuing without loss scaling."
+            )

@@ -5,6 +5,7 @@
 fails with a user error is reported and the next one starts, and each job returns
 its best validation metric for sweepers to optimise. Exit codes: docs/exit-codes.md.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,8 @@ import os
 import signal
 import sys
 import types
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 STARTUP_INTERRUPTED = "interrupted during start-up: nothing was trained"
 CTRL_C_EXIT = 130  # runtime.interrupt_exit_code(), known before torch is imported
@@ -87,8 +88,13 @@ def _record_job(status: str, run_dir: str | None, best: float | None) -> None:
     A job without a metric (failed, or never evaluated) writes `"best_metric": null`: JSON has no nan.
     """
     hydra_cfg = HydraConfig.get()
-    record = {"job": hydra_cfg.job.num, "overrides": list(hydra_cfg.overrides.task), "status": status,
-              "run_dir": run_dir, "best_metric": best}
+    record = {
+        "job": hydra_cfg.job.num,
+        "overrides": list(hydra_cfg.overrides.task),
+        "status": status,
+        "run_dir": run_dir,
+        "best_metric": best,
+    }
     sweep_dir = Path(hydra_cfg.sweep.dir)
     _sweep["dir"] = str(sweep_dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -125,8 +131,11 @@ def _job(cfg: DictConfig) -> float | None:
         from frcnn_train.runtime import interrupt_exit_code
 
         if _during_training(err):
-            print(f"{job}interrupted again: stopped at once without saving; the run directory keeps its last "
-                  "checkpoint, resume from it", file=sys.stderr)
+            print(
+                f"{job}interrupted again: stopped at once without saving; the run directory keeps its last "
+                "checkpoint, resume from it",
+                file=sys.stderr,
+            )
         else:
             print(f"{job}{STARTUP_INTERRUPTED}", file=sys.stderr)
         raise Interrupted(interrupt_exit_code()) from None
@@ -146,8 +155,10 @@ def _job(cfg: DictConfig) -> float | None:
             print(f"sweep stopped at job {hydra_cfg.job.num}: {summary['stop_reason']}", file=sys.stderr)
             raise Interrupted(code)
         if best is None:
-            print(f"{job}no {_sweep['metric']}: the run never evaluated it (a failed trial for a sweeper)",
-                  file=sys.stderr)
+            print(
+                f"{job}no {_sweep['metric']}: the run never evaluated it (a failed trial for a sweeper)",
+                file=sys.stderr,
+            )
     return best
 
 
@@ -164,10 +175,13 @@ def _user_error_exit(err: Exception) -> int | None:
         print(f"error: {user}", file=sys.stderr)
         return USER_ERROR_EXIT
     if _returned and all(best is None for best in _returned):  # a sweeper with nothing to choose from
-        print(f"error: no job of the sweep returned {_sweep.get('metric', 'trainer.best_metric')} (each failed "
-              f"or never evaluated; see {Path(_sweep.get('dir', 'the sweep directory')) / 'jobs.jsonl'}), so the "
-              f"sweeper has no result ({type(err).__name__}: {str(err).strip()}); fix the failing jobs or let "
-              "them evaluate (trainer.eval_every, trainer.max_steps)", file=sys.stderr)
+        print(
+            f"error: no job of the sweep returned {_sweep.get('metric', 'trainer.best_metric')} (each failed "
+            f"or never evaluated; see {Path(_sweep.get('dir', 'the sweep directory')) / 'jobs.jsonl'}), so the "
+            f"sweeper has no result ({type(err).__name__}: {str(err).strip()}); fix the failing jobs or let "
+            "them evaluate (trainer.eval_every, trainer.max_steps)",
+            file=sys.stderr,
+        )
         return max(USER_ERROR_EXIT, *_codes)
     return None
 

@@ -4,6 +4,7 @@ It takes built objects and typed settings (`config.TrainerConfig`); only launch.
 reads the config. What it reports lives in progress.py, validation in validation.py,
 files in checkpointer.py, and what a checkpoint holds in state.py.
 """
+
 from __future__ import annotations
 
 from contextlib import nullcontext
@@ -71,9 +72,16 @@ class Trainer:
         self.checkpointer, self.validator, self.step_log = checkpointer, validator, step_log
         self.steps_per_epoch = steps_per_epoch(len(data.train), settings.batch_size, settings.accumulate)
         self.train_loader = TrainLoader(  # one for the run: its workers persist across epochs
-            data.train, batch_size=settings.batch_size, num_workers=num_workers, seed=seed,
-            accumulate=settings.accumulate, rank=distributed.rank(), world_size=distributed.world_size(),
-            pin_memory=device.type == "cuda", groups=data.train_groups)
+            data.train,
+            batch_size=settings.batch_size,
+            num_workers=num_workers,
+            seed=seed,
+            accumulate=settings.accumulate,
+            rank=distributed.rank(),
+            world_size=distributed.world_size(),
+            pin_memory=device.type == "cuda",
+            groups=data.train_groups,
+        )
         self.stop_reason: str | None = None
         self._saved_step = 0  # the step of the newest last.pth (fit starts at the resumed one's)
         self._signals = distributed.StopRequest()
@@ -83,8 +91,9 @@ class Trainer:
     def save(self, *, epoch_end: bool = False, best: bool = False) -> None:
         """last.pth now (on every rank: the state gathers their RNG streams); at an epoch end the epoch file."""
         self._saved_step = self.counters.global_step
-        self.checkpointer.save(self.registry.state_dict(), epoch_end=self.counters.epoch if epoch_end else None,
-                               best=best)
+        self.checkpointer.save(
+            self.registry.state_dict(), epoch_end=self.counters.epoch if epoch_end else None, best=best
+        )
 
     def completed(self) -> bool:
         return self.counters.epoch >= self.s.epochs
@@ -115,9 +124,12 @@ class Trainer:
     def _fit(self) -> None:
         c = self.counters
         if self._max_steps_reached():  # a resume already there
-            log.warning("Nothing to train: the run is at step %d and trainer.max_steps=%d (kept from the "
-                        "checkpoint's config); add trainer.max_steps=null, or a larger value, to go on.",
-                        c.global_step, self.s.max_steps)
+            log.warning(
+                "Nothing to train: the run is at step %d and trainer.max_steps=%d (kept from the "
+                "checkpoint's config); add trainer.max_steps=null, or a larger value, to go on.",
+                c.global_step,
+                self.s.max_steps,
+            )
             return
         while c.epoch < self.s.epochs:
             if not self._train_epoch():
@@ -157,10 +169,15 @@ class Trainer:
             self.checkpointer.check()  # a failed background save ends the run here, in one sentence
             epoch_done = c.step_in_epoch == self.steps_per_epoch
             self.step_log.step(
-                losses, images=sum(len(batch[0]) for batch in micro) * world, epoch=c.epoch,
-                global_step=c.global_step, step_in_epoch=c.step_in_epoch, steps_left=self._steps_left(),
+                losses,
+                images=sum(len(batch[0]) for batch in micro) * world,
+                epoch=c.epoch,
+                global_step=c.global_step,
+                step_in_epoch=c.step_in_epoch,
+                steps_left=self._steps_left(),
                 lrs={g.get("name", "default"): g["lr"] for g in self.optimizer.param_groups},
-                extra={"grad_norm": self._grad_norm} if self._grad_norm is not None else None)
+                extra={"grad_norm": self._grad_norm} if self._grad_norm is not None else None,
+            )
             micro = []
             # One save per step: the epoch end saves after its evaluation, so the cadence leaves that step to it.
             cadence = s.checkpoint_every_steps and c.global_step % s.checkpoint_every_steps == 0
@@ -197,8 +214,9 @@ class Trainer:
             # DDP all-reduces gradients only on the last micro-batch of an accumulation.
             sync = nullcontext() if last or self.model is self.bare else self.model.no_sync()
             with sync:
-                with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                                    enabled=self.amp_dtype is not None):
+                with torch.autocast(
+                    self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
+                ):
                     loss_dict = self.model(images, targets)
                 loss = sum(loss_dict.values())
                 self.scaler.scale(loss / len(micro_batches)).backward()
@@ -230,10 +248,16 @@ class Trainer:
         """The step's one read from the device, and under torchrun its one collective: whether the
         loss is non-finite on any rank (the run ends) and whether a stop signal reached any rank
         (every rank stops after this step, see _agreed_stop)."""
-        flags = torch.stack([
-            ~torch.isfinite(sum(losses.values())) if losses else torch.zeros((), dtype=torch.bool, device=self.device),
-            torch.full((), self._signals.reason is not None, dtype=torch.bool, device=self.device),  # no copy, no sync
-        ])
+        flags = torch.stack(
+            [
+                ~torch.isfinite(sum(losses.values()))
+                if losses
+                else torch.zeros((), dtype=torch.bool, device=self.device),
+                torch.full(
+                    (), self._signals.reason is not None, dtype=torch.bool, device=self.device
+                ),  # no copy, no sync
+            ]
+        )
         nonfinite, self._signalled_anywhere = (bool(v) for v in distributed.max_over_ranks(flags).tolist())
         if nonfinite:
             c = self.counters
@@ -259,8 +283,9 @@ class Trainer:
         signalled = self._signals.reason is not None if alone else self._signalled_anywhere
         if not (signalled or max_hit):  # the same on every rank: no collective needed here
             return False
-        self.stop_reason = (self._signals.reason or (f"trainer.max_steps={self.s.max_steps} reached" if max_hit
-                                                     else "another process received a stop signal"))
+        self.stop_reason = self._signals.reason or (
+            f"trainer.max_steps={self.s.max_steps} reached" if max_hit else "another process received a stop signal"
+        )
         return True
 
     def _stop_requested(self) -> bool:
@@ -307,6 +332,9 @@ class Trainer:
         self.save()
         self.checkpointer.wait(raise_error=False)
         path = self.checkpointer.last_path
-        log.warning("Saved %s at step %d before stopping; once the image is fixed, resume=%s goes on from there.",
-                    path, c.global_step, path)
-
+        log.warning(
+            "Saved %s at step %d before stopping; once the image is fixed, resume=%s goes on from there.",
+            path,
+            c.global_step,
+            path,
+        )

@@ -1,6 +1,7 @@
 """Validation during training: COCO AP of the trained weights (and of the EMA), logged, drawn, and
 whether it is a new best. The Trainer calls `Validator.run` at the epochs trainer.eval_every names.
 """
+
 from __future__ import annotations
 
 import time
@@ -16,7 +17,6 @@ from frcnn_train.eval_plots import evaluation_figures, save_figures
 from frcnn_train.evaluation import coco_api, evaluate, format_table, summary_metrics
 from frcnn_train.logs import RunLogger, log
 from frcnn_train.visualize import draw_detections
-
 
 
 @dataclass
@@ -51,18 +51,30 @@ class Validator:
         evaluators: dict[str, Any] = {}
         results: list[dict[str, Any]] = []
         if self._loader is None:
-            self._loader = EvalLoader(self.data.val, batch_size=self.batch_size, num_workers=self.num_workers,
-                                      rank=distributed.rank(), world_size=distributed.world_size(),
-                                      pin_memory=self.device.type == "cuda")
+            self._loader = EvalLoader(
+                self.data.val,
+                batch_size=self.batch_size,
+                num_workers=self.num_workers,
+                rank=distributed.rank(),
+                world_size=distributed.world_size(),
+                pin_memory=self.device.type == "cuda",
+            )
         for prefix, model in models.items():
             distributed.broadcast_buffers(model)  # rank 0's BatchNorm statistics, which the checkpoint holds
             evaluators = {}  # the last model's (the EMA's when there is one), as _draw_samples draws
             # Only rank 0 runs COCOeval: the other ranks never index the ground truth.
             coco_gt = self.data.val.coco if distributed.is_main() else None
-            scores, results = evaluate(model, self._loader.loader, coco_gt=coco_gt,
-                                       label_to_cat_id=self.data.val.label_to_cat_id, device=self.device,
-                                       with_masks=self.with_masks, autocast_dtype=self.amp_dtype,
-                                       evaluators=evaluators, backend=self.backend)
+            scores, results = evaluate(
+                model,
+                self._loader.loader,
+                coco_gt=coco_gt,
+                label_to_cat_id=self.data.val.label_to_cat_id,
+                device=self.device,
+                with_masks=self.with_masks,
+                autocast_dtype=self.amp_dtype,
+                evaluators=evaluators,
+                backend=self.backend,
+            )
             metrics.update({f"{prefix}{k}": v for k, v in scores.items()})
             if distributed.is_main():
                 which = " of the EMA weights" if prefix else ""
@@ -83,9 +95,12 @@ class Validator:
         if value is None or value < 0:
             if not self._said_no_metric:
                 self._said_no_metric = True
-                log.warning("%s is undefined on the validation split (%s), so no best.pth is written from this "
-                            "evaluation; give the split annotated objects to choose a best checkpoint.",
-                            self.best_metric, "it has no annotated objects" if _empty(metrics) else "no value")
+                log.warning(
+                    "%s is undefined on the validation split (%s), so no best.pth is written from this "
+                    "evaluation; give the split annotated objects to choose a best checkpoint.",
+                    self.best_metric,
+                    "it has no annotated objects" if _empty(metrics) else "no value",
+                )
             return False
         return best is None or value > best
 

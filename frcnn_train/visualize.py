@@ -1,12 +1,27 @@
 """Drawing detections onto images (TensorBoard samples, predict's output)."""
+
 from __future__ import annotations
 
 import torch
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 # Distinct colours cycled by label, so a class keeps its colour across images.
-PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6",
-           "#bcf60c", "#fabebe", "#008080", "#e6beff", "#9a6324", "#800000", "#aaffc3"]
+PALETTE = [
+    "#e6194b",
+    "#3cb44b",
+    "#4363d8",
+    "#f58231",
+    "#911eb4",
+    "#46f0f0",
+    "#f032e6",
+    "#bcf60c",
+    "#fabebe",
+    "#008080",
+    "#e6beff",
+    "#9a6324",
+    "#800000",
+    "#aaffc3",
+]
 
 
 def draw_detections(

@@ -6,6 +6,7 @@ prefixes (`module.`, `_orig_mod.`) are stripped, the user's `init.remap` rules
 rename keys, and a tensor whose shape differs (another class count) is skipped
 so the freshly initialised one stays: fine-tuning to new classes is the common case.
 """
+
 from __future__ import annotations
 
 import re
@@ -17,8 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from frcnn_train.checkpoint import (FORMAT, inference_weights, migrate, read_file, strip_wrapper_prefixes,
-                                    unwrap_model)
+from frcnn_train.checkpoint import FORMAT, inference_weights, migrate, read_file, strip_wrapper_prefixes, unwrap_model
 from frcnn_train.errors import CheckpointError, ConfigError
 
 # Keys under which training scripts commonly nest the model's state dict, most specific first.
@@ -69,8 +69,10 @@ def extract_state_dict(obj: Any, source: str, *, raw: bool = False) -> tuple[dic
             f"{source} holds a dict without tensors (top-level keys: {shown}); give a state dict, "
             f"or a dict with the state dict under one of {', '.join(STATE_KEYS)}"
         )
-    raise CheckpointError(f"{source} holds a {type(obj).__name__}, not a state dict; give a file saved from "
-                          "model.state_dict() or an frcnn_train checkpoint")
+    raise CheckpointError(
+        f"{source} holds a {type(obj).__name__}, not a state dict; give a file saved from "
+        "model.state_dict() or an frcnn_train checkpoint"
+    )
 
 
 def wrapper_prefixes(keys: list[str]) -> list[str]:
@@ -90,8 +92,10 @@ def _compile_rules(remap: list[dict[str, str]]) -> list[tuple[str, str, re.Patte
         try:
             rules.append((old, new, re.compile(old)))
         except re.error as err:
-            raise ConfigError(f"init.remap[{i}].from={old!r} is not a valid regular expression ({err}); "
-                              "fix it or use a plain prefix ending in '.'") from None
+            raise ConfigError(
+                f"init.remap[{i}].from={old!r} is not a valid regular expression ({err}); "
+                "fix it or use a plain prefix ending in '.'"
+            ) from None
     return rules
 
 
@@ -103,12 +107,13 @@ def apply_remap(state: dict[str, Tensor], remap: list[dict[str, str]]) -> dict[s
         name = key
         for old, new, regex in rules:
             if regex is None:
-                name = new + name[len(old):] if name.startswith(old) else name
+                name = new + name[len(old) :] if name.startswith(old) else name
             else:
                 name = regex.sub(new, name)
         if name in out:
-            raise ConfigError(f"init.remap maps two tensors of the file to {name!r} (one is {key!r}); "
-                              "make the rules more specific")
+            raise ConfigError(
+                f"init.remap maps two tensors of the file to {name!r} (one is {key!r}); make the rules more specific"
+            )
         out[name] = value
     return out
 
@@ -128,13 +133,19 @@ class LoadReport:
     counters: int = 0  # BatchNorm num_batches_tracked in the file: no weights, not reported per tensor
 
     def counts(self) -> str:
-        return (f"loaded {len(self.loaded)} | reshaped-and-skipped {len(self.reshaped)} | "
-                f"missing {len(self.missing)} | unexpected {len(self.unexpected)}")
+        return (
+            f"loaded {len(self.loaded)} | reshaped-and-skipped {len(self.reshaped)} | "
+            f"missing {len(self.missing)} | unexpected {len(self.unexpected)}"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "source": self.source, "container": self.container, "stripped": self.stripped,
-            "loaded": self.loaded, "missing": self.missing, "unexpected": self.unexpected,
+            "source": self.source,
+            "container": self.container,
+            "stripped": self.stripped,
+            "loaded": self.loaded,
+            "missing": self.missing,
+            "unexpected": self.unexpected,
             "reshaped": [{"name": n, "file": list(a), "model": list(b)} for n, a, b in self.reshaped],
         }
 
@@ -186,8 +197,10 @@ def _nothing_matches(source: str, file_keys: list[str], model_keys: list[str], r
     else:
         hint = "map its names with init.remap=[{from: <file prefix>, to: <model prefix>}]"
     if {k.split(".")[0] for k in file_keys} & _CLASSIFIER_ROOTS:
-        hint = ("it looks like a classification backbone (ImageNet weights): "
-                f"use model.backbone.weights={source}, or {hint}")
+        hint = (
+            "it looks like a classification backbone (ImageNet weights): "
+            f"use model.backbone.weights={source}, or {hint}"
+        )
     return CheckpointError(
         f"no tensor of {source} fits the model (file prefixes: {', '.join(file_roots[:6]) or 'none'}; "
         f"model prefixes: {', '.join(model_roots[:6])}); {hint}"
@@ -196,8 +209,11 @@ def _nothing_matches(source: str, file_keys: list[str], model_keys: list[str], r
 
 def _strict_error(source: str, report: LoadReport) -> CheckpointError:
     parts = []
-    for label, names in (("reshaped", [f"{n} {list(a)}->{list(b)}" for n, a, b in report.reshaped]),
-                         ("missing", report.missing), ("unexpected", report.unexpected)):
+    for label, names in (
+        ("reshaped", [f"{n} {list(a)}->{list(b)}" for n, a, b in report.reshaped]),
+        ("missing", report.missing),
+        ("unexpected", report.unexpected),
+    ):
         if names:
             more = ", ..." if len(names) > 3 else ""
             parts.append(f"{len(names)} {label} ({', '.join(names[:3])}{more})")
@@ -229,15 +245,21 @@ def plan_load(model: nn.Module, state: dict[str, Tensor]) -> tuple[dict[str, Ten
     return selected, report
 
 
-def read_state_dict(path: str | Path, *, trust: bool = False,
-                    raw: bool = False) -> tuple[dict[str, Tensor], str, list[str]]:
+def read_state_dict(
+    path: str | Path, *, trust: bool = False, raw: bool = False
+) -> tuple[dict[str, Tensor], str, list[str]]:
     """(prefix-free tensors, container, stripped wrapper prefixes) of any weights file (`raw`: see extract_state_dict)."""
     tensors, container = extract_state_dict(read_file(path, trust=trust), str(path), raw=raw)
     return strip_wrapper_prefixes(tensors), container, wrapper_prefixes(list(tensors))
 
 
 def load_init_weights(
-    model: nn.Module, path: str | Path, *, remap: list[dict[str, str]], strict: bool, trust: bool,
+    model: nn.Module,
+    path: str | Path,
+    *,
+    remap: list[dict[str, str]],
+    strict: bool,
+    trust: bool,
     raw: bool = False,
 ) -> LoadReport:
     """Copy every tensor of `path` that fits into `model` (parameters and buffers); return the report.

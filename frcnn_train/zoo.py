@@ -12,6 +12,7 @@ A file is fetched once into torch's hub cache (`$TORCH_HOME/hub/checkpoints/<fil
 `torch.hub.load_state_dict_from_url` (progress bar, torchvision's hash check), as torchvision itself does, and
 read from there afterwards. Offline and not cached: one sentence with the URL and the path to put the file at.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -69,8 +70,10 @@ def pick_weights(model_name: str, name: str, key: str) -> Any:
     enum = get_model_weights(model_name)
     enum_name, _, member = name.rpartition(".")
     if (enum_name and enum_name != enum.__name__) or member not in enum.__members__:
-        raise ConfigError(f"{key}={name} is not a weights name of torchvision's {model_name}; choose one of "
-                          f"{', '.join(_members(enum))} ({enum.__name__}), or give a local file")
+        raise ConfigError(
+            f"{key}={name} is not a weights name of torchvision's {model_name}; choose one of "
+            f"{', '.join(_members(enum))} ({enum.__name__}), or give a local file"
+        )
     return enum[member]
 
 
@@ -90,16 +93,25 @@ def fetch(weights: Any, key: str) -> Path:
     if path.is_file():
         return path
     try:  # what torchvision's own weights.get_state_dict() does; a failed download leaves no partial file
-        torch.hub.load_state_dict_from_url(weights.url, model_dir=str(path.parent), map_location="cpu",
-                                           progress=True, check_hash=True, weights_only=True)
+        torch.hub.load_state_dict_from_url(
+            weights.url,
+            model_dir=str(path.parent),
+            map_location="cpu",
+            progress=True,
+            check_hash=True,
+            weights_only=True,
+        )
     except (urllib.error.URLError, OSError, ConnectionError, TimeoutError) as err:
         reason = getattr(err, "reason", None) or err
         raise CheckpointError(
             f"{key}: {full_name(weights)} is not in torch's cache and could not be downloaded ({reason}); "
-            f"download {weights.url} and save it as {path} (set TORCH_HOME to use another cache)") from None
+            f"download {weights.url} and save it as {path} (set TORCH_HOME to use another cache)"
+        ) from None
     except RuntimeError as err:  # torch.hub's "invalid hash value" for a damaged download
-        raise CheckpointError(f"{key}: the download of {weights.url} is damaged ({str(err).splitlines()[0]}); "
-                              f"run again, or download it by hand to {path}") from None
+        raise CheckpointError(
+            f"{key}: the download of {weights.url} is damaged ({str(err).splitlines()[0]}); "
+            f"run again, or download it by hand to {path}"
+        ) from None
     return path
 
 
@@ -116,8 +128,9 @@ def describe(weights: Any) -> str:
     meta = weights.meta
     parts = []
     for dataset, metrics in meta.get("_metrics", {}).items():
-        shown = ", ".join(f"{name.replace('_map', ' AP').replace('acc@', 'top-')} {value:g}"
-                          for name, value in metrics.items())
+        shown = ", ".join(
+            f"{name.replace('_map', ' AP').replace('acc@', 'top-')} {value:g}" for name, value in metrics.items()
+        )
         parts.append(f"{dataset} {shown}")
     if licence := meta.get("license") or meta.get("licence"):
         parts.append(f"licence {licence}")
@@ -148,11 +161,13 @@ def backbone_weights(classifier: str, value: str, key: str = "model.backbone.wei
 # ---------------------------------------------------------------- detection weights (init_from, from_torchvision)
 def parse_source(source: str, key: str) -> tuple[str, str]:
     """`torchvision:<builder>[.<ENUM>]` -> (builder, enum member name; DEFAULT when not given)."""
-    rest = source[len(PREFIX) + 1:] if source.startswith(PREFIX + ":") else ""
+    rest = source[len(PREFIX) + 1 :] if source.startswith(PREFIX + ":") else ""
     builder, _, member = rest.partition(".")
     if builder not in BUILDERS:
-        raise ConfigError(f"{key}={source} does not name a torchvision detector; give {PREFIX}:<builder>[.<weights>] "
-                          f"with a builder among {', '.join(BUILDERS)}")
+        raise ConfigError(
+            f"{key}={source} does not name a torchvision detector; give {PREFIX}:<builder>[.<weights>] "
+            f"with a builder among {', '.join(BUILDERS)}"
+        )
     return builder, member or "DEFAULT"
 
 
@@ -165,7 +180,8 @@ def builder_for(model_cfg: DictConfig) -> str:
             f"init_from={PREFIX}: torchvision has no COCO weights for {layout[0]} with {layout[1]} "
             f"({layout[2]} heads); "
             f"choose one of its detectors with model=<{'|'.join(BUILDERS)}>, or name one with "
-            f"init_from={PREFIX}:<builder> to load what fits")
+            f"init_from={PREFIX}:<builder> to load what fits"
+        )
     return min(matches, key=lambda b: abs(_TRAINED_SIZE.get(b, _DEFAULT_SIZE) - int(model_cfg.min_size)))
 
 
@@ -173,8 +189,9 @@ def detection_weights(source: str, model_cfg: DictConfig | None, key: str = "ini
     """The weights enum member `source` names; `torchvision` alone takes the builder `model_cfg` is."""
     if source == PREFIX:
         if model_cfg is None:
-            raise ConfigError(f"{key}={PREFIX} needs a builder here; give {PREFIX}:<builder>, one of "
-                              f"{', '.join(BUILDERS)}")
+            raise ConfigError(
+                f"{key}={PREFIX} needs a builder here; give {PREFIX}:<builder>, one of {', '.join(BUILDERS)}"
+            )
         builder, member = builder_for(model_cfg), "DEFAULT"
     else:
         builder, member = parse_source(source, key)
@@ -198,8 +215,12 @@ class Fetched:
 
     def record(self) -> dict[str, Any]:
         """What the checkpoint keeps (plain types: weights_only-loadable)."""
-        return {"value": self.value, "weights": full_name(self.weights) if self.weights is not None else None,
-                "file": self.path.name, "sha256": sha256(self.path)}
+        return {
+            "value": self.value,
+            "weights": full_name(self.weights) if self.weights is not None else None,
+            "file": self.path.name,
+            "sha256": sha256(self.path),
+        }
 
 
 def fetch_for_run(cfg: DictConfig) -> list[Fetched]:
@@ -255,6 +276,8 @@ def from_torchvision(source: str, overrides: Sequence[str] = ()) -> tuple[nn.Mod
     model = build_model(cfg.model, read_backbone_weights=False)
     report = load_init_weights(model, path, remap=[], strict=False, trust=False)
     if report.missing or report.unexpected or report.reshaped:
-        raise CheckpointError(f"{path} does not fit torchvision's {builder} ({report.counts()}); delete it and "
-                              f"run again to download {weights.url} anew")
+        raise CheckpointError(
+            f"{path} does not fit torchvision's {builder} ({report.counts()}); delete it and "
+            f"run again to download {weights.url} anew"
+        )
     return model.eval(), names, cfg

@@ -13,6 +13,7 @@ busy spell on a shared machine slows one round of every row rather than one row.
 The `none (again)` row is the baseline's own spread between rounds.
 Overrides (key=value) apply to every row.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,7 +24,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/ is not a package
 from benchmark import time_train_steps  # noqa: E402
-
 from frcnn_train.config import compose_config  # noqa: E402
 from frcnn_train.models.attention import BLOCKS  # noqa: E402
 from frcnn_train.models.builder import valid_attention_sites  # noqa: E402
@@ -52,39 +52,58 @@ def main() -> None:
     parser.add_argument("--devices", nargs="+", default=default_devices)
     args, overrides = parser.parse_known_args()
 
-    base = [f"model={args.arch}", f"model/backbone={args.backbone}", f"trainer.batch_size={args.batch_size}", *overrides]
+    base = [
+        f"model={args.arch}",
+        f"model/backbone={args.backbone}",
+        f"trainer.batch_size={args.batch_size}",
+        *overrides,
+    ]
     probe = compose_config(base)
     sets = {name: sites for name, sites in site_sets(valid_attention_sites(probe.model)).items() if name in args.sets}
-    print(f"{args.arch} / {args.backbone}, batch {args.batch_size}, {probe.model.min_size} px, "
-          f"fastest of {args.rounds} medians of {args.steps} steps; overrides: {overrides or 'none'}")
+    print(
+        f"{args.arch} / {args.backbone}, batch {args.batch_size}, {probe.model.min_size} px, "
+        f"fastest of {args.rounds} medians of {args.steps} steps; overrides: {overrides or 'none'}"
+    )
     for name, sites in sets.items():
         print(f"  {name}: {', '.join(sites)}")
 
     rows = [("none", "-", [])] + [
         (kind, name, [f"model/attention={kind}", f"model.attention.sites=[{','.join(sites)}]"])
-        for kind in args.types for name, sites in sets.items()
+        for kind in args.types
+        for name, sites in sets.items()
     ]
     for device_name in args.devices:
         device = torch.device(device_name)
-        print(f"\n{device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
-                               f" ({torch.get_num_threads()} threads)"))
+        print(
+            f"\n{device}"
+            + (
+                f" ({torch.cuda.get_device_name(device)})"
+                if device.type == "cuda"
+                else f" ({torch.get_num_threads()} threads)"
+            )
+        )
         # The first model a process trains pays for thread pools, allocator and kernel caches; not a row's cost.
         time_train_steps(compose_config(base), steps=1, warmup=args.warmup, device=device)
         results: list[list[dict]] = [[] for _ in rows]
         for _ in range(args.rounds):
             for i, (_, _, extra) in enumerate(rows):
-                results[i].append(time_train_steps(compose_config(base + extra), steps=args.steps,
-                                                   warmup=args.warmup, device=device))
+                results[i].append(
+                    time_train_steps(compose_config(base + extra), steps=args.steps, warmup=args.warmup, device=device)
+                )
                 print(".", end="", file=sys.stderr, flush=True)  # progress; the table comes at the end
         print(file=sys.stderr)
         steps = [min(r["step_s"] for r in rounds) for rounds in results]
         params = [rounds[0]["params_m"] for rounds in results]
         print(f"{'type':<10}{'sites':<11}{'params (M)':>11}{'added':>10}{'step (s)':>10}{'step x':>8}")
         for (kind, where, _), step, p in zip(rows, steps, params):
-            print(f"{kind:<10}{where:<11}{p:>11.3f}{round((p - params[0]) * 1e6):>10,}{step:>10.3f}{step / steps[0]:>8.2f}")
+            print(
+                f"{kind:<10}{where:<11}{p:>11.3f}{round((p - params[0]) * 1e6):>10,}{step:>10.3f}{step / steps[0]:>8.2f}"
+            )
         spread = [r["step_s"] for r in results[0]]
-        print(f"{'none':<10}{'(again)':<11}{'':>21}{max(spread):>10.3f}{max(spread) / steps[0]:>8.2f}"
-              "  (slowest baseline round: the noise floor)")
+        print(
+            f"{'none':<10}{'(again)':<11}{'':>21}{max(spread):>10.3f}{max(spread) / steps[0]:>8.2f}"
+            "  (slowest baseline round: the noise floor)"
+        )
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ optimizer steps after --warmup untimed ones, on real shapes batches. Each row ru
 in a fresh process, so its CPU peak memory is its own. --vs-torchvision is
 described in scripts/vs_torchvision.py.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,10 +64,17 @@ def time_train_steps(overrides: list[str], *, steps: int, warmup: int, device_na
         if i >= warmup:
             times.append(time.perf_counter() - start)
     step = statistics.median(times)
-    memory = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
-              else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    return {"params_m": sum(p.numel() for p in model.parameters()) / 1e6, "step_s": step,
-            "images_per_s": batch_size / step, "memory_mb": memory}
+    memory = (
+        torch.cuda.max_memory_allocated(device) / 2**20
+        if device.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    )
+    return {
+        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        "step_s": step,
+        "images_per_s": batch_size / step,
+        "memory_mb": memory,
+    }
 
 
 def main() -> None:
@@ -77,17 +85,30 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps (per round with --vs-torchvision)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--vs-torchvision", action="store_true",
-                        help="alternate rounds of torchvision's plain loop and our Trainer; last line is the ratio")
+    parser.add_argument(
+        "--vs-torchvision",
+        action="store_true",
+        help="alternate rounds of torchvision's plain loop and our Trainer; last line is the ratio",
+    )
     parser.add_argument("--rounds", type=int, default=5, help="--vs-torchvision: timed rounds per side")
-    parser.add_argument("--compute-only", action="store_true",
-                        help="with --vs-torchvision: the same batches already on the device for both sides")
-    parser.add_argument("--sides", nargs="+", choices=["torchvision", "frcnn_train"],
-                        default=["torchvision", "frcnn_train"],
-                        help="with --vs-torchvision: run only these sides (frcnn_train alone: to compare its options)")
+    parser.add_argument(
+        "--compute-only",
+        action="store_true",
+        help="with --vs-torchvision: the same batches already on the device for both sides",
+    )
+    parser.add_argument(
+        "--sides",
+        nargs="+",
+        choices=["torchvision", "frcnn_train"],
+        default=["torchvision", "frcnn_train"],
+        help="with --vs-torchvision: run only these sides (frcnn_train alone: to compare its options)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="with --vs-torchvision: also write the figures here")
-    parser.add_argument("--accuracy", action="store_true",
-                        help="with --vs-torchvision: train both sides the whole schedule and print each side's AP")
+    parser.add_argument(
+        "--accuracy",
+        action="store_true",
+        help="with --vs-torchvision: train both sides the whole schedule and print each side's AP",
+    )
     args, overrides = parser.parse_known_args()
     if args.vs_torchvision and args.accuracy:
         from vs_torchvision import accuracy  # scripts/ is on sys.path when this file runs
@@ -98,21 +119,33 @@ def main() -> None:
         from vs_torchvision import compare
 
         batch = [f"trainer.batch_size={args.batch_size}"] if args.batch_size else []
-        compare(device_name=args.device, steps=args.steps, rounds=args.rounds, warmup=max(args.warmup, 1),
-                overrides=batch + overrides, compute_only_mode=args.compute_only, json_path=args.json,
-                sides=tuple(s for s in ("torchvision", "frcnn_train") if s in args.sides))
+        compare(
+            device_name=args.device,
+            steps=args.steps,
+            rounds=args.rounds,
+            warmup=max(args.warmup, 1),
+            overrides=batch + overrides,
+            compute_only_mode=args.compute_only,
+            json_path=args.json,
+            sides=tuple(s for s in ("torchvision", "frcnn_train") if s in args.sides),
+        )
         return
     args.batch_size = args.batch_size or 4
     device = torch.device(args.device)
-    print(f"{args.arch}, batch {args.batch_size}, {device}, median of {args.steps} steps; overrides: {overrides or 'none'}")
+    print(
+        f"{args.arch}, batch {args.batch_size}, {device}, median of {args.steps} steps; overrides: {overrides or 'none'}"
+    )
     print(f"{'backbone':<18}{'params (M)':>11}{'step (s)':>10}{'images/s':>10}{'peak mem (MB)':>15}")
     for backbone in args.backbones:
         row = [f"model={args.arch}", f"model/backbone={backbone}", f"trainer.batch_size={args.batch_size}", *overrides]
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as fresh_process:
-            r = fresh_process.submit(time_train_steps, row, steps=args.steps, warmup=args.warmup,
-                                     device_name=args.device).result()
-        print(f"{backbone:<18}{r['params_m']:>11.2f}{r['step_s']:>10.3f}{r['images_per_s']:>10.1f}{r['memory_mb']:>15.0f}",
-              flush=True)
+            r = fresh_process.submit(
+                time_train_steps, row, steps=args.steps, warmup=args.warmup, device_name=args.device
+            ).result()
+        print(
+            f"{backbone:<18}{r['params_m']:>11.2f}{r['step_s']:>10.3f}{r['images_per_s']:>10.1f}{r['memory_mb']:>15.0f}",
+            flush=True,
+        )
     if device.type == "cpu":
         print("(CPU peak memory: the row's process maximum resident set, Python and torch included)")
 

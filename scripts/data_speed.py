@@ -12,6 +12,7 @@ frcnn_train.data.decode.read_image (torchvision.io for JPEG/PNG, uint8 out). `lo
 images/s of the train loader over --epochs short epochs, and the wait for each epoch's first batch.
 The files are generated under --cache (the shapes generator for PNGs, smooth photos for JPEGs).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -88,7 +89,7 @@ def nvjpeg_ms_per_image(paths: list[Path], repeats: int, batch: int, device: str
         for _ in range(repeats):
             start = time.perf_counter()
             for i in range(0, len(datas), batch):
-                images = decode_jpeg(datas[i:i + batch], mode=ImageReadMode.RGB, device=device)
+                images = decode_jpeg(datas[i : i + batch], mode=ImageReadMode.RGB, device=device)
                 [image.float().div_(255.0) for image in images]
             torch.cuda.synchronize()
             times.append((time.perf_counter() - start) / len(datas) * 1e3)
@@ -96,11 +97,16 @@ def nvjpeg_ms_per_image(paths: list[Path], repeats: int, batch: int, device: str
 
 
 def decode_table(args: argparse.Namespace) -> None:
-    sets = {f"shapes PNG {size} px": sorted((shapes(args.cache, size, args.count) / "train").glob("*.png"))
-            for size in (96, 640)}
+    sets = {
+        f"shapes PNG {size} px": sorted((shapes(args.cache, size, args.count) / "train").glob("*.png"))
+        for size in (96, 640)
+    }
     sets["JPEG 640x480 q90"] = jpegs(args.cache, args.count)
-    print(f"{'files':<22}{'PIL->float32':>14}{'PIL->uint8':>12}{'read_image':>12}{'speed-up':>10}"
-          + (f"{'nvjpeg':>10}" if args.device.startswith("cuda") else "") + "   (CPU ms per image, median; nvjpeg: wall)")
+    print(
+        f"{'files':<22}{'PIL->float32':>14}{'PIL->uint8':>12}{'read_image':>12}{'speed-up':>10}"
+        + (f"{'nvjpeg':>10}" if args.device.startswith("cuda") else "")
+        + "   (CPU ms per image, median; nvjpeg: wall)"
+    )
     for name, paths in sets.items():
         before = ms_per_image(pil_float, paths, args.repeats)
         pil = ms_per_image(pil_uint8, paths, args.repeats)
@@ -146,12 +152,16 @@ def loader_table(args: argparse.Namespace) -> None:
     persistent_loader = TrainLoader(dataset, pin_memory=args.pin, prefetch_factor=args.prefetch, **common)
     persistent = timed(persistent_loader.at(e) for e in range(args.epochs))
     persistent_loader.close()
-    print(f"{len(dataset)} shapes images of {args.size} px, batch {args.batch}, {args.workers} workers, "
-          f"{args.epochs} epochs{', pinned' if args.pin else ''}{', masks' if args.masks else ''}, "
-          f"{'float32 (as before)' if args.float else 'uint8'} images:")
+    print(
+        f"{len(dataset)} shapes images of {args.size} px, batch {args.batch}, {args.workers} workers, "
+        f"{args.epochs} epochs{', pinned' if args.pin else ''}{', masks' if args.masks else ''}, "
+        f"{'float32 (as before)' if args.float else 'uint8'} images:"
+    )
     for name, (rate, firsts) in (("new loader per epoch", fresh), ("persistent workers", persistent)):
-        print(f"  {name:<22}{rate:8.1f} images/s   first batch of each epoch after "
-              f"{statistics.median(firsts) * 1e3:6.1f} ms (median)")
+        print(
+            f"  {name:<22}{rate:8.1f} images/s   first batch of each epoch after "
+            f"{statistics.median(firsts) * 1e3:6.1f} ms (median)"
+        )
 
 
 def main() -> None:

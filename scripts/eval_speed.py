@@ -8,6 +8,7 @@ and the padding that data.group_by_aspect_ratio saves.
 The evaluation set is synthetic but shaped like val2017: 640 px images, ~7.3 objects per image over 80
 categories (crowd regions among them), 100 scored detections per image (jittered objects and false positives).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,8 +19,9 @@ import math
 import pickle
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pycocotools.mask as mask_util
@@ -32,14 +34,21 @@ from frcnn_train.errors import ConfigError
 from frcnn_train.evaluation import BACKENDS, coco_api, coco_metrics
 
 # Image sizes of a COCO-like mix (assumed shares of the common train2017 sizes, not counted from the file).
-COCO_LIKE_SIZES = ((640, 480, 0.35), (640, 427, 0.25), (480, 640, 0.12), (427, 640, 0.10), (640, 360, 0.07),
-                   (500, 375, 0.05), (375, 500, 0.03), (640, 640, 0.03))
+COCO_LIKE_SIZES = (
+    (640, 480, 0.35),
+    (640, 427, 0.25),
+    (480, 640, 0.12),
+    (427, 640, 0.10),
+    (640, 360, 0.07),
+    (500, 375, 0.05),
+    (375, 500, 0.03),
+    (640, 640, 0.03),
+)
 
 
 def coco_like_sizes(count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Widths and heights of `count` images drawn from COCO_LIKE_SIZES."""
-    pick = np.random.default_rng(seed).choice(len(COCO_LIKE_SIZES), size=count,
-                                               p=[s for *_, s in COCO_LIKE_SIZES])
+    pick = np.random.default_rng(seed).choice(len(COCO_LIKE_SIZES), size=count, p=[s for *_, s in COCO_LIKE_SIZES])
     table = np.array([(w, h) for w, h, _ in COCO_LIKE_SIZES])
     return table[pick, 0], table[pick, 1]
 
@@ -48,8 +57,10 @@ def synthetic_val(num_images: int, dets_per_image: int, seed: int = 0) -> tuple[
     """A val2017-shaped ground truth (boxes; area from the box) and `dets_per_image` detections per image."""
     rng = np.random.default_rng(seed)
     widths, heights = coco_like_sizes(num_images, seed)
-    images = [{"id": i + 1, "file_name": f"{i:012d}.jpg", "width": int(w), "height": int(h)}
-              for i, (w, h) in enumerate(zip(widths, heights))]
+    images = [
+        {"id": i + 1, "file_name": f"{i:012d}.jpg", "width": int(w), "height": int(h)}
+        for i, (w, h) in enumerate(zip(widths, heights))
+    ]
     categories = [{"id": c + 1, "name": f"class{c + 1}"} for c in range(80)]
     annotations, results = [], []
     for image in images:
@@ -59,17 +70,40 @@ def synthetic_val(num_images: int, dets_per_image: int, seed: int = 0) -> tuple[
             bw, bh = rng.uniform(4, w / 2), rng.uniform(4, h / 2)
             x, y = rng.uniform(0, w - bw), rng.uniform(0, h - bh)
             cat = int(rng.integers(1, 81))
-            annotations.append({"id": len(annotations) + 1, "image_id": image["id"], "category_id": cat,
-                                "bbox": [x, y, bw, bh], "area": bw * bh, "iscrowd": int(k == 0 and rng.random() < 0.1)})
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image["id"],
+                    "category_id": cat,
+                    "bbox": [x, y, bw, bh],
+                    "area": bw * bh,
+                    "iscrowd": int(k == 0 and rng.random() < 0.1),
+                }
+            )
             if rng.random() < 0.9:  # found, a little off
-                mine.append({"image_id": image["id"], "category_id": cat, "score": float(rng.random()),
-                             "bbox": [x + rng.normal(0, 3), y + rng.normal(0, 3), bw * rng.uniform(0.8, 1.2),
-                                      bh * rng.uniform(0.8, 1.2)]})
+                mine.append(
+                    {
+                        "image_id": image["id"],
+                        "category_id": cat,
+                        "score": float(rng.random()),
+                        "bbox": [
+                            x + rng.normal(0, 3),
+                            y + rng.normal(0, 3),
+                            bw * rng.uniform(0.8, 1.2),
+                            bh * rng.uniform(0.8, 1.2),
+                        ],
+                    }
+                )
         while len(mine) < dets_per_image:  # false positives, lower scores
             bw, bh = rng.uniform(4, w / 2), rng.uniform(4, h / 2)
-            mine.append({"image_id": image["id"], "category_id": int(rng.integers(1, 81)),
-                         "score": float(rng.random()) / 2,
-                         "bbox": [rng.uniform(0, w - bw), rng.uniform(0, h - bh), bw, bh]})
+            mine.append(
+                {
+                    "image_id": image["id"],
+                    "category_id": int(rng.integers(1, 81)),
+                    "score": float(rng.random()) / 2,
+                    "bbox": [rng.uniform(0, w - bw), rng.uniform(0, h - bh), bw, bh],
+                }
+            )
         results += mine[:dets_per_image]
     return {"images": images, "annotations": annotations, "categories": categories}, results
 
@@ -95,8 +129,14 @@ def eval_rows(num_images: int = 5000, dets_per_image: int = 100) -> list[dict[st
         metrics = coco_metrics(coco_gt, results, "bbox", backend)
         seconds = time.perf_counter() - started
         stats[backend] = metrics
-        rows.append({"what": f"COCOeval bbox, {num_images} images x {dets_per_image} detections",
-                     "backend": backend, "seconds": round(seconds, 2), "AP": round(metrics["AP"], 6)})
+        rows.append(
+            {
+                "what": f"COCOeval bbox, {num_images} images x {dets_per_image} detections",
+                "backend": backend,
+                "seconds": round(seconds, 2),
+                "AP": round(metrics["AP"], 6),
+            }
+        )
     if len(stats) == 2:
         same = stats["pycocotools"] == stats["faster_coco_eval"]
         speedup = rows[0]["seconds"] / max(rows[1]["seconds"], 1e-9)
@@ -120,16 +160,31 @@ def gather_rows(dets_per_image: int = 100, sample_images: int = 20, seed: int = 
             cx, cy = rng.uniform(bw / 2, w - bw / 2), rng.uniform(bh / 2, h - bh / 2)
             mask = ((xx - cx) / (bw / 2)) ** 2 + ((yy - cy) / (bh / 2)) ** 2 <= 1
             rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
-            image.append({"image_id": 1, "category_id": 1, "score": 0.5, "bbox": [cx, cy, bw, bh],
-                          "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")}})
+            image.append(
+                {
+                    "image_id": 1,
+                    "category_id": 1,
+                    "score": 0.5,
+                    "bbox": [cx, cy, bw, bh],
+                    "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")},
+                }
+            )
         rle_bytes.append(len(pickle.dumps(image)))
     pixels = float(np.mean(widths * heights))
-    per_image = {"RLE (pickled results, what is gathered)": np.mean(rle_bytes),
-                 "dense uint8 masks": dets_per_image * pixels,
-                 "dense float32 masks (the model's output)": dets_per_image * pixels * 4}
-    return [{"what": f"gather, bytes per image ({dets_per_image} masks, ~{int(pixels)} px)", "form": form,
-             "bytes_per_image": int(value), "MiB_per_5000_images": round(value * 5000 / 2**20, 1)}
-            for form, value in per_image.items()]
+    per_image = {
+        "RLE (pickled results, what is gathered)": np.mean(rle_bytes),
+        "dense uint8 masks": dets_per_image * pixels,
+        "dense float32 masks (the model's output)": dets_per_image * pixels * 4,
+    }
+    return [
+        {
+            "what": f"gather, bytes per image ({dets_per_image} masks, ~{int(pixels)} px)",
+            "form": form,
+            "bytes_per_image": int(value),
+            "MiB_per_5000_images": round(value * 5000 / 2**20, 1),
+        }
+        for form, value in per_image.items()
+    ]
 
 
 def _resized(width: int, height: int, min_size: int, max_size: int) -> tuple[int, int]:
@@ -138,28 +193,45 @@ def _resized(width: int, height: int, min_size: int, max_size: int) -> tuple[int
     return math.floor(width * scale), math.floor(height * scale)
 
 
-def padding_rows(widths: Sequence[int], heights: Sequence[int], batch_size: int, seed: int, *,
-                 min_size: int = 800, max_size: int = 1333, size_divisible: int = 32) -> list[dict[str, Any]]:
+def padding_rows(
+    widths: Sequence[int],
+    heights: Sequence[int],
+    batch_size: int,
+    seed: int,
+    *,
+    min_size: int = 800,
+    max_size: int = 1333,
+    size_divisible: int = 32,
+) -> list[dict[str, Any]]:
     """Padded pixels per micro-batch in epoch 0 of the real sampler, ungrouped, with detectron2's / mmdetection's
     2 groups and with torchvision's 8 (data.group_by_aspect_ratio=true), after the model's resize and padding to
     a multiple of `size_divisible`, as GeneralizedRCNNTransform batches them."""
     widths, heights = np.asarray(widths), np.asarray(heights)
     sizes = [_resized(int(w), int(h), min_size, max_size) for w, h in zip(widths, heights)]
     rows = []
-    for name, groups in (("off", None), ("2 groups (detectron2, mmdetection)", aspect_ratio_groups(widths, heights, 0)),
-                         ("on: 8 groups (torchvision)", aspect_ratio_groups(widths, heights))):
+    for name, groups in (
+        ("off", None),
+        ("2 groups (detectron2, mmdetection)", aspect_ratio_groups(widths, heights, 0)),
+        ("on: 8 groups (torchvision)", aspect_ratio_groups(widths, heights)),
+    ):
         order = [i for i, _ in ResumableSampler(len(sizes), batch_size=batch_size, seed=seed, epoch=0, groups=groups)]
         padded, canvas_total = [], 0
         for k in range(0, len(order), batch_size):
-            batch = [sizes[i] for i in order[k:k + batch_size]]
+            batch = [sizes[i] for i in order[k : k + batch_size]]
             canvas_w = math.ceil(max(w for w, _ in batch) / size_divisible) * size_divisible
             canvas_h = math.ceil(max(h for _, h in batch) / size_divisible) * size_divisible
             canvas = canvas_w * canvas_h * len(batch)
             padded.append(canvas - sum(w * h for w, h in batch))
             canvas_total += canvas
-        rows.append({"grouping": name, "batch_size": batch_size, "micro_batches": len(padded),
-                     "padded_pixels_per_batch": int(np.mean(padded)),
-                     "padding_share": round(float(np.sum(padded)) / canvas_total, 3)})
+        rows.append(
+            {
+                "grouping": name,
+                "batch_size": batch_size,
+                "micro_batches": len(padded),
+                "padded_pixels_per_batch": int(np.mean(padded)),
+                "padding_share": round(float(np.sum(padded)) / canvas_total, 3),
+            }
+        )
     return rows
 
 

@@ -37,6 +37,7 @@ time limit, so one that fails or hangs loses only itself; the whole stops at --b
 `--device cpu` runs the same sections on a tiny config (tests/test_gpu_check.py); what needs CUDA is
 skipped with its reason. `--sections a b` runs only those; `--quick` skips the slower CPU sections.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,22 +49,44 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
 # The CPU stand-in for the R50-FPN at 800 px: 64 px images, a few of them, small heads (tests' tiny config).
-TINY = ["data.shapes.num_train=8", "data.shapes.num_val=4", "data.shapes.image_size=64", "data.num_workers=0",
-        "model.min_size=64", "model.max_size=64", "model.backbone.fpn_channels=32",
-        "model.rpn_pre_nms_top_n_train=64", "model.rpn_post_nms_top_n_train=32", "model.rpn_pre_nms_top_n_test=32",
-        "model.rpn_post_nms_top_n_test=16", "model.rpn_batch_size_per_image=32", "model.box_batch_size_per_image=16",
-        "model.box_head_dim=32", "model.mask_head_dim=16", "model.mask_head_layers=1", "trainer.batch_size=2",
-        "trainer.vis_images=1"]
+TINY = [
+    "data.shapes.num_train=8",
+    "data.shapes.num_val=4",
+    "data.shapes.image_size=64",
+    "data.num_workers=0",
+    "model.min_size=64",
+    "model.max_size=64",
+    "model.backbone.fpn_channels=32",
+    "model.rpn_pre_nms_top_n_train=64",
+    "model.rpn_post_nms_top_n_train=32",
+    "model.rpn_pre_nms_top_n_test=32",
+    "model.rpn_post_nms_top_n_test=16",
+    "model.rpn_batch_size_per_image=32",
+    "model.box_batch_size_per_image=16",
+    "model.box_head_dim=32",
+    "model.mask_head_dim=16",
+    "model.mask_head_layers=1",
+    "trainer.batch_size=2",
+    "trainer.vis_images=1",
+]
 # torchvision's *_v2 builders fix the FPN and head widths: the v2 sections keep them on the CPU (R50 heads at 64 px).
 V2_HEADS = ("model.backbone.fpn_channels", "model.box_head_dim", "model.mask_head_dim", "model.mask_head_layers")
-SLOW_ON_CPU = ("bench_faster_e2e", "bench_mask_e2e", "bench_mask_compute", "deterministic", "data_loader_float",
-               "zoo_v2_faster", "zoo_v2_mask")
+SLOW_ON_CPU = (
+    "bench_faster_e2e",
+    "bench_mask_e2e",
+    "bench_mask_compute",
+    "deterministic",
+    "data_loader_float",
+    "zoo_v2_faster",
+    "zoo_v2_mask",
+)
 
 
 class Check:
@@ -74,9 +97,13 @@ class Check:
         self.deadline = time.monotonic() + args.budget
         self.cache = self.work / "cache"
         (self.out / "sections").mkdir(parents=True, exist_ok=True)
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1",
-                    "PYTHONPATH": os.pathsep.join(dict.fromkeys([str(REPO)] + [
-                        e for e in os.environ.get("PYTHONPATH", "").split(os.pathsep) if e]))}
+        self.env = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            "PYTHONPATH": os.pathsep.join(
+                dict.fromkeys([str(REPO)] + [e for e in os.environ.get("PYTHONPATH", "").split(os.pathsep) if e])
+            ),
+        }
 
     def model(self, v2_heads: bool = False) -> list[str]:
         """The R50-FPN 800 px fp16 config of the CUDA benchmark, or the tiny one on the CPU (`v2_heads`: at
@@ -99,8 +126,14 @@ class Check:
         with open(log, "a") as f:
             f.write(f"$ {' '.join(argv)}\n")
             f.flush()
-            proc = subprocess.Popen(argv, cwd=REPO, env={**self.env, **(env or {})}, stdout=f, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                argv,
+                cwd=REPO,
+                env={**self.env, **(env or {})},
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
             try:
                 code = proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
@@ -109,7 +142,7 @@ class Check:
                 code = 124
             f.write(f"[exit {code}]\n")
         text = log.read_text(errors="replace")
-        return code, text[text.rfind(f"$ {' '.join(argv)}"):]
+        return code, text[text.rfind(f"$ {' '.join(argv)}") :]
 
 
 def skip(reason: str) -> dict[str, Any]:
@@ -128,21 +161,24 @@ def last_error(text: str) -> str:
 
 
 # ---------------------------------------------------------------- sections
-VERSIONS = ("import importlib, json\nout = {}\nfor name in ('torch', 'torchvision', 'numpy', 'tensorboard', "
-            "'google.protobuf', 'onnx', 'onnxruntime', 'hydra', 'omegaconf', 'pycocotools', 'faster_coco_eval', "
-            "'matplotlib'):\n"
-            "    try:\n        module = importlib.import_module(name)\n"
-            "        out[name] = getattr(module, '__version__', 'present')\n"
-            "    except Exception as err:\n        out[name] = f'missing: {type(err).__name__}: {err}'[:160]\n"
-            "try:\n    from torch.utils.tensorboard import SummaryWriter\n    out['tensorboard_writer'] = 'ok'\n"
-            "except Exception as err:\n    out['tensorboard_writer'] = f'{type(err).__name__}: {err}'[:200]\n"
-            "print(json.dumps(out))")
+VERSIONS = (
+    "import importlib, json\nout = {}\nfor name in ('torch', 'torchvision', 'numpy', 'tensorboard', "
+    "'google.protobuf', 'onnx', 'onnxruntime', 'hydra', 'omegaconf', 'pycocotools', 'faster_coco_eval', "
+    "'matplotlib'):\n"
+    "    try:\n        module = importlib.import_module(name)\n"
+    "        out[name] = getattr(module, '__version__', 'present')\n"
+    "    except Exception as err:\n        out[name] = f'missing: {type(err).__name__}: {err}'[:160]\n"
+    "try:\n    from torch.utils.tensorboard import SummaryWriter\n    out['tensorboard_writer'] = 'ok'\n"
+    "except Exception as err:\n    out['tensorboard_writer'] = f'{type(err).__name__}: {err}'[:200]\n"
+    "print(json.dumps(out))"
+)
 
 
 def environment(c: Check) -> dict[str, Any]:
     """Versions as the sections will see them. The wheels' protobuf (onnx needs >= 6.31) comes before the
     machine's on PYTHONPATH; if TensorBoard cannot import with it, it is moved aside (training needs
     TensorBoard, only the export test needs onnx) and the note says so."""
+
     def probe() -> dict[str, Any]:
         code, text = c.run("environment", [PY, "-c", VERSIONS], 60)
         line = next((line for line in text.splitlines() if line.startswith("{")), "{}")
@@ -156,8 +192,11 @@ def environment(c: Check) -> dict[str, Any]:
                 shadow.rename(shadow.with_name("protobuf.aside"))
                 note = f"TensorBoard failed with {shadow}; moved it aside (onnx may now fail)"
         versions = probe() if note else versions
-    return {"status": "ok" if versions.get("tensorboard_writer") == "ok" else "failed", "figures": versions,
-            "note": note}
+    return {
+        "status": "ok" if versions.get("tensorboard_writer") == "ok" else "failed",
+        "figures": versions,
+        "note": note,
+    }
 
 
 BENCH_STEPS = {"cuda": ("8", "3", "3"), "cpu": ("1", "2", "1")}  # --steps, --rounds, --warmup (one side)
@@ -167,9 +206,24 @@ def bench(c: Check, arch: str, compute: bool, name: str = "", timeout: float = 1
     name = name or f"bench_{arch.split('_')[0]}_{'compute' if compute else 'e2e'}"
     result = c.work / f"{name}.json"
     steps, rounds, warmup = BENCH_STEPS["cuda" if c.cuda else "cpu"]
-    argv = [PY, "scripts/benchmark.py", "--vs-torchvision", "--device", c.device, "--steps", steps, "--rounds", rounds,
-            "--warmup", warmup, "--json", str(result), *(["--compute-only"] if compute else []), f"model={arch}",
-            *c.model(v2_heads=arch.endswith("_v2"))[:-1]]
+    argv = [
+        PY,
+        "scripts/benchmark.py",
+        "--vs-torchvision",
+        "--device",
+        c.device,
+        "--steps",
+        steps,
+        "--rounds",
+        rounds,
+        "--warmup",
+        warmup,
+        "--json",
+        str(result),
+        *(["--compute-only"] if compute else []),
+        f"model={arch}",
+        *c.model(v2_heads=arch.endswith("_v2"))[:-1],
+    ]
     code, text = c.run(name, argv, timeout)
     figures = json.loads(result.read_text()) if result.exists() else {}
     keep = ("ratio", "ratios", "images_per_s", "memory_mb", "blocking_ms", "plain_save_ms", "error", "amp")
@@ -188,8 +242,9 @@ def zoo_v2(c: Check, preset: str) -> dict[str, Any]:
     figures.update(losses_finite=finite, steps_per_side=warmup + steps * rounds)
     precision = {"torch.float16": "fp16", "torch.bfloat16": "bf16"}.get(figures.get("amp", ""), "fp32")
     if finite:
-        result["note"] = (f"{figures['steps_per_side']} {precision} steps a side, losses finite"
-                          + (": the v2 heads' BatchNorm did not overflow" if precision == "fp16" else ""))
+        result["note"] = f"{figures['steps_per_side']} {precision} steps a side, losses finite" + (
+            ": the v2 heads' BatchNorm did not overflow" if precision == "fp16" else ""
+        )
     elif error:
         result["note"] = error[:200]
     return result
@@ -207,9 +262,12 @@ def train_log_figures(run_dir: Path) -> dict[str, Any]:
     saves = [{"files": files, "step": int(step), "blocking_ms": int(ms)} for files, step, ms in SAVE_LINE.findall(text)]
     figures: dict[str, Any] = {
         "images_per_s": statistics.median(speeds[1:] or speeds) if speeds else None,  # the first window warms up
-        "images_per_s_windows": speeds, "losses_finite": all(v == v and abs(v) != float("inf") for v in losses),
-        "last_loss": losses[-1] if losses else None, "saves": saves,
-        "max_blocking_ms": max((s["blocking_ms"] for s in saves), default=None)}
+        "images_per_s_windows": speeds,
+        "losses_finite": all(v == v and abs(v) != float("inf") for v in losses),
+        "last_loss": losses[-1] if losses else None,
+        "saves": saves,
+        "max_blocking_ms": max((s["blocking_ms"] for s in saves), default=None),
+    }
     metrics = run_dir / "metrics.jsonl"
     if metrics.exists() and metrics.read_text().strip():
         last = json.loads(metrics.read_text().strip().splitlines()[-1])
@@ -220,8 +278,18 @@ def train_log_figures(run_dir: Path) -> dict[str, Any]:
 def train_100(c: Check) -> dict[str, Any]:
     # CUDA: 400 images (the benchmark's) of batch 8, 2 epochs = 100 steps, evaluated at the end; CPU: 4 steps.
     size = ["trainer.epochs=2", "trainer.log_every=10"] if c.cuda else ["trainer.epochs=1", "trainer.log_every=2"]
-    argv = [PY, "-m", "frcnn_train.train", *c.model(), *size, "trainer.eval_every=0", "trainer.progress=false",
-            f"output_dir={c.work / 'runs'}", "run_name=train_100", "overwrite=true"]
+    argv = [
+        PY,
+        "-m",
+        "frcnn_train.train",
+        *c.model(),
+        *size,
+        "trainer.eval_every=0",
+        "trainer.progress=false",
+        f"output_dir={c.work / 'runs'}",
+        "run_name=train_100",
+        "overwrite=true",
+    ]
     code, text = c.run("train_100", argv, 150)
     return outcome(code, train_log_figures(c.work / "runs" / "train_100"), "" if code == 0 else last_error(text))
 
@@ -230,8 +298,11 @@ def evaluate_fp32(c: Check) -> dict[str, Any]:
     run_dir = c.work / "runs" / "train_100"
     if not (run_dir / "last.pth").exists():
         return skip("train_100 left no checkpoint")
-    code, text = c.run("evaluate_fp32", [PY, "-m", "frcnn_train.evaluate", str(run_dir / "last.pth"),
-                                         "trainer.amp=false", "--json"], 60)
+    code, text = c.run(
+        "evaluate_fp32",
+        [PY, "-m", "frcnn_train.evaluate", str(run_dir / "last.pth"), "trainer.amp=false", "--json"],
+        60,
+    )
     line = next((line for line in text.splitlines() if line.startswith('{"metrics"')), None)
     metrics = json.loads(line)["metrics"] if line and code == 0 else {}
     logged = train_log_figures(run_dir).get("logged_ap")
@@ -246,11 +317,25 @@ def pytest_gpu(c: Check) -> dict[str, Any]:
         return skip("needs CUDA (every test marked gpu skips without it)")
     # The benchmark's own GPU test runs what the bench_* sections ran already.
     # The API test predicts with train_100's checkpoint (the R50-FPN at 800 px) when there is one.
-    argv = [PY, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-rfEsp", "tests",
-            "--deselect", "tests/test_gpu.py::test_benchmark_vs_torchvision_on_cuda"]
+    argv = [
+        PY,
+        "-m",
+        "pytest",
+        "-m",
+        "gpu",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-rfEsp",
+        "tests",
+        "--deselect",
+        "tests/test_gpu.py::test_benchmark_vs_torchvision_on_cuda",
+    ]
     trained = c.work / "runs" / "train_100" / "last.pth"
-    env = {"FRCNN_GPU_REPORT": str(c.out / "sections"), **({"FRCNN_GPU_CHECKPOINT": str(trained)}
-                                                          if trained.exists() else {})}
+    env = {
+        "FRCNN_GPU_REPORT": str(c.out / "sections"),
+        **({"FRCNN_GPU_CHECKPOINT": str(trained)} if trained.exists() else {}),
+    }
     code, text = c.run("pytest_gpu", argv, 260, env=env)
     closing = next((line for line in reversed(text.splitlines()) if re.search(r"\d+ (passed|failed|error)", line)), "")
     counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|errors?)", closing)}
@@ -264,26 +349,58 @@ def deterministic(c: Check) -> dict[str, Any]:
     """A straight run against one stopped mid-epoch and resumed, with trainer.deterministic=true."""
     # Both end at step 10 (CUDA: 100 steps per epoch of batch 4; CPU: 4 per epoch, an epoch end on the way).
     size = ["trainer.batch_size=4", "trainer.log_every=2"] if c.cuda else ["trainer.epochs=4", "trainer.log_every=2"]
-    base = [PY, "-m", "frcnn_train.train", *c.model(), *size, "trainer.deterministic=true", "trainer.eval_every=0",
-            "trainer.progress=false", f"output_dir={c.work / 'runs'}", "overwrite=true"]
+    base = [
+        PY,
+        "-m",
+        "frcnn_train.train",
+        *c.model(),
+        *size,
+        "trainer.deterministic=true",
+        "trainer.eval_every=0",
+        "trainer.progress=false",
+        f"output_dir={c.work / 'runs'}",
+        "overwrite=true",
+    ]
     runs = c.work / "runs"
     texts, codes = [], []
-    for argv in ([*base, "run_name=det_straight", "trainer.max_steps=10"],
-                 [*base, "run_name=det_stopped", "trainer.max_steps=3"],
-                 [PY, "-m", "frcnn_train.train", f"resume={runs / 'det_stopped'}", "trainer.max_steps=10"]):
+    for argv in (
+        [*base, "run_name=det_straight", "trainer.max_steps=10"],
+        [*base, "run_name=det_stopped", "trainer.max_steps=3"],
+        [PY, "-m", "frcnn_train.train", f"resume={runs / 'det_stopped'}", "trainer.max_steps=10"],
+    ):
         code, text = c.run("deterministic", argv, 90)
         codes.append(code)
         texts.append(text)
         if code:
             return outcome(code, {}, last_error(text))
     result = c.work / "deterministic.json"
-    code, text = c.run("deterministic", [PY, "scripts/gpu_probes.py", "compare", str(runs / "det_straight" / "last.pth"),
-                                         str(runs / "det_stopped" / "last.pth"), "--json", str(result)], 60)
+    code, text = c.run(
+        "deterministic",
+        [
+            PY,
+            "scripts/gpu_probes.py",
+            "compare",
+            str(runs / "det_straight" / "last.pth"),
+            str(runs / "det_stopped" / "last.pth"),
+            "--json",
+            str(result),
+        ],
+        60,
+    )
     compared = json.loads(result.read_text()) if result.exists() else {}
-    warned = sorted({line.strip()[:240] for t in texts for line in t.splitlines()
-                     if "deterministic" in line and ("Warning" in line or "warn" in line)})
-    figures = {**compared, "nondeterministic_op_warnings": warned,
-               "images_per_s": train_log_figures(runs / "det_straight")["images_per_s"]}
+    warned = sorted(
+        {
+            line.strip()[:240]
+            for t in texts
+            for line in t.splitlines()
+            if "deterministic" in line and ("Warning" in line or "warn" in line)
+        }
+    )
+    figures = {
+        **compared,
+        "nondeterministic_op_warnings": warned,
+        "images_per_s": train_log_figures(runs / "det_straight")["images_per_s"],
+    }
     if code == 0 and not compared.get("bitwise_equal"):
         return {"status": "failed", "figures": figures, "note": "the resumed run differs from the straight one"}
     return outcome(code, figures, "" if code == 0 else last_error(text))
@@ -291,8 +408,19 @@ def deterministic(c: Check) -> dict[str, Any]:
 
 def profile(c: Check) -> dict[str, Any]:
     result = c.work / "profile.json"
-    argv = [PY, "scripts/gpu_probes.py", "profile", "--device", c.device, "--out", str(c.out / "profile.txt"),
-            "--json", str(result), *(["--steps", "2", "--warmup", "1"] if not c.cuda else []), *c.model()[:-1]]
+    argv = [
+        PY,
+        "scripts/gpu_probes.py",
+        "profile",
+        "--device",
+        c.device,
+        "--out",
+        str(c.out / "profile.txt"),
+        "--json",
+        str(result),
+        *(["--steps", "2", "--warmup", "1"] if not c.cuda else []),
+        *c.model()[:-1],
+    ]
     code, text = c.run("profile", argv, 90)
     figures = json.loads(result.read_text()) if result.exists() else {}
     if "top" in figures:
@@ -302,9 +430,23 @@ def profile(c: Check) -> dict[str, Any]:
 
 def roi_align(c: Check) -> dict[str, Any]:
     result = c.work / "roi_align.json"
-    code, text = c.run("roi_align", [PY, "scripts/gpu_probes.py", "roi_align", "--device", c.device, "--json",
-                                     str(result), *([] if c.cuda else ["--repeats", "1"])], 90)
-    return outcome(code, json.loads(result.read_text()) if result.exists() else {}, "" if code == 0 else last_error(text))
+    code, text = c.run(
+        "roi_align",
+        [
+            PY,
+            "scripts/gpu_probes.py",
+            "roi_align",
+            "--device",
+            c.device,
+            "--json",
+            str(result),
+            *([] if c.cuda else ["--repeats", "1"]),
+        ],
+        90,
+    )
+    return outcome(
+        code, json.loads(result.read_text()) if result.exists() else {}, "" if code == 0 else last_error(text)
+    )
 
 
 def data_speed(c: Check, what: str, *extra: str) -> dict[str, Any]:
@@ -312,17 +454,24 @@ def data_speed(c: Check, what: str, *extra: str) -> dict[str, Any]:
     if what == "decode":
         args = ["--device", c.device, "--count", "64"] if c.cuda else ["--count", "4", "--repeats", "1"]
     else:
-        args = (["--workers", "8", "--size", "640", "--pin", "--count", "256", "--epochs", "3"] if c.cuda
-                else ["--workers", "1", "--size", "64", "--count", "8", "--epochs", "2", "--batch", "2"])
+        args = (
+            ["--workers", "8", "--size", "640", "--pin", "--count", "256", "--epochs", "3"]
+            if c.cuda
+            else ["--workers", "1", "--size", "64", "--count", "8", "--epochs", "2", "--batch", "2"]
+        )
     argv = [PY, "scripts/data_speed.py", what, *args, *extra, "--cache", str(c.work / "data_speed")]
     code, text = c.run(name, argv, 90)
     rows = [line.rstrip() for line in text.splitlines()[1:] if line.strip() and not line.startswith("[exit")]
     return outcome(code, {"output": rows[-6:]}, "" if code == 0 else last_error(text))
 
 
-OPTIONS = {"default (fp16)": [], "bf16": ["trainer.amp_dtype=bf16"], "channels_last": ["trainer.channels_last=true"],
-           "channels_last + bf16": ["trainer.channels_last=true", "trainer.amp_dtype=bf16"],
-           "deterministic": ["trainer.deterministic=true"]}
+OPTIONS = {
+    "default (fp16)": [],
+    "bf16": ["trainer.amp_dtype=bf16"],
+    "channels_last": ["trainer.channels_last=true"],
+    "channels_last + bf16": ["trainer.channels_last=true", "trainer.amp_dtype=bf16"],
+    "deterministic": ["trainer.deterministic=true"],
+}
 
 
 def options(c: Check) -> dict[str, Any]:
@@ -335,13 +484,33 @@ def options(c: Check) -> dict[str, Any]:
             figures[name] = "skipped: overall budget spent"
             continue
         result = c.work / f"option_{i}.json"
-        argv = [PY, "scripts/benchmark.py", "--vs-torchvision", "--compute-only", "--sides", "frcnn_train",
-                "--device", c.device, "--steps", "8", "--rounds", "2", "--warmup", "3", "--json", str(result),
-                *c.model()[:-1], *extra]
+        argv = [
+            PY,
+            "scripts/benchmark.py",
+            "--vs-torchvision",
+            "--compute-only",
+            "--sides",
+            "frcnn_train",
+            "--device",
+            c.device,
+            "--steps",
+            "8",
+            "--rounds",
+            "2",
+            "--warmup",
+            "3",
+            "--json",
+            str(result),
+            *c.model()[:-1],
+            *extra,
+        ]
         one, text = c.run("options", argv, 70)
         code = code or one
-        figures[name] = (json.loads(result.read_text()).get("images_per_s", {}).get("frcnn_train")
-                         if result.exists() and one == 0 else last_error(text))
+        figures[name] = (
+            json.loads(result.read_text()).get("images_per_s", {}).get("frcnn_train")
+            if result.exists() and one == 0
+            else last_error(text)
+        )
     return outcome(code, figures)
 
 
@@ -372,8 +541,21 @@ def summary(figures: dict[str, Any]) -> str:
     if "torch" in figures:  # the environment
         return " ".join(f"{k.split('.')[-1]} {str(v).split()[0]}" for k, v in figures.items())[:150]
     parts = []
-    for key in ("ratio", "images_per_s", "logged_ap", "ap_fp32", "same_as_logged", "max_blocking_ms", "passed",
-                "failed", "bitwise_equal", "differing", "step_ms", "losses_finite", "memory_mb"):
+    for key in (
+        "ratio",
+        "images_per_s",
+        "logged_ap",
+        "ap_fp32",
+        "same_as_logged",
+        "max_blocking_ms",
+        "passed",
+        "failed",
+        "bitwise_equal",
+        "differing",
+        "step_ms",
+        "losses_finite",
+        "memory_mb",
+    ):
         if key in figures and figures[key] is not None:
             value = figures[key]
             if isinstance(value, dict):
@@ -414,9 +596,15 @@ def main(argv: list[str] | None = None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     c = Check(args)
     gpu = torch.cuda.get_device_name(0) if c.cuda else "none"
-    record: dict[str, Any] = {"device": args.device, "gpu": gpu, "torch": torch.__version__,
-                              "python": sys.version.split()[0], "budget_s": args.budget,
-                              "started": time.strftime("%Y-%m-%d %H:%M:%S"), "sections": {}}
+    record: dict[str, Any] = {
+        "device": args.device,
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "budget_s": args.budget,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "sections": {},
+    }
     print(f"gpu_check on {args.device} ({gpu}), torch {torch.__version__}; results in {c.out}", flush=True)
     for name in SECTIONS:
         if name not in args.sections:

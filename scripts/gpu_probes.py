@@ -12,6 +12,7 @@ torchvision's CUDA kernel, torchvision with deterministic algorithms on (its pur
 our matrix form (models/roi_align.py, what trainer.deterministic=true uses on CUDA).
 `compare`: two checkpoints tensor by tensor over every part of the training state (state.PARTS).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -74,18 +75,30 @@ def profile(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     averages = prof.key_averages()
     table = averages.table(sort_by=key, row_limit=args.rows)
-    header = (f"{cfg.model.arch} {cfg.model.backbone.name}, {cfg.model.min_size} px, batch {cfg.trainer.batch_size}, "
-              f"AMP {cfg.trainer.amp} ({cfg.trainer.amp_dtype}), {device}: {args.steps} steps profiled, "
-              f"{step_ms:.1f} ms per step without the profiler; sorted by {key}\n")
+    header = (
+        f"{cfg.model.arch} {cfg.model.backbone.name}, {cfg.model.min_size} px, batch {cfg.trainer.batch_size}, "
+        f"AMP {cfg.trainer.amp} ({cfg.trainer.amp_dtype}), {device}: {args.steps} steps profiled, "
+        f"{step_ms:.1f} ms per step without the profiler; sorted by {key}\n"
+    )
     if args.out:
         Path(args.out).write_text(header + table)
     names = ("self_device_time_total", "self_cuda_time_total") if device.type == "cuda" else ("self_cpu_time_total",)
     events = sorted(averages, key=lambda e: _event_ms(e, *names), reverse=True)[:15]
     total = sum(_event_ms(e, *names) for e in averages)
-    return {"step_ms": step_ms, "images_per_s": cfg.trainer.batch_size * 1000 / step_ms, "sorted_by": key,
-            "top": [{"op": e.key, "ms_per_step": _event_ms(e, *names) / args.steps,
-                     "share": _event_ms(e, *names) / total if total else float("nan"),
-                     "calls_per_step": e.count / args.steps} for e in events]}
+    return {
+        "step_ms": step_ms,
+        "images_per_s": cfg.trainer.batch_size * 1000 / step_ms,
+        "sorted_by": key,
+        "top": [
+            {
+                "op": e.key,
+                "ms_per_step": _event_ms(e, *names) / args.steps,
+                "share": _event_ms(e, *names) / total if total else float("nan"),
+                "calls_per_step": e.count / args.steps,
+            }
+            for e in events
+        ],
+    }
 
 
 def roi_align(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
@@ -100,10 +113,18 @@ def roi_align(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
     per_image = {7: 512 if big else 32, 14: 128 if big else 8}
     g = torch.Generator().manual_seed(0)
     shapes = [(height, width)] * images
-    features = {str(i): torch.randn(images, channels, height // 4 // 2**i, width // 4 // 2**i, generator=g)
-                .to(device).requires_grad_() for i in range(4)}
-    result: dict[str, Any] = {"images": images, "channels": channels, "size": [height, width],
-                              "rois_per_image": per_image}
+    features = {
+        str(i): torch.randn(images, channels, height // 4 // 2**i, width // 4 // 2**i, generator=g)
+        .to(device)
+        .requires_grad_()
+        for i in range(4)
+    }
+    result: dict[str, Any] = {
+        "images": images,
+        "channels": channels,
+        "size": [height, width],
+        "rois_per_image": per_image,
+    }
     for output, count in per_image.items():
         boxes = []
         for _ in range(images):
@@ -112,9 +133,11 @@ def roi_align(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
             boxes.append(torch.cat([xy, xy + wh], 1).to(device))
         upstream = torch.randn(images * count, channels, output, output, generator=g).to(device)
         # The slowest last; the JSON is rewritten after each, so a killed run keeps what it measured.
-        for name, pool, deterministic in (("matmul (ours, deterministic)", MatmulMultiScaleRoIAlign, True),
-                                          ("torchvision kernel", MultiScaleRoIAlign, False),
-                                          ("torchvision, deterministic algorithms", MultiScaleRoIAlign, True)):
+        for name, pool, deterministic in (
+            ("matmul (ours, deterministic)", MatmulMultiScaleRoIAlign, True),
+            ("torchvision kernel", MultiScaleRoIAlign, False),
+            ("torchvision, deterministic algorithms", MultiScaleRoIAlign, True),
+        ):
             module = pool(list("0123"), output, 2)
             torch.use_deterministic_algorithms(deterministic, warn_only=True)
             times = []
@@ -151,12 +174,22 @@ def compare(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
     def walk(x: Any, y: Any, where: str) -> None:
         if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
             counts["tensors"] += 1
-            same = (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.dtype == y.dtype
-                    and x.shape == y.shape and torch.equal(x, y))
+            same = (
+                isinstance(x, torch.Tensor)
+                and isinstance(y, torch.Tensor)
+                and x.dtype == y.dtype
+                and x.shape == y.shape
+                and torch.equal(x, y)
+            )
             if not same:
-                diff = ((x.double() - y.double()).abs().max().item()
-                        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape
-                        and x.dtype.is_floating_point else None)
+                diff = (
+                    (x.double() - y.double()).abs().max().item()
+                    if isinstance(x, torch.Tensor)
+                    and isinstance(y, torch.Tensor)
+                    and x.shape == y.shape
+                    and x.dtype.is_floating_point
+                    else None
+                )
                 differ.append(f"{where} (max abs diff {diff})" if diff is not None else where)
         elif isinstance(x, dict) and isinstance(y, dict):
             for key in sorted(set(x) | set(y), key=str):
@@ -174,8 +207,13 @@ def compare(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
         if part == "trainer" and isinstance(x, dict) and isinstance(y, dict):
             x, y = ({k: v for k, v in d.items() if k != "history"} for d in (x, y))
         walk(x, y, part)
-    return {"bitwise_equal": not differ, "tensors": counts["tensors"], "values": counts["values"],
-            "differing": len(differ), "first_differences": differ[:10]}
+    return {
+        "bitwise_equal": not differ,
+        "tensors": counts["tensors"],
+        "values": counts["values"],
+        "differing": len(differ),
+        "first_differences": differ[:10],
+    }
 
 
 def main() -> None:

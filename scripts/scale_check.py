@@ -19,6 +19,7 @@ its own) and the script prints one table per section and, with --json, writes {s
 Sections are functions in SECTIONS returning a Section (title, columns, rows); more can be added beside them
 (evaluation time per backend, padding per batch) without changing the printing or the JSON.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,10 +32,11 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -87,8 +89,9 @@ def _crowd(rng: np.random.Generator, width: int, height: int) -> tuple[str, str,
     return seg, f"[{x1},{y1},{x2 - x1},{y2 - y1}]", float((x2 - x1) * (y2 - y1))
 
 
-def write_split(root: Path, name: str, count: int, *, seed: int, first_ann_id: int,
-                subset: int | None = None) -> tuple[Path, Path | None]:
+def write_split(
+    root: Path, name: str, count: int, *, seed: int, first_ann_id: int, subset: int | None = None
+) -> tuple[Path, Path | None]:
     """instances_<name>.json for `count` images under root/<name>/ (hard links to a few JPEGs); with `subset`,
     also instances_<name>_<subset>.json: the same first `subset` images and their annotations."""
     from data_speed import (
@@ -111,14 +114,17 @@ def write_split(root: Path, name: str, count: int, *, seed: int, first_ann_id: i
     # Two files written side by side: the subset is the first `subset` images of the full one.
     files = [open(out, "w", encoding="utf-8")] + ([open(sub, "w", encoding="utf-8")] if sub else [])  # noqa: SIM115
     try:
+
         def write(text: str, i: int) -> None:
             files[0].write(text)
             if sub and i < subset:
                 files[1].write(text)
 
-        head = '{"info": {"description": "scale_check", "version": "1.0", "year": 2017}, ' \
-               '"licenses": [{"url": "http://creativecommons.org/licenses/by-nc-sa/2.0/", "id": 1, "name": "x"}], ' \
-               '"images": ['
+        head = (
+            '{"info": {"description": "scale_check", "version": "1.0", "year": 2017}, '
+            '"licenses": [{"url": "http://creativecommons.org/licenses/by-nc-sa/2.0/", "id": 1, "name": "x"}], '
+            '"images": ['
+        )
         for f in files:
             f.write(head)
         for i, (image_id, tall) in enumerate(zip(ids.tolist(), portrait.tolist())):
@@ -127,12 +133,22 @@ def write_split(root: Path, name: str, count: int, *, seed: int, first_ann_id: i
             link = images_dir / file_name
             if not link.exists():
                 os.link(sources[(width, height)][i % 3], link)
-            write(("" if i == 0 else ", ") +
-                  json.dumps({"license": 1, "file_name": file_name,
-                              "coco_url": f"http://images.cocodataset.org/{name}/{file_name}", "height": height,
-                              "width": width, "date_captured": "2013-11-14 11:18:45",
-                              "flickr_url": f"http://farm4.staticflickr.com/3153/{image_id}_1.jpg", "id": image_id}),
-                  i)
+            write(
+                ("" if i == 0 else ", ")
+                + json.dumps(
+                    {
+                        "license": 1,
+                        "file_name": file_name,
+                        "coco_url": f"http://images.cocodataset.org/{name}/{file_name}",
+                        "height": height,
+                        "width": width,
+                        "date_captured": "2013-11-14 11:18:45",
+                        "flickr_url": f"http://farm4.staticflickr.com/3153/{image_id}_1.jpg",
+                        "id": image_id,
+                    }
+                ),
+                i,
+            )
         for f in files:
             f.write('], "annotations": [')
         ann_id, first = first_ann_id, [True, True]
@@ -142,9 +158,11 @@ def write_split(root: Path, name: str, count: int, *, seed: int, first_ann_id: i
             for _ in range(n):
                 crowd = rng.random() < 0.01
                 seg, bbox, area = crowds[size][int(rng.integers(16))] if crowd else pool[int(rng.integers(4096))]
-                parts.append(f'{{"segmentation": {seg}, "area": {area!r}, "iscrowd": {int(crowd)}, '
-                             f'"image_id": {image_id}, "bbox": {bbox}, "category_id": '
-                             f'{COCO_CATEGORY_IDS[int(rng.integers(80))]}, "id": {ann_id}}}')
+                parts.append(
+                    f'{{"segmentation": {seg}, "area": {area!r}, "iscrowd": {int(crowd)}, '
+                    f'"image_id": {image_id}, "bbox": {bbox}, "category_id": '
+                    f'{COCO_CATEGORY_IDS[int(rng.integers(80))]}, "id": {ann_id}}}'
+                )
                 ann_id += 1
             if not parts:
                 continue
@@ -154,8 +172,9 @@ def write_split(root: Path, name: str, count: int, *, seed: int, first_ann_id: i
             if sub and i < subset:
                 files[1].write(("" if first[1] else ", ") + text)
                 first[1] = False
-        cats = ", ".join(json.dumps({"supercategory": "thing", "id": c, "name": f"class{c}"})
-                         for c in COCO_CATEGORY_IDS)
+        cats = ", ".join(
+            json.dumps({"supercategory": "thing", "id": c, "name": f"class{c}"}) for c in COCO_CATEGORY_IDS
+        )
         for f in files:
             f.write(f'], "categories": [{cats}]}}')
     finally:
@@ -180,12 +199,14 @@ def write_dataset(root: Path, train_images: int, val_images: int) -> Dataset:
     done = root / f".complete_{train_images}_{val_images}"
     small = root / "instances_train2017_1000.json" if train_images > 1000 else None
     if not done.exists():
-        _, small = write_split(root, "train2017", train_images, seed=0, first_ann_id=1,
-                               subset=1000 if train_images > 1000 else None)
+        _, small = write_split(
+            root, "train2017", train_images, seed=0, first_ann_id=1, subset=1000 if train_images > 1000 else None
+        )
         write_split(root, "val2017", val_images, seed=1, first_ann_id=10_000_000)
         done.touch()
-    return Dataset(root, root / "instances_train2017.json", small, root / "instances_val2017.json", train_images,
-                   val_images)
+    return Dataset(
+        root, root / "instances_train2017.json", small, root / "instances_val2017.json", train_images, val_images
+    )
 
 
 # --------------------------------------------------------------------------- measuring
@@ -194,6 +215,7 @@ def write_dataset(root: Path, train_images: int, val_images: int) -> Dataset:
 @dataclass
 class Section:
     """One table: `columns` name the keys of each row, in order; the JSON holds the rows as they are."""
+
     title: str
     columns: list[str]
     rows: list[dict[str, Any]] = field(default_factory=list)
@@ -240,8 +262,14 @@ def read_ours(images: str, ann: str, with_masks: bool) -> dict[str, Any]:
     dataset = CocoDetection(images, ann, with_masks=with_masks, train=True)
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     gc.collect()
-    return {"seconds": seconds, "cpu_seconds": cpu, "peak_rss_mib": peak_rss_mib(), "kept_uss_mib": uss_mib(),
-            "images": len(dataset), "records_mib": dataset.records_nbytes() / 2**20}
+    return {
+        "seconds": seconds,
+        "cpu_seconds": cpu,
+        "peak_rss_mib": peak_rss_mib(),
+        "kept_uss_mib": uss_mib(),
+        "images": len(dataset),
+        "records_mib": dataset.records_nbytes() / 2**20,
+    }
 
 
 def read_pycocotools(ann: str) -> dict[str, Any]:
@@ -255,8 +283,13 @@ def read_pycocotools(ann: str) -> dict[str, Any]:
         coco = COCO(ann)
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     gc.collect()
-    return {"seconds": seconds, "cpu_seconds": cpu, "peak_rss_mib": peak_rss_mib(), "kept_uss_mib": uss_mib(),
-            "images": len(coco.imgs)}
+    return {
+        "seconds": seconds,
+        "cpu_seconds": cpu,
+        "peak_rss_mib": peak_rss_mib(),
+        "kept_uss_mib": uss_mib(),
+        "images": len(coco.imgs),
+    }
 
 
 def baseline_uss() -> dict[str, Any]:
@@ -268,18 +301,28 @@ def baseline_uss() -> dict[str, Any]:
 
 
 def read_section(data: Dataset, args: argparse.Namespace) -> Section:
-    section = Section(f"reading {data.train_images:,} training images' annotations "
-                      f"({data.train_ann.stat().st_size / 2**20:,.0f} MiB JSON)",
-                      ["reader", "seconds", "cpu_seconds", "peak_rss_mib", "kept_uss_mib"])
+    section = Section(
+        f"reading {data.train_images:,} training images' annotations "
+        f"({data.train_ann.stat().st_size / 2**20:,.0f} MiB JSON)",
+        ["reader", "seconds", "cpu_seconds", "peak_rss_mib", "kept_uss_mib"],
+    )
     base = in_fresh_process(baseline_uss)
     ours = in_fresh_process(read_ours, str(data.root / "train2017"), str(data.train_ann), True)
     theirs = in_fresh_process(read_pycocotools, str(data.train_ann))
-    section.rows = [{"reader": "frcnn_train CocoDetection (masks)", **ours},
-                    {"reader": "pycocotools COCO(file)", **theirs},
-                    {"reader": "(python + torch + frcnn_train imported)", "seconds": None,
-                     "peak_rss_mib": base["peak_rss_mib"], "kept_uss_mib": base["uss_mib"]}]
-    section.notes.append(f"frcnn_train's records: {ours['records_mib']:.0f} MiB of numpy arrays, for "
-                         f"{ours['images']:,} images (those with annotations)")
+    section.rows = [
+        {"reader": "frcnn_train CocoDetection (masks)", **ours},
+        {"reader": "pycocotools COCO(file)", **theirs},
+        {
+            "reader": "(python + torch + frcnn_train imported)",
+            "seconds": None,
+            "peak_rss_mib": base["peak_rss_mib"],
+            "kept_uss_mib": base["uss_mib"],
+        },
+    ]
+    section.notes.append(
+        f"frcnn_train's records: {ours['records_mib']:.0f} MiB of numpy arrays, for "
+        f"{ours['images']:,} images (those with annotations)"
+    )
     return section
 
 
@@ -312,8 +355,9 @@ def loader_memory(images: str, ann: str, workers: int, steps: int, batch: int, f
     torch.set_num_threads(1)
     dataset = CocoDetection(images, ann, with_masks=True, train=True)
     gc.collect()
-    batches = iter(build_train_loader(GcForced(dataset, every=batch), batch_size=batch, num_workers=workers,
-                                      seed=0, epoch=0))
+    batches = iter(
+        build_train_loader(GcForced(dataset, every=batch), batch_size=batch, num_workers=workers, seed=0, epoch=0)
+    )
     pids = [w.pid for w in getattr(batches, "_workers", [])]
     marks = _marks(steps)
     points = {}
@@ -338,11 +382,21 @@ def _shut_down(batches: Any) -> None:
 def memory_section(data: Dataset, args: argparse.Namespace) -> Section:
     marks = _marks(args.steps)
     columns = ["process", *(f"after_{m}" for m in marks), "growth", f"growth_after_{marks[1]}"]
-    section = Section(f"private memory (USS, MiB) after so many batches: {args.workers} workers, batch {args.batch}, "
-                      "gc.collect() every batch in the workers", columns)
+    section = Section(
+        f"private memory (USS, MiB) after so many batches: {args.workers} workers, batch {args.batch}, "
+        "gc.collect() every batch in the workers",
+        columns,
+    )
     for freeze, which in ((True, ""), (False, " (no gc.freeze)")):
-        r = in_fresh_process(loader_memory, str(data.root / "train2017"), str(data.train_ann), args.workers,
-                             args.steps, args.batch, freeze)
+        r = in_fresh_process(
+            loader_memory,
+            str(data.root / "train2017"),
+            str(data.train_ann),
+            args.workers,
+            args.steps,
+            args.batch,
+            freeze,
+        )
         points = {int(k): v for k, v in r["points"].items()}
         for i, name in enumerate(["main"] + [f"worker {w}" for w in range(r["workers"])]):
             if name == "main" and not freeze:
@@ -351,10 +405,13 @@ def memory_section(data: Dataset, args: argparse.Namespace) -> Section:
             row["growth"] = points[marks[-1]][i] - points[marks[0]][i]
             row[f"growth_after_{marks[1]}"] = points[marks[-1]][i] - points[marks[1]][i]
             section.rows.append(row)
-    section.notes += [("main: only the pages it shares with no worker (what it holds alone: the read table's "
-                       "kept_uss_mib)"),
-                      ("no gc.freeze: the workers as they started before, their collections walking (and so "
-                       "copying) every object inherited from the main process")]
+    section.notes += [
+        ("main: only the pages it shares with no worker (what it holds alone: the read table's kept_uss_mib)"),
+        (
+            "no gc.freeze: the workers as they started before, their collections walking (and so "
+            "copying) every object inherited from the main process"
+        ),
+    ]
     return section
 
 
@@ -377,13 +434,15 @@ def loader_speed(images: str, ann: str, workers: int, steps: int, batch: int) ->
 
 
 def loader_section(data: Dataset, args: argparse.Namespace) -> Section:
-    section = Section(f"loader alone (no model): {args.workers} workers, batch {args.batch}, masks decoded, "
-                      f"{args.steps} batches", ["dataset", "images", "images_per_s"])
-    sets = ([("first 1,000 images", data.train_1k_ann)] if data.train_1k_ann else []) + \
-        [(f"all {data.train_images:,} images", data.train_ann)]
+    section = Section(
+        f"loader alone (no model): {args.workers} workers, batch {args.batch}, masks decoded, {args.steps} batches",
+        ["dataset", "images", "images_per_s"],
+    )
+    sets = ([("first 1,000 images", data.train_1k_ann)] if data.train_1k_ann else []) + [
+        (f"all {data.train_images:,} images", data.train_ann)
+    ]
     for name, ann in sets:
-        r = in_fresh_process(loader_speed, str(data.root / "train2017"), str(ann), args.workers, args.steps,
-                             args.batch)
+        r = in_fresh_process(loader_speed, str(data.root / "train2017"), str(ann), args.workers, args.steps, args.batch)
         section.rows.append({"dataset": name, **r})
     return section
 
@@ -414,8 +473,9 @@ def print_section(section: Section) -> None:
     cells = [[_cell(row.get(c)) for c in section.columns] for row in section.rows]
     widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(section.columns)]
     print(f"\n{section.title}")
-    print("  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                           for i, (c, w) in enumerate(zip(section.columns, widths))))
+    print(
+        "  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(section.columns, widths)))
+    )
     for row in cells:
         print("  " + "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths))))
     for note in section.notes:
@@ -429,21 +489,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="loader workers")
     parser.add_argument("--steps", type=int, default=150, help="batches per loader measurement")
     parser.add_argument("--batch", type=int, default=2, help="images per batch")
-    parser.add_argument("--dir", type=Path, default=None,
-                        help="write (or reuse) the dataset here and keep it (default: a temporary directory)")
-    parser.add_argument("--sections", nargs="+", default=[name for name, _ in SECTIONS],
-                        choices=[name for name, _ in SECTIONS], help="which measurements to run")
+    parser.add_argument(
+        "--dir",
+        type=Path,
+        default=None,
+        help="write (or reuse) the dataset here and keep it (default: a temporary directory)",
+    )
+    parser.add_argument(
+        "--sections",
+        nargs="+",
+        default=[name for name, _ in SECTIONS],
+        choices=[name for name, _ in SECTIONS],
+        help="which measurements to run",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args(argv)
     root = args.dir or Path(tempfile.mkdtemp(prefix="scale_check_"))
     try:
         start = time.perf_counter()
         data = write_dataset(root, args.images, args.val_images)
-        print(f"COCO-shaped dataset in {root}: {args.images:,} train / {args.val_images:,} val images, "
-              f"{data.train_ann.stat().st_size / 2**20:,.0f} MiB train JSON (written in "
-              f"{time.perf_counter() - start:.0f} s); {os.cpu_count()} CPUs", flush=True)
-        results: dict[str, Any] = {"images": args.images, "val_images": args.val_images, "workers": args.workers,
-                                   "steps": args.steps, "batch": args.batch}
+        print(
+            f"COCO-shaped dataset in {root}: {args.images:,} train / {args.val_images:,} val images, "
+            f"{data.train_ann.stat().st_size / 2**20:,.0f} MiB train JSON (written in "
+            f"{time.perf_counter() - start:.0f} s); {os.cpu_count()} CPUs",
+            flush=True,
+        )
+        results: dict[str, Any] = {
+            "images": args.images,
+            "val_images": args.val_images,
+            "workers": args.workers,
+            "steps": args.steps,
+            "batch": args.batch,
+        }
         for name, measure in SECTIONS:
             if name in args.sections:
                 section = measure(data, args)

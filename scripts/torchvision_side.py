@@ -14,10 +14,12 @@ The benchmark's recipe, the same on both sides so both train stably: our LR sche
 warmup, then its decay) through LambdaLR instead of engine.py's 1000-step first-epoch warmup,
 and, with trainer.grad_clip, gradients clipped to that norm after unscaling.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 import torchvision
@@ -25,8 +27,12 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import DataLoader
 
-RESNET_STAGE_CHANNELS = {"resnet18": [64, 128, 256, 512], "resnet34": [64, 128, 256, 512],
-                         "resnet50": [256, 512, 1024, 2048], "resnet101": [256, 512, 1024, 2048]}
+RESNET_STAGE_CHANNELS = {
+    "resnet18": [64, 128, 256, 512],
+    "resnet34": [64, 128, 256, 512],
+    "resnet50": [256, 512, 1024, 2048],
+    "resnet101": [256, 512, 1024, 2048],
+}
 # references/detection/train.py's `-j/--workers` default.
 THEIR_WORKERS = 4
 
@@ -44,8 +50,7 @@ class NonFiniteLoss(Exception):
 
 def torchvision_model(model_cfg: DictConfig, num_classes: int) -> nn.Module:
     """The same detector made by torchvision alone: its builder when the sizes are its own, else its classes."""
-    from torchvision.models.detection import (FasterRCNN, MaskRCNN, fasterrcnn_resnet50_fpn,
-                                              maskrcnn_resnet50_fpn)
+    from torchvision.models.detection import FasterRCNN, MaskRCNN, fasterrcnn_resnet50_fpn, maskrcnn_resnet50_fpn
     from torchvision.models.detection.anchor_utils import AnchorGenerator
     from torchvision.models.detection.backbone_utils import BackboneWithFPN
     from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
@@ -58,43 +63,68 @@ def torchvision_model(model_cfg: DictConfig, num_classes: int) -> nn.Module:
     if resnet not in RESNET_STAGE_CHANNELS or model_cfg.attention.sites or bb.returned_layers is not None:
         raise SystemExit("--vs-torchvision compares ResNet FPN backbones with every stage returned and no attention")
     sizes = dict(
-        min_size=model_cfg.min_size, max_size=model_cfg.max_size,
-        image_mean=list(model_cfg.image_mean), image_std=list(model_cfg.image_std),
-        rpn_pre_nms_top_n_train=model_cfg.rpn_pre_nms_top_n_train, rpn_pre_nms_top_n_test=model_cfg.rpn_pre_nms_top_n_test,
+        min_size=model_cfg.min_size,
+        max_size=model_cfg.max_size,
+        image_mean=list(model_cfg.image_mean),
+        image_std=list(model_cfg.image_std),
+        rpn_pre_nms_top_n_train=model_cfg.rpn_pre_nms_top_n_train,
+        rpn_pre_nms_top_n_test=model_cfg.rpn_pre_nms_top_n_test,
         rpn_post_nms_top_n_train=model_cfg.rpn_post_nms_top_n_train,
         rpn_post_nms_top_n_test=model_cfg.rpn_post_nms_top_n_test,
         rpn_batch_size_per_image=model_cfg.rpn_batch_size_per_image,
-        box_batch_size_per_image=model_cfg.box_batch_size_per_image, box_score_thresh=model_cfg.box_score_thresh,
-        box_nms_thresh=model_cfg.box_nms_thresh, box_detections_per_img=model_cfg.box_detections_per_img,
+        box_batch_size_per_image=model_cfg.box_batch_size_per_image,
+        box_score_thresh=model_cfg.box_score_thresh,
+        box_nms_thresh=model_cfg.box_nms_thresh,
+        box_detections_per_img=model_cfg.box_detections_per_img,
     )
-    own_sizes = (resnet == "resnet50" and bb.fpn_channels == 256 and list(model_cfg.anchor_sizes) == [32, 64, 128, 256, 512]
-                 and list(model_cfg.aspect_ratios) == [0.5, 1.0, 2.0] and model_cfg.box_head_dim == 1024
-                 and (arch == "faster_rcnn" or (model_cfg.mask_head_layers, model_cfg.mask_head_dim) == (4, 256)))
+    own_sizes = (
+        resnet == "resnet50"
+        and bb.fpn_channels == 256
+        and list(model_cfg.anchor_sizes) == [32, 64, 128, 256, 512]
+        and list(model_cfg.aspect_ratios) == [0.5, 1.0, 2.0]
+        and model_cfg.box_head_dim == 1024
+        and (arch == "faster_rcnn" or (model_cfg.mask_head_layers, model_cfg.mask_head_dim) == (4, 256))
+    )
     if str(model_cfg.get("version", "v1")) == "v2":  # the *_v2 builders: their heads only at their own sizes
         if not (own_sizes and (model_cfg.box_head_convs, model_cfg.box_head_conv_dim) == (4, 256)):
-            raise SystemExit("--vs-torchvision compares v2 heads at torchvision's own sizes only (FPN 256, box head "
-                             "of 4 convs of 256 and an FC of 1024, mask head of 4 convs of 256)")
+            raise SystemExit(
+                "--vs-torchvision compares v2 heads at torchvision's own sizes only (FPN 256, box head "
+                "of 4 convs of 256 and an FC of 1024, mask head of 4 convs of 256)"
+            )
         from frcnn_train.zoo import builder_for
 
-        return torchvision.models.get_model(builder_for(model_cfg), weights=None, weights_backbone=None,
-                                            num_classes=num_classes + 1, **sizes)
+        return torchvision.models.get_model(
+            builder_for(model_cfg), weights=None, weights_backbone=None, num_classes=num_classes + 1, **sizes
+        )
     if own_sizes:  # exactly what a torchvision user calls
         builder = maskrcnn_resnet50_fpn if arch == "mask_rcnn" else fasterrcnn_resnet50_fpn
         return builder(weights=None, weights_backbone=None, num_classes=num_classes + 1, **sizes)
     body = getattr(torchvision.models, resnet)(weights=None, norm_layer=nn.BatchNorm2d)
-    backbone = BackboneWithFPN(body, {f"layer{i}": str(i - 1) for i in range(1, 5)}, RESNET_STAGE_CHANNELS[resnet],
-                               bb.fpn_channels, extra_blocks=LastLevelMaxPool())
+    backbone = BackboneWithFPN(
+        body,
+        {f"layer{i}": str(i - 1) for i in range(1, 5)},
+        RESNET_STAGE_CHANNELS[resnet],
+        bb.fpn_channels,
+        extra_blocks=LastLevelMaxPool(),
+    )
     levels = ["0", "1", "2", "3"]
-    anchors = AnchorGenerator(tuple((int(s),) for s in model_cfg.anchor_sizes),
-                              (tuple(float(r) for r in model_cfg.aspect_ratios),) * 5)
+    anchors = AnchorGenerator(
+        tuple((int(s),) for s in model_cfg.anchor_sizes), (tuple(float(r) for r in model_cfg.aspect_ratios),) * 5
+    )
     c, dim = bb.fpn_channels, model_cfg.box_head_dim
-    parts: dict[str, Any] = dict(rpn_anchor_generator=anchors, box_roi_pool=MultiScaleRoIAlign(levels, 7, 2),
-                                 box_head=TwoMLPHead(c * 49, dim), box_predictor=FastRCNNPredictor(dim, num_classes + 1))
+    parts: dict[str, Any] = dict(
+        rpn_anchor_generator=anchors,
+        box_roi_pool=MultiScaleRoIAlign(levels, 7, 2),
+        box_head=TwoMLPHead(c * 49, dim),
+        box_predictor=FastRCNNPredictor(dim, num_classes + 1),
+    )
     if arch == "mask_rcnn":
         mdim, layers = model_cfg.mask_head_dim, model_cfg.mask_head_layers
-        parts.update(mask_roi_pool=MultiScaleRoIAlign(levels, 14, 2),
-                     mask_head=MaskRCNNHeads(c, [mdim] * layers, 1),
-                     mask_predictor=MaskRCNNPredictor(mdim if layers else c, mdim, num_classes + 1))
+        parts.update(
+            mask_roi_pool=MultiScaleRoIAlign(levels, 14, 2),
+            mask_head=MaskRCNNHeads(c, [mdim] * layers, 1),
+            mask_predictor=MaskRCNNPredictor(mdim if layers else c, mdim, num_classes + 1),
+        )
         return MaskRCNN(backbone, num_classes=None, **parts, **sizes)
     return FasterRCNN(backbone, num_classes=None, **parts, **sizes)
 
@@ -130,8 +160,14 @@ class ShuffleWithFreshAugmentation(torch.utils.data.Sampler):
 
 def their_loader(dataset: Any, batch_size: int, workers: int = THEIR_WORKERS) -> DataLoader:
     """train.py's DataLoader (aspect-ratio grouping aside: every shapes image has the same shape)."""
-    return DataLoader(dataset, batch_size=batch_size, drop_last=True, sampler=ShuffleWithFreshAugmentation(len(dataset)),
-                      num_workers=workers, collate_fn=tuple_collate)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        drop_last=True,
+        sampler=ShuffleWithFreshAugmentation(len(dataset)),
+        num_workers=workers,
+        collate_fn=tuple_collate,
+    )
 
 
 class TheirLoop:
@@ -141,9 +177,19 @@ class TheirLoop:
     Batches come from `loader` (end to end) or are handed to `train` (compute-only).
     """
 
-    def __init__(self, model: nn.Module, *, lr: float, momentum: float, weight_decay: float,
-                 lr_factor: Callable[[int], float], grad_clip: float | None, device: torch.device,
-                 dtype: torch.dtype | None, loader: DataLoader | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        lr: float,
+        momentum: float,
+        weight_decay: float,
+        lr_factor: Callable[[int], float],
+        grad_clip: float | None,
+        device: torch.device,
+        dtype: torch.dtype | None,
+        loader: DataLoader | None = None,
+    ) -> None:
         self.model, self.device, self.dtype, self.grad_clip = model.to(device).train(), device, dtype, grad_clip
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.SGD(self.params, lr=lr, momentum=momentum, weight_decay=weight_decay)

@@ -31,6 +31,7 @@ line, `error: <side> side: ...`, and exit code 2.
 
 `--accuracy` trains each side a whole schedule and prints each side's AP (see `accuracy`).
 """
+
 from __future__ import annotations
 
 import json
@@ -49,8 +50,6 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from torchvision_side import (THEIR_WORKERS, NonFiniteLoss, TheirLoop, their_float, their_loader,
-                              torchvision_model)
 from frcnn_train import checkpoint
 from frcnn_train.config import compose_config
 from frcnn_train.data import build_datasets, resolve_num_workers
@@ -59,30 +58,53 @@ from frcnn_train.optim import lr_factor_fn, lr_scale
 from frcnn_train.runtime import amp_dtype as _amp_dtype
 from frcnn_train.runtime import seed_everything
 from frcnn_train.trainer import Trainer, TrainingError, steps_per_epoch
+from torchvision_side import THEIR_WORKERS, NonFiniteLoss, TheirLoop, their_float, their_loader, torchvision_model
 
 # Faster R-CNN ResNet-50 FPN at torchvision's sizes, batch 8, fp16, torchvision's LR rule (0.02 per 16 images).
 CUDA_DEFAULTS = [
-    "model/backbone=resnet50_fpn", "model.backbone.fpn_channels=256", "model.min_size=800", "model.max_size=1333",
-    "model.anchor_sizes=[32,64,128,256,512]", "model.rpn_pre_nms_top_n_train=2000", "model.rpn_pre_nms_top_n_test=1000",
-    "model.rpn_post_nms_top_n_train=2000", "model.rpn_post_nms_top_n_test=1000", "model.rpn_batch_size_per_image=256",
-    "model.box_batch_size_per_image=512", "model.box_head_dim=1024", "model.box_detections_per_img=100",
-    "model.mask_head_dim=256", "trainer.batch_size=8", "trainer.amp=true", "optim.lr=0.02", "optim.reference_batch=16",
-    "data.shapes.image_size=640", "data.shapes.max_objects=7", "data.shapes.num_train=400", "data.shapes.num_val=16",
+    "model/backbone=resnet50_fpn",
+    "model.backbone.fpn_channels=256",
+    "model.min_size=800",
+    "model.max_size=1333",
+    "model.anchor_sizes=[32,64,128,256,512]",
+    "model.rpn_pre_nms_top_n_train=2000",
+    "model.rpn_pre_nms_top_n_test=1000",
+    "model.rpn_post_nms_top_n_train=2000",
+    "model.rpn_post_nms_top_n_test=1000",
+    "model.rpn_batch_size_per_image=256",
+    "model.box_batch_size_per_image=512",
+    "model.box_head_dim=1024",
+    "model.box_detections_per_img=100",
+    "model.mask_head_dim=256",
+    "trainer.batch_size=8",
+    "trainer.amp=true",
+    "optim.lr=0.02",
+    "optim.reference_batch=16",
+    "data.shapes.image_size=640",
+    "data.shapes.max_objects=7",
+    "data.shapes.num_train=400",
+    "data.shapes.num_val=16",
 ]
 RECIPE = ["trainer.grad_clip=10.0"]  # both sides; before the command line's overrides, which may change it
 # After the command line's: the speed modes stop by trainer.max_steps, never at an epoch count or its evaluation.
 SPEED_ONLY = ["trainer.progress=false", "trainer.eval_every=0", "trainer.epochs=100000"]
 # --accuracy on CUDA: 400 steps of 8 images at 800 px, about 3 minutes a side on an H100/H200.
-ACCURACY_CUDA = ["data.shapes.num_val=50", "trainer.epochs=8", "trainer.eval_every=0",
-                 "schedule.milestones=[6,7]"]
+ACCURACY_CUDA = ["data.shapes.num_val=50", "trainer.epochs=8", "trainer.eval_every=0", "schedule.milestones=[6,7]"]
 SIDES = ("torchvision", "frcnn_train")
 
 
 def compose(device: torch.device, overrides: list[str], *, speed: bool) -> tuple[list[str], DictConfig]:
     defaults = CUDA_DEFAULTS if device.type == "cuda" else []
     accuracy = ACCURACY_CUDA if device.type == "cuda" and not speed else []
-    cfg_overrides = [*defaults, *accuracy, *RECIPE, f"device={device}", "trainer.progress=false", *overrides,
-                     *(SPEED_ONLY if speed else [])]
+    cfg_overrides = [
+        *defaults,
+        *accuracy,
+        *RECIPE,
+        f"device={device}",
+        "trainer.progress=false",
+        *overrides,
+        *(SPEED_ONLY if speed else []),
+    ]
     return cfg_overrides, compose_config(cfg_overrides)
 
 
@@ -123,18 +145,25 @@ def initial_weights(cfg: DictConfig) -> dict[str, torch.Tensor]:
     return build_model(cfg.model).state_dict()
 
 
-def their_side(cfg: DictConfig, data: Any, device: torch.device, initial: dict[str, torch.Tensor], *,
-               with_loader: bool) -> TheirLoop:
+def their_side(
+    cfg: DictConfig, data: Any, device: torch.device, initial: dict[str, torch.Tensor], *, with_loader: bool
+) -> TheirLoop:
     model = torchvision_model(cfg.model, cfg.model.num_classes)
     model.load_state_dict(initial)  # fails loudly if the architectures differ
     per_epoch = steps_per_epoch(len(data.train), cfg.trainer.batch_size, cfg.trainer.accumulate)
     scale, _ = lr_scale(cfg.optim, cfg.trainer.batch_size * cfg.trainer.accumulate)
     loader = their_loader(data.train, cfg.trainer.batch_size) if with_loader else None
-    return TheirLoop(model, lr=cfg.optim.lr * scale, momentum=cfg.optim.momentum,
-                     weight_decay=cfg.optim.weight_decay, grad_clip=cfg.trainer.grad_clip, device=device,
-                     dtype=amp_dtype(cfg, device), loader=loader,
-                     lr_factor=lr_factor_fn(cfg.schedule, steps_per_epoch=per_epoch,
-                                            total_steps=per_epoch * cfg.trainer.epochs))
+    return TheirLoop(
+        model,
+        lr=cfg.optim.lr * scale,
+        momentum=cfg.optim.momentum,
+        weight_decay=cfg.optim.weight_decay,
+        grad_clip=cfg.trainer.grad_clip,
+        device=device,
+        dtype=amp_dtype(cfg, device),
+        loader=loader,
+        lr_factor=lr_factor_fn(cfg.schedule, steps_per_epoch=per_epoch, total_steps=per_epoch * cfg.trainer.epochs),
+    )
 
 
 def _sync(device: torch.device) -> float:
@@ -157,8 +186,9 @@ def plain_save_ms(trainer: Trainer, path: Path) -> float:
 
 
 # ---------------------------------------------------------------- end to end: one fresh process per side
-def side_end_to_end(side: str, cfg_overrides: list[str], initial_path: str, tmp: str, warmup: int, steps: int,
-                    rounds: int) -> dict[str, Any]:
+def side_end_to_end(
+    side: str, cfg_overrides: list[str], initial_path: str, tmp: str, warmup: int, steps: int, rounds: int
+) -> dict[str, Any]:
     """One side's warm-up and timed rounds through its own loader, in this (fresh) process."""
     total = warmup + steps * rounds
     cfg = compose_config([*cfg_overrides, f"trainer.max_steps={total}", f"output_dir={tmp}", f"run_name={side}"])
@@ -196,8 +226,13 @@ def side_end_to_end(side: str, cfg_overrides: list[str], initial_path: str, tmp:
         trainer.step_log.step = inner  # type: ignore[method-assign]
     plain = plain_save_ms(trainer, Path(tmp) / "plain.pth")
     trainer.step_log.logger.close()
-    return {"seconds": [b - a for a, b in zip(marks, marks[1:])], "memory_mb": _peak_memory_mb(device),
-            "blocking_ms": saves.ms, "plain_save_ms": plain, "workers": trainer.train_loader.loader.num_workers}
+    return {
+        "seconds": [b - a for a, b in zip(marks, marks[1:])],
+        "memory_mb": _peak_memory_mb(device),
+        "blocking_ms": saves.ms,
+        "plain_save_ms": plain,
+        "workers": trainer.train_loader.loader.num_workers,
+    }
 
 
 class _BlockingRecords(logging.Handler):
@@ -222,27 +257,45 @@ class _BlockingRecords(logging.Handler):
         super().close()
 
 
-def end_to_end(device: torch.device, cfg_overrides: list[str], cfg: DictConfig, *, steps: int, rounds: int,
-               warmup: int, tmp: Path, sides: tuple[str, ...] = SIDES) -> dict[str, Any]:
+def end_to_end(
+    device: torch.device,
+    cfg_overrides: list[str],
+    cfg: DictConfig,
+    *,
+    steps: int,
+    rounds: int,
+    warmup: int,
+    tmp: Path,
+    sides: tuple[str, ...] = SIDES,
+) -> dict[str, Any]:
     initial_path = tmp / "initial.pth"
     torch.save(initial_weights(cfg), initial_path)
     ours_workers = resolve_num_workers(cfg.data.num_workers, device)
-    print(f"end to end: each side in a fresh process reads the files through its own loader (torchvision: "
-          f"{THEIR_WORKERS} workers, float32 made in the workers; frcnn_train: {ours_workers} workers "
-          f"(data.num_workers={cfg.data.num_workers}), uint8{' pinned' if device.type == 'cuda' else ''}); "
-          f"{rounds} rounds of {steps} steps after {warmup} warm-up steps", flush=True)
+    print(
+        f"end to end: each side in a fresh process reads the files through its own loader (torchvision: "
+        f"{THEIR_WORKERS} workers, float32 made in the workers; frcnn_train: {ours_workers} workers "
+        f"(data.num_workers={cfg.data.num_workers}), uint8{' pinned' if device.type == 'cuda' else ''}); "
+        f"{rounds} rounds of {steps} steps after {warmup} warm-up steps",
+        flush=True,
+    )
     results = {}
     for side in sides:
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as fresh:
-            results[side] = fresh.submit(side_end_to_end, side, cfg_overrides, str(initial_path), str(tmp), warmup,
-                                         steps, rounds).result()
+            results[side] = fresh.submit(
+                side_end_to_end, side, cfg_overrides, str(initial_path), str(tmp), warmup, steps, rounds
+            ).result()
     images = cfg.trainer.batch_size * cfg.trainer.accumulate * steps
     speed = {side: [images / s for s in results[side]["seconds"]] for side in sides}
     memory = {side: results[side]["memory_mb"] for side in sides}
     kind = "CUDA max_memory_allocated" if device.type == "cuda" else "peak RSS of its process"
     ours = results.get("frcnn_train", {})
-    return dict(speed=speed, memory=memory, memory_kind=kind, blocking_ms=ours.get("blocking_ms", []),
-                plain_save_ms=ours.get("plain_save_ms", float("nan")))
+    return dict(
+        speed=speed,
+        memory=memory,
+        memory_kind=kind,
+        blocking_ms=ours.get("blocking_ms", []),
+        plain_save_ms=ours.get("plain_save_ms", float("nan")),
+    )
 
 
 # ---------------------------------------------------------------- compute only: one process, interleaved
@@ -250,8 +303,12 @@ def device_batches(trainer: Trainer, count: int) -> list[tuple[list, list]]:
     """The first `count` batches of our loader's epoch 0, on the device (uint8 images, as our loader gives)."""
     batches = []
     for images, targets in trainer.train_loader.at(0):
-        batches.append(([image.to(trainer.device) for image in images],
-                        [{k: v.to(trainer.device) for k, v in t.items()} for t in targets]))
+        batches.append(
+            (
+                [image.to(trainer.device) for image in images],
+                [{k: v.to(trainer.device) for k, v in t.items()} for t in targets],
+            )
+        )
         if len(batches) == count:
             break
     trainer.train_loader.close()
@@ -263,14 +320,28 @@ def our_step(trainer: Trainer, micro: list[tuple[list, list]]) -> None:
     c = trainer.counters
     losses = trainer.train_step(micro)
     trainer.checkpointer.check()
-    trainer.step_log.step(losses, images=sum(len(b[0]) for b in micro), epoch=c.epoch, global_step=c.global_step,
-                          step_in_epoch=c.step_in_epoch, steps_left=1,
-                          lrs={g.get("name", "default"): g["lr"] for g in trainer.optimizer.param_groups},
-                          extra={"grad_norm": trainer._grad_norm} if trainer._grad_norm is not None else None)
+    trainer.step_log.step(
+        losses,
+        images=sum(len(b[0]) for b in micro),
+        epoch=c.epoch,
+        global_step=c.global_step,
+        step_in_epoch=c.step_in_epoch,
+        steps_left=1,
+        lrs={g.get("name", "default"): g["lr"] for g in trainer.optimizer.param_groups},
+        extra={"grad_norm": trainer._grad_norm} if trainer._grad_norm is not None else None,
+    )
 
 
-def compute_only(device: torch.device, cfg: DictConfig, *, steps: int, rounds: int, warmup: int, tmp: Path,
-                 sides: tuple[str, ...] = SIDES) -> dict[str, Any]:
+def compute_only(
+    device: torch.device,
+    cfg: DictConfig,
+    *,
+    steps: int,
+    rounds: int,
+    warmup: int,
+    tmp: Path,
+    sides: tuple[str, ...] = SIDES,
+) -> dict[str, Any]:
     initial = initial_weights(cfg)
     trainer = build_our_trainer(cfg, tmp / "frcnn_train")
     trainer.bare.load_state_dict(initial)
@@ -288,8 +359,11 @@ def compute_only(device: torch.device, cfg: DictConfig, *, steps: int, rounds: i
         else:
             our_step(trainer, [batches[(i * accumulate + k) % len(batches)] for k in range(accumulate)])
 
-    print(f"compute only: the same {len(batches)} batches on the {device.type} for both sides (theirs float32, ours "
-          f"uint8); {rounds} rounds of {steps} steps after {warmup} warm-up steps, interleaved", flush=True)
+    print(
+        f"compute only: the same {len(batches)} batches on the {device.type} for both sides (theirs float32, ours "
+        f"uint8); {rounds} rounds of {steps} steps after {warmup} warm-up steps, interleaved",
+        flush=True,
+    )
     speed: dict[str, list[float]] = {side: [] for side in sides}
     memory = {side: 0.0 for side in sides}
     try:
@@ -297,7 +371,7 @@ def compute_only(device: torch.device, cfg: DictConfig, *, steps: int, rounds: i
             for _ in range(warmup):
                 one_step(side)
         for r in range(rounds):
-            for side in (sides if r % 2 == 0 else tuple(reversed(sides))):
+            for side in sides if r % 2 == 0 else tuple(reversed(sides)):
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
                 start = _sync(device)
@@ -308,7 +382,7 @@ def compute_only(device: torch.device, cfg: DictConfig, *, steps: int, rounds: i
     except TrainingError as err:
         raise NonFiniteLoss("frcnn_train", str(err)) from None
     ours_ms = []
-    for i in range(3):
+    for _ in range(3):
         start = _sync(device)
         trainer.save()
         ours_ms.append((_sync(device) - start) * 1000)
@@ -321,48 +395,82 @@ def compute_only(device: torch.device, cfg: DictConfig, *, steps: int, rounds: i
 
 
 # ---------------------------------------------------------------- the command
-def compare(*, device_name: str, steps: int, rounds: int, warmup: int, overrides: list[str],
-            compute_only_mode: bool = False, json_path: Path | None = None, sides: tuple[str, ...] = SIDES) -> None:
+def compare(
+    *,
+    device_name: str,
+    steps: int,
+    rounds: int,
+    warmup: int,
+    overrides: list[str],
+    compute_only_mode: bool = False,
+    json_path: Path | None = None,
+    sides: tuple[str, ...] = SIDES,
+) -> None:
     device = torch.device(device_name)
     cfg_overrides, cfg = compose(device, overrides, speed=True)
     data = build_datasets(cfg.data, with_masks=cfg.model.arch == "mask_rcnn")  # generated here, once, for both sides
     cfg.model.num_classes = len(data.classes)
     batch = cfg.trainer.batch_size * cfg.trainer.accumulate
     mode = "compute-only" if compute_only_mode else "end-to-end"
-    print(f"{cfg.model.arch} {cfg.model.backbone.name} (FPN {cfg.model.backbone.fpn_channels}), "
-          f"{cfg.model.min_size}-{cfg.model.max_size} px, batch {batch}, AMP {amp_dtype(cfg, device) or 'off'}, "
-          f"{device}; {mode}; grad clip {cfg.trainer.grad_clip} both sides; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads", flush=True)
-    record: dict[str, Any] = {"mode": mode, "arch": cfg.model.arch, "backbone": cfg.model.backbone.name,
-                              "min_size": cfg.model.min_size, "batch": batch, "device": str(device),
-                              "amp": str(amp_dtype(cfg, device) or "off"), "steps": steps, "rounds": rounds}
+    print(
+        f"{cfg.model.arch} {cfg.model.backbone.name} (FPN {cfg.model.backbone.fpn_channels}), "
+        f"{cfg.model.min_size}-{cfg.model.max_size} px, batch {batch}, AMP {amp_dtype(cfg, device) or 'off'}, "
+        f"{device}; {mode}; grad clip {cfg.trainer.grad_clip} both sides; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads",
+        flush=True,
+    )
+    record: dict[str, Any] = {
+        "mode": mode,
+        "arch": cfg.model.arch,
+        "backbone": cfg.model.backbone.name,
+        "min_size": cfg.model.min_size,
+        "batch": batch,
+        "device": str(device),
+        "amp": str(amp_dtype(cfg, device) or "off"),
+        "steps": steps,
+        "rounds": rounds,
+    }
     try:
         with tempfile.TemporaryDirectory() as tmp:
             if compute_only_mode:
-                result = compute_only(device, cfg, steps=steps, rounds=rounds, warmup=warmup, tmp=Path(tmp),
-                                      sides=sides)
+                result = compute_only(
+                    device, cfg, steps=steps, rounds=rounds, warmup=warmup, tmp=Path(tmp), sides=sides
+                )
             else:
-                result = end_to_end(device, cfg_overrides, cfg, steps=steps, rounds=rounds, warmup=warmup,
-                                    tmp=Path(tmp), sides=sides)
+                result = end_to_end(
+                    device, cfg_overrides, cfg, steps=steps, rounds=rounds, warmup=warmup, tmp=Path(tmp), sides=sides
+                )
     except NonFiniteLoss as err:
         record["error"] = str(err)
         _write(json_path, record)
-        print(f"error: {err}; the benchmark's recipe (optim.lr, schedule.warmup_steps, trainer.grad_clip) "
-              "may be changed on its command line", file=sys.stderr)
+        print(
+            f"error: {err}; the benchmark's recipe (optim.lr, schedule.warmup_steps, trainer.grad_clip) "
+            "may be changed on its command line",
+            file=sys.stderr,
+        )
         raise SystemExit(2) from None
     speed, names = result["speed"], list(result["speed"])
     for r in range(rounds):
         print(f"  round {r + 1}: " + "  ".join(f"{n} {speed[n][r]:.2f} img/s" for n in names), flush=True)
     for name in names:
-        print(f"{name:<12} {statistics.median(speed[name]):8.2f} images/s (median)   peak memory "
-              f"{result['memory'][name]:8.0f} MB ({result['memory_kind']})")
+        print(
+            f"{name:<12} {statistics.median(speed[name]):8.2f} images/s (median)   peak memory "
+            f"{result['memory'][name]:8.0f} MB ({result['memory_kind']})"
+        )
     blocking = result["blocking_ms"]
-    print(f"checkpoint blocking the training thread: frcnn_train {statistics.median(blocking) if blocking else 0:.0f} "
-          f"ms, plain synchronous torch.save of the same state {result['plain_save_ms']:.0f} ms (median of our "
-          f"{len(blocking)} saves, max {max(blocking, default=0):.0f} ms)")
-    record.update(images_per_s={n: statistics.median(speed[n]) for n in names}, rounds_images_per_s=speed,
-                  memory_mb=result["memory"], memory_kind=result["memory_kind"], blocking_ms=blocking,
-                  plain_save_ms=result["plain_save_ms"])
+    print(
+        f"checkpoint blocking the training thread: frcnn_train {statistics.median(blocking) if blocking else 0:.0f} "
+        f"ms, plain synchronous torch.save of the same state {result['plain_save_ms']:.0f} ms (median of our "
+        f"{len(blocking)} saves, max {max(blocking, default=0):.0f} ms)"
+    )
+    record.update(
+        images_per_s={n: statistics.median(speed[n]) for n in names},
+        rounds_images_per_s=speed,
+        memory_mb=result["memory"],
+        memory_kind=result["memory_kind"],
+        blocking_ms=blocking,
+        plain_save_ms=result["plain_save_ms"],
+    )
     if len(names) == 2:
         # Each round runs both sides back to back (compute-only) or round r of one beside round r of the
         # other: the median of the per-round ratios is steadier than the ratio of the medians.
@@ -408,16 +516,27 @@ def accuracy(*, device_name: str, overrides: list[str]) -> None:
             started = time.perf_counter()
             for _ in range(total):
                 theirs.step()
-            loader = build_eval_loader(data.val, batch_size=cfg.trainer.batch_size,
-                                       num_workers=resolve_num_workers(cfg.data.num_workers, device))
+            loader = build_eval_loader(
+                data.val,
+                batch_size=cfg.trainer.batch_size,
+                num_workers=resolve_num_workers(cfg.data.num_workers, device),
+            )
             loader = (([their_float(image) for image in images], targets) for images, targets in loader)
-            metrics, _ = evaluate(theirs.model, loader, coco_gt=data.val.coco, label_to_cat_id=data.val.label_to_cat_id,
-                                  device=device, with_masks=cfg.model.arch == "mask_rcnn")
+            metrics, _ = evaluate(
+                theirs.model,
+                loader,
+                coco_gt=data.val.coco,
+                label_to_cat_id=data.val.label_to_cat_id,
+                device=device,
+                with_masks=cfg.model.arch == "mask_rcnn",
+            )
             theirs_s = time.perf_counter() - started
     except NonFiniteLoss as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    print(f"{cfg.model.arch} {cfg.model.backbone.name}, {total} steps of {cfg.trainer.batch_size} images, "
-          f"{cfg.model.min_size} px, {device}; AP / AP50 on the {len(data.val)} val images:")
+    print(
+        f"{cfg.model.arch} {cfg.model.backbone.name}, {total} steps of {cfg.trainer.batch_size} images, "
+        f"{cfg.model.min_size} px, {device}; AP / AP50 on the {len(data.val)} val images:"
+    )
     for name, m, seconds in (("torchvision", metrics, theirs_s), ("frcnn_train", ours["metrics"], ours_s)):
         print(f"{name:<12} AP {100 * m['bbox/AP']:5.1f}  AP50 {100 * m['bbox/AP50']:5.1f}  ({seconds:.0f} s)")

@@ -5,6 +5,7 @@
 Nothing is typed by hand: the builders are frcnn_train.zoo.BUILDERS, the AP values and files come from each
 builder's DEFAULT weights enum (meta["_metrics"], url, meta["_file_size"]), so a torchvision upgrade is one rerun.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,16 +16,20 @@ from frcnn_train.zoo import BUILDERS, full_name
 
 
 def table() -> str:
-    header = ("| `model=` (torchvision builder) | weights (`init_from=torchvision`) | COCO val2017 box AP | mask AP "
-              "| file (MB) |")
+    header = (
+        "| `model=` (torchvision builder) | weights (`init_from=torchvision`) | COCO val2017 box AP | mask AP "
+        "| file (MB) |"
+    )
     rows = [header, "|---|---|---|---|---|"]
     for builder in BUILDERS:
         weights = get_model_weights(builder).DEFAULT
         metrics = weights.meta["_metrics"]["COCO-val2017"]
         mask = metrics.get("mask_map")
-        rows.append(f"| `{builder}` | `{full_name(weights)}` | {metrics['box_map']:.1f} | "
-                    f"{'' if mask is None else f'{mask:.1f}'} | [{Path(weights.url).name}]({weights.url}) "
-                    f"({weights.meta['_file_size']:.0f}) |")
+        rows.append(
+            f"| `{builder}` | `{full_name(weights)}` | {metrics['box_map']:.1f} | "
+            f"{'' if mask is None else f'{mask:.1f}'} | [{Path(weights.url).name}]({weights.url}) "
+            f"({weights.meta['_file_size']:.0f}) |"
+        )
     return "\n".join(rows)
 
 

@@ -1,12 +1,17 @@
 """Tiny configs composed with Hydra's compose(), shared by every test."""
+
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import shutil
 import signal
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
@@ -35,6 +40,54 @@ def python_path(*first: str | Path, repo: bool = True) -> str:
         inherited = [e for e in inherited if Path(e).resolve() != REPO]
     entries = [str(e) for e in first] + ([str(REPO)] if repo else []) + inherited
     return os.pathsep.join(dict.fromkeys(entries))
+
+
+# ---------------------------------------------------------------- thread counts
+# Float sums are reordered by the number of intra-op threads (each thread sums its own slice) and by the CPU's
+# kernels, so a test that claims exactness must run both of its sides with the same thread count on the same
+# host. torchrun sets OMP_NUM_THREADS=1 for its workers (when it starts several per node and the variable is not
+# set); a test that compares a torchrun run with an in-process one pins both sides to this count.
+WORKER_THREADS = 1
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """The block runs with `n` intra-op threads (the in-process side of a like-for-like comparison)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def threads_env(n: int | None = None) -> dict[str, str]:
+    """Environment for a subprocess that must sum floats as this process does: its intra-op thread count is
+    `n`, by default this process's own (a subprocess would otherwise take OMP_NUM_THREADS or the core count,
+    which need not be what pytest runs with)."""
+    return {"OMP_NUM_THREADS": str(n if n is not None else torch.get_num_threads())}
+
+
+def assert_same_detections(
+    got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], *, atol: float | dict[str, float]
+) -> None:
+    """One image's detections by two models agree to `atol` (boxes in pixels, scores, masks; or one per key),
+    paired by label and nearest box, not by position: where the two sides' kernels sum floats in another order,
+    two near-equal scores may swap places in the score-sorted output (what export_check does for an exported
+    file)."""
+    from frcnn_train.export_check import match
+
+    assert got.keys() == want.keys() and len(got["boxes"]) == len(want["boxes"]), (
+        f"{len(got['boxes'])} detections vs {len(want['boxes'])}"
+    )
+    pairs = match(want["boxes"], want["labels"], got["boxes"], got["labels"])
+    assert len(pairs) == len(want["boxes"]), f"{len(want['boxes']) - len(pairs)} detections have no same-label partner"
+    mine = torch.tensor([i for i, _ in pairs], dtype=torch.long)
+    theirs = torch.tensor([j for _, j in pairs], dtype=torch.long)
+    for key in want:
+        torch.testing.assert_close(
+            got[key][theirs], want[key][mine], rtol=0, msg=key, atol=atol[key] if isinstance(atol, dict) else atol
+        )
 
 
 def tiny_overrides(cache_dir: Path, output_dir: Path) -> list[str]:
@@ -77,6 +130,45 @@ def shapes_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("shapes_cache")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _files_under_pytests_directory(tmp_path_factory: pytest.TempPathFactory, shapes_cache: Path) -> Iterator[None]:
+    """Temporary files of the code under test and of every process it starts (torchrun's torchelastic_* log
+    directories, TorchInductor's cache, anything through tempfile) go under pytest's directory, which a passing
+    run removes, instead of piling up in /tmp; so does a dataset that a test generates without data.cache_dir
+    (FRCNN_DATA_CACHE), instead of going to ~/.cache/frcnn_train."""
+    settings = {"TMPDIR": str(tmp_path_factory.mktemp("tmpdir")), "FRCNN_DATA_CACHE": str(shapes_cache)}
+    before, before_tempdir = {name: os.environ.get(name) for name in settings}, tempfile.tempdir
+    os.environ.update(settings)
+    tempfile.tempdir = settings["TMPDIR"]
+    yield
+    tempfile.tempdir = before_tempdir
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_temporaries_removed(
+    request: pytest.FixtureRequest, shapes_cache: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[None]:
+    """The directories a test module's fixtures made (tmp_path_factory.mktemp: its tiny runs, wheels, exports)
+    are removed when the module ends, unless one of its tests failed: pytest would keep them to the end of the
+    session, so a full run's disk would be the sum of every module's. The session's shapes_cache is requested
+    here so that it exists before the module starts and stays: a session-scoped fixture that makes a directory
+    must be requested here too. tmp_path_retention_policy = "failed" removes the rest."""
+    base = tmp_path_factory.getbasetemp()
+    before, failed = set(base.iterdir()), request.session.testsfailed
+    yield
+    if request.session.testsfailed == failed:
+        for path in set(base.iterdir()) - before:
+            if path.is_symlink():  # pytest's <name>current links to the newest of its directories
+                path.unlink(missing_ok=True)
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture
 def compose_tiny(shapes_cache: Path, tmp_path: Path) -> Callable[..., DictConfig]:
     """compose_tiny("model=mask_rcnn", ...) -> a tiny config writing under tmp_path/outputs."""
@@ -109,8 +201,9 @@ def _assert_same(a: Any, b: Any, where: str) -> None:
     """Equal values, recursing into dicts (same keys), lists and tuples (same length), tensors (bitwise)."""
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         assert isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor), f"{where}: a tensor and a {type(b)}"
-        assert a.dtype == b.dtype and a.shape == b.shape, \
+        assert a.dtype == b.dtype and a.shape == b.shape, (
             f"{where}: {a.dtype}{list(a.shape)} vs {b.dtype}{list(b.shape)}"
+        )
         assert torch.equal(a, b), f"{where} differs"
     elif isinstance(a, dict):
         assert isinstance(b, dict), f"{where}: a dict and a {type(b)}"
@@ -146,5 +239,8 @@ def assert_same_training(a: dict, b: dict) -> None:
         assert rng in a["rng"], f"the checkpoint has no rng.{rng}: the comparison would miss it"
     assert set(TRAINER_COUNTERS) <= set(a["trainer"]), "a Trainer counter is missing from the checkpoint"
     # Every counter, also ones added later; only the resume history differs by design.
-    _assert_same({k: v for k, v in a["trainer"].items() if k != "history"},
-                 {k: v for k, v in b["trainer"].items() if k != "history"}, "trainer")
+    _assert_same(
+        {k: v for k, v in a["trainer"].items() if k != "history"},
+        {k: v for k, v in b["trainer"].items() if k != "history"},
+        "trainer",
+    )

@@ -1,5 +1,6 @@
 """Run by tests/test_distributed.py under torchrun: the evaluation a DDP run does, on a model whose
 BatchNorm statistics differ per rank (as DDP leaves them); each rank writes what it got to OUT/rank<N>.json."""
+
 from __future__ import annotations
 
 import json
@@ -28,10 +29,16 @@ def main(out: Path, overrides: list[str]) -> None:
             if isinstance(module, torch.nn.BatchNorm2d):
                 module.running_mean.add_(0.05 * distributed.rank())
     distributed.broadcast_buffers(model)  # what Trainer.evaluate does first
-    loader = build_eval_loader(data.val, batch_size=cfg.trainer.batch_size, num_workers=0,
-                               rank=distributed.rank(), world_size=distributed.world_size())
-    metrics, results = evaluate(model, loader, coco_gt=data.val.coco, label_to_cat_id=data.val.label_to_cat_id,
-                                device=device, with_masks=False)
+    loader = build_eval_loader(
+        data.val,
+        batch_size=cfg.trainer.batch_size,
+        num_workers=0,
+        rank=distributed.rank(),
+        world_size=distributed.world_size(),
+    )
+    metrics, results = evaluate(
+        model, loader, coco_gt=data.val.coco, label_to_cat_id=data.val.label_to_cat_id, device=device, with_masks=False
+    )
     (out / f"rank{distributed.rank()}.json").write_text(json.dumps({"metrics": metrics, "results": results}))
     distributed.shutdown()
 

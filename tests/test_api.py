@@ -1,4 +1,5 @@
 """The Python API: frcnn_train.load(...).predict(...) and frcnn_train.train(...)."""
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,12 @@ from frcnn_train.errors import ConfigError, DataError
 from frcnn_train.predict import main as predict_main
 
 # Many low-scoring boxes, so that one tiny epoch gives detections to compare (as in test_evaluate_predict).
-MANY_BOXES = ("model.box_score_thresh=0.0", "model.rpn_pre_nms_top_n_test=1000",
-              "model.rpn_post_nms_top_n_test=300", "model.box_detections_per_img=300")
+MANY_BOXES = (
+    "model.box_score_thresh=0.0",
+    "model.rpn_pre_nms_top_n_test=1000",
+    "model.rpn_post_nms_top_n_test=300",
+    "model.box_detections_per_img=300",
+)
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +45,21 @@ def test_predict_equals_frcnn_predict(faster: Path, tmp_path: Path) -> None:
     det = frcnn_train.load(faster, device="cpu")
     assert det.classes == checkpoint.load_checkpoint(faster / "best.pth")["classes"]
     results = det.predict([str(p) for p in images], score_threshold=0.1)
-    assert predict_main([str(faster), *map(str, images), "--out", str(tmp_path / "p"), "--score-threshold", "0.1",
-                         "--device", "cpu"]) == 0
+    assert (
+        predict_main(
+            [
+                str(faster),
+                *map(str, images),
+                "--out",
+                str(tmp_path / "p"),
+                "--score-threshold",
+                "0.1",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     written = json.loads((tmp_path / "p" / "predictions.json").read_text())
     ours = []
     for path, result in zip(images, results):
@@ -61,8 +79,15 @@ def test_every_kind_of_image_gives_the_same_detections(faster: Path) -> None:
     det = frcnn_train.load(faster / "last.pth", device="cpu")
     pil = Image.open(path).convert("RGB")
     array = np.asarray(pil)
-    forms = [str(path), path, pil, array, torch.from_numpy(array.copy()).permute(2, 0, 1),
-             array.astype(np.float32) / 255, torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 255]
+    forms = [
+        str(path),
+        path,
+        pil,
+        array,
+        torch.from_numpy(array.copy()).permute(2, 0, 1),
+        array.astype(np.float32) / 255,
+        torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 255,
+    ]
     first = det.predict(forms[0], score_threshold=0.1)
     assert isinstance(first, dict) and len(first["scores"]) > 0  # one image in, one dict out
     many = det.predict(forms, score_threshold=0.1, batch_size=1)  # one per pass: like with like, bitwise
@@ -92,15 +117,18 @@ def test_mask_rcnn_gives_boolean_masks_of_the_image_size(mask: Path) -> None:
     assert result["masks"].dtype == torch.bool and result["masks"].shape == (len(result["scores"]), 64, 64)
 
 
-@pytest.mark.parametrize("image, message", [
-    (np.zeros((3, 64, 64), dtype=np.uint8), "neither H x W x 3 (RGB) nor H x W (gray)"),
-    (np.zeros((8, 8, 3), dtype=np.int64), "has no known scale"),
-    (np.full((8, 8, 3), 255.0, dtype=np.float32), "finite values in [0, 1]; divide 0-255 values by 255"),
-    (torch.zeros(8, 8, 3), "is not [3, H, W] or [1, H, W]"),
-    (torch.full((3, 8, 8), float("nan")), "finite values in [0, 1]"),
-    ("no/such/image.png", "does not exist"),
-    (12, "an image of type int cannot be read"),
-])
+@pytest.mark.parametrize(
+    "image, message",
+    [
+        (np.zeros((3, 64, 64), dtype=np.uint8), "neither H x W x 3 (RGB) nor H x W (gray)"),
+        (np.zeros((8, 8, 3), dtype=np.int64), "has no known scale"),
+        (np.full((8, 8, 3), 255.0, dtype=np.float32), "finite values in [0, 1]; divide 0-255 values by 255"),
+        (torch.zeros(8, 8, 3), "is not [3, H, W] or [1, H, W]"),
+        (torch.full((3, 8, 8), float("nan")), "finite values in [0, 1]"),
+        ("no/such/image.png", "does not exist"),
+        (12, "an image of type int cannot be read"),
+    ],
+)
 def test_an_image_it_cannot_read_is_one_sentence(faster: Path, image, message: str) -> None:
     det = frcnn_train.load(faster, device="cpu")
     with pytest.raises(DataError, match=None) as err:
@@ -118,18 +146,24 @@ def test_train_runs_what_the_command_runs_and_returns_the_metrics(shapes_cache: 
 
     run_dir, metrics = frcnn_train.train(tiny_overrides(shapes_cache, tmp_path / "outputs") + ["run_name=api"])
     assert run_dir == tmp_path / "outputs" / "api" and (run_dir / "last.pth").is_file()
-    assert "bbox/AP" in metrics and metrics == checkpoint.load_checkpoint(run_dir / "last.pth")["trainer"]["last_metrics"]
+    assert (
+        "bbox/AP" in metrics and metrics == checkpoint.load_checkpoint(run_dir / "last.pth")["trainer"]["last_metrics"]
+    )
     det = frcnn_train.load(run_dir, device="cpu")
     assert det.weights == "raw" and det.classes[0] == "circle"
 
 
-@pytest.mark.parametrize("override, message", [
-    ("trainer.epochs=-1", "trainer.epochs"),
-    ("model=no_such_model", "available options in 'model'"),
-    ("trainer.no_such_key=1", "no_such_key"),
-])
-def test_train_raises_the_commands_sentence_and_never_exits(shapes_cache: Path, tmp_path: Path, override: str,
-                                                            message: str) -> None:
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("trainer.epochs=-1", "trainer.epochs"),
+        ("model=no_such_model", "available options in 'model'"),
+        ("trainer.no_such_key=1", "no_such_key"),
+    ],
+)
+def test_train_raises_the_commands_sentence_and_never_exits(
+    shapes_cache: Path, tmp_path: Path, override: str, message: str
+) -> None:
     from conftest import tiny_overrides
 
     with pytest.raises(ConfigError) as err:

@@ -4,6 +4,7 @@ Each test is one failure users hit with optional modules: a flag forgotten on re
 conflicting or resized block on resume, and weights moved between models with and
 without attention.
 """
+
 from __future__ import annotations
 
 import logging
@@ -38,14 +39,22 @@ def trained(shapes_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     from conftest import tiny_overrides
 
     outputs = tmp_path_factory.mktemp("attention_runs")
-    summary = run(compose_config(tiny_overrides(shapes_cache, outputs) + ["run_name=cbam", *CBAM, "trainer.max_steps=1"]))
+    summary = run(
+        compose_config(tiny_overrides(shapes_cache, outputs) + ["run_name=cbam", *CBAM, "trainer.max_steps=1"])
+    )
     return Path(summary["run_dir"])
 
 
 def test_resume_without_attention_flags_rebuilds_the_blocks(compose_tiny) -> None:
     # A per-site override too: its dotted site name must survive the checkpoint's config round trip.
-    first = run(compose_tiny(*CBAM, "+model.attention.overrides={roi_heads.box:{kernel_size:3}}",
-                             "run_name=forgetful", "trainer.max_steps=1"))
+    first = run(
+        compose_tiny(
+            *CBAM,
+            "+model.attention.overrides={roi_heads.box:{kernel_size:3}}",
+            "run_name=forgetful",
+            "trainer.max_steps=1",
+        )
+    )
     run_dir = Path(first["run_dir"])
     before = checkpoint.load_checkpoint(run_dir / "last.pth")
     assert before["model"]["roi_heads.attention.box.spatial.weight"].shape == (1, 2, 3, 3)
@@ -70,32 +79,42 @@ def test_resume_without_attention_flags_rebuilds_the_blocks(compose_tiny) -> Non
     [
         pytest.param(
             "model/attention=se",
-            ["model.attention.type (checkpoint 'cbam', requested 'se')",
-             "model.attention.sites (checkpoint ['backbone.layer3', 'roi_heads.box'], "
-             "requested ['backbone'])",
-             "modules that would change: ", "backbone.body.layer3.attention.spatial: 1 tensor removed",
-             "roi_heads.attention: 6 tensors removed", "backbone.body.layer4.attention: 5 tensors added"],
+            [
+                "model.attention.type (checkpoint 'cbam', requested 'se')",
+                "model.attention.sites (checkpoint ['backbone.layer3', 'roi_heads.box'], requested ['backbone'])",
+                "modules that would change: ",
+                "backbone.body.layer3.attention.spatial: 1 tensor removed",
+                "roi_heads.attention: 6 tensors removed",
+                "backbone.body.layer4.attention: 5 tensors added",
+            ],
             id="another-block",
         ),
         pytest.param(
             "model.attention.sites=[backbone.layer2]",
-            ["model.attention.sites (checkpoint ['backbone.layer3', 'roi_heads.box'], requested ['backbone.layer2'])",
-             "backbone.body.layer2.attention: 6 tensors added", "backbone.body.layer3.attention: 6 tensors removed",
-             "roi_heads.attention: 6 tensors removed"],
+            [
+                "model.attention.sites (checkpoint ['backbone.layer3', 'roi_heads.box'], requested ['backbone.layer2'])",
+                "backbone.body.layer2.attention: 6 tensors added",
+                "backbone.body.layer3.attention: 6 tensors removed",
+                "roi_heads.attention: 6 tensors removed",
+            ],
             id="other-sites",
         ),
         pytest.param(
             "model.attention.reduction=8",
-            ["model.attention.reduction (checkpoint 16, requested 8)",
-             "backbone.body.layer3: 3 tensors reshaped (attention.fc1.weight [16, 256] -> [32, 256], "
-             "attention.fc1.bias [16] -> [32], attention.fc2.weight [256, 16] -> [256, 32])",
-             "roi_heads.attention: 3 tensors reshaped (box.fc1.weight [2, 32] -> [4, 32]"],
+            [
+                "model.attention.reduction (checkpoint 16, requested 8)",
+                "backbone.body.layer3: 3 tensors reshaped (attention.fc1.weight [16, 256] -> [32, 256], "
+                "attention.fc1.bias [16] -> [32], attention.fc2.weight [256, 16] -> [256, 32])",
+                "roi_heads.attention: 3 tensors reshaped (box.fc1.weight [2, 32] -> [4, 32]",
+            ],
             id="reduction-16-to-8",
         ),
         pytest.param(
             "+model.attention.overrides={roi_heads.box:{reduction:8}}",
-            ["model.attention.overrides.roi_heads.box.reduction (checkpoint None, requested 8)",
-             "modules that would change: roi_heads.attention: 3 tensors reshaped (box.fc1.weight [2, 32] -> [4, 32]"],
+            [
+                "model.attention.overrides.roi_heads.box.reduction (checkpoint None, requested 8)",
+                "modules that would change: roi_heads.attention: 3 tensors reshaped (box.fc1.weight [2, 32] -> [4, 32]",
+            ],
             id="per-site-reduction",
         ),
         pytest.param(
@@ -105,8 +124,9 @@ def test_resume_without_attention_flags_rebuilds_the_blocks(compose_tiny) -> Non
         ),
     ],
 )
-def test_conflicting_attention_on_resume_is_refused_before_any_work(compose_tiny, trained: Path, tmp_path: Path,
-                                                                    override: str, expected: list[str]) -> None:
+def test_conflicting_attention_on_resume_is_refused_before_any_work(
+    compose_tiny, trained: Path, tmp_path: Path, override: str, expected: list[str]
+) -> None:
     run_dir = Path(shutil.copytree(trained, tmp_path / "run"))  # a resume that is not refused must not touch `trained`
     before = snapshot(run_dir)
     overrides = [f"resume={run_dir}", override]
@@ -137,8 +157,9 @@ def test_init_from_moves_weights_between_models_with_and_without_attention(
     report = load_init_weights(plain, source, remap=[], strict=False, trust=False)
     assert report.unexpected == with_attention and report.missing == [] and report.reshaped == []
     assert len(report.loaded) == len([k for k in plain.state_dict() if not k.endswith("num_batches_tracked")])
-    assert torch.equal(plain.state_dict()["backbone.body.layer3.0.conv1.weight"],
-                       saved["backbone.body.layer3.0.conv1.weight"])
+    assert torch.equal(
+        plain.state_dict()["backbone.body.layer3.0.conv1.weight"], saved["backbone.body.layer3.0.conv1.weight"]
+    )
 
     # Without attention -> with: everything else loads, the blocks are reported as newly initialised.
     cfg = compose_tiny(*CBAM)
@@ -151,12 +172,14 @@ def test_init_from_moves_weights_between_models_with_and_without_attention(
     assert all(torch.equal(attended.state_dict()[k], v) for k, v in fresh.items())
 
 
-
 def test_init_from_starts_new_blocks_as_identity(compose_tiny, trained: Path) -> None:
     """Blocks added on top of a trained detector start as identity mappings (gamma = 0)."""
     plain = run(compose_tiny("run_name=plain_source", "trainer.max_steps=1"))
-    added = run(compose_tiny(*CBAM, f"init_from={plain['run_dir']}/last.pth", "run_name=added",
-                             "trainer.max_steps=1", "optim.lr=0"))
+    added = run(
+        compose_tiny(
+            *CBAM, f"init_from={plain['run_dir']}/last.pth", "run_name=added", "trainer.max_steps=1", "optim.lr=0"
+        )
+    )
     ckpt = checkpoint.load_checkpoint(Path(added["run_dir"]) / "last.pth")
     assert ckpt["config"]["model"]["attention"]["identity_init"] is True
     gammas = [v for k, v in ckpt["model"].items() if k.endswith("attention.gamma") or k.endswith(".gamma")]

@@ -6,6 +6,7 @@ file or config key named in the message; and the same bytes in every file that e
 through the CLIs' own code (seconds each); a few run as real subprocesses, for what only a
 process shows (Hydra's own errors, DataLoader workers, a clean exit).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -17,9 +18,9 @@ import socket
 import subprocess
 import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -56,8 +57,15 @@ class Ctx:
 
     def coco_args(self, *extra: str) -> list[str]:
         root = self.coco()
-        return self.train_args("data=coco", f"data.root={root}", "data.train_images=train", "data.val_images=val",
-                               "data.train_ann=instances_train.json", "data.val_ann=instances_val.json", *extra)
+        return self.train_args(
+            "data=coco",
+            f"data.root={root}",
+            "data.train_images=train",
+            "data.val_images=val",
+            "data.train_ann=instances_train.json",
+            "data.val_ann=instances_val.json",
+            *extra,
+        )
 
     def evil_pickle(self) -> Path:
         """A weights file whose unpickling would call os.system (harmless command, never run)."""
@@ -101,7 +109,8 @@ def _voc(ctx: Ctx) -> Path:
         (root / "Annotations" / f"{voc_id}.xml").write_text(
             f"<annotation><size><width>48</width><height>32</height></size><object><name>{name}</name>"
             "<difficult>0</difficult><bndbox><xmin>2</xmin><ymin>2</ymin><xmax>20</xmax><ymax>20</ymax></bndbox>"
-            "</object></annotation>")
+            "</object></annotation>"
+        )
         Image.fromarray(np.zeros((32, 48, 3), dtype=np.uint8)).save(root / "JPEGImages" / f"{voc_id}.jpg")
     for split in ("train", "val"):
         (root / "ImageSets/Main" / f"{split}.txt").write_text("a\nb\n")
@@ -126,8 +135,7 @@ def _backbone_edited(ckpt: dict) -> None:  # resnet34 in the config over resnet1
 def _ema_never_updated(ckpt: dict) -> None:
     """An EMA that trainer.ema.every > the steps trained left at the initial weights (here: visibly other)."""
     ckpt["config"]["trainer"]["ema"].update(decay=0.9, every=1000)
-    ckpt["ema"] = {"model": {k: v + 1 if v.is_floating_point() else v for k, v in ckpt["model"].items()},
-                   "updates": 0}
+    ckpt["ema"] = {"model": {k: v + 1 if v.is_floating_point() else v for k, v in ckpt["model"].items()}, "updates": 0}
 
 
 def _export(ctx: Ctx, fmt: str, name: str) -> Path:
@@ -166,12 +174,14 @@ def _convert_train_images(ctx: Ctx, convert: Callable[[Image.Image], tuple[Image
     def follow(data: dict) -> None:
         for image in data["images"]:
             image["file_name"] = renamed[image["file_name"]]
+
     _edit_json(root / "instances_train.json", follow)
 
 
 def _exif_rotated_train_images(ctx: Ctx, json_says_displayed: bool) -> None:
     """Photos stored 48x64 (WxH) with EXIF orientation 6, displayed 64x48, as a phone writes them; the JSON
     gives the displayed size (as annotation tools do) or the square size of neither."""
+
     def turn(im: Image.Image) -> tuple[Image.Image, str, dict]:
         displayed = np.asarray(im)[:48]  # 64x48 as displayed
         stored = Image.fromarray(np.ascontiguousarray(np.rot90(displayed, k=1)))  # orientation 6 turns it back
@@ -181,8 +191,10 @@ def _exif_rotated_train_images(ctx: Ctx, json_says_displayed: bool) -> None:
 
     _convert_train_images(ctx, turn)
     if json_says_displayed:
-        _edit_json(ctx.coco() / "instances_train.json",
-                   lambda data: [image.update(width=64, height=48) for image in data["images"]])
+        _edit_json(
+            ctx.coco() / "instances_train.json",
+            lambda data: [image.update(width=64, height=48) for image in data["images"]],
+        )
 
 
 # ---------------------------------------------------------------- the cases
@@ -198,21 +210,27 @@ def case(cli: str) -> Callable[[Case], Case]:
     def register(prepare: Case) -> Case:
         CASES[prepare.__name__] = (cli, prepare)
         return prepare
+
     return register
 
 
 # -- config values that cannot work (refused before any data or model work)
 for _override, _shown, _allowed in [
-    ("trainer.batch_size=0", "trainer.batch_size=0", ">= 1"), ("trainer.accumulate=0", "trainer.accumulate=0", ">= 1"),
-    ("optim.lr=-1", "optim.lr=-1.0", ">= 0"), ("model.min_size=0", "model.min_size=0", ">= 1"),
-    ("trainer.epochs=0", "trainer.epochs=0", ">= 1"), ("trainer.max_steps=0", "trainer.max_steps=0", ">= 1"),
+    ("trainer.batch_size=0", "trainer.batch_size=0", ">= 1"),
+    ("trainer.accumulate=0", "trainer.accumulate=0", ">= 1"),
+    ("optim.lr=-1", "optim.lr=-1.0", ">= 0"),
+    ("model.min_size=0", "model.min_size=0", ">= 1"),
+    ("trainer.epochs=0", "trainer.epochs=0", ">= 1"),
+    ("trainer.max_steps=0", "trainer.max_steps=0", ">= 1"),
     ("trainer.keep_last=-1", "trainer.keep_last=-1", ">= 0"),
     ("schedule.warmup_steps=-1", "schedule.warmup_steps=-1", ">= 0"),
     ("trainer.log_every=0", "trainer.log_every=0", ">= 1"),
     ("data.bad_images=maybe", "data.bad_images=maybe", "error or skip"),
 ]:
+
     def _bad_value(ctx: Ctx, override: str = _override, shown: str = _shown, allowed: str = _allowed):
         return ctx.train_args(override), [shown, allowed]
+
     _bad_value.__name__ = f"value_{_override.split('=')[0]}"
     case("train")(_bad_value)
 
@@ -244,8 +262,10 @@ def _experiment(ctx: Ctx, text: str, name: str = "broken") -> tuple[Path, Path]:
 @case("train-process")
 def experiment_with_a_yaml_syntax_error(ctx: Ctx):
     config_dir, path = _experiment(ctx, "# @package _global_\ntrainer:\n  epochs: [1, 2\n")
-    return (["--config-dir", str(config_dir), "+experiment=broken", *ctx.train_args()],
-            [str(path), "not valid YAML", "line 3, column 11"])
+    return (
+        ["--config-dir", str(config_dir), "+experiment=broken", *ctx.train_args()],
+        [str(path), "not valid YAML", "line 3, column 11"],
+    )
 
 
 @case("train-process")
@@ -256,8 +276,10 @@ def experiment_with_a_tab(ctx: Ctx):
 
 @case("train-process")
 def config_dir_missing(ctx: Ctx):
-    return (["--config-dir", str(ctx.tmp / "my_configs"), "+experiment=trees", *ctx.train_args()],
-            ["--config-dir", str(ctx.tmp / "my_configs"), "not found"])
+    return (
+        ["--config-dir", str(ctx.tmp / "my_configs"), "+experiment=trees", *ctx.train_args()],
+        ["--config-dir", str(ctx.tmp / "my_configs"), "not found"],
+    )
 
 
 @case("train-process")
@@ -297,8 +319,7 @@ def override_with_a_comma_outside_a_sweep(ctx: Ctx):
 
 @case("train-process")
 def sweep_function_with_a_missing_argument(ctx: Ctx):
-    return ["-m", *ctx.train_args("optim.lr=interval(0.1)")], ["optim.lr=interval(0.1)", "'end'",
-                                                               "interval(0.001,0.1)"]
+    return ["-m", *ctx.train_args("optim.lr=interval(0.1)")], ["optim.lr=interval(0.1)", "'end'", "interval(0.001,0.1)"]
 
 
 @case("train")
@@ -306,19 +327,28 @@ def unknown_key_added_with_plus(ctx: Ctx):
     return ctx.train_args("+trainer.epoch=3"), ["+trainer.epoch=", "trainer.epochs"]
 
 
-for _override, _shown in [("optim.lr=inf", "optim.lr=inf"), ("trainer.grad_clip=inf", "trainer.grad_clip=inf"),
-                          ("schedule.gamma=inf", "schedule.gamma=inf"), ("optim.weight_decay=nan", "optim.weight_decay=nan"),
-                          ("model.image_mean=[0.4,nan,0.4]", "model.image_mean=[0.4, nan, 0.4]")]:
+for _override, _shown in [
+    ("optim.lr=inf", "optim.lr=inf"),
+    ("trainer.grad_clip=inf", "trainer.grad_clip=inf"),
+    ("schedule.gamma=inf", "schedule.gamma=inf"),
+    ("optim.weight_decay=nan", "optim.weight_decay=nan"),
+    ("model.image_mean=[0.4,nan,0.4]", "model.image_mean=[0.4, nan, 0.4]"),
+]:
+
     def _not_finite(ctx: Ctx, override: str = _override, shown: str = _shown):
         return ctx.train_args(override), [shown, "finite"]
+
     _not_finite.__name__ = f"value_not_finite_{_override.split('=')[0]}"
     case("train")(_not_finite)
 
 
 @case("train")
 def best_metric_that_no_evaluation_computes(ctx: Ctx):
-    return ctx.train_args("trainer.best_metric=bbox/NOPE"), ["trainer.best_metric=bbox/NOPE", "bbox/AP50",
-                                                              "bbox/AP-<class>"]
+    return ctx.train_args("trainer.best_metric=bbox/NOPE"), [
+        "trainer.best_metric=bbox/NOPE",
+        "bbox/AP50",
+        "bbox/AP-<class>",
+    ]
 
 
 @case("train")
@@ -375,8 +405,15 @@ def run_directory_locked_by_a_live_process(ctx: Ctx):
 
     run_dir = ctx.tmp / "outputs" / "tiny"
     run_dir.mkdir(parents=True)
-    (run_dir / rundir.LOCK_NAME).write_text(json.dumps({  # this process: alive
-        "pid": os.getpid(), "host": socket.gethostname(), "started": rundir._process_start(os.getpid())}))
+    (run_dir / rundir.LOCK_NAME).write_text(
+        json.dumps(
+            {  # this process: alive
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "started": rundir._process_start(os.getpid()),
+            }
+        )
+    )
     return ctx.train_args(), [f"pid {os.getpid()}", str(run_dir)]
 
 
@@ -403,8 +440,10 @@ def predict_out_is_the_folder_of_the_images(ctx: Ctx):
 @case("predict")
 def predict_a_directory_without_checkpoints(ctx: Ctx):
     (ctx.tmp / "empty_run").mkdir()
-    return ([str(ctx.tmp / "empty_run"), str(_image(ctx)), "--out", str(ctx.tmp / "p")],
-            [str(ctx.tmp / "empty_run"), "best.pth or last.pth"])
+    return (
+        [str(ctx.tmp / "empty_run"), str(_image(ctx)), "--out", str(ctx.tmp / "p")],
+        [str(ctx.tmp / "empty_run"), "best.pth or last.pth"],
+    )
 
 
 @case("predict")
@@ -436,9 +475,13 @@ def inspect_with_an_unknown_group_option(ctx: Ctx):
 
 # -- issue 22: values argparse refuses, a renamed resume, edited checkpoints, export without data
 for _threshold in ("-1", "nan", "inf", "2"):
+
     def _bad_threshold(ctx: Ctx, threshold: str = _threshold):
-        return ([str(ctx.last), str(_image(ctx)), "--out", str(ctx.tmp / "p"), "--score-threshold", threshold],
-                [f"argument --score-threshold: {threshold} is not a score", "from 0 to 1"])
+        return (
+            [str(ctx.last), str(_image(ctx)), "--out", str(ctx.tmp / "p"), "--score-threshold", threshold],
+            [f"argument --score-threshold: {threshold} is not a score", "from 0 to 1"],
+        )
+
     _bad_threshold.__name__ = f"predict_score_threshold_{_threshold.lstrip('-')}"
     case("predict")(_bad_threshold)
 
@@ -446,8 +489,10 @@ for _threshold in ("-1", "nan", "inf", "2"):
 @case("train")
 def resume_with_another_run_name(ctx: Ctx):  # run_name=tiny (train_args) over the run in .../shared
     return ctx.train_args(f"resume={ctx.last}"), [
-        f"continues the run in its own directory {ctx.run_dir}", "run_name=tiny cannot rename it",
-        f"run_name=tiny init_from={ctx.last}"]
+        f"continues the run in its own directory {ctx.run_dir}",
+        "run_name=tiny cannot rename it",
+        f"run_name=tiny init_from={ctx.last}",
+    ]
 
 
 @case("evaluate")
@@ -455,8 +500,12 @@ def evaluate_a_checkpoint_whose_config_was_edited(ctx: Ctx):
     path = _edited_checkpoint(ctx, _backbone_edited)
     return [str(path), "--out", str(ctx.tmp / "d.json")], [
         f"the config in {path} does not match its weights (model.backbone.name: resnet18_fpn -> resnet34_fpn;",
-        "backbone.body.layer1.2: 12 tensors added", "edited after it was saved",
-        "put back model.backbone.name=resnet18_fpn", "!frcnn_train version", "!use that version"]
+        "backbone.body.layer1.2: 12 tensors added",
+        "edited after it was saved",
+        "put back model.backbone.name=resnet18_fpn",
+        "!frcnn_train version",
+        "!use that version",
+    ]
 
 
 @case("train")
@@ -464,8 +513,11 @@ def resume_a_checkpoint_whose_config_was_edited(ctx: Ctx):
     path = _edited_checkpoint(ctx, _backbone_edited)
     return ctx.train_args(f"resume={path}"), [
         f"the config in {path} does not match its weights (model.backbone.name: resnet18_fpn -> resnet34_fpn;",
-        "edited after it was saved", "put back model.backbone.name=resnet18_fpn", f"init_from={path}",
-        "!use that version"]
+        "edited after it was saved",
+        "put back model.backbone.name=resnet18_fpn",
+        f"init_from={path}",
+        "!use that version",
+    ]
 
 
 @case("train")
@@ -474,14 +526,17 @@ def resume_a_checkpoint_whose_config_holds_an_edited_bad_value(ctx: Ctx):
     return ctx.train_args(f"resume={path}"), [
         f"{path} holds a config this version cannot read (trainer.epochs: Value 'many'",
         "the same frcnn_train 0.1.0 wrote it, so the config was edited since: fix that value in it",
-        "!use the frcnn_train version"]
+        "!use the frcnn_train version",
+    ]
 
 
 @case("evaluate")
 def evaluate_a_checkpoint_whose_config_holds_an_edited_bad_value(ctx: Ctx):  # before: an OmegaConf traceback
     path = _edited_checkpoint(ctx, lambda ckpt: ckpt["config"]["trainer"].update(epochs="many"))
     return [str(path), "--out", str(ctx.tmp / "d.json")], [
-        f"{path} holds a config this version cannot read (trainer.epochs: Value 'many'", "fix that value in it"]
+        f"{path} holds a config this version cannot read (trainer.epochs: Value 'many'",
+        "fix that value in it",
+    ]
 
 
 @case("evaluate")
@@ -489,15 +544,21 @@ def evaluate_a_checkpoint_of_another_version_that_built_other_tensors(ctx: Ctx):
     def renamed_by_that_version(ckpt: dict) -> None:
         ckpt["versions"]["frcnn_train"] = "0.0.1"
         ckpt["model"]["roi_heads.box_head.fc6_renamed.weight"] = ckpt["model"].pop("roi_heads.box_head.fc6.weight")
+
     path = _edited_checkpoint(ctx, renamed_by_that_version)
-    return [str(path)], ["does not match its weights", "roi_heads.box_head",
-                         "it was written by frcnn_train 0.0.1 (here: frcnn_train 0.1.0); use that version"]
+    return [str(path)], [
+        "does not match its weights",
+        "roi_heads.box_head",
+        "it was written by frcnn_train 0.0.1 (here: frcnn_train 0.1.0); use that version",
+    ]
 
 
 @case("export")
 def export_with_an_override_it_does_not_take(ctx: Ctx):
     return [str(ctx.last), "device=cpu", "--format", "torchscript", "--out", str(ctx.tmp / "m.pt")], [
-        "export cannot override device", "data= and data.*"]
+        "export cannot override device",
+        "data= and data.*",
+    ]
 
 
 @case("export")
@@ -509,8 +570,10 @@ def export_checked_on_images_that_are_gone(ctx: Ctx):
     shutil.rmtree(root)  # (ctx.coco() would copy it again)
     last = ctx.tmp / "outputs" / "gone" / "last.pth"
     return [str(last), "--format", "torchscript", "--out", str(ctx.tmp / "m.pt"), "--check-images", "1"], [
-        f"data.train_images: image directory {root / 'train'} does not exist", "data overrides",
-        "--check-images 0 to export from the checkpoint alone"]
+        f"data.train_images: image directory {root / 'train'} does not exist",
+        "data overrides",
+        "--check-images 0 to export from the checkpoint alone",
+    ]
 
 
 @case("train")
@@ -518,10 +581,13 @@ def coco_every_training_annotation_a_crowd(ctx: Ctx):
     args, ann = ctx.coco_args(), ctx.coco() / "instances_train.json"
     _edit_json(ann, lambda data: [a.update(iscrowd=1) for a in data["annotations"]])
     total = len(json.loads(ann.read_text())["annotations"])
-    return args, [f"data.train_ann: {ann} gives an empty training split: all {total} annotations are unusable "
-                  f"({total} crowd regions)", "crowd region (iscrowd=1) only marks an area evaluation ignores, so "
-                  "annotate the objects one by one with iscrowd=0",
-                  "!skip_empty"]
+    return args, [
+        f"data.train_ann: {ann} gives an empty training split: all {total} annotations are unusable "
+        f"({total} crowd regions)",
+        "crowd region (iscrowd=1) only marks an area evaluation ignores, so "
+        "annotate the objects one by one with iscrowd=0",
+        "!skip_empty",
+    ]
 
 
 @case("train")
@@ -534,11 +600,16 @@ def coco_every_training_object_a_crowd_or_a_short_polygon(ctx: Ctx):
                 annotation["segmentation"] = [[1.0, 1.0, 10.0, 10.0]]  # 2 points
             else:
                 annotation["iscrowd"] = 1
+
     _edit_json(ann, spoil)
     total = len(json.loads(ann.read_text())["annotations"])
-    return args, [f"all {total} annotations are unusable ({total - 3} crowd regions",
-                  "3 objects without a polygon of 3 or more points)", "iscrowd=0",
-                  "give the objects polygons of 3 or more points", "!skip_empty"]
+    return args, [
+        f"all {total} annotations are unusable ({total - 3} crowd regions",
+        "3 objects without a polygon of 3 or more points)",
+        "iscrowd=0",
+        "give the objects polygons of 3 or more points",
+        "!skip_empty",
+    ]
 
 
 # -- datasets
@@ -630,8 +701,10 @@ def coco_exif_photo_whose_size_matches_neither_way(ctx: Ctx):
 @case("train")
 def voc_class_not_in_data_classes(ctx: Ctx):
     root = _voc(ctx)
-    return (ctx.train_args("data=voc", f"data.root={root}", "data.classes=[dog,cat]"),
-            [str(root / "Annotations" / "b.xml"), "'zebra'", "data.classes"])
+    return (
+        ctx.train_args("data=voc", f"data.root={root}", "data.classes=[dog,cat]"),
+        [str(root / "Annotations" / "b.xml"), "'zebra'", "data.classes"],
+    )
 
 
 @case("train")
@@ -643,7 +716,9 @@ def voc_root_missing(ctx: Ctx):
 @case("train")
 def resume_with_a_changed_key(ctx: Ctx):
     return ctx.train_args(f"resume={ctx.run_dir}", "model.box_head_dim=64"), [
-        "model.box_head_dim (checkpoint 32, requested 64)", "init_from="]
+        "model.box_head_dim (checkpoint 32, requested 64)",
+        "init_from=",
+    ]
 
 
 @case("train")
@@ -660,8 +735,11 @@ def resume_missing_file(ctx: Ctx):
 @case("train")
 def resume_a_pickle_that_runs_code(ctx: Ctx):
     path = ctx.evil_pickle()
-    return ctx.train_args(f"resume={path}"), [str(path), "posix.system" if os.name == "posix" else ".system",
-                                              "code that would run"]
+    return ctx.train_args(f"resume={path}"), [
+        str(path),
+        "posix.system" if os.name == "posix" else ".system",
+        "code that would run",
+    ]
 
 
 @case("train")
@@ -765,6 +843,7 @@ def accepted(cli: str) -> Callable[[Case], Case]:
     def register(prepare: Case) -> Case:
         ACCEPTED[prepare.__name__] = (cli, prepare)
         return prepare
+
     return register
 
 
@@ -787,7 +866,8 @@ def numbers_written_as_strings_and_floats(ctx: Ctx):
 @accepted("train")
 def unicode_and_spaces_in_quoted_paths(ctx: Ctx):
     return ctx.train_args(f"output_dir='{ctx.tmp / 'läufe mit leerzeichen'}/'", "run_name='lauf ü 1'"), [
-        str(ctx.tmp / "läufe mit leerzeichen" / "lauf ü 1")]
+        str(ctx.tmp / "läufe mit leerzeichen" / "lauf ü 1")
+    ]
 
 
 @accepted("train")
@@ -804,8 +884,9 @@ def a_stale_lock(ctx: Ctx):
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     run_dir = ctx.tmp / "outputs" / "tiny"
     run_dir.mkdir(parents=True)
-    (run_dir / rundir.LOCK_NAME).write_text(json.dumps({"pid": int(gone.stdout), "host": socket.gethostname(),
-                                                         "started": "1"}))
+    (run_dir / rundir.LOCK_NAME).write_text(
+        json.dumps({"pid": int(gone.stdout), "host": socket.gethostname(), "started": "1"})
+    )
     return ctx.train_args("trainer.max_steps=1"), ["Took over the stale lock"]
 
 
@@ -816,8 +897,7 @@ def resume_auto_with_nothing_to_resume(ctx: Ctx):
 
 @accepted("train")
 def best_metric_of_one_class(ctx: Ctx):
-    return ctx.train_args("trainer.best_metric=bbox/AP-circle", "trainer.max_steps=null"), [
-        "best bbox/AP-circle = "]
+    return ctx.train_args("trainer.best_metric=bbox/AP-circle", "trainer.max_steps=null"), ["best bbox/AP-circle = "]
 
 
 @accepted("train")
@@ -836,8 +916,14 @@ def output_dir_through_a_symlink(ctx: Ctx):
 
 @accepted("evaluate")
 def evaluate_with_the_overrides_it_allows(ctx: Ctx):
-    return [str(ctx.last), "device=cpu", "trainer.batch_size=1", "data.num_workers=0",
-            "--out", str(ctx.tmp / "d.json")], [str(ctx.tmp / "d.json")]
+    return [
+        str(ctx.last),
+        "device=cpu",
+        "trainer.batch_size=1",
+        "data.num_workers=0",
+        "--out",
+        str(ctx.tmp / "d.json"),
+    ], [str(ctx.tmp / "d.json")]
 
 
 @accepted("predict")
@@ -882,10 +968,14 @@ def coco_16_bit_png_training_images(ctx: Ctx):
 def coco_polygon_of_two_points_under_mask_rcnn(ctx: Ctx):
     """pycocotools would read [x1, y1, x2, y2] as a box and train a rectangle mask (issue 18, item 6)."""
     args = ctx.coco_args("model=mask_rcnn")
-    _edit_json(ctx.coco() / "instances_train.json",
-               lambda data: data["annotations"][1].update(segmentation=[[1.0, 1.0, 10.0, 10.0]]))
-    return args, ["left out 1 annotation(s)' polygons of fewer than 3 points (first: annotation id 2)",
-                  "dropped 1 object(s) left without a polygon"]
+    _edit_json(
+        ctx.coco() / "instances_train.json",
+        lambda data: data["annotations"][1].update(segmentation=[[1.0, 1.0, 10.0, 10.0]]),
+    )
+    return args, [
+        "left out 1 annotation(s)' polygons of fewer than 3 points (first: annotation id 2)",
+        "dropped 1 object(s) left without a polygon",
+    ]
 
 
 @accepted("train")
@@ -926,6 +1016,7 @@ def coco_non_contiguous_category_ids(ctx: Ctx):
             category["id"] *= 10
         for annotation in data["annotations"]:
             annotation["category_id"] *= 10
+
     for split in ("train", "val"):
         _edit_json(ctx.coco() / f"instances_{split}.json", spread)
     return args, []
@@ -948,9 +1039,18 @@ def coco_crowd_regions_as_rle_under_mask_rcnn(ctx: Ctx):
         region = np.zeros((64, 64), dtype=np.uint8, order="F")
         region[40:60, 2:30] = 1
         rle = mask_utils.encode(region)
-        data["annotations"].append({"id": 999, "image_id": data["images"][0]["id"], "category_id": 1, "iscrowd": 1,
-                                    "bbox": [2.0, 40.0, 28.0, 20.0], "area": float(region.sum()),
-                                    "segmentation": {"size": [64, 64], "counts": rle["counts"].decode("ascii")}})
+        data["annotations"].append(
+            {
+                "id": 999,
+                "image_id": data["images"][0]["id"],
+                "category_id": 1,
+                "iscrowd": 1,
+                "bbox": [2.0, 40.0, 28.0, 20.0],
+                "area": float(region.sum()),
+                "segmentation": {"size": [64, 64], "counts": rle["counts"].decode("ascii")},
+            }
+        )
+
     for split in ("train", "val"):
         _edit_json(ctx.coco() / f"instances_{split}.json", crowd)
     return args, []
@@ -960,11 +1060,13 @@ def coco_crowd_regions_as_rle_under_mask_rcnn(ctx: Ctx):
 def coco_unicode_and_space_file_names(ctx: Ctx):
     args, root = ctx.coco_args(), ctx.coco()
     for split in ("train", "val"):
+
         def rename(data: dict, split: str = split) -> None:
             for image in data["images"]:
                 new = f"Bild {image['id']} – Zürich ü.png"
                 (root / split / image["file_name"]).rename(root / split / new)
                 image["file_name"] = new
+
         _edit_json(root / f"instances_{split}.json", rename)
     return args, []
 
@@ -988,7 +1090,8 @@ def num_workers_as_a_quoted_number(ctx: Ctx):  # Hydra leaves '2' a string: read
 def ema_every_beyond_the_runs_steps(ctx: Ctx):
     return ctx.train_args("trainer.ema.decay=0.9", "trainer.ema.every=5"), [
         "trainer.ema.every=5 is larger than this run's last step (2), so the EMA would never update",
-        "set trainer.ema.every to at most 2 or trainer.ema.decay=null"]
+        "set trainer.ema.every to at most 2 or trainer.ema.decay=null",
+    ]
 
 
 @accepted("evaluate")
@@ -996,7 +1099,9 @@ def evaluate_a_checkpoint_whose_ema_never_updated(ctx: Ctx):
     path = _edited_checkpoint(ctx, _ema_never_updated)
     return [str(path), "--out", str(ctx.tmp / "d.json")], [
         "the trained weights are used: the checkpoint's EMA was never updated (trainer.ema.every=1000, 1 steps "
-        "trained)", "weights: the trained weights"]
+        "trained)",
+        "weights: the trained weights",
+    ]
 
 
 @accepted("predict")
@@ -1009,7 +1114,9 @@ def predict_with_a_checkpoint_whose_ema_never_updated(ctx: Ctx):
 def export_with_a_checkpoint_whose_ema_never_updated(ctx: Ctx):
     path = _edited_checkpoint(ctx, _ema_never_updated)
     return [str(path), "--format", "torchscript", "--out", str(ctx.tmp / "m.pt"), "--check-images", "0"], [
-        "the checkpoint's EMA was never updated", "the trained (raw) weights"]
+        "the checkpoint's EMA was never updated",
+        "the trained (raw) weights",
+    ]
 
 
 @accepted("export")
@@ -1018,8 +1125,15 @@ def export_from_the_checkpoint_alone(ctx: Ctx):
     args = ctx.coco_args("trainer.max_steps=1", "run_name=gone")
     run(compose_config(args), overrides=args)
     shutil.rmtree(ctx.coco())
-    return [str(ctx.tmp / "outputs" / "gone" / "last.pth"), "--format", "onnx", "--out", str(ctx.tmp / "m.onnx"),
-            "--check-images", "0"], ["not checked (--check-images 0): traced on a synthetic 64x64 image, no data read"]
+    return [
+        str(ctx.tmp / "outputs" / "gone" / "last.pth"),
+        "--format",
+        "onnx",
+        "--out",
+        str(ctx.tmp / "m.onnx"),
+        "--check-images",
+        "0",
+    ], ["not checked (--check-images 0): traced on a synthetic 64x64 image, no data read"]
 
 
 @accepted("export")
@@ -1027,8 +1141,16 @@ def export_checked_on_moved_images_named_by_an_override(ctx: Ctx):
     args = ctx.coco_args("trainer.max_steps=1", "run_name=moved")
     run(compose_config(args), overrides=args)
     moved = ctx.coco().rename(ctx.tmp / "moved_coco")
-    return [str(ctx.tmp / "outputs" / "moved" / "last.pth"), f"data.root={moved}", "--format", "torchscript",
-            "--out", str(ctx.tmp / "m.pt"), "--check-images", "1"], ["check against the PyTorch model", "passed"]
+    return [
+        str(ctx.tmp / "outputs" / "moved" / "last.pth"),
+        f"data.root={moved}",
+        "--format",
+        "torchscript",
+        "--out",
+        str(ctx.tmp / "m.pt"),
+        "--check-images",
+        "1",
+    ], ["check against the PyTorch model", "passed"]
 
 
 @accepted("predict")
@@ -1045,8 +1167,11 @@ def predict_tiff_and_webp_images(ctx: Ctx):  # what training reads (data.decode.
 @accepted("inspect")
 def inspect_a_checkpoint_whose_config_was_edited(ctx: Ctx):
     path = _edited_checkpoint(ctx, _backbone_edited)
-    return [str(path)], ["config does not match the weights (model.backbone.name: resnet18_fpn -> resnet34_fpn; "
-                         "backbone.body.layer1.2: 12 tensors added", "!complete"]
+    return [str(path)], [
+        "config does not match the weights (model.backbone.name: resnet18_fpn -> resnet34_fpn; "
+        "backbone.body.layer1.2: 12 tensors added",
+        "!complete",
+    ]
 
 
 @accepted("inspect")
@@ -1054,16 +1179,24 @@ def inspect_our_onnx_export(ctx: Ctx):
     if importlib.util.find_spec("onnx") is None:
         pytest.skip("onnx (the export extra) is not installed")
     return [str(_export(ctx, "onnx", "model.onnx"))], [
-        "(ONNX, written by frcnn-export)", "classes       5: circle, square, triangle, star, ellipse",
+        "(ONNX, written by frcnn-export)",
+        "classes       5: circle, square, triangle, star, ellipse",
         "fingerprint   " + torch.load(ctx.last, weights_only=True)["architecture"]["fingerprint"],
-        "weights       the trained (raw) weights", "version       0.1.0", "opset         ai.onnx 17"]
+        "weights       the trained (raw) weights",
+        "version       0.1.0",
+        "opset         ai.onnx 17",
+    ]
 
 
 @accepted("inspect")
 def inspect_our_torchscript_export(ctx: Ctx):
     return [str(_export(ctx, "torchscript", "model.torchscript.pt"))], [
-        "(TorchScript, written by frcnn-export)", "classes       5: circle", "weights       the trained (raw) weights",
-        "input_size    64x64", "extra files   frcnn_train.json"]
+        "(TorchScript, written by frcnn-export)",
+        "classes       5: circle",
+        "weights       the trained (raw) weights",
+        "input_size    64x64",
+        "extra files   frcnn_train.json",
+    ]
 
 
 @accepted("inspect")
@@ -1101,14 +1234,24 @@ def shared(tiny_runs, shapes_cache: Path, tmp_path_factory: pytest.TempPathFacto
 
 
 def _snapshot(*roots: Path) -> dict[Path, str]:
-    return {p: hashlib.sha256(p.read_bytes()).hexdigest()
-            for root in roots if root.exists() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p: hashlib.sha256(p.read_bytes()).hexdigest()
+        for root in roots
+        if root.exists()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _run_cli(cli: str, argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
     if cli == "train-process":
-        proc = subprocess.run([sys.executable, "-m", "frcnn_train.train", *argv], capture_output=True, text=True,
-                              timeout=180, env={**os.environ, "PYTHONPATH": python_path()})
+        proc = subprocess.run(
+            [sys.executable, "-m", "frcnn_train.train", *argv],
+            capture_output=True,
+            text=True,
+            timeout=180,
+            env={**os.environ, "PYTHONPATH": python_path()},
+        )
         return proc.returncode, proc.stdout + proc.stderr
     if cli == "train":  # what train.py's main does, without Hydra's command-line parsing
         try:
@@ -1154,9 +1297,12 @@ def test_bad_input_is_one_sentence_and_touches_nothing(name: str, shared, tmp_pa
 
 def test_inspect_into_a_closed_pipe_exits_quietly(shared, tmp_path: Path) -> None:
     """`inspect x.pth | head`: the reader goes away before the output is written."""
-    proc = subprocess.Popen([sys.executable, "-m", "frcnn_train.inspect", str(shared["run_dir"] / "last.pth"),
-                             "--keys"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, "PYTHONPATH": python_path()})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "frcnn_train.inspect", str(shared["run_dir"] / "last.pth"), "--keys"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": python_path()},
+    )
     proc.stdout.close()  # as `head` does after its lines; here before the first one, so every write fails
     stderr = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 1, stderr
@@ -1206,8 +1352,11 @@ def test_predict_gives_every_drawn_image_its_own_name(shared, tmp_path: Path, ca
     inputs = _images_of_sizes(ctx, sizes)
     before = _snapshot(tmp_path, shared["run_dir"])
     out = tmp_path / "preds"
-    code, output = _run_cli("predict", [str(ctx.last), str(tmp_path / "one"), str(tmp_path / "two"), "--out",
-                                        str(out), "--score-threshold", "0"], capsys)
+    code, output = _run_cli(
+        "predict",
+        [str(ctx.last), str(tmp_path / "one"), str(tmp_path / "two"), "--out", str(out), "--score-threshold", "0"],
+        capsys,
+    )
     assert code == 0, output
     assert before == {p: d for p, d in _snapshot(tmp_path, shared["run_dir"]).items() if out not in p.parents}
     drawn = {p.name: Image.open(p).size for p in out.iterdir() if p.suffix == ".png"}

@@ -1,4 +1,5 @@
 """Checkpoint files: atomic writes, damaged files, migration, resume resolution."""
+
 from __future__ import annotations
 
 import os
@@ -18,8 +19,13 @@ from frcnn_train.errors import CheckpointError
 
 def fake_checkpoint(step: int = 0, size: int = 10) -> dict:
     return checkpoint.make_checkpoint(
-        config={"run_name": "x"}, architecture={"fingerprint": "abc", "spec": {}}, classes=["a"],
-        model={"w": torch.full((size,), float(step))}, optimizer={}, scheduler={}, scaler={},
+        config={"run_name": "x"},
+        architecture={"fingerprint": "abc", "spec": {}},
+        classes=["a"],
+        model={"w": torch.full((size,), float(step))},
+        optimizer={},
+        scheduler={},
+        scaler={},
         trainer={"epoch": 0, "global_step": step, "step_in_epoch": step, "best_metric": None, "history": []},
         rng={},
     )
@@ -152,8 +158,18 @@ def test_missing_path_lists_existing_checkpoints(tmp_path: Path) -> None:
 
 def test_migration_from_v0_layout(tmp_path: Path) -> None:
     path = tmp_path / "old.pth"
-    torch.save({"format": checkpoint.FORMAT, "format_version": 0, "config": {}, "state_dict": {"w": torch.ones(1)},
-                "optim": {}, "epoch": 4, "step": 40}, path)
+    torch.save(
+        {
+            "format": checkpoint.FORMAT,
+            "format_version": 0,
+            "config": {},
+            "state_dict": {"w": torch.ones(1)},
+            "optim": {},
+            "epoch": 4,
+            "step": 40,
+        },
+        path,
+    )
     ckpt = checkpoint.load_checkpoint(path)
     assert ckpt["format_version"] == 1
     assert ckpt["trainer"]["epoch"] == 4 and ckpt["trainer"]["global_step"] == 40

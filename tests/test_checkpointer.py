@@ -1,4 +1,5 @@
 """The Checkpointer: last.pth, best/epoch links, keep_last rotation by epoch number."""
+
 from __future__ import annotations
 
 import errno
@@ -22,9 +23,18 @@ from frcnn_train.logs import RunLogger
 
 def trainer_state(step: int, size: int = 10, epoch: int = 0) -> dict:
     return {
-        "model": {"w": torch.full((size,), float(step))}, "optimizer": {}, "scheduler": {}, "scaler": {},
-        "trainer": {"epoch": epoch, "global_step": step, "step_in_epoch": 0, "best_metric": None,
-                    "best_step": None, "history": []},
+        "model": {"w": torch.full((size,), float(step))},
+        "optimizer": {},
+        "scheduler": {},
+        "scaler": {},
+        "trainer": {
+            "epoch": epoch,
+            "global_step": step,
+            "step_in_epoch": 0,
+            "best_metric": None,
+            "best_step": None,
+            "history": [],
+        },
         "rng": {},
     }
 
@@ -44,8 +54,9 @@ def test_keep_last_rotates_by_epoch_number_and_only_epoch_files(tmp_path: Path) 
         ckpt.save(trainer_state(epoch, epoch=epoch), epoch_end=epoch)
     ckpt.wait()
     kept = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("epoch_"))
-    assert kept == sorted(["epoch_10000.pth", "epoch_10001.pth", "epoch_best.pth", "epoch_0001_backup.pth",
-                           "epoch_1.pth"])
+    assert kept == sorted(
+        ["epoch_10000.pth", "epoch_10001.pth", "epoch_best.pth", "epoch_0001_backup.pth", "epoch_1.pth"]
+    )
     assert all((tmp_path / name).read_bytes() == b"user file" for name in others)
     assert checkpoint.load_checkpoint(tmp_path / "epoch_10001.pth")["trainer"]["global_step"] == 10001
 
@@ -58,7 +69,6 @@ def test_rotation_keeps_epoch_files_ahead_of_a_resume_from_an_older_epoch(tmp_pa
     assert sorted(p.name for p in tmp_path.glob("epoch_*")) == ["epoch_0002.pth", "epoch_0005.pth"]
 
 
-
 def test_a_save_deletes_only_temporaries_no_live_process_is_writing(tmp_path: Path) -> None:
     dead = subprocess.Popen([sys.executable, "-c", "pass"])  # a pid that has exited
     dead.wait()
@@ -69,10 +79,12 @@ def test_a_save_deletes_only_temporaries_no_live_process_is_writing(tmp_path: Pa
                 (tmp_path / f".{name}.tmp-{pid}").write_bytes(b"partial")
         checkpoint.save_checkpoint(checkpoint.make_checkpoint(**trainer_state(1)), tmp_path / "last.pth")
         assert sorted(p.name for p in tmp_path.glob(".*")) == sorted(
-            [f".best.pth.tmp-{dead.pid}", f".best.pth.tmp-{live.pid}", f".last.pth.tmp-{live.pid}"])
+            [f".best.pth.tmp-{dead.pid}", f".best.pth.tmp-{live.pid}", f".last.pth.tmp-{live.pid}"]
+        )
         make_checkpointer(tmp_path)  # a run starting here cleans every dead writer's temporaries
         assert sorted(p.name for p in tmp_path.glob(".*")) == sorted(
-            [f".best.pth.tmp-{live.pid}", f".last.pth.tmp-{live.pid}"])
+            [f".best.pth.tmp-{live.pid}", f".last.pth.tmp-{live.pid}"]
+        )
     finally:
         live.kill()
         live.wait()
@@ -108,7 +120,8 @@ def test_snapshot_is_a_deep_copy_taken_before_the_next_step(tmp_path: Path, monk
 
 
 def test_save_blocks_only_for_the_copy_and_waits_only_when_two_writes_are_in_flight(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     """Two buffer sets: a save right after another (an epoch end after a cadence save) does not wait for
     the first write; a third while both are still being written waits for the oldest, and says so."""
     slow_writes(monkeypatch, 1.0)
@@ -127,8 +140,7 @@ def test_save_blocks_only_for_the_copy_and_waits_only_when_two_writes_are_in_fli
     saves = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Saved")]
     assert [re.search(r"at step (\d)", line).group(1) for line in saves] == ["1", "2", "3"], "written in order"
     assert ["waiting for the write of step" in line for line in saves] == [False, False, True], saves
-    assert re.search(r"step 3: blocked training (\d+) ms \(of which (\d+) ms waiting for the write of step 1",
-                     saves[2])
+    assert re.search(r"step 3: blocked training (\d+) ms \(of which (\d+) ms waiting for the write of step 1", saves[2])
 
 
 def test_best_and_epoch_files_are_hard_links_of_the_file_just_written(tmp_path: Path) -> None:
@@ -198,8 +210,10 @@ def test_full_disk_is_one_sentence_and_the_previous_last_stays(tmp_path: Path, m
     with pytest.raises(CheckpointWriteError) as info:
         ckpt.wait()
     message = str(info.value)
-    assert message == (f"no space left on device while writing {tmp_path / 'last.pth'} (about 4 MB needed); "
-                       f"the previous last.pth (step 1) is intact; free space and resume with resume={tmp_path}")
+    assert message == (
+        f"no space left on device while writing {tmp_path / 'last.pth'} (about 4 MB needed); "
+        f"the previous last.pth (step 1) is intact; free space and resume with resume={tmp_path}"
+    )
     assert checkpoint.load_checkpoint(tmp_path / "last.pth")["trainer"]["global_step"] == 1
     assert not list(tmp_path.glob(".*tmp*"))
     monkeypatch.undo()
@@ -207,10 +221,12 @@ def test_full_disk_is_one_sentence_and_the_previous_last_stays(tmp_path: Path, m
     ckpt.wait()
 
 
-@pytest.mark.parametrize("code, reason", [(errno.EROFS, "the file system is read-only"),
-                                          (errno.EACCES, "permission denied")])
-def test_read_only_run_dir_mid_run_is_one_sentence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                    code: int, reason: str) -> None:
+@pytest.mark.parametrize(
+    "code, reason", [(errno.EROFS, "the file system is read-only"), (errno.EACCES, "permission denied")]
+)
+def test_read_only_run_dir_mid_run_is_one_sentence(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int, reason: str
+) -> None:
     """chmod does not stop root (the tests' user), so open() fails as it would on a read-only mount."""
     ckpt = make_checkpointer(tmp_path)
     ckpt.save(trainer_state(1))
@@ -220,9 +236,13 @@ def test_read_only_run_dir_mid_run_is_one_sentence(tmp_path: Path, monkeypatch: 
     time.sleep(0.01)
     while ckpt.busy:
         time.sleep(0.01)
-    with pytest.raises(CheckpointWriteError, match=(
+    with pytest.raises(
+        CheckpointWriteError,
+        match=(
             rf"^cannot write {tmp_path / 'last.pth'}: {reason}; the previous last.pth \(step 1\) is intact; "
-            rf"make {tmp_path} writable and resume with resume={tmp_path}$")):
+            rf"make {tmp_path} writable and resume with resume={tmp_path}$"
+        ),
+    ):
         ckpt.check()  # what the training loop calls after each step
     assert checkpoint.load_checkpoint(tmp_path / "last.pth")["trainer"]["global_step"] == 1
 
@@ -236,7 +256,6 @@ def test_failed_link_names_the_link_and_the_new_last(tmp_path: Path, monkeypatch
     ckpt.save(trainer_state(2, epoch=1), best=True)
     with pytest.raises(CheckpointWriteError, match=r"^cannot write .*best.pth: permission denied; last.pth \(step 2\)"):
         ckpt.wait()
-
 
 
 @pytest.mark.gpu
@@ -306,17 +325,19 @@ def assert_consistent_after_kill(run_dir: Path) -> dict:
     restarted = make_checkpointer(run_dir, keep_last=1)  # as launch builds it on resume
     restarted.repair_links(last, counters)
     assert not list(run_dir.glob(".*tmp*")), "temporaries of the killed process are cleaned at start"
-    assert os.path.samefile(run_dir / "best.pth", last), "best.pth is the recorded best (step %d)" % step
+    assert os.path.samefile(run_dir / "best.pth", last), f"best.pth is the recorded best (step {step})"
     assert os.path.samefile(run_dir / f"epoch_{step:04d}.pth", last)
     assert sorted(p.name for p in run_dir.glob("epoch_*")) == [f"epoch_{step:04d}.pth"], "keep_last=1"
     return counters
 
 
-@pytest.mark.parametrize("kill_at, step_left", [("replace:1", 1), ("link:1", 2), ("replace:2", 2), ("link:2", 2),
-                                                ("replace:3", 2)])
+@pytest.mark.parametrize(
+    "kill_at, step_left", [("replace:1", 1), ("link:1", 2), ("replace:2", 2), ("link:2", 2), ("replace:3", 2)]
+)
 def test_kill_at_each_instant_of_a_save_leaves_a_consistent_run(tmp_path: Path, kill_at: str, step_left: int) -> None:
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path), "10", kill_at], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, str(tmp_path), "10", kill_at], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert proc.stdout.split() == ["1"]  # the second save was cut
     if kill_at.startswith("replace"):  # killed between making a temporary file and renaming it: it is left
@@ -334,8 +355,9 @@ def kill_during_writes(run_dir: Path, kills: int) -> None:
     while landed < kills:
         attempts += 1
         assert attempts <= 2 * kills, f"only {landed} of {attempts} kills landed during a write"
-        proc = subprocess.Popen([sys.executable, "-c", CHILD, str(run_dir), "10000000", "never"],
-                                stdout=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", CHILD, str(run_dir), "10000000", "never"], stdout=subprocess.PIPE, text=True
+        )
         tmp = run_dir / f".last.pth.tmp-{proc.pid}"
         if landed == 0:
             assert proc.stdout.readline().strip() == "1"  # a first complete last.pth to protect
@@ -396,8 +418,11 @@ def test_full_disk_in_training_ends_in_one_sentence_with_last_intact(compose_tin
     from conftest import tiny_overrides
 
     cache = Path(compose_tiny().data.cache_dir)
-    args = tiny_overrides(cache, tmp_path / "outputs") + ["run_name=full", "trainer.checkpoint_every_steps=1",
-                                                          "trainer.max_steps=4"]
+    args = tiny_overrides(cache, tmp_path / "outputs") + [
+        "run_name=full",
+        "trainer.checkpoint_every_steps=1",
+        "trainer.max_steps=4",
+    ]
     proc = subprocess.run([sys.executable, "-c", FULL_DISK_CLI, *args], capture_output=True, text=True, timeout=300)
     run_dir = tmp_path / "outputs" / "full"
     assert proc.returncode == 2, proc.stdout + proc.stderr
@@ -406,7 +431,9 @@ def test_full_disk_in_training_ends_in_one_sentence_with_last_intact(compose_tin
     needed = re.fullmatch(
         rf"error: no space left on device while writing {re.escape(str(run_dir / 'last.pth'))} \(about (\d+) MB "
         rf"needed\); the previous last.pth \(step 1\) is intact; free space and resume with "
-        rf"resume={re.escape(str(run_dir))}", last_line)
+        rf"resume={re.escape(str(run_dir))}",
+        last_line,
+    )
     assert needed, last_line
     assert "step 2/4" in proc.stdout and "step 3/4" not in proc.stdout, "raised after the step following the save"
     assert int(needed.group(1)) == pytest.approx((run_dir / "last.pth").stat().st_size / 2**20, rel=0.05)
@@ -425,8 +452,9 @@ def test_training_waits_for_the_last_write_and_logs_each_save(compose_tiny, monk
     assert not [t for t in threading.enumerate() if t.name == "checkpoint-writer"], "fit returned before the write"
     assert checkpoint.load_checkpoint(run_dir / "last.pth")["trainer"]["global_step"] == 3
     log_lines = [line for line in (run_dir / "train.log").read_text().splitlines() if "Saved last.pth" in line]
-    assert [re.search(r"at step (\d+): blocked training \d+ ms, written in [\d.]+ s", line).group(1)
-            for line in log_lines] == ["2", "3"]
+    assert [
+        re.search(r"at step (\d+): blocked training \d+ ms, written in [\d.]+ s", line).group(1) for line in log_lines
+    ] == ["2", "3"]
     events = EventAccumulator(str(run_dir))
     events.Reload()
     assert [e.step for e in events.Scalars("checkpoint/blocking_ms")] == [2, 3]

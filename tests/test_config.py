@@ -1,4 +1,5 @@
 """Config composition and the resume rule: mutable keys apply, anything else is refused."""
+
 from __future__ import annotations
 
 import pytest
@@ -6,20 +7,23 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from frcnn_train.config import check_values, compose_config
+from frcnn_train.errors import ConfigError
 from frcnn_train.overrides import requested_keys
 from frcnn_train.resume import merge_for_resume
-from frcnn_train.errors import ConfigError
 
 
 def saved_config(*overrides: str) -> dict:
     return OmegaConf.to_container(compose_config(list(overrides)), resolve=True)
 
 
-@pytest.mark.parametrize("override, named", [
-    ("model.box_head_dm=3", "Key 'box_head_dm' not in 'ModelConfig'"),  # the schema knows every key
-    ("trainer.epochs=many", "'many' of type 'str' could not be converted to Integer"),
-    ("model/backbone=resnet19_fpn", "Could not find 'model/backbone/resnet19_fpn'"),
-])
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("model.box_head_dm=3", "Key 'box_head_dm' not in 'ModelConfig'"),  # the schema knows every key
+        ("trainer.epochs=many", "'many' of type 'str' could not be converted to Integer"),
+        ("model/backbone=resnet19_fpn", "Could not find 'model/backbone/resnet19_fpn'"),
+    ],
+)
 def test_typos_and_wrong_types_fail_at_compose(override: str, named: str) -> None:
     with pytest.raises(ConfigCompositionException) as info:
         compose_config([override])
@@ -42,7 +46,10 @@ IMPOSSIBLE = [
     ("trainer.log_every=0", "trainer.log_every=0 must be a whole number >= 1"),
     ("trainer.grad_clip=0", "trainer.grad_clip=0.0 must be a number > 0, or null"),
     ("data.num_workers=-1", "data.num_workers=-1 must be a whole number >= 0"),
-    ("data.num_workers=many", "data.num_workers=many must be a whole number >= 0 (0: load in the main process), or auto"),
+    (
+        "data.num_workers=many",
+        "data.num_workers=many must be a whole number >= 0 (0: load in the main process), or auto",
+    ),
     ("optim.betas=[0.9]", "optim.betas=[0.9] must be two numbers in [0, 1)"),
     ("model.anchor_sizes=[]", "model.anchor_sizes=[] must be one or more sizes"),
     ("trainer.amp_dtype=fp8", "trainer.amp_dtype=fp8 must be fp16 or bf16"),

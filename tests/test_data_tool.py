@@ -1,4 +1,5 @@
 """frcnn-data: check lists every problem at once (training stops at the first), stats, show, and the anchor fit."""
+
 from __future__ import annotations
 
 import json
@@ -36,12 +37,14 @@ def broken_coco(tmp_path: Path) -> list[str]:
         Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).save(images / name)
     (images / "d.png").write_bytes((images / "d.png").read_bytes()[:60])  # truncated
     data = {
-        "images": [{"id": 1, "file_name": "a.png", "width": 40, "height": 30},
-                   {"id": 2, "file_name": "b.png", "width": 40, "height": 30},
-                   {"id": 3, "file_name": "missing.png", "width": 40, "height": 30},
-                   {"id": 4, "file_name": "d.png", "width": 40, "height": 30},
-                   {"id": 5, "file_name": "c.png", "width": 41, "height": 30},  # the file is 40 wide
-                   {"id": 6, "file_name": "a.png", "width": 40, "height": 30}],  # no annotation
+        "images": [
+            {"id": 1, "file_name": "a.png", "width": 40, "height": 30},
+            {"id": 2, "file_name": "b.png", "width": 40, "height": 30},
+            {"id": 3, "file_name": "missing.png", "width": 40, "height": 30},
+            {"id": 4, "file_name": "d.png", "width": 40, "height": 30},
+            {"id": 5, "file_name": "c.png", "width": 41, "height": 30},  # the file is 40 wide
+            {"id": 6, "file_name": "a.png", "width": 40, "height": 30},
+        ],  # no annotation
         "categories": [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}],
         "annotations": [
             _ann(1, 1, 1, [2, 2, 10, 10]),
@@ -59,8 +62,14 @@ def broken_coco(tmp_path: Path) -> list[str]:
         ],
     }
     (tmp_path / "ann.json").write_text(json.dumps(data))
-    return ["data=coco", f"data.root={tmp_path}", "data.train_images=images", "data.val_images=images",
-            "data.train_ann=ann.json", "data.val_ann=ann.json"]
+    return [
+        "data=coco",
+        f"data.root={tmp_path}",
+        "data.train_images=images",
+        "data.val_images=images",
+        "data.train_ann=ann.json",
+        "data.val_ann=ann.json",
+    ]
 
 
 EXPECTED_TRAIN = {  # kind: (count, first ids)
@@ -105,12 +114,22 @@ def test_check_with_warnings_only_exits_1(tmp_path: Path, capsys) -> None:
     images = tmp_path / "images"
     images.mkdir()
     Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8)).save(images / "a.png")
-    data = {"images": [{"id": 1, "file_name": "a.png", "width": 64, "height": 64}],
-            "categories": [{"id": 1, "name": "cat"}],
-            "annotations": [_ann(1, 1, 1, [10, 10, 40, 40]), _ann(2, 1, 1, [50, 50, 30, 30])]}  # the 2nd clipped
+    data = {
+        "images": [{"id": 1, "file_name": "a.png", "width": 64, "height": 64}],
+        "categories": [{"id": 1, "name": "cat"}],
+        "annotations": [_ann(1, 1, 1, [10, 10, 40, 40]), _ann(2, 1, 1, [50, 50, 30, 30])],
+    }  # the 2nd clipped
     (tmp_path / "ann.json").write_text(json.dumps(data))
-    overrides = ["data=coco", f"data.root={tmp_path}", "data.train_images=images", "data.val_images=images",
-                 "data.train_ann=ann.json", "data.val_ann=ann.json", "model.min_size=64", "model.max_size=64"]
+    overrides = [
+        "data=coco",
+        f"data.root={tmp_path}",
+        "data.train_images=images",
+        "data.val_images=images",
+        "data.train_ann=ann.json",
+        "data.val_ann=ann.json",
+        "model.min_size=64",
+        "model.max_size=64",
+    ]
     assert data_tool.main(["check", *overrides]) == 1
     assert "WARNING      1 x box partly outside its image (first: 2)" in capsys.readouterr().out
 
@@ -158,7 +177,10 @@ def test_training_warns_once_at_start_when_the_anchors_miss(shapes_cache: Path, 
     from frcnn_train.launch import run
 
     overrides = tiny_overrides(shapes_cache, tmp_path / "outputs") + [
-        "trainer.max_steps=1", "trainer.eval_every=0", "model.anchor_sizes=[256,512,1024,2048,4096]"]
+        "trainer.max_steps=1",
+        "trainer.eval_every=0",
+        "model.anchor_sizes=[256,512,1024,2048,4096]",
+    ]
     with caplog.at_level(logging.WARNING, logger="frcnn_train"):
         run(compose_config(overrides))
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Anchor fit:")]
@@ -167,20 +189,34 @@ def test_training_warns_once_at_start_when_the_anchors_miss(shapes_cache: Path, 
 
 def test_stats_table_and_plots(broken_coco: list[str], tmp_path: Path) -> None:
     overrides = [o for o in broken_coco if not o.startswith("data.val_ann")] + ["data.val_ann=val.json"]
-    (tmp_path / "val.json").write_text(json.dumps({
-        "images": [{"id": 1, "file_name": "a.png", "width": 40, "height": 30},
-                   {"id": 2, "file_name": "b.png", "width": 40, "height": 30}],
-        "categories": [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}],
-        "annotations": [_ann(1, 1, 1, [2, 2, 10, 10]), _ann(2, 1, 2, [20, 5, 10, 20]),
-                        _ann(3, 1, 2, [0, 0, 40, 30], crowd=1)]}))
+    (tmp_path / "val.json").write_text(
+        json.dumps(
+            {
+                "images": [
+                    {"id": 1, "file_name": "a.png", "width": 40, "height": 30},
+                    {"id": 2, "file_name": "b.png", "width": 40, "height": 30},
+                ],
+                "categories": [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}],
+                "annotations": [
+                    _ann(1, 1, 1, [2, 2, 10, 10]),
+                    _ann(2, 1, 2, [20, 5, 10, 20]),
+                    _ann(3, 1, 2, [0, 0, 40, 30], crowd=1),
+                ],
+            }
+        )
+    )
     table, written = data_tool.stats(overrides + ["model.min_size=60", "model.max_size=80"], tmp_path / "stats")
     # Resize 40x30 -> scale min(60/30, 80/40) = 2: the val cat box 10x10 becomes 20x20, the dog 10x20 20x40.
     assert "val:\n  images               2 read, 1 without objects, 1 crowd regions" in table
     assert "box sqrt(w*h)        20.0 / 20.8 / 24.1 / 27.5 / 28.3 px after resize" in table
     assert "box aspect w/h       0.50 / 0.55 / 0.75 / 0.95 / 1.00" in table
     assert "  class     train       val\n  cat         4         1\n  dog         1         1" in table
-    assert sorted(p.name for p in written) == ["box_shapes.png", "images_and_sizes.png", "instances_per_class.png",
-                                               "stats.txt"]
+    assert sorted(p.name for p in written) == [
+        "box_shapes.png",
+        "images_and_sizes.png",
+        "instances_per_class.png",
+        "stats.txt",
+    ]
 
 
 def test_show_draws_training_samples_at_the_model_input_size(shapes_cache: Path, tmp_path: Path, capsys) -> None:
@@ -196,14 +232,18 @@ def test_voc_problems_are_collected(tmp_path: Path) -> None:
     (root / "ImageSets" / "Main").mkdir(parents=True)
     (root / "Annotations").mkdir()
     (root / "ImageSets" / "Main" / "train.txt").write_text("a\nb\nc\n")
-    xml = ("<annotation><size><width>10</width><height>10</height></size><object><name>{}</name>"
-           "<bndbox><xmin>1</xmin><ymin>1</ymin><xmax>5</xmax><ymax>5</ymax></bndbox></object></annotation>")
+    xml = (
+        "<annotation><size><width>10</width><height>10</height></size><object><name>{}</name>"
+        "<bndbox><xmin>1</xmin><ymin>1</ymin><xmax>5</xmax><ymax>5</ymax></bndbox></object></annotation>"
+    )
     (root / "Annotations" / "a.xml").write_text(xml.format("cat"))
     (root / "Annotations" / "b.xml").write_text(xml.format("zebra"))
     problems = Problems()
     coco = load_voc(root, "train", classes=["cat"], problems=problems)
-    assert {g.kind: g.first for g in problems.groups.values()} == {"unknown class name": ["b (zebra)"],
-                                                                   "missing annotation file": ["c"]}
+    assert {g.kind: g.first for g in problems.groups.values()} == {
+        "unknown class name": ["b (zebra)"],
+        "missing annotation file": ["c"],
+    }
     assert len(coco["images"]) == 2 and len(coco["annotations"]) == 1
     with pytest.raises(DataError, match="zebra"):
         load_voc(root, "train", classes=["cat"])
@@ -213,15 +253,29 @@ def test_an_empty_training_split_is_reported_with_its_causes(tmp_path: Path) -> 
     images = tmp_path / "images"
     images.mkdir()
     Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(images / "a.png")
-    data = {"images": [{"id": 1, "file_name": "a.png", "width": 32, "height": 32}],
-            "categories": [{"id": 1, "name": "cat"}],
-            "annotations": [_ann(1, 1, 1, [40, 40, 5, 5]), _ann(2, 1, 7, [1, 1, 5, 5])]}
+    data = {
+        "images": [{"id": 1, "file_name": "a.png", "width": 32, "height": 32}],
+        "categories": [{"id": 1, "name": "cat"}],
+        "annotations": [_ann(1, 1, 1, [40, 40, 5, 5]), _ann(2, 1, 7, [1, 1, 5, 5])],
+    }
     (tmp_path / "ann.json").write_text(json.dumps(data))
-    cfg = compose_config(["data=coco", f"data.root={tmp_path}", "data.train_images=images", "data.val_images=images",
-                          "data.train_ann=ann.json", "data.val_ann=ann.json"])
+    cfg = compose_config(
+        [
+            "data=coco",
+            f"data.root={tmp_path}",
+            "data.train_images=images",
+            "data.val_images=images",
+            "data.train_ann=ann.json",
+            "data.val_ann=ann.json",
+        ]
+    )
     problems = {"train": Problems(), "val": Problems()}
     build_datasets(cfg.data, with_masks=False, problems=problems)
     found = {g.kind: g.first for g in problems["train"].groups.values()}
-    assert found == {"box empty after clipping": [1], "unknown category id": [2], "image without training targets": [1],
-                     "empty split": [str(tmp_path / "ann.json")]}
+    assert found == {
+        "box empty after clipping": [1],
+        "unknown category id": [2],
+        "image without training targets": [1],
+        "empty split": [str(tmp_path / "ann.json")],
+    }
     assert "empty training split" in problems["train"].groups["empty split"].example

@@ -2,12 +2,18 @@
 
 Each torchrun here trains the tiny config (8 images, batch 1, 2 epochs: 4 steps per epoch on 2 processes).
 The long variants are marked slow: `python -m pytest -m slow tests/test_distributed.py`.
+
+Every rank runs with WORKER_THREADS intra-op threads (set explicitly: torchrun sets OMP_NUM_THREADS=1 only when
+the variable is unset), and every comparison of a torchrun run with one in this process runs this side with the
+same count (conftest.torch_threads): another count sums floats in another order.
 """
+
 from __future__ import annotations
 
 import os
-import re
 import random
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_overrides
+from conftest import WORKER_THREADS, threads_env, tiny_overrides, torch_threads
 from frcnn_train import checkpoint, distributed
 from frcnn_train.config import compose_config
 from frcnn_train.launch import run
@@ -40,8 +46,14 @@ def torchrun_cmd(*args: str, nproc: int = 2, launcher: tuple[str, ...] = ()) -> 
 
 def start(cmd: list[str], env: dict[str, str] | None = None, *, own_group: bool = False) -> subprocess.Popen:
     """torchrun in the background; `own_group`: in a process group of its own, as a terminal's foreground job."""
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=None if env is None else {**os.environ, **env}, start_new_session=own_group)
+    return subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, **threads_env(WORKER_THREADS), **(env or {})},
+        start_new_session=own_group,
+    )
 
 
 def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
@@ -126,12 +138,14 @@ def test_ap_logged_by_a_ddp_run_is_what_evaluate_reports_on_its_checkpoint(base:
     holds; rank 0 alone scores. (The tiny run's AP is 0; test_ddp_evaluation_... checks the detections.)"""
     from frcnn_train.evaluate import run_evaluation
 
-    metrics, _, _ = run_evaluation(Path(_output_dir(base)) / "reference" / "last.pth")
+    with torch_threads(WORKER_THREADS):  # exact: the ranks' thread count
+        metrics, _, _ = run_evaluation(Path(_output_dir(base)) / "reference" / "last.pth")
     assert metrics == reference["trainer"]["last_metrics"]
 
 
 def test_ddp_evaluation_gives_one_process_detections_to_rank_0_and_the_metrics_to_all(
-        shapes_cache: Path, tmp_path: Path) -> None:
+    shapes_cache: Path, tmp_path: Path
+) -> None:
     """Shards of whole batches, rank 0's BatchNorm statistics, detections gathered on rank 0 only: exactly the
     detections (and so the AP) of one process; every rank gets the metrics. Untrained weights, so no AP of 0."""
     import json
@@ -142,9 +156,19 @@ def test_ddp_evaluation_gives_one_process_detections_to_rank_0_and_the_metrics_t
 
     overrides = tiny_overrides(shapes_cache, tmp_path) + ["model.box_score_thresh=0.0", "trainer.batch_size=1"]
     worker = Path(__file__).parent / "distributed_eval_worker.py"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master-port={free_port()}",
-           str(worker), str(tmp_path), *overrides]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master-port={free_port()}",
+        str(worker),
+        str(tmp_path),
+        *overrides,
+    ]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, env={**os.environ, **threads_env(WORKER_THREADS)}
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
 
@@ -153,9 +177,15 @@ def test_ddp_evaluation_gives_one_process_detections_to_rank_0_and_the_metrics_t
     cfg.model.num_classes = len(data.classes)
     torch.manual_seed(0)
     model = build_model(cfg.model, read_backbone_weights=False)
-    metrics, results = evaluate(model, build_eval_loader(data.val, batch_size=1, num_workers=0),
-                                coco_gt=data.val.coco, label_to_cat_id=data.val.label_to_cat_id,
-                                device=torch.device("cpu"), with_masks=False)
+    with torch_threads(WORKER_THREADS):  # exactly equal detections need the ranks' thread count here too
+        metrics, results = evaluate(
+            model,
+            build_eval_loader(data.val, batch_size=1, num_workers=0),
+            coco_gt=data.val.coco,
+            label_to_cat_id=data.val.label_to_cat_id,
+            device=torch.device("cpu"),
+            with_masks=False,
+        )
     assert len(results) > 10 and {r["image_id"] for r in results} == set(data.val.image_ids)
     assert ranks[0]["results"] == json.loads(json.dumps(results)) and ranks[1]["results"] == []
     assert ranks[0]["metrics"] == ranks[1]["metrics"] == metrics
@@ -172,17 +202,26 @@ SIGNALS = {
 }
 
 
-@pytest.mark.parametrize("how", [
-    "ctrl-c on torchrun",
-    pytest.param("ctrl-c in the terminal of torchrun", marks=pytest.mark.slow),
-    pytest.param("kill -TERM torchrun", marks=pytest.mark.slow),
-    pytest.param("SIGTERM to every rank (SLURM)", marks=pytest.mark.slow),
-    pytest.param("SIGTERM to rank 1 only", marks=pytest.mark.slow),  # the others learn it at the same step
-])
+@pytest.mark.parametrize(
+    "how",
+    [
+        "ctrl-c on torchrun",
+        pytest.param("ctrl-c in the terminal of torchrun", marks=pytest.mark.slow),
+        pytest.param("kill -TERM torchrun", marks=pytest.mark.slow),
+        pytest.param("SIGTERM to every rank (SLURM)", marks=pytest.mark.slow),
+        pytest.param("SIGTERM to rank 1 only", marks=pytest.mark.slow),  # the others learn it at the same step
+    ],
+)
 def test_a_signal_stops_every_rank_at_one_step_and_saves_once(base: list[str], tmp_path: Path, how: str) -> None:
     run_dir = tmp_path / "sig"
-    args = [*base, f"output_dir={tmp_path}", "run_name=sig", "trainer.epochs=50", "trainer.eval_every=0",
-            "trainer.keep_last=0"]
+    args = [
+        *base,
+        f"output_dir={tmp_path}",
+        "run_name=sig",
+        "trainer.epochs=50",
+        "trainer.eval_every=0",
+        "trainer.keep_last=0",
+    ]
     proc = start(torchrun_cmd(*args), own_group="terminal" in how)
     wait_for_step(run_dir / "last.pth", 4, proc)  # the end of epoch 1
     SIGNALS[how](proc)
@@ -206,7 +245,8 @@ def test_a_signal_stops_every_rank_at_one_step_and_saves_once(base: list[str], t
 
 
 def test_a_signal_during_an_epochs_last_step_stops_there_and_the_resume_ends_the_epoch(
-        compose_tiny, monkeypatch) -> None:
+    compose_tiny, monkeypatch
+) -> None:
     """The stop is agreed after every step, the epoch's last included (it used to be skipped there, so a rank
     signalled then went on while the others stopped). The resume runs the empty rest and the epoch's end."""
     from frcnn_train.trainer import Trainer
@@ -222,8 +262,12 @@ def test_a_signal_during_an_epochs_last_step_stops_there_and_the_resume_ends_the
     monkeypatch.setattr(Trainer, "train_step", signal_in_last_step)
     stopped = run(compose_tiny("trainer.epochs=2", "run_name=last_step"))
     state = checkpoint.load_checkpoint(Path(stopped["run_dir"]) / "last.pth")["trainer"]
-    assert (stopped["stop_reason"], state["global_step"], state["epoch"], state["step_in_epoch"]) == \
-        ("received SIGTERM", 4, 0, 4)
+    assert (stopped["stop_reason"], state["global_step"], state["epoch"], state["step_in_epoch"]) == (
+        "received SIGTERM",
+        4,
+        0,
+        4,
+    )
     monkeypatch.setattr(Trainer, "train_step", train_step)
     resumed = run(compose_tiny("trainer.epochs=2", f"resume={stopped['run_dir']}"))
     assert resumed["completed"] and resumed["global_step"] == 8
@@ -270,8 +314,9 @@ def kill_ranks(base: list[str], tmp_path: Path, kills: int) -> tuple[dict, str]:
     """Train with torchrun's restarts and resume=auto, killing (-9) a random rank at `kills` random steps."""
     rng = random.Random(kills)
     args = [*base, f"output_dir={tmp_path}", "run_name=restarts", "resume=auto", "trainer.checkpoint_every_steps=1"]
-    proc = start(torchrun_cmd(*args, launcher=("--nproc_per_node=2", f"--master-port={free_port()}",
-                                               f"--max-restarts={kills}")))
+    proc = start(
+        torchrun_cmd(*args, launcher=("--nproc_per_node=2", f"--master-port={free_port()}", f"--max-restarts={kills}"))
+    )
     last = tmp_path / "restarts" / "last.pth"
     # A step may already be behind the run when its turn comes: that kill then hits a restarted group
     # during its start-up, a fault as good as any.
@@ -314,7 +359,8 @@ def test_a_restarted_group_agrees_on_a_new_store_namespace_not_the_dead_attempts
 
 
 def test_torchrun_restarts_after_a_rank_is_killed_and_ends_as_if_never_stopped(
-        base: list[str], reference: dict, tmp_path: Path) -> None:
+    base: list[str], reference: dict, tmp_path: Path
+) -> None:
     final, _ = kill_ranks(base, tmp_path, kills=1)
     assert_bitwise_equal(final, reference)
 
@@ -328,30 +374,51 @@ def test_five_kills_of_random_ranks_at_random_steps(base: list[str], reference: 
 # ------------------------------------------------------------------ another world size
 def test_resume_on_one_then_two_processes_keeps_the_global_batch(base: list[str], reference: dict) -> None:
     """2 processes x 1 image -> 1 process x 1 image x accumulate 2 -> 2 processes again: same images, same LR;
-    parameters equal a straight 2-process run up to float rounding (gradients are summed in another order).
+    parameters equal a straight 2-process run up to float rounding.
 
-    Compared at the end of epoch 1 (step 4): in runs this tiny a one-ulp difference grows to percents of the
-    weights within four more steps (the samplers' discrete choices flip), so a later comparison measures that.
+    The one-process step (step 3) runs with the ranks' thread count, so each micro-batch's gradient is the one a
+    rank computes; what differs is how the two are combined (accumulated here, all-reduced there), a rounding of
+    the gradient at most. The weights are compared right after that step, with the straight run's at step 3: an
+    SGD step moves a weight by lr x (gradient + weight decay), so that rounding moves it by ~lr x ulp, far inside
+    the tolerance. Not later: in runs this tiny such a difference flips the RPN and RoI samplers' discrete choices
+    within a few steps and then grows to percents of the weights, which a later comparison would measure instead.
     """
     out_dir = Path(_output_dir(base))
     torchrun(*base, "run_name=regrouped", "trainer.max_steps=2")
+    # The straight run at step 3: resumed from the same step-2 checkpoint on 2 processes (bitwise the reference's
+    # step 3, test_torchrun_stop_and_resume_matches_an_uninterrupted_run).
+    shutil.copytree(out_dir / "regrouped", out_dir / "straight")
+    torchrun(*base, f"resume={out_dir}/straight", "trainer.max_steps=3")
     overrides = [f"resume={out_dir}/regrouped", "trainer.max_steps=3"]  # one step on one process
-    summary = run(compose_config([*base, *overrides]), overrides=overrides)
+    with torch_threads(WORKER_THREADS):
+        summary = run(compose_config([*base, *overrides]), overrides=overrides)
     assert summary["global_step"] == 3
     one = checkpoint.load_checkpoint(out_dir / "regrouped" / "last.pth")
-    assert (one["trainer"]["world_size"], one["trainer"]["accumulate"], one["config"]["trainer"]["accumulate"]) == (1, 2, 2)
-    assert "world size 2 -> 1: trainer.accumulate 1 -> 2 keeps the global batch of 2 images (1 x 1 x 2)" in \
-        one["trainer"]["history"][-1]["changes"]
+    assert (one["trainer"]["world_size"], one["trainer"]["accumulate"], one["config"]["trainer"]["accumulate"]) == (
+        1,
+        2,
+        2,
+    )
+    assert (
+        "world size 2 -> 1: trainer.accumulate 1 -> 2 keeps the global batch of 2 images (1 x 1 x 2)"
+        in one["trainer"]["history"][-1]["changes"]
+    )
+    at_3 = checkpoint.load_checkpoint(out_dir / "straight" / "last.pth")
+    assert at_3["trainer"]["global_step"] == 3 and at_3["trainer"]["world_size"] == 2
+    # BatchNorm running statistics are left out: under DDP they are rank 0's images only.
+    params = [k for k in at_3["model"] if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    # Measured largest difference: 0 (same thread count; two addends sum alike in either order, halving is
+    # exact); 2.5e-7 with 2 threads on this side, against 3.7e-6 one step later, at step 4.
+    for key in params:
+        torch.testing.assert_close(one["model"][key], at_3["model"][key], rtol=1e-5, atol=1e-6, msg=key)
     torchrun(*base, f"resume={out_dir}/regrouped", "trainer.max_steps=4")
     final = checkpoint.load_checkpoint(out_dir / "regrouped" / "last.pth")
     at_4 = checkpoint.load_checkpoint(out_dir / "reference" / "epoch_0001.pth")
-    assert final["trainer"]["global_step"] == at_4["trainer"]["global_step"] == 4 and final["trainer"]["accumulate"] == 1
+    assert (
+        final["trainer"]["global_step"] == at_4["trainer"]["global_step"] == 4 and final["trainer"]["accumulate"] == 1
+    )
     assert final["scheduler"]["last_epoch"] == at_4["scheduler"]["last_epoch"]
     assert final["optimizer"]["param_groups"][0]["lr"] == at_4["optimizer"]["param_groups"][0]["lr"]
-    # BatchNorm running statistics are left out: under DDP they are rank 0's images only.
-    params = [k for k in at_4["model"] if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
-    for key in params:
-        torch.testing.assert_close(final["model"][key], at_4["model"][key], rtol=1e-5, atol=1e-6, msg=key)
     assert any(not torch.equal(final["model"][k], one["model"][k]) for k in params), "trained on after the regroup"
 
 
@@ -361,24 +428,33 @@ def test_a_global_batch_the_new_world_size_cannot_keep_is_refused_naming_the_key
 
     cfg = compose_tiny("trainer.batch_size=2")
     ckpt = {"trainer": {"world_size": 2, "batch_size": 2, "accumulate": 1}, "rng": {}}
-    with pytest.raises(ConfigError, match=r"global batch of 4 images \(2 processes x trainer.batch_size=2 x "
-                                          r"trainer.accumulate=1\) on 3 processes.*divides 2$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"global batch of 4 images \(2 processes x trainer.batch_size=2 x "
+        r"trainer.accumulate=1\) on 3 processes.*divides 2$",
+    ):
         keep_global_batch(cfg, ckpt, 3)
-    assert keep_global_batch(cfg, {**ckpt, "trainer": {**ckpt["trainer"], "world_size": 4}}, 1) == \
-        "world size 4 -> 1: trainer.accumulate 1 -> 4 keeps the global batch of 8 images (1 x 2 x 4)"
+    assert (
+        keep_global_batch(cfg, {**ckpt, "trainer": {**ckpt["trainer"], "world_size": 4}}, 1)
+        == "world size 4 -> 1: trainer.accumulate 1 -> 4 keeps the global batch of 8 images (1 x 2 x 4)"
+    )
     assert cfg.trainer.accumulate == 4
 
 
 # ------------------------------------------------------------------ several nodes
 def test_two_nodes_train_stop_on_a_signal_and_resume(base: list[str], reference: dict, tmp_path: Path) -> None:
     """Two torchrun agents (two "nodes" of one process each) meet through a c10d rendezvous."""
+
     def nodes(*args: str, outputs: tuple[Path, Path]) -> list[subprocess.Popen]:
-        launcher = ("--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
-                    f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-id=two-nodes")
-        # torchrun sets OMP_NUM_THREADS=1 only for several processes per node; the reference had it, and
-        # another thread count sums floats in another order.
-        return [start(torchrun_cmd(*base, *args, f"output_dir={out}", launcher=launcher), env={"OMP_NUM_THREADS": "1"})
-                for out in outputs]
+        launcher = (
+            "--nnodes=2",
+            "--nproc_per_node=1",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint=127.0.0.1:{free_port()}",
+            "--rdzv-id=two-nodes",
+        )
+        # One process per node: torchrun would leave the thread count alone; start() pins the reference's.
+        return [start(torchrun_cmd(*base, *args, f"output_dir={out}", launcher=launcher)) for out in outputs]
 
     # c10d orders the nodes by their agents' pids: the first started (writing to `shared`) is global rank 0.
     shared, elsewhere = tmp_path / "shared", tmp_path / "node1"
@@ -416,7 +492,9 @@ def test_syncbn_is_batchnorm_on_one_process_with_the_same_keys_and_fingerprint(c
     bn, sync = (compose_tiny(f"model.backbone.norm={norm}", "model.num_classes=5") for norm in ("bn", "syncbn"))
     model = build_model(sync.model)
     assert isinstance(model.backbone.body.bn1, torch.nn.BatchNorm2d)
-    assert fingerprint(architecture_spec(sync.model), model) == fingerprint(architecture_spec(bn.model), build_model(bn.model))
+    assert fingerprint(architecture_spec(sync.model), model) == fingerprint(
+        architecture_spec(bn.model), build_model(bn.model)
+    )
     converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(build_model(sync.model))
     assert isinstance(converted.backbone.body.bn1, torch.nn.SyncBatchNorm)
     assert list(converted.state_dict()) == list(model.state_dict())  # checkpoints move between bn and syncbn

@@ -1,5 +1,6 @@
 """The documentation site: generated reference pages that match the code, a strict build, and the
 getting-started commands as a newcomer types them."""
+
 from __future__ import annotations
 
 import argparse
@@ -16,8 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from frcnn_train.config import CONFIG_DIR, check_values, compose_config
 from conftest import REPO, python_path
+from frcnn_train.config import CONFIG_DIR, check_values, compose_config
 
 sys.path.insert(0, str(REPO / "scripts"))
 import gen_docs  # noqa: E402  (scripts/ is no package)
@@ -78,7 +79,6 @@ def test_config_reference_lists_every_option_of_every_group() -> None:
 def _parsers() -> dict[str, argparse.ArgumentParser]:
     """The console commands of pyproject.toml and their parsers, found without the generator's list."""
     import tomllib
-
     from hydra._internal.utils import get_args_parser
 
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
@@ -112,14 +112,29 @@ def _assert_every_option(command: str, parser: argparse.ArgumentParser, section:
             assert " ".join(str(action.help).split())[:40] in row[2].replace("\\|", "|"), (command, names)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("mkdocs") is None,
-                    reason='mkdocs is not installed: pip install -e ".[docs]"')
+@pytest.mark.skipif(
+    importlib.util.find_spec("mkdocs") is None, reason='mkdocs is not installed: pip install -e ".[docs]"'
+)
 def test_the_site_builds_strictly_with_the_generated_pages(tmp_path: Path) -> None:
     site = tmp_path / "site"
-    proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file",
-                           str(REPO / "mkdocs.yml"), "--site-dir", str(site)],
-                          capture_output=True, text=True, timeout=600, cwd=tmp_path,
-                          env={**os.environ, "PYTHONPATH": python_path(), "NO_MKDOCS_2_WARNING": "1"})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mkdocs",
+            "build",
+            "--strict",
+            "--config-file",
+            str(REPO / "mkdocs.yml"),
+            "--site-dir",
+            str(site),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": python_path(), "NO_MKDOCS_2_WARNING": "1"},
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "trainer.ema.decay" in (site / "reference" / "configuration" / "index.html").read_text()
     assert "--check-images" in (site / "reference" / "cli" / "index.html").read_text()
@@ -146,8 +161,8 @@ def _train_commands(page: Path) -> list[list[str]]:
                 continue  # printed output ("Resume with: ...") is no command
             words = shlex.split(line, comments=True)
             for entry in ("frcnn_train.train", "frcnn-train"):
-                if entry in words and "--config-dir" not in words and "-m" not in words[words.index(entry):]:
-                    commands.append(words[words.index(entry) + 1:])
+                if entry in words and "--config-dir" not in words and "-m" not in words[words.index(entry) :]:
+                    commands.append(words[words.index(entry) + 1 :])
     return commands
 
 
@@ -172,8 +187,13 @@ def test_getting_started_install_and_train_as_written(tmp_path: Path) -> None:
     four minutes of training after the install). The second command, the tests, is what .ci/run runs
     (test_the_two_commands_are_the_same_in_readme_getting_started_and_ci)."""
     clone = tmp_path / "frcnn_train"
-    shutil.copytree(REPO, clone, ignore=shutil.ignore_patterns(".venv", "outputs", "site", ".git", "*.egg-info",
-                                                                "__pycache__", ".pytest_cache", ".whl"))
+    shutil.copytree(
+        REPO,
+        clone,
+        ignore=shutil.ignore_patterns(
+            ".venv", "outputs", "site", ".git", "*.egg-info", "__pycache__", ".pytest_cache", ".whl"
+        ),
+    )
     command = _code_blocks(GETTING_STARTED, "bash")[0].strip()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env["FRCNN_DATA_CACHE"] = str(tmp_path / "cache")  # a newcomer's empty cache, kept in tmp_path
@@ -185,8 +205,9 @@ def test_getting_started_install_and_train_as_written(tmp_path: Path) -> None:
     assert shown[0] in output
     for line in shown[1:]:
         words = [w for w in line.split() if not re.fullmatch(r"[\d.]+|-", w)]
-        assert any(words == [w for w in out.split() if not re.fullmatch(r"[\d.]+|-", w)]
-                   for out in output.splitlines()), f"the run printed no line like {line!r}"
+        assert any(
+            words == [w for w in out.split() if not re.fullmatch(r"[\d.]+|-", w)] for out in output.splitlines()
+        ), f"the run printed no line like {line!r}"
     assert "Resume with:" in output
     assert list((clone / "outputs").glob("*/best.pth"))
 

@@ -1,5 +1,6 @@
 """trainer.ema: the average's arithmetic, bitwise resume, evaluation of both weights, and every consumer
 of a checkpoint (evaluate, predict, init_from) taking the EMA weights unless asked for the raw ones."""
+
 from __future__ import annotations
 
 import math
@@ -50,8 +51,10 @@ def test_resume_with_ema_is_bitwise_and_both_weights_are_evaluated(compose_tiny)
     straight = run(compose_tiny(*EPOCHS, *EMA, "run_name=straight"))
     reference = checkpoint.load_checkpoint(Path(straight["run_dir"]) / "last.pth")
     assert reference["ema"]["updates"] == 8 and reference["trainer"]["global_step"] == 8
-    assert not torch.equal(reference["ema"]["model"]["roi_heads.box_predictor.cls_score.weight"],
-                           reference["model"]["roi_heads.box_predictor.cls_score.weight"])
+    assert not torch.equal(
+        reference["ema"]["model"]["roi_heads.box_predictor.cls_score.weight"],
+        reference["model"]["roi_heads.box_predictor.cls_score.weight"],
+    )
     metrics = reference["trainer"]["last_metrics"]
     assert "bbox/AP" in metrics and "ema/bbox/AP" in metrics
 
@@ -86,8 +89,7 @@ def test_evaluate_predict_and_init_from_take_the_ema_unless_raw(compose_tiny, tm
 
     caplog.set_level("INFO", logger="frcnn_train")
     for raw, container in ((False, "ema"), (True, "model")):
-        overrides = [f"init_from={last}", f"init.raw={str(raw).lower()}", "trainer.max_steps=1",
-                     f"run_name=init_{raw}"]
+        overrides = [f"init_from={last}", f"init.raw={str(raw).lower()}", "trainer.max_steps=1", f"run_name=init_{raw}"]
         run(compose_tiny(*overrides), overrides=overrides)
         report = next(r.getMessage() for r in reversed(caplog.records) if r.getMessage().startswith("init_from="))
         assert f"{container} of {last}" in report, report
@@ -121,7 +123,9 @@ def test_an_ema_never_updated_gives_way_to_the_trained_weights() -> None:
         assert which == expected and weights is (trained if expected == "raw" else average)
         assert (checkpoint.ema_skipped(ckpt) is not None) == (updates == 0)
     ckpt["ema"]["updates"] = 0
-    assert checkpoint.ema_skipped(ckpt) == ("the trained weights are used: the checkpoint's EMA was never updated "
-                                            "(trainer.ema.every=50, 4 steps trained), so it still holds the "
-                                            "weights the run started from")
+    assert checkpoint.ema_skipped(ckpt) == (
+        "the trained weights are used: the checkpoint's EMA was never updated "
+        "(trainer.ema.every=50, 4 steps trained), so it still holds the "
+        "weights the run started from"
+    )
     assert checkpoint.inference_weights(ckpt, raw=True) == (trained, "raw")

@@ -1,5 +1,6 @@
 """eval.backend: faster-coco-eval gives every stat, per-class AP and precision entry of pycocotools; the evaluation
 loader's workers persist across evaluations; only RLE masks and plain Python values reach the gather."""
+
 from __future__ import annotations
 
 import json
@@ -39,24 +40,45 @@ def crowded_ground_truth(seed: int = 0) -> tuple[dict, list[dict]]:
             x, y = rng.integers(0, 40, 2)
             w, h = rng.integers(4, 24, 2)
             mask = np.zeros((size, size), bool)
-            mask[y:y + h, x:x + w] = True
+            mask[y : y + h, x : x + w] = True
             crowd = int(k == 0 and image["id"] % 3 == 0)
             cat = int(rng.choice([1, 2]))
-            annotations.append({"id": len(annotations) + 1, "image_id": image["id"], "category_id": cat,
-                                "bbox": [float(x), float(y), float(w), float(h)], "area": float(w * h),
-                                "iscrowd": crowd, "segmentation": rle(mask)})
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image["id"],
+                    "category_id": cat,
+                    "bbox": [float(x), float(y), float(w), float(h)],
+                    "area": float(w * h),
+                    "iscrowd": crowd,
+                    "segmentation": rle(mask),
+                }
+            )
             dx, dy = rng.integers(-2, 3, 2)
             shifted = np.roll(mask, (dy, dx), axis=(0, 1))
-            results.append({"image_id": image["id"], "category_id": cat, "score": float(rng.random()),
-                            "bbox": [float(x + dx), float(y + dy), float(w), float(h)], "segmentation": rle(shifted)})
+            results.append(
+                {
+                    "image_id": image["id"],
+                    "category_id": cat,
+                    "score": float(rng.random()),
+                    "bbox": [float(x + dx), float(y + dy), float(w), float(h)],
+                    "segmentation": rle(shifted),
+                }
+            )
     for image in images:  # false positives everywhere, the empty images included
         for _ in range(3):
             x, y = rng.integers(0, 50, 2)
             mask = np.zeros((size, size), bool)
-            mask[y:y + 10, x:x + 12] = True
-            results.append({"image_id": image["id"], "category_id": int(rng.choice([1, 2, 5])),
-                            "score": float(rng.random()) / 2, "bbox": [float(x), float(y), 12.0, 10.0],
-                            "segmentation": rle(mask)})
+            mask[y : y + 10, x : x + 12] = True
+            results.append(
+                {
+                    "image_id": image["id"],
+                    "category_id": int(rng.choice([1, 2, 5])),
+                    "score": float(rng.random()) / 2,
+                    "bbox": [float(x), float(y), 12.0, 10.0],
+                    "segmentation": rle(mask),
+                }
+            )
     return {"images": images, "annotations": annotations, "categories": categories}, results
 
 
@@ -68,8 +90,9 @@ def assert_same_evaluation(coco_gt, results: list[dict], iou_type: str) -> None:
     # faster-coco-eval: 1.0 is 1 - 2e-16 in pycocotools; the means (the stats) come out the same.
     for array in ("precision", "recall", "scores"):
         np.testing.assert_allclose(got.eval[array], want.eval[array], rtol=0, atol=1e-12, err_msg=array)
-    assert coco_metrics(coco_gt, results, iou_type, "pycocotools") == \
-        coco_metrics(coco_gt, results, iou_type, "faster_coco_eval")
+    assert coco_metrics(coco_gt, results, iou_type, "pycocotools") == coco_metrics(
+        coco_gt, results, iou_type, "faster_coco_eval"
+    )
 
 
 @pytest.mark.parametrize("iou_type", ["bbox", "segm"])
@@ -103,8 +126,9 @@ def test_a_tiny_runs_detections_score_the_same(tiny_runs, tmp_path: Path, monkey
 
     monkeypatch.setattr(evaluation, "run_cocoeval", watched)
     for backend in ("pycocotools", "faster_coco_eval"):
-        metrics[backend], out, _ = run_evaluation(run_dir / "last.pth", [f"eval.backend={backend}"],
-                                                  tmp_path / f"{backend}.json")
+        metrics[backend], out, _ = run_evaluation(
+            run_dir / "last.pth", [f"eval.backend={backend}"], tmp_path / f"{backend}.json"
+        )
     assert used == ["COCOeval", "COCOeval", "COCOeval_faster", "COCOeval_faster"]  # bbox, segm per backend
     assert metrics["pycocotools"] == metrics["faster_coco_eval"]
     results = json.loads(out.read_text())
@@ -124,9 +148,12 @@ def test_auto_takes_faster_coco_eval_when_installed(monkeypatch: pytest.MonkeyPa
     assert coco_api("pycocotools")[1] is COCOeval
     monkeypatch.setitem(sys.modules, "faster_coco_eval", None)  # as if not installed
     assert coco_api("auto")[1] is COCOeval
-    with pytest.raises(ConfigError, match=r"eval.backend=faster_coco_eval needs the faster-coco-eval package, "
-                                          r"which is not installed; pip install 'frcnn_train\[eval\]' or set "
-                                          r"eval.backend=pycocotools"):
+    with pytest.raises(
+        ConfigError,
+        match=r"eval.backend=faster_coco_eval needs the faster-coco-eval package, "
+        r"which is not installed; pip install 'frcnn_train\[eval\]' or set "
+        r"eval.backend=pycocotools",
+    ):
         coco_api("faster_coco_eval")
     with pytest.raises(ConfigError, match="eval.backend='cocoapi' is not a choice; use auto, pycocotools"):
         coco_api("cocoapi")
@@ -149,18 +176,26 @@ def test_the_gather_gets_rle_masks_and_plain_values(compose_tiny, monkeypatch: p
     gathered = []
     gather = distributed.gather_lists
     monkeypatch.setattr(distributed, "gather_lists", lambda items: gathered.append(items) or gather(items))
-    evaluate(model, build_eval_loader(data.val, batch_size=2, num_workers=0), coco_gt=data.val.coco,
-             label_to_cat_id=data.val.label_to_cat_id, device=torch.device("cpu"), with_masks=True)
+    evaluate(
+        model,
+        build_eval_loader(data.val, batch_size=2, num_workers=0),
+        coco_gt=data.val.coco,
+        label_to_cat_id=data.val.label_to_cat_id,
+        device=torch.device("cpu"),
+        with_masks=True,
+    )
     (items,) = gathered
-    assert items and all(set(r["segmentation"]) == {"size", "counts"} and isinstance(r["segmentation"]["counts"], str)
-                         for r in items)
+    assert items and all(
+        set(r["segmentation"]) == {"size", "counts"} and isinstance(r["segmentation"]["counts"], str) for r in items
+    )
     assert b"torch" not in pickle.dumps(items)  # plain Python values only
     dense = len(items) * 64 * 64  # a uint8 mask per detection
     assert len(pickle.dumps(items)) < dense / 4
 
 
-def test_the_evaluation_loaders_workers_persist_across_evaluations(compose_tiny,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_evaluation_loaders_workers_persist_across_evaluations(
+    compose_tiny, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from frcnn_train import validation
     from frcnn_train.data import EvalLoader
     from frcnn_train.launch import run

@@ -1,12 +1,13 @@
 """Evaluation plots: the confusion matrix's entries, PR curves from COCOeval, and a run that writes both."""
+
 from __future__ import annotations
 
 import contextlib
 import io
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -54,10 +55,12 @@ def test_confusion_matrix_counts_confusions_misses_and_false_detections() -> Non
     matrix, names = eval_plots.confusion_matrix(ground_truth(), DETECTIONS, score_threshold=0.5)
     assert names == ["a", "b", "c"]
     #                      a  b  c  background (predicted)
-    assert matrix.tolist() == [[1, 0, 0, 0],  # true a: found as a
-                               [1, 0, 0, 0],  # true b: confused with a
-                               [0, 0, 0, 1],  # true c: never predicted, missed
-                               [1, 0, 0, 0]]  # background: one a on nothing
+    assert matrix.tolist() == [
+        [1, 0, 0, 0],  # true a: found as a
+        [1, 0, 0, 0],  # true b: confused with a
+        [0, 0, 0, 1],  # true c: never predicted, missed
+        [1, 0, 0, 0],
+    ]  # background: one a on nothing
     normalised = eval_plots.normalise_rows(matrix)
     assert normalised[1].tolist() == [1.0, 0.0, 0.0, 0.0] and normalised[2, 3] == 1.0
     # With a lower threshold the b on image 3 counts too: another false detection.
@@ -103,8 +106,7 @@ def test_a_run_writes_plots_at_each_evaluation(tiny_runs: Callable[..., Path]) -
     run_dir = tiny_runs("plots")
     steps = sorted((run_dir / "plots").iterdir())
     assert [p.name for p in steps] == ["step_0000004"]  # 8 images, batch 2, 1 epoch, evaluated once
-    assert sorted(p.name for p in steps[0].iterdir()) == ["confusion.png", "confusion_normalised.png",
-                                                          "pr_bbox.png"]
+    assert sorted(p.name for p in steps[0].iterdir()) == ["confusion.png", "confusion_normalised.png", "pr_bbox.png"]
     events = EventAccumulator(str(run_dir), size_guidance={"images": 0}).Reload()
     assert {"val/plots/confusion", "val/plots/pr_bbox"} <= set(events.Tags()["images"])
 
@@ -113,8 +115,12 @@ def test_evaluate_plots_flag(tiny_runs: Callable[..., Path], tmp_path: Path, cap
     from frcnn_train import evaluate
 
     run_dir = tiny_runs("plots")
-    code = evaluate.main([str(run_dir / "last.pth"), "--out", str(tmp_path / "det.json"),
-                          "--plots", str(tmp_path / "plots")])
+    code = evaluate.main(
+        [str(run_dir / "last.pth"), "--out", str(tmp_path / "det.json"), "--plots", str(tmp_path / "plots")]
+    )
     assert code == 0 and f"plots: {tmp_path / 'plots'}" in capsys.readouterr().out
-    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["confusion.png", "confusion_normalised.png",
-                                                                     "pr_bbox.png"]
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
+        "confusion.png",
+        "confusion_normalised.png",
+        "pr_bbox.png",
+    ]

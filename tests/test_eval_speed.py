@@ -1,4 +1,5 @@
 """scripts/eval_speed.py: the rows scale_check prints (evaluation per backend, gather bytes, padding per batch)."""
+
 from __future__ import annotations
 
 import importlib.util

@@ -1,4 +1,5 @@
 """`evaluate` reproduces a run's own validation numbers; `predict` writes drawn images and COCO results."""
+
 from __future__ import annotations
 
 import json
@@ -11,11 +12,14 @@ from frcnn_train import checkpoint
 from frcnn_train.evaluate import main as evaluate_main
 from frcnn_train.predict import main as predict_main
 
-
 # Inference-only knobs (not part of the architecture): many low-scoring boxes per image, so that
 # one epoch of training already gives a non-zero AP and "equal" below is not 0.0 == 0.0.
-MANY_BOXES = ("model.box_score_thresh=0.0", "model.rpn_pre_nms_top_n_test=1000",
-              "model.rpn_post_nms_top_n_test=300", "model.box_detections_per_img=300")
+MANY_BOXES = (
+    "model.box_score_thresh=0.0",
+    "model.rpn_pre_nms_top_n_test=1000",
+    "model.rpn_post_nms_top_n_test=300",
+    "model.box_detections_per_img=300",
+)
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +53,13 @@ def test_evaluate_prints_the_table_and_writes_where_asked(trained: Path, tmp_pat
     assert isinstance(json.loads(out.read_text()), list)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("model.box_head_dim=64", "rebuilds the model from the checkpoint's config, so model.box_head_dim cannot"),
-    ("optim.lr=0.1", "evaluate cannot override optim.lr"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.box_head_dim=64", "rebuilds the model from the checkpoint's config, so model.box_head_dim cannot"),
+        ("optim.lr=0.1", "evaluate cannot override optim.lr"),
+    ],
+)
 def test_evaluate_refuses_other_overrides(trained: Path, capsys, override: str, message: str) -> None:
     assert evaluate_main([str(trained / "last.pth"), override]) == 2
     err = capsys.readouterr().err
@@ -62,8 +69,20 @@ def test_evaluate_refuses_other_overrides(trained: Path, capsys, override: str, 
 def test_predict_a_directory_writes_images_and_results(trained: Path, tmp_path: Path, capsys) -> None:
     images = sorted(val_images(trained).glob("*.png"))
     out = tmp_path / "preds"
-    code = predict_main([str(trained / "last.pth"), str(images[0].parent), "--out", str(out),
-                         "--score-threshold", "0.1", "--batch-size", "3", "--device", "cpu"])
+    code = predict_main(
+        [
+            str(trained / "last.pth"),
+            str(images[0].parent),
+            "--out",
+            str(out),
+            "--score-threshold",
+            "0.1",
+            "--batch-size",
+            "3",
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     for image in images:
         drawn = Image.open(out / image.name)
@@ -112,8 +131,12 @@ def test_drawing_takes_uint8_as_the_float_images_it_replaces() -> None:
     from frcnn_train.visualize import draw_detections
 
     image = torch.randint(0, 256, (3, 40, 50), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    output = {"boxes": torch.tensor([[2.0, 3.0, 30.0, 20.0]]), "scores": torch.tensor([0.9]),
-              "labels": torch.tensor([1]), "masks": torch.rand(1, 1, 40, 50, generator=torch.Generator().manual_seed(1))}
+    output = {
+        "boxes": torch.tensor([[2.0, 3.0, 30.0, 20.0]]),
+        "scores": torch.tensor([0.9]),
+        "labels": torch.tensor([1]),
+        "masks": torch.rand(1, 1, 40, 50, generator=torch.Generator().manual_seed(1)),
+    }
     drawn = draw_detections(image, output, ["thing"])
     assert torch.equal(drawn, draw_detections(image.float().div_(255.0), output, ["thing"]))
     assert torch.equal(draw_detections(image, {k: v[:0] for k, v in output.items()}, ["thing"]), image)

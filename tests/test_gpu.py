@@ -7,6 +7,7 @@ deterministic RoI pooling on CUDA; the v2 zoo presets detect as torchvision at
 Run with `pytest -m gpu` on a machine with CUDA (scripts/gpu_check.py runs it with every other GPU figure).
 With FRCNN_GPU_REPORT=<dir> set, the sync test writes the host syncs it saw, per site, to <dir>/host_syncs.json.
 """
+
 from __future__ import annotations
 
 import ast
@@ -17,7 +18,7 @@ import re
 import subprocess
 import sys
 import warnings
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -34,10 +35,14 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
-def test_amp_checkpoint_from_cuda_resumes_on_cuda_and_cpu(compose_tiny, caplog: pytest.LogCaptureFixture,
-                                                          dtype: str) -> None:
-    gpu_run = run(compose_tiny("device=cuda", "trainer.amp=true", f"trainer.amp_dtype={dtype}",
-                               "trainer.max_steps=3", "trainer.epochs=2"))
+def test_amp_checkpoint_from_cuda_resumes_on_cuda_and_cpu(
+    compose_tiny, caplog: pytest.LogCaptureFixture, dtype: str
+) -> None:
+    gpu_run = run(
+        compose_tiny(
+            "device=cuda", "trainer.amp=true", f"trainer.amp_dtype={dtype}", "trainer.max_steps=3", "trainer.epochs=2"
+        )
+    )
     last = Path(gpu_run["run_dir"]) / "last.pth"
     ckpt = checkpoint.load_checkpoint(last)  # map_location=cpu
     assert all(t.device.type == "cpu" for t in ckpt["model"].values())
@@ -81,19 +86,29 @@ def test_evaluation_under_cuda_autocast_equals_fp32(compose_tiny, dtype: torch.d
     runs = {}
     for amp in (None, dtype):
         loader = build_eval_loader(data.val, batch_size=2, num_workers=0)
-        _, runs[amp] = evaluate(model, loader, coco_gt=data.val.coco, label_to_cat_id=data.val.label_to_cat_id,
-                                device=torch.device("cuda"), with_masks=False, autocast_dtype=amp)
+        _, runs[amp] = evaluate(
+            model,
+            loader,
+            coco_gt=data.val.coco,
+            label_to_cat_id=data.val.label_to_cat_id,
+            device=torch.device("cuda"),
+            with_masks=False,
+            autocast_dtype=amp,
+        )
     assert len(runs[None]) > 20 and len(runs[dtype]) == len(runs[None])
     for a, b in zip(runs[None], runs[dtype]):
         assert (a["image_id"], a["category_id"]) == (b["image_id"], b["category_id"])
         assert max(abs(x - y) for x, y in zip(a["bbox"], b["bbox"])) <= 1e-3
 
 
-@lru_cache(maxsize=None)
+@cache
 def _functions(filename: str) -> list[tuple[int, int, str]]:
     tree = ast.parse(Path(filename).read_text())
-    return [(node.lineno, node.end_lineno or node.lineno, node.name) for node in ast.walk(tree)
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    return [
+        (node.lineno, node.end_lineno or node.lineno, node.name)
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+    ]
 
 
 def sync_site(filename: str, lineno: int) -> str:
@@ -127,6 +142,7 @@ def test_training_step_syncs_on_cuda(compose_tiny, monkeypatch: pytest.MonkeyPat
                 return method(*args, **kwargs)
             finally:
                 inside[0] -= 1
+
         return wrapper
 
     seen: list[tuple[str, int, str]] = []
@@ -142,8 +158,16 @@ def test_training_step_syncs_on_cuda(compose_tiny, monkeypatch: pytest.MonkeyPat
         with warnings.catch_warnings():
             warnings.simplefilter("always")
             monkeypatch.setattr(warnings, "showwarning", record)
-            summary = run(compose_tiny("device=cuda", "trainer.epochs=3", "trainer.log_every=3",
-                                       "trainer.eval_every=0", "trainer.amp=true", "trainer.amp_dtype=bf16"))
+            summary = run(
+                compose_tiny(
+                    "device=cuda",
+                    "trainer.epochs=3",
+                    "trainer.log_every=3",
+                    "trainer.eval_every=0",
+                    "trainer.amp=true",
+                    "trainer.amp_dtype=bf16",
+                )
+            )
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert summary["global_step"] == 12
@@ -151,15 +175,23 @@ def test_training_step_syncs_on_cuda(compose_tiny, monkeypatch: pytest.MonkeyPat
     lines = collections.Counter(f"{Path(f).name}:{n}" for f, n, _ in seen if f.startswith(package))
     if report := os.environ.get("FRCNN_GPU_REPORT"):
         Path(report).mkdir(parents=True, exist_ok=True)
-        (Path(report) / "host_syncs.json").write_text(json.dumps({"steps": 12, "log_lines": 4, "by_function": sites,
-                                                                  "by_line": lines}, indent=1))
+        (Path(report) / "host_syncs.json").write_text(
+            json.dumps({"steps": 12, "log_lines": 4, "by_function": sites, "by_line": lines}, indent=1)
+        )
     trainer_own = {k: v for k, v in sites.items() if k.split(":")[0] in ("trainer.py", "progress.py")}
     assert trainer_own == {"trainer.py:_check_finite": 12, "progress.py:step": 12 // 3}, (trainer_own, sites, lines)
 
 
 def test_channels_last_and_compile_train_and_save_plain_keys(compose_tiny) -> None:
-    summary = run(compose_tiny("device=cuda", "trainer.max_steps=3", "trainer.epochs=2",
-                               "trainer.channels_last=true", "trainer.compile=true"))
+    summary = run(
+        compose_tiny(
+            "device=cuda",
+            "trainer.max_steps=3",
+            "trainer.epochs=2",
+            "trainer.channels_last=true",
+            "trainer.compile=true",
+        )
+    )
     last = Path(summary["run_dir"]) / "last.pth"
     assert not any("_orig_mod" in key for key in checkpoint.load_checkpoint(last)["model"])
     overrides = [f"resume={last}", "trainer.compile=false", "trainer.channels_last=false", "trainer.max_steps=null"]
@@ -169,15 +201,34 @@ def test_channels_last_and_compile_train_and_save_plain_keys(compose_tiny) -> No
 def test_benchmark_vs_torchvision_on_cuda(shapes_cache: Path, tmp_path: Path) -> None:
     root = Path(__file__).resolve().parents[1]
     result = subprocess.run(
-        [sys.executable, "scripts/benchmark.py", "--vs-torchvision", "--device", "cuda", "--steps", "2",
-         "--rounds", "2", "--warmup", "1", "trainer.batch_size=2", f"data.cache_dir={shapes_cache}",
-         "data.shapes.num_train=8", "data.num_workers=0"],
-        cwd=root, capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONPATH": python_path()},
+        [
+            sys.executable,
+            "scripts/benchmark.py",
+            "--vs-torchvision",
+            "--device",
+            "cuda",
+            "--steps",
+            "2",
+            "--rounds",
+            "2",
+            "--warmup",
+            "1",
+            "trainer.batch_size=2",
+            f"data.cache_dir={shapes_cache}",
+            "data.shapes.num_train=8",
+            "data.num_workers=0",
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "PYTHONPATH": python_path()},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
-    assert lines[0].startswith("faster_rcnn resnet50_fpn (FPN 256), 800-1333 px, batch 2, AMP torch.float16, cuda; "
-                               "end-to-end")
+    assert lines[0].startswith(
+        "faster_rcnn resnet50_fpn (FPN 256), 800-1333 px, batch 2, AMP torch.float16, cuda; end-to-end"
+    )
     assert re.fullmatch(r"ratio frcnn_train/torchvision = \d+\.\d\d", lines[-1]), lines[-1]
     assert "CUDA max_memory_allocated" in result.stdout
 
@@ -214,23 +265,48 @@ def test_uint8_becomes_on_cuda_the_float_the_cpu_conversion_gave() -> None:
 
 
 # The R50-FPN at torchvision's sizes, as scripts/vs_torchvision.py runs it on CUDA, on the shapes data at 640 px.
-R50_800 = ["model/backbone=resnet50_fpn", "model.backbone.fpn_channels=256", "model.min_size=800",
-           "model.max_size=1333", "model.anchor_sizes=[32,64,128,256,512]", "model.rpn_pre_nms_top_n_train=2000",
-           "model.rpn_pre_nms_top_n_test=1000", "model.rpn_post_nms_top_n_train=2000",
-           "model.rpn_post_nms_top_n_test=1000", "model.rpn_batch_size_per_image=256",
-           "model.box_batch_size_per_image=512", "model.box_head_dim=1024", "model.box_detections_per_img=100",
-           "model.mask_head_dim=256", "model.mask_head_layers=4", "data.shapes.image_size=640",
-           "data.shapes.max_objects=7"]
+R50_800 = [
+    "model/backbone=resnet50_fpn",
+    "model.backbone.fpn_channels=256",
+    "model.min_size=800",
+    "model.max_size=1333",
+    "model.anchor_sizes=[32,64,128,256,512]",
+    "model.rpn_pre_nms_top_n_train=2000",
+    "model.rpn_pre_nms_top_n_test=1000",
+    "model.rpn_post_nms_top_n_train=2000",
+    "model.rpn_post_nms_top_n_test=1000",
+    "model.rpn_batch_size_per_image=256",
+    "model.box_batch_size_per_image=512",
+    "model.box_head_dim=1024",
+    "model.box_detections_per_img=100",
+    "model.mask_head_dim=256",
+    "model.mask_head_layers=4",
+    "data.shapes.image_size=640",
+    "data.shapes.max_objects=7",
+]
 
 
 def test_r50_fpn_800px_trains_30_steps_in_fp16_with_finite_losses(compose_tiny) -> None:
     """Issue 17's first finding: fp16 at these sizes diverged at step 4 (fused SGD after a skipped step).
     A non-finite loss ends run() with TrainingError; the weights and the optimizer state stay finite."""
-    summary = run(compose_tiny(*R50_800, "device=cuda", "trainer.amp=true", "trainer.amp_dtype=fp16",
-                               "trainer.batch_size=8", "data.shapes.num_train=64", "data.shapes.num_val=8",
-                               "data.num_workers=auto", "trainer.epochs=4", "trainer.max_steps=30",
-                               "trainer.eval_every=0",
-                               "trainer.log_every=10", "optim.reference_batch=4", "schedule.warmup_steps=100"))
+    summary = run(
+        compose_tiny(
+            *R50_800,
+            "device=cuda",
+            "trainer.amp=true",
+            "trainer.amp_dtype=fp16",
+            "trainer.batch_size=8",
+            "data.shapes.num_train=64",
+            "data.shapes.num_val=8",
+            "data.num_workers=auto",
+            "trainer.epochs=4",
+            "trainer.max_steps=30",
+            "trainer.eval_every=0",
+            "trainer.log_every=10",
+            "optim.reference_batch=4",
+            "schedule.warmup_steps=100",
+        )
+    )
     assert summary["global_step"] == 30
     last = checkpoint.load_checkpoint(Path(summary["run_dir"]) / "last.pth")
     assert all(torch.isfinite(t).all() for t in last["model"].values() if t.is_floating_point())
@@ -244,8 +320,7 @@ def test_deterministic_resume_on_cuda_is_bitwise(compose_tiny, arch: str) -> Non
     """trainer.deterministic=true on CUDA: stopped mid-epoch and resumed, the run ends bitwise equal to a
     straight one. Ops without a deterministic CUDA kernel make torch warn (warn_only); they are named in
     the failure message."""
-    common = (f"model={arch}", "device=cuda", "trainer.deterministic=true", "trainer.epochs=2",
-              "trainer.eval_every=0")
+    common = (f"model={arch}", "device=cuda", "trainer.deterministic=true", "trainer.epochs=2", "trainer.eval_every=0")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         straight = run(compose_tiny(*common, "run_name=straight"))
@@ -255,8 +330,10 @@ def test_deterministic_resume_on_cuda_is_bitwise(compose_tiny, arch: str) -> Non
     assert straight["completed"] and resumed["completed"] and stopped["global_step"] == 3
     nondeterministic = sorted({str(w.message).split("\n")[0] for w in caught if "deterministic" in str(w.message)})
     try:
-        assert_same_training(checkpoint.load_checkpoint(Path(straight["run_dir"]) / "last.pth"),
-                             checkpoint.load_checkpoint(Path(resumed["run_dir"]) / "last.pth"))
+        assert_same_training(
+            checkpoint.load_checkpoint(Path(straight["run_dir"]) / "last.pth"),
+            checkpoint.load_checkpoint(Path(resumed["run_dir"]) / "last.pth"),
+        )
     except AssertionError as err:
         raise AssertionError(f"{err}; torch's warnings about nondeterministic ops: {nondeterministic}") from None
 
@@ -268,8 +345,9 @@ def test_deterministic_roi_pooling_on_cuda_repeats_bitwise_and_equals_torchvisio
 
     g = torch.Generator().manual_seed(0)
     shapes = [(800, 1066), (800, 1200)]
-    features = {str(i): torch.randn(2, 32, 200 // 2**i, 304 // 2**i, generator=g).cuda().requires_grad_()
-                for i in range(4)}
+    features = {
+        str(i): torch.randn(2, 32, 200 // 2**i, 304 // 2**i, generator=g).cuda().requires_grad_() for i in range(4)
+    }
     boxes = []
     for _ in shapes:
         xy = torch.rand(300, 2, generator=g) * 700
@@ -302,8 +380,14 @@ def test_transform_makes_no_host_sync_on_cuda_and_equals_torchvision() -> None:
     ours = specialise(copy.deepcopy(stock), SameSizeTransform).train()
     g = torch.Generator().manual_seed(0)
     images = [torch.randint(0, 256, (3, 480, 640), generator=g, dtype=torch.uint8).cuda() for _ in range(3)]
-    targets = [{"boxes": torch.tensor([[10.0, 20.0, 300.5, 400.25]]).cuda(), "labels": torch.tensor([1]).cuda(),
-                "masks": (torch.rand(1, 480, 640, generator=g) > 0.5).to(torch.uint8).cuda()} for _ in images]
+    targets = [
+        {
+            "boxes": torch.tensor([[10.0, 20.0, 300.5, 400.25]]).cuda(),
+            "labels": torch.tensor([1]).cuda(),
+            "masks": (torch.rand(1, 480, 640, generator=g) > 0.5).to(torch.uint8).cuda(),
+        }
+        for _ in images
+    ]
     ours(images, copy.deepcopy(targets))  # the first call makes the mean and std on the device
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -379,8 +463,10 @@ def api_detections_equal_predict(ckpt: Path, device: str, out: Path) -> int:
     det = frcnn_train.load(ckpt, device=device)
     assert det.device.type == torch.device(device).type and next(det.model.parameters()).device.type == det.device.type
     results = det.predict([str(p) for p in images], score_threshold=0.0)
-    assert predict_main([str(ckpt), *map(str, images), "--out", str(out), "--score-threshold", "0.0",
-                         "--device", device]) == 0
+    assert (
+        predict_main([str(ckpt), *map(str, images), "--out", str(out), "--score-threshold", "0.0", "--device", device])
+        == 0
+    )
     ours = []
     for path, result in zip(images, results):
         boxes = result["boxes"]
@@ -397,8 +483,15 @@ def test_api_predict_on_cuda_equals_frcnn_predict(compose_tiny, tmp_path: Path) 
     (scripts/gpu_check.py passes train_100's, the R50-FPN at 800 px), else a tiny one trained here on CUDA."""
     ckpt = os.environ.get("FRCNN_GPU_CHECKPOINT")
     if not ckpt:  # many low-scoring boxes, so that one tiny epoch gives detections to compare
-        summary = run(compose_tiny("device=cuda", "trainer.eval_every=0", "model.box_score_thresh=0.0",
-                                   "model.rpn_pre_nms_top_n_test=1000", "model.rpn_post_nms_top_n_test=300",
-                                   "model.box_detections_per_img=300"))
+        summary = run(
+            compose_tiny(
+                "device=cuda",
+                "trainer.eval_every=0",
+                "model.box_score_thresh=0.0",
+                "model.rpn_pre_nms_top_n_test=1000",
+                "model.rpn_post_nms_top_n_test=300",
+                "model.box_detections_per_img=300",
+            )
+        )
         ckpt = str(Path(summary["run_dir"]) / "last.pth")
     assert api_detections_equal_predict(Path(ckpt), "cuda", tmp_path / "predictions") > 0, "no detections to compare"

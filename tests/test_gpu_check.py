@@ -1,5 +1,6 @@
 """scripts/gpu_check.py on the CPU (a tiny config): one table, the same as JSON, every section ran or was
 skipped with its reason; a failing section loses only itself; the overall budget stops it."""
+
 from __future__ import annotations
 
 import json
@@ -19,9 +20,24 @@ import gpu_check  # noqa: E402
 
 
 def _check(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
-    result = subprocess.run([sys.executable, "scripts/gpu_check.py", "--device", "cpu", "--out", str(tmp_path / "out"),
-                             "--work", str(tmp_path / "work"), *args], cwd=ROOT, capture_output=True, text=True,
-                            timeout=900, env={**os.environ, "PYTHONPATH": python_path()})
+    result = subprocess.run(
+        [
+            sys.executable,
+            "scripts/gpu_check.py",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / "out"),
+            "--work",
+            str(tmp_path / "work"),
+            *args,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "PYTHONPATH": python_path()},
+    )
     record = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
     return result, record
 
@@ -75,30 +91,38 @@ def test_every_cpu_section_runs(tmp_path: Path) -> None:
         assert set(figures["images_per_s"]) == {"torchvision", "frcnn_train"}, figures
 
 
-def test_a_failing_section_loses_only_itself_and_the_budget_stops_the_rest(tmp_path: Path,
-                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failing_section_loses_only_itself_and_the_budget_stops_the_rest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def broken(c):
         raise RuntimeError("this section broke")
 
     ran = []
-    fake = {name: (lambda c, name=name: ran.append(name) or {"status": "ok", "figures": {"n": 1}})
-            for name in gpu_check.SECTIONS}
+    fake = {
+        name: (lambda c, name=name: ran.append(name) or {"status": "ok", "figures": {"n": 1}})
+        for name in gpu_check.SECTIONS
+    }
     fake["train_100"] = broken
     monkeypatch.setattr(gpu_check, "SECTIONS", fake)
     out = tmp_path / "out"
     code = gpu_check.main(["--device", "cpu", "--out", str(out), "--work", str(tmp_path / "work")])
     record = json.loads((out / "gpu_check.json").read_text())
-    assert code == 1 and record["sections"]["train_100"] == {"status": "failed", "seconds": record["sections"][
-        "train_100"]["seconds"], "note": "RuntimeError: this section broke"}
+    assert code == 1 and record["sections"]["train_100"] == {
+        "status": "failed",
+        "seconds": record["sections"]["train_100"]["seconds"],
+        "note": "RuntimeError: this section broke",
+    }
     assert ran == [name for name in fake if name != "train_100"]
     code = gpu_check.main(["--device", "cpu", "--out", str(out), "--work", str(tmp_path / "work"), "--budget", "5"])
     record = json.loads((out / "gpu_check.json").read_text())
     assert code == 0 and {s["note"] for s in record["sections"].values()} == {"overall budget spent"}
 
 
-def test_a_v2_preset_whose_fp16_loss_overflows_is_a_failure_naming_the_side(tmp_path: Path,
-                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_v2_preset_whose_fp16_loss_overflows_is_a_failure_naming_the_side(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """zoo_v2_*: the benchmark's exit 2 with its JSON error (a non-finite loss) reads as losses_finite False."""
+
     def benchmark_ended(c, name, argv, timeout, env=None):
         error = "frcnn_train side: the loss became non-finite at step 4 (epoch 1: loss_classifier=nan)"
         Path(argv[argv.index("--json") + 1]).write_text(json.dumps({"amp": "torch.float16", "error": error}))

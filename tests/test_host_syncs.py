@@ -4,6 +4,7 @@ Per optimizer step: one read for the finiteness check; the losses are read
 once every trainer.log_every steps. Counted on the CPU by wrapping every way a
 tensor reaches the host; `pytest -m gpu` checks the same with CUDA's sync debug mode.
 """
+
 from __future__ import annotations
 
 import sys
@@ -35,7 +36,14 @@ def test_step_reads_the_host_once_plus_once_per_log_line(compose_tiny, monkeypat
     for name in ("item", "tolist", "__float__", "__bool__", "__int__", "cpu", "numpy"):
         monkeypatch.setattr(torch.Tensor, name, counting(name))
     # 8 images, batch 2, accumulate 2: 2 optimizer steps per epoch, 6 in all; a log line every 3 steps.
-    summary = run(compose_tiny("trainer.epochs=3", "trainer.accumulate=2", "trainer.log_every=3",
-                               "trainer.grad_clip=10.0", "trainer.eval_every=0"))
+    summary = run(
+        compose_tiny(
+            "trainer.epochs=3",
+            "trainer.accumulate=2",
+            "trainer.log_every=3",
+            "trainer.grad_clip=10.0",
+            "trainer.eval_every=0",
+        )
+    )
     assert summary["global_step"] == 6
     assert reads == Counter({"_check_finite:tolist": 6, "step:tolist": 2}), reads

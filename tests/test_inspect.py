@@ -1,4 +1,5 @@
 """`inspect` on our checkpoints, foreign weights, run directories and differences; parameter groups in it."""
+
 from __future__ import annotations
 
 import json
@@ -16,7 +17,6 @@ from frcnn_train import checkpoint
 from frcnn_train.errors import ConfigError
 from frcnn_train.inspect import main
 from frcnn_train.launch import run
-
 
 BACKBONE_SLOW = "optim.param_groups=[{match:backbone,lr_mult:0.1}]"
 
@@ -41,10 +41,17 @@ def inspect(capsys, *argv: str) -> tuple[int, str, str]:
 def test_checkpoint_summary(slow_backbone, capsys) -> None:
     code, out, _ = inspect(capsys, slow_backbone / "last.pth")
     assert code == 0, out
-    for text in ("frcnn_train.checkpoint v1, complete", "step 4 (the end of epoch 1)",
-                 "best          bbox/AP = ", "faster_rcnn / resnet18_fpn, attention none",
-                 "5: circle, square, triangle, star, ellipse", "sgd, 4 param groups", "multistep, last step 4",
-                 "scaler        off", "torchvision "):
+    for text in (
+        "frcnn_train.checkpoint v1, complete",
+        "step 4 (the end of epoch 1)",
+        "best          bbox/AP = ",
+        "faster_rcnn / resnet18_fpn, attention none",
+        "5: circle, square, triangle, star, ellipse",
+        "sgd, 4 param groups",
+        "multistep, last step 4",
+        "scaler        off",
+        "torchvision ",
+    ):
         assert text in out, text
     ckpt = checkpoint.load_checkpoint(slow_backbone / "last.pth")
     assert ckpt["architecture"]["fingerprint"][:12] in out
@@ -141,8 +148,9 @@ def test_diff_of_two_checkpoints(slow_backbone, wide_head, capsys) -> None:
 def test_diff_of_a_checkpoint_with_itself_says_identical(slow_backbone, capsys) -> None:
     code, out, _ = inspect(capsys, slow_backbone / "last.pth", slow_backbone / "epoch_0001.pth")
     assert code == 0
-    assert any(line.startswith("values: all ") and line.endswith(" shared tensors identical")
-               for line in out.splitlines()), out
+    assert any(
+        line.startswith("values: all ") and line.endswith(" shared tensors identical") for line in out.splitlines()
+    ), out
 
 
 def test_diff_against_overrides_says_whether_resume_accepts_them(slow_backbone, capsys) -> None:
@@ -166,7 +174,12 @@ def test_errors_are_one_sentence_and_exit_2(tmp_path: Path, capsys) -> None:
 
 
 def test_entry_point_runs_as_a_module(slow_backbone) -> None:
-    proc = subprocess.run([sys.executable, "-m", "frcnn_train.inspect", str(slow_backbone / "last.pth"), "--json"],
-                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    proc = subprocess.run(
+        [sys.executable, "-m", "frcnn_train.inspect", str(slow_backbone / "last.pth"), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["epoch"] == 1

@@ -6,6 +6,7 @@ directory and the inputs before and after. Then what each command may do (replac
 output), and the messages that must say what works: a full disk, a stop signal at an epoch's end,
 a `.lock` holding garbage, and a "Resume with:" command that pastes into a shell.
 """
+
 from __future__ import annotations
 
 import json
@@ -80,7 +81,8 @@ def test_1_evaluate_out_onto_the_checkpoint_it_evaluates(epoch_run: Path, capsys
     assert message == (
         f"--out {last} already exists and is the checkpoint it evaluates; best.pth, epoch_0001.pth are hard links "
         "to it, not a detections file of frcnn-evaluate, and frcnn-evaluate never writes over a file it did not "
-        f"make; give a new file name such as {epoch_run / 'detections_last.json'}")
+        f"make; give a new file name such as {epoch_run / 'detections_last.json'}"
+    )
     _unchanged(before, epoch_run)
 
 
@@ -89,23 +91,40 @@ def test_2_evaluate_out_onto_the_runs_config(epoch_run: Path, capsys) -> None:
     config = epoch_run / "config.yaml"
     before = _snapshot(epoch_run)
     message = _refused(*_cli(evaluate.main, [str(epoch_run), "--out", str(config)], capsys))
-    assert message.startswith(f"--out {config} already exists and is the config.yaml of the run in {epoch_run}, "
-                              "not a detections file of frcnn-evaluate"), message
+    assert message.startswith(
+        f"--out {config} already exists and is the config.yaml of the run in {epoch_run}, "
+        "not a detections file of frcnn-evaluate"
+    ), message
     _unchanged(before, epoch_run)
 
 
-def test_3_evaluate_out_onto_the_ground_truth_it_scores_against(epoch_run: Path, shared, tmp_path: Path,  # noqa: F811
-                                                                 capsys) -> None:
+def test_3_evaluate_out_onto_the_ground_truth_it_scores_against(
+    epoch_run: Path,
+    shared,  # noqa: F811
+    tmp_path: Path,
+    capsys,
+) -> None:
     """`frcnn-evaluate outputs/c data.root=D --out D/instances_val.json`."""
     root = tmp_path / "D"
     shutil.copytree(shared["coco"], root)
     truth = root / "instances_val.json"
     before = _snapshot(epoch_run, root)
-    argv = [str(epoch_run), "data=coco", f"data.root={root}", "data.train_images=train", "data.val_images=val",
-            "data.train_ann=instances_train.json", "data.val_ann=instances_val.json", "--out", str(truth)]
+    argv = [
+        str(epoch_run),
+        "data=coco",
+        f"data.root={root}",
+        "data.train_images=train",
+        "data.val_images=val",
+        "data.train_ann=instances_train.json",
+        "data.val_ann=instances_val.json",
+        "--out",
+        str(truth),
+    ]
     message = _refused(*_cli(evaluate.main, argv, capsys))
-    assert message.startswith(f"--out {truth} already exists and is a COCO annotation file (ground truth), not a "
-                              "detections file of frcnn-evaluate"), message
+    assert message.startswith(
+        f"--out {truth} already exists and is a COCO annotation file (ground truth), not a "
+        "detections file of frcnn-evaluate"
+    ), message
     _unchanged(before, epoch_run, root)
 
 
@@ -117,7 +136,8 @@ def test_4_export_out_onto_the_checkpoint_it_exports(epoch_run: Path, capsys) ->
     assert message == (
         f"--out {last} already exists and is the checkpoint it exports; best.pth, epoch_0001.pth are hard links to "
         "it, not a TorchScript export of frcnn-export, and frcnn-export never writes over a file it did not make; "
-        f"give a new file name such as {epoch_run / 'last.torchscript.pt'}")
+        f"give a new file name such as {epoch_run / 'last.torchscript.pt'}"
+    )
     _unchanged(before, epoch_run)
 
 
@@ -144,12 +164,14 @@ def test_5_another_runs_checkpoint_is_not_resumed_in_this_run(tiny_runs, shapes_
         f"{foreign} is a checkpoint of the run {b_dir}, but {run_a} holds another run ({a_dir}: last.pth, "
         f"config.yaml), whose last.pth and config.yaml a resume there would replace; resume it from its own run "
         f"directory ({b_dir}, or any directory holding no other run), or start a new run from its weights with "
-        f"init_from={foreign} and a new run_name=")
+        f"init_from={foreign} and a new run_name="
+    )
     _unchanged(before, run_a, run_b)
 
 
-def test_a_read_only_export_directory_is_refused_before_the_export(epoch_run: Path, tmp_path: Path, capsys,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_read_only_export_directory_is_refused_before_the_export(
+    epoch_run: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Before: an 18-line PermissionError traceback after the export was done."""
     target = tmp_path / "exports"
     target.mkdir()
@@ -160,11 +182,15 @@ def test_a_read_only_export_directory_is_refused_before_the_export(epoch_run: Pa
         if not really:  # root with no read-only mount: the check itself is what is shown
             monkeypatch.setattr(outputs, "unwritable", lambda p: "read-only file system" if p == target else None)
         out = target / "model.torchscript.pt"
-        message = _refused(*_cli(export.main, [str(epoch_run / "last.pth"), "--format", "torchscript",
-                                               "--out", str(out)], capsys))
-    assert re.fullmatch(rf"--out {re.escape(str(out))} cannot be written: {re.escape(str(target))} is not writable "
-                        r"\((read-only file system|permission denied)\); make it writable or give a path in a "
-                        r"writable directory", message), message
+        message = _refused(
+            *_cli(export.main, [str(epoch_run / "last.pth"), "--format", "torchscript", "--out", str(out)], capsys)
+        )
+    assert re.fullmatch(
+        rf"--out {re.escape(str(out))} cannot be written: {re.escape(str(target))} is not writable "
+        r"\((read-only file system|permission denied)\); make it writable or give a path in a "
+        r"writable directory",
+        message,
+    ), message
     assert not exported, "the export ran before the refusal"
     _unchanged(before, epoch_run, target)
 
@@ -178,8 +204,9 @@ def test_predict_does_not_write_over_a_file_in_its_out_directory(epoch_run: Path
     (out / "notes.txt").write_text("keep\n")
     before = _snapshot(epoch_run, tmp_path)
     message = _refused(*_cli(predict.main, [str(epoch_run), str(image), "--out", str(out)], capsys))
-    assert message.startswith(f"--out {out} already holds photo.png, which is an image, not frcnn-predict's own "
-                              "output"), message
+    assert message.startswith(
+        f"--out {out} already holds photo.png, which is an image, not frcnn-predict's own output"
+    ), message
     _unchanged(before, epoch_run, tmp_path)
 
 
@@ -203,30 +230,37 @@ def test_predict_twice_into_the_same_directory(epoch_run: Path, tmp_path: Path, 
     image = _photo(tmp_path)
     out = tmp_path / "preds"
     for _ in range(2):
-        code, stdout, stderr = _cli(predict.main, [str(epoch_run), str(image), "--out", str(out),
-                                                   "--score-threshold", "0"], capsys)
+        code, stdout, stderr = _cli(
+            predict.main, [str(epoch_run), str(image), "--out", str(out), "--score-threshold", "0"], capsys
+        )
         assert code == 0, stdout + stderr
     assert sorted(p.name for p in out.iterdir()) == ["photo.png", "predictions.json"]
     assert outputs.is_results_json(out / "predictions.json")
 
 
-def test_export_twice_into_the_same_file_but_not_over_the_other_format(epoch_run: Path, tmp_path: Path,
-                                                                       capsys) -> None:
+def test_export_twice_into_the_same_file_but_not_over_the_other_format(epoch_run: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "model.pt"
     argv = [str(epoch_run / "last.pth"), "--format", "torchscript", "--out", str(out), "--check-images", "0"]
     for _ in range(2):
         code, stdout, stderr = _cli(export.main, argv, capsys)
         assert code == 0, stdout + stderr
     before = _snapshot(tmp_path)
-    message = _refused(*_cli(export.main, [str(epoch_run / "last.pth"), "--format", "onnx", "--out", str(out),
-                                           "--check-images", "0"], capsys))
-    assert message.startswith(f"--out {out} already exists and is a TorchScript export, not an ONNX export of "
-                              "frcnn-export"), message
+    message = _refused(
+        *_cli(
+            export.main,
+            [str(epoch_run / "last.pth"), "--format", "onnx", "--out", str(out), "--check-images", "0"],
+            capsys,
+        )
+    )
+    assert message.startswith(
+        f"--out {out} already exists and is a TorchScript export, not an ONNX export of frcnn-export"
+    ), message
     _unchanged(before, tmp_path)
 
 
-def test_a_run_directory_moved_as_a_whole_and_a_lone_checkpoint_resume(tiny_runs, shapes_cache: Path,
-                                                                        tmp_path: Path) -> None:
+def test_a_run_directory_moved_as_a_whole_and_a_lone_checkpoint_resume(
+    tiny_runs, shapes_cache: Path, tmp_path: Path
+) -> None:
     run_a, run_b = _two_runs(tiny_runs, tmp_path)
     moved = tmp_path / "elsewhere" / "renamed"
     moved.parent.mkdir()
@@ -255,7 +289,8 @@ def test_a_full_disk_at_the_first_save_advises_resume_auto_which_works(compose_t
     run_dir = Path(compose_tiny().output_dir) / "full"
     assert str(refused.value).endswith(
         "no loadable last.pth was written before; free space and run the same command again with resume=auto, "
-        "which starts the run afresh there as nothing was saved"), refused.value
+        "which starts the run afresh there as nothing was saved"
+    ), refused.value
     with pytest.raises(UserError, match=r"continue it with resume=auto \(same run_name\)"):
         run(compose_tiny("run_name=full", "trainer.max_steps=1"))  # the same start again: no circular advice
     summary = run(compose_tiny("run_name=full", "trainer.max_steps=1", "resume=auto"))
@@ -272,6 +307,7 @@ class _SignalAt:
             if kwargs.get("step", kwargs.get("global_step")) == step:
                 os.kill(os.getpid(), signal.SIGTERM)
             return real(obj, *args, **kwargs)
+
         monkeypatch.setattr(owner, name, wrapper)
 
 
@@ -294,8 +330,9 @@ def test_sigterm_during_the_epoch_end_evaluation_ends_the_run_with_that_step(com
     assert _metrics_steps(run_dir) == [4]
 
 
-def test_sigterm_in_an_epochs_last_step_skips_its_evaluation_which_runs_after_the_resume(compose_tiny,
-                                                                                         monkeypatch) -> None:
+def test_sigterm_in_an_epochs_last_step_skips_its_evaluation_which_runs_after_the_resume(
+    compose_tiny, monkeypatch
+) -> None:
     from frcnn_train.progress import StepLog
 
     with monkeypatch.context() as patch:
@@ -322,9 +359,12 @@ def test_a_lock_holding_garbage_is_named_for_what_it_holds(tmp_path: Path, caplo
     with rundir.claim(rundir.Target(tmp_path / "run"), overwrite=False):
         pass
     held = repr(contents.decode(errors="replace")) if contents else "nothing"
-    assert caplog.messages == [(
-        f"Took over the lock {lock}, which held {held} instead of a pid, host and start time (its writer died "
-        "while creating it, or another program wrote it): no run is writing here.")]
+    assert caplog.messages == [
+        (
+            f"Took over the lock {lock}, which held {held} instead of a pid, host and start time (its writer died "
+            "while creating it, or another program wrote it): no run is writing here."
+        )
+    ]
     assert "None" not in caplog.text and not lock.exists()
 
 
@@ -335,7 +375,8 @@ def test_a_lock_that_cannot_be_read_is_one_sentence(tmp_path: Path) -> None:
         pass
     assert str(refused.value) == (
         f"the lock file {lock} cannot be read (is a directory), so whether a run is writing {tmp_path / 'run'} is "
-        "unknown; remove it if no run is, or use another run_name")
+        "unknown; remove it if no run is, or use another run_name"
+    )
 
 
 def test_a_train_log_with_other_names_is_not_appended_to(tmp_path: Path) -> None:
@@ -347,12 +388,15 @@ def test_a_train_log_with_other_names_is_not_appended_to(tmp_path: Path) -> None
     elsewhere.write_text("mine\n")
     os.link(elsewhere, run_dir / "train.log")
     before = _snapshot(tmp_path)
-    with pytest.raises(UserError) as refused, rundir.claim(rundir.Target(run_dir, run_dir / "last.pth"),
-                                                           overwrite=False):
+    with (
+        pytest.raises(UserError) as refused,
+        rundir.claim(rundir.Target(run_dir, run_dir / "last.pth"), overwrite=False),
+    ):
         pass
     assert str(refused.value) == (
         f"{run_dir / 'train.log'} has 2 names (hard links), and the run appends to it, which would change every one "
-        "of them; copy it (cp, not ln) to break the link, or use another run_name")
+        "of them; copy it (cp, not ln) to break the link, or use another run_name"
+    )
     _unchanged(before, tmp_path)
 
 
@@ -394,9 +438,11 @@ def test_the_printed_resume_command_pastes_into_a_shell(compose_tiny, tmp_path: 
 # ---------------------------------------------------------------- every command, also one added later
 # Calls that open or replace a file for writing. Outside this list a command writes through outputs.write_file
 # (a rename, after outputs.check_file / check_directory) or checkpoint.atomic_write.
-_WRITES = re.compile(r"""open\([^)]*["'][wax]b?["']|\.write_(text|bytes)\(|torch\.save\(|jit\.save\(|"""
-                     r"""(?<!self)(?<!checkpointer)\.save\(|OmegaConf\.save\(|os\.open\(.*O_WRONLY|FileHandler\(|"""
-                     r"""SummaryWriter\(|shutil\.(copy\w*|move)\(|os\.(replace|rename|link)\(""")
+_WRITES = re.compile(
+    r"""open\([^)]*["'][wax]b?["']|\.write_(text|bytes)\(|torch\.save\(|jit\.save\(|"""
+    r"""(?<!self)(?<!checkpointer)\.save\(|OmegaConf\.save\(|os\.open\(.*O_WRONLY|FileHandler\(|"""
+    r"""SummaryWriter\(|shutil\.(copy\w*|move)\(|os\.(replace|rename|link)\("""
+)
 # (module, text on the line): why it may write there.
 _ALLOWED_WRITES = {
     ("checkpoint.py", 'open(tmp, "wb")'): "atomic_write's own temporary file",
@@ -429,7 +475,8 @@ def test_no_module_writes_a_file_except_through_the_rule() -> None:
     found = []
     for path in sorted(package.rglob("*.py")):
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if _WRITES.search(line) and not any(path.name == module and text in line
-                                                for module, text in _ALLOWED_WRITES):
+            if _WRITES.search(line) and not any(
+                path.name == module and text in line for module, text in _ALLOWED_WRITES
+            ):
                 found.append(f"{path.relative_to(package)}:{number}: {line.strip()}")
     assert not found, "writes a file without outputs.write_file / checkpoint.atomic_write:\n" + "\n".join(found)

@@ -1,4 +1,5 @@
 """Parameter groups and the per-step LR schedule."""
+
 from __future__ import annotations
 
 import math
@@ -35,7 +36,12 @@ def test_norms_and_biases_get_no_weight_decay() -> None:
     assert names(groups["default"]) == ["backbone.body.0.weight", "backbone.fpn.weight", "roi_heads.weight"]
     assert groups["default"]["weight_decay"] == 0.1
     assert set(names(groups["default/no_decay"])) == {
-        "backbone.body.0.bias", "backbone.body.1.weight", "backbone.body.1.bias", "backbone.fpn.bias", "roi_heads.bias"}
+        "backbone.body.0.bias",
+        "backbone.body.1.weight",
+        "backbone.body.1.bias",
+        "backbone.fpn.bias",
+        "roi_heads.bias",
+    }
     assert groups["default/no_decay"]["weight_decay"] == 0.0
 
 
@@ -60,8 +66,9 @@ def schedule(**kwargs):
 
 
 def test_warmup_then_multistep() -> None:
-    f = lr_factor_fn(schedule(warmup_steps=10, warmup_factor=0.1, milestones=[2, 3], gamma=0.5),
-                     steps_per_epoch=10, total_steps=40)
+    f = lr_factor_fn(
+        schedule(warmup_steps=10, warmup_factor=0.1, milestones=[2, 3], gamma=0.5), steps_per_epoch=10, total_steps=40
+    )
     assert f(0) == pytest.approx(0.1) and f(5) == pytest.approx(0.55) and f(10) == 1.0
     assert f(19) == 1.0 and f(20) == 0.5 and f(30) == 0.25
 
@@ -73,6 +80,7 @@ def test_cosine_reaches_floor() -> None:
 
 def test_scheduler_resumes_on_the_same_curve_across_warmup() -> None:
     """A scheduler restored mid-warmup continues exactly where an uninterrupted one is."""
+
     def make():
         opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
         return opt, build_scheduler(opt, schedule(warmup_steps=6, warmup_factor=0.0), steps_per_epoch=5, total_steps=20)
@@ -80,51 +88,70 @@ def test_scheduler_resumes_on_the_same_curve_across_warmup() -> None:
     opt, sched = make()
     lrs = []
     for _ in range(12):
-        opt.step(); sched.step(); lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
     opt1, sched1 = make()
     for _ in range(4):
-        opt1.step(); sched1.step()
+        opt1.step()
+        sched1.step()
     state_opt, state_sched = opt1.state_dict(), sched1.state_dict()
     opt2, sched2 = make()
-    opt2.load_state_dict(state_opt); sched2.load_state_dict(state_sched)
+    opt2.load_state_dict(state_opt)
+    sched2.load_state_dict(state_sched)
     resumed = [opt2.param_groups[0]["lr"]]
     for _ in range(8):
-        opt2.step(); sched2.step(); resumed.append(opt2.param_groups[0]["lr"])
+        opt2.step()
+        sched2.step()
+        resumed.append(opt2.param_groups[0]["lr"])
     assert resumed == lrs[3:]
 
 
 def test_resume_onto_a_longer_cosine_takes_the_new_curve_at_once() -> None:
     """More epochs under cosine re-span the decay: the coming step already gets the new LR."""
+
     def make(total: int):
         opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
-        return opt, build_scheduler(opt, schedule(name="cosine", warmup_steps=0, min_lr_factor=0.0),
-                                    steps_per_epoch=5, total_steps=total)
+        return opt, build_scheduler(
+            opt, schedule(name="cosine", warmup_steps=0, min_lr_factor=0.0), steps_per_epoch=5, total_steps=total
+        )
 
     opt, sched = make(20)
     for _ in range(10):
-        opt.step(); sched.step()
+        opt.step()
+        sched.step()
     saved = opt.state_dict(), sched.state_dict()
 
     same_opt, same = make(20)
-    same_opt.load_state_dict(saved[0]); same.load_state_dict(saved[1])
+    same_opt.load_state_dict(saved[0])
+    same.load_state_dict(saved[1])
     assert apply_current_schedule(same) is None
 
     longer_opt, longer = make(40)
-    longer_opt.load_state_dict(saved[0]); longer.load_state_dict(saved[1])
+    longer_opt.load_state_dict(saved[0])
+    longer.load_state_dict(saved[1])
     assert apply_current_schedule(longer) == (pytest.approx(0.5), pytest.approx(0.5 * (1 + math.cos(math.pi / 4))))
     fresh_opt, fresh = make(40)
     for _ in range(10):
-        fresh_opt.step(); fresh.step()
+        fresh_opt.step()
+        fresh.step()
     assert longer_opt.param_groups[0]["lr"] == fresh_opt.param_groups[0]["lr"]
 
 
-@pytest.mark.parametrize("settings", [
-    {"name": "sgd", "momentum": 0.9}, {"name": "sgd", "momentum": 0.0}, {"name": "adamw"},
-], ids=["sgd-momentum", "sgd-plain", "adamw"])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"name": "sgd", "momentum": 0.9},
+        {"name": "sgd", "momentum": 0.0},
+        {"name": "adamw"},
+    ],
+    ids=["sgd-momentum", "sgd-plain", "adamw"],
+)
 def test_a_first_step_the_grad_scaler_skips_changes_nothing(settings: dict) -> None:
     """fp16 runs start at loss scale 65536, so their first steps usually have inf gradients that the
     GradScaler skips. torch's fused SGD made its momentum buffers with empty_like on that skipped step
     and the next good step wrote their garbage into the weights (issue 17: diverged at step 4)."""
+
     def train(skip_first: bool) -> tuple[torch.Tensor, dict]:
         torch.manual_seed(0)
         model = TinyDetector()

@@ -1,4 +1,5 @@
 """Per-class AP: computed from pycocotools' precision array, printed under the AP table, logged per evaluation."""
+
 from __future__ import annotations
 
 import json
@@ -11,17 +12,20 @@ from frcnn_train.evaluation import coco_metrics, format_table, summary_metrics
 
 @pytest.fixture(scope="module")
 def val(shapes_cache: Path):
+    from conftest import tiny_overrides
     from frcnn_train.config import compose_config
     from frcnn_train.data import build_datasets
-    from conftest import tiny_overrides
 
     cfg = compose_config(tiny_overrides(shapes_cache, Path("unused")))
     return build_datasets(cfg.data, with_masks=False).val
 
 
 def _ground_truth(val, drop_category: int | None = None) -> list[dict]:
-    return [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
-            for a in val.coco.dataset["annotations"] if a["category_id"] != drop_category]
+    return [
+        {"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
+        for a in val.coco.dataset["annotations"]
+        if a["category_id"] != drop_category
+    ]
 
 
 def test_per_class_ap_per_category_and_its_mean_is_the_ap(val) -> None:
@@ -36,12 +40,20 @@ def test_per_class_ap_per_category_and_its_mean_is_the_ap(val) -> None:
     assert metrics["AP"] == pytest.approx(sum(per_class) / len(per_class))
     empty = coco_metrics(val.coco, [], "bbox")
     assert {k: v for k, v in empty.items() if k.startswith("AP-")} == {
-        f"AP-{n}": (0.0 if i in present else -1.0) for i, n in names.items()}
+        f"AP-{n}": (0.0 if i in present else -1.0) for i, n in names.items()
+    }
 
 
 def test_the_table_lists_every_class_under_the_summary() -> None:
-    metrics = {"bbox/AP": 0.5, "bbox/AP50": 0.7, "bbox/AP-circle": 0.25, "bbox/AP-square": 0.75,
-               "bbox/AP-star": -1.0, "segm/AP": 0.4, "segm/AP-circle": 0.125}
+    metrics = {
+        "bbox/AP": 0.5,
+        "bbox/AP50": 0.7,
+        "bbox/AP-circle": 0.25,
+        "bbox/AP-square": 0.75,
+        "bbox/AP-star": -1.0,
+        "segm/AP": 0.4,
+        "segm/AP-circle": 0.125,
+    }
     lines = format_table(metrics).splitlines()
     start = lines.index("per-class bbox AP:")
     assert lines[start + 1].split() == ["circle", "25.0", "square", "75.0", "star", "-"]

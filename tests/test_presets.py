@@ -1,12 +1,13 @@
 """Presets and experiments: a dataset never resizes the model; group choices on resume name their keys."""
+
 from __future__ import annotations
 
 import pytest
 from omegaconf import OmegaConf
 
 from frcnn_train.config import compose_config
-from frcnn_train.resume import ResumeConflict, merge_for_resume
 from frcnn_train.overrides import requested_keys
+from frcnn_train.resume import ResumeConflict, merge_for_resume
 
 SHAPES_SIZES = {"min_size": 96, "box_head_dim": 256, "rpn_post_nms_top_n_train": 150}
 TORCHVISION_SIZES = {"min_size": 800, "box_head_dim": 1024, "rpn_post_nms_top_n_train": 2000}
@@ -17,12 +18,15 @@ def _sizes(*overrides: str) -> dict:
     return {key: model[key] for key in SHAPES_SIZES}
 
 
-@pytest.mark.parametrize("overrides, sizes", [
-    ((), SHAPES_SIZES),  # the embedded default stays CPU-sized
-    (("model=mask_rcnn",), SHAPES_SIZES),
-    (("data=coco", "data.root=/data/coco"), TORCHVISION_SIZES),  # no shapes-sized heads left behind
-    (("data=voc", "data.root=/data/voc", "model=mask_rcnn"), TORCHVISION_SIZES),
-])
+@pytest.mark.parametrize(
+    "overrides, sizes",
+    [
+        ((), SHAPES_SIZES),  # the embedded default stays CPU-sized
+        (("model=mask_rcnn",), SHAPES_SIZES),
+        (("data=coco", "data.root=/data/coco"), TORCHVISION_SIZES),  # no shapes-sized heads left behind
+        (("data=voc", "data.root=/data/voc", "model=mask_rcnn"), TORCHVISION_SIZES),
+    ],
+)
 def test_the_preset_follows_the_model_and_data_pair(overrides, sizes) -> None:
     assert _sizes(*overrides) == sizes
 

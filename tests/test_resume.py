@@ -1,4 +1,5 @@
 """Resume is exact: a run stopped anywhere and resumed ends bitwise equal to one never stopped."""
+
 from __future__ import annotations
 
 import json
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import assert_same_training, python_path
+from conftest import assert_same_training, python_path, threads_env
 from frcnn_train import checkpoint
 from frcnn_train.config import compose_config
 from frcnn_train.errors import CheckpointError, ConfigError
@@ -54,6 +55,7 @@ def reference(references, request) -> dict:
 
 def _mutations() -> dict:
     """One change per part of the training state, each of which assert_same_training must see."""
+
     def first_param_state(c):
         return next(iter(c["optimizer"]["state"].values()))
 
@@ -108,8 +110,9 @@ def test_max_steps_stop_and_resume_is_bitwise_exact(compose_tiny, reference, sto
     assert history[0]["changes"] == [f"trainer.max_steps: {stop_at} -> None"]
 
 
-@pytest.mark.parametrize("reference", [("data.num_workers=2", "trainer.accumulate=2", "trainer.batch_size=1")],
-                         indirect=True)
+@pytest.mark.parametrize(
+    "reference", [("data.num_workers=2", "trainer.accumulate=2", "trainer.batch_size=1")], indirect=True
+)
 def test_resume_with_workers_and_accumulation_is_exact(compose_tiny, reference) -> None:
     extra = ("data.num_workers=2", "trainer.accumulate=2", "trainer.batch_size=1")
     stopped = run(compose_tiny(*EPOCHS, "run_name=stopped", "trainer.max_steps=5", *extra))
@@ -121,18 +124,29 @@ def test_resume_with_workers_and_accumulation_is_exact(compose_tiny, reference) 
 
 
 @pytest.mark.parametrize("signum, workers", [(signal.SIGTERM, 0), (signal.SIGINT, 2)])
-def test_signal_at_a_random_step_then_resume_is_exact(compose_tiny, reference, tmp_path: Path,
-                                                       signum: int, workers: int) -> None:
+def test_signal_at_a_random_step_then_resume_is_exact(
+    compose_tiny, reference, tmp_path: Path, signum: int, workers: int
+) -> None:
     """The real CLI in a subprocess, stopped whenever its second step has logged: by SIGTERM to the
     process (a scheduler's `kill`), or by SIGINT to the whole process group, workers included (Ctrl-C)."""
     from conftest import tiny_overrides
 
     cache = Path(compose_tiny().data.cache_dir)
-    args = tiny_overrides(cache, tmp_path / "outputs") + list(EPOCHS) + ["run_name=signalled",
-                                                                           f"data.num_workers={workers}"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "frcnn_train.train", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+    args = (
+        tiny_overrides(cache, tmp_path / "outputs")
+        + list(EPOCHS)
+        + ["run_name=signalled", f"data.num_workers={workers}"]
+    )
+    # Steps before the stop run in the subprocess, the rest here: bitwise needs this process's thread count there.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **threads_env()}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "frcnn_train.train", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
     output = []
     for line in proc.stdout:
         output.append(line)
@@ -187,7 +201,8 @@ def test_resume_auto_starts_fresh_then_continues(compose_tiny) -> None:
 
 
 def test_resume_already_at_max_steps_trains_nothing_and_says_how_to_go_on(
-        compose_tiny, caplog: pytest.LogCaptureFixture) -> None:
+    compose_tiny, caplog: pytest.LogCaptureFixture
+) -> None:
     stopped = run(compose_tiny("trainer.max_steps=2", "run_name=at_max"))
     printed = [r.message for r in caplog.records if "Resume with:" in r.message]
     assert printed and printed[-1].endswith("/last.pth trainer.max_steps=null"), printed
@@ -200,7 +215,8 @@ def test_resume_already_at_max_steps_trains_nothing_and_says_how_to_go_on(
 
 
 def test_more_epochs_under_cosine_is_announced_with_the_lr_it_moves_to(
-        compose_tiny, caplog: pytest.LogCaptureFixture) -> None:
+    compose_tiny, caplog: pytest.LogCaptureFixture
+) -> None:
     first = run(compose_tiny("schedule=cosine", "schedule.warmup_steps=0", "trainer.epochs=1", "run_name=cos"))
     overrides = [f"resume={first['run_dir']}", "trainer.epochs=2"]
     run(compose_tiny(*overrides, "trainer.max_steps=5"), overrides=[*overrides, "trainer.max_steps=5"])
@@ -232,8 +248,9 @@ def test_damaged_last_names_the_newest_good_checkpoint_beside_it(compose_tiny) -
     last.write_bytes(data[:50_000])
     before = {p.name: p.stat().st_size for p in run_dir.iterdir()}
     overrides = [f"resume={run_dir}"]
-    with pytest.raises(CheckpointError,
-                       match=r"truncated.*newest good one beside it is resume=.*(epoch_0001|best)\.pth\)$"):
+    with pytest.raises(
+        CheckpointError, match=r"truncated.*newest good one beside it is resume=.*(epoch_0001|best)\.pth\)$"
+    ):
         run(compose_tiny(*overrides), overrides=overrides)
     assert {p.name: p.stat().st_size for p in run_dir.iterdir()} == before
 
@@ -249,13 +266,20 @@ def coco_copy(shapes_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> t
     cfg = compose_config(tiny_overrides(shapes_cache, tmp_path_factory.mktemp("unused")))
     root = tmp_path_factory.mktemp("coco") / "coco"
     shutil.copytree(build_datasets(cfg.data, with_masks=False).train.images_dir.parent, root)
-    return root, ("data=coco", f"data.root={root}", "data.train_images=train", "data.val_images=val",
-                  "data.train_ann=instances_train.json", "data.val_ann=instances_val.json")
+    return root, (
+        "data=coco",
+        f"data.root={root}",
+        "data.train_images=train",
+        "data.val_images=val",
+        "data.train_ann=instances_train.json",
+        "data.val_ann=instances_val.json",
+    )
 
 
 @pytest.mark.parametrize("split", ["train", "val"])
-def test_bad_image_saves_first_and_a_resume_after_the_fix_is_exact(compose_tiny, references, coco_copy,
-                                                                    split: str) -> None:
+def test_bad_image_saves_first_and_a_resume_after_the_fix_is_exact(
+    compose_tiny, references, coco_copy, split: str
+) -> None:
     """A damaged image mid-run (a training batch at step 3, or the evaluation ending epoch 1): last.pth is
     saved before the error, and once the file is fixed the resumed run equals one never interrupted."""
     from frcnn_train.data import ResumableSampler
@@ -305,14 +329,24 @@ def test_random_stop_resume_chain_is_bitwise_exact(compose_tiny, shapes_cache: P
     assert reference["completed"] and reference["global_step"] == 24
     args = tiny_overrides(shapes_cache, tmp_path / "outputs") + list(epochs) + ["run_name=chain", "resume=auto"]
     run_dir, rng = tmp_path / "outputs" / "chain", random.Random(12)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": python_path()}
+    # The reference trained here: the chain's processes sum floats as this one does (bitwise needs it).
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": python_path(), **threads_env()}
     stops: list[tuple[str, str, int]] = []
-    for attempt in range(40):
-        proc = subprocess.Popen([sys.executable, "-m", "frcnn_train.train", *args], stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+    for _ in range(40):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "frcnn_train.train", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            start_new_session=True,
+        )
         lines: queue.Queue = queue.Queue()
-        threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout] + [lines.put(None)],
-                         daemon=True).start()
+        # Bound now: the names are the next attempt's by the time a late line would arrive.
+        threading.Thread(
+            target=lambda proc=proc, lines=lines: [lines.put(line) for line in proc.stdout] + [lines.put(None)],
+            daemon=True,
+        ).start()
         when, signum = rng.choice(["step", "epoch_end", "saving"]), rng.choice([signal.SIGTERM, signal.SIGINT])
         output, sent, finished = [], False, False
         while True:
@@ -325,9 +359,16 @@ def test_random_stop_resume_chain_is_bitwise_exact(compose_tiny, shapes_cache: P
             output.append(line)
             started = any(" step " in text and "/4" in text for text in output)
             last_step = "epoch 6 step 4/4" in line  # after it the handlers go: a signal would be too late
-            due = not sent and started and not last_step and (
-                (when == "step" and " step " in line) or (when == "epoch_end" and "step 4/4" in line)
-                or (when == "saving" and any(p.name.startswith(".") and "tmp" in p.name for p in run_dir.iterdir())))
+            due = (
+                not sent
+                and started
+                and not last_step
+                and (
+                    (when == "step" and " step " in line)
+                    or (when == "epoch_end" and "step 4/4" in line)
+                    or (when == "saving" and any(p.name.startswith(".") and "tmp" in p.name for p in run_dir.iterdir()))
+                )
+            )
             if due:
                 os.killpg(proc.pid, signum) if signum == signal.SIGINT else proc.send_signal(signum)
                 sent = True

@@ -1,4 +1,5 @@
 """A run remembers how it was started and resumed; a resume in another precision says so."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -35,8 +36,11 @@ def test_overrides_of_the_launch_and_of_each_resume_are_kept_and_shown(compose_t
 
 
 def _ckpt(amp: bool, launch: str | None, *resumes: str) -> dict:
-    return {"launch": {"precision": launch} if launch else None, "config": {"trainer": {"amp": amp}},
-            "trainer": {"history": [{"precision": p} for p in resumes]}}
+    return {
+        "launch": {"precision": launch} if launch else None,
+        "config": {"trainer": {"amp": amp}},
+        "trainer": {"history": [{"precision": p} for p in resumes]},
+    }
 
 
 def test_a_change_of_precision_on_resume_is_one_warning_line() -> None:
@@ -46,8 +50,9 @@ def test_a_change_of_precision_on_resume_is_one_warning_line() -> None:
     assert "trained in fp32, training continues in fp16 on cuda:0" in line and "\n" not in line
     assert describe_precision_change(_ckpt(True, "fp32"), "fp32", torch.device("cpu")) == ""
     # The newest record counts: launched in fp32, resumed in bf16, now fp16.
-    assert "trained in bf16, training continues in fp16" in describe_precision_change(_ckpt(True, "fp32", "bf16"),
-                                                                                       "fp16", cuda)
+    assert "trained in bf16, training continues in fp16" in describe_precision_change(
+        _ckpt(True, "fp32", "bf16"), "fp16", cuda
+    )
     # Checkpoints from before the record: without trainer.amp they were fp32; with it, unknown (no claim).
     assert "trained in fp32" in describe_precision_change(_ckpt(False, None), "bf16", cuda)
     assert describe_precision_change(_ckpt(True, None), "bf16", cuda) == ""

@@ -1,5 +1,6 @@
 """The run directory: never overwritten by accident, one writer at a time, read-only refused up front,
 and a resumed run's metrics.jsonl equal to a straight run's."""
+
 from __future__ import annotations
 
 import contextlib
@@ -11,8 +12,8 @@ import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -66,8 +67,12 @@ def test_a_new_run_into_an_existing_run_is_refused(compose_tiny, outputs: Path, 
 
 def test_the_cli_refusal_is_one_sentence(shapes_cache: Path, outputs: Path) -> None:
     before = old_run(outputs / "run1", "config.yaml", "last.pth")
-    proc = subprocess.run([sys.executable, "-m", "frcnn_train.train", f"output_dir={outputs}", "run_name=run1"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "frcnn_train.train", f"output_dir={outputs}", "run_name=run1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(f"error: {outputs / 'run1'} already holds a run"), proc.stderr
@@ -80,8 +85,8 @@ def test_overwrite_moves_the_old_run_aside_and_says_where(compose_tiny, outputs:
     before = old_run(run_dir, "config.yaml", "last.pth", "epoch_0001.pth", "train.log", "metrics.jsonl")
     summary = run(compose_tiny("overwrite=true", ONE_STEP))
     (aside,) = outputs.glob("tiny.old-*")
-    moved = {k[len(aside.name) + 1:]: v for k, v in snapshot(outputs).items() if k.startswith(aside.name + "/")}
-    assert moved == {k[len("tiny/"):]: v for k, v in before.items()}, "the old run must move aside intact"
+    moved = {k[len(aside.name) + 1 :]: v for k, v in snapshot(outputs).items() if k.startswith(aside.name + "/")}
+    assert moved == {k[len("tiny/") :]: v for k, v in before.items()}, "the old run must move aside intact"
     assert checkpoint.load_checkpoint(run_dir / "last.pth")["trainer"]["global_step"] == summary["global_step"] == 1
     assert not (run_dir / "epoch_0001.pth").exists() and not (run_dir / "metrics.jsonl").exists()
     log = (run_dir / "train.log").read_text()
@@ -114,13 +119,17 @@ def test_resume_auto_restarts_a_run_killed_before_its_first_checkpoint(compose_t
     assert summary["global_step"] == 1 and (run_dir / "metrics.jsonl").read_text() == ""
 
 
-def test_resume_auto_over_only_damaged_checkpoints_is_refused(compose_tiny, outputs: Path, no_data,
-                                                              caplog: pytest.LogCaptureFixture) -> None:
+def test_resume_auto_over_only_damaged_checkpoints_is_refused(
+    compose_tiny, outputs: Path, no_data, caplog: pytest.LogCaptureFixture
+) -> None:
     before = old_run(outputs / "tiny", "config.yaml", "last.pth")
     overrides = ["resume=auto", no_data[0]]
     caplog.set_level(logging.INFO)
-    with pytest.raises(RunDirError, match=r"resume=auto found no readable checkpoint in .*tiny, which holds "
-                                          r"last.pth .* set overwrite=true instead of resume=auto"):
+    with pytest.raises(
+        RunDirError,
+        match=r"resume=auto found no readable checkpoint in .*tiny, which holds "
+        r"last.pth .* set overwrite=true instead of resume=auto",
+    ):
         run(compose_tiny(*overrides), overrides=overrides)
     assert snapshot(outputs) == before and not no_data[1].exists()
     assert "resume=auto skipped" in caplog.text and "starting a new run" not in caplog.text
@@ -137,16 +146,20 @@ with rundir.claim(rundir.Target(Path(sys.argv[1])), overwrite=False):
 """
 
 
-def test_a_second_process_is_refused_and_a_stale_lock_taken_over(compose_tiny, outputs: Path, no_data,
-                                                                  caplog: pytest.LogCaptureFixture) -> None:
+def test_a_second_process_is_refused_and_a_stale_lock_taken_over(
+    compose_tiny, outputs: Path, no_data, caplog: pytest.LogCaptureFixture
+) -> None:
     run_dir = outputs / "tiny"
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(run_dir)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "held\n"
         before = snapshot(outputs)
         overrides = ["resume=auto", no_data[0]]
-        with pytest.raises(RunDirError, match=rf"another process \(pid {holder.pid} on {socket.gethostname()}, "
-                                              rf"since .*\) is writing {run_dir} \(lock file .*\.lock\); wait"):
+        with pytest.raises(
+            RunDirError,
+            match=rf"another process \(pid {holder.pid} on {socket.gethostname()}, "
+            rf"since .*\) is writing {run_dir} \(lock file .*\.lock\); wait",
+        ):
             run(compose_tiny(*overrides), overrides=overrides)
         assert snapshot(outputs) == before and not no_data[1].exists()
     finally:
@@ -164,13 +177,23 @@ def test_a_second_process_is_refused_and_a_stale_lock_taken_over(compose_tiny, o
 def write_lock(run_dir: Path, **record: object) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / rundir.LOCK_NAME
-    path.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                "started": rundir._process_start(os.getpid()), "since": "then", **record}))
+    path.write_text(
+        json.dumps(
+            {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "started": rundir._process_start(os.getpid()),
+                "since": "then",
+                **record,
+            }
+        )
+    )
     return path
 
 
-def test_a_pid_reused_by_another_process_does_not_hold_the_lock(tmp_path: Path,
-                                                                caplog: pytest.LogCaptureFixture) -> None:
+def test_a_pid_reused_by_another_process_does_not_hold_the_lock(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     lock = write_lock(tmp_path / "run", started="1")  # this live pid, but a process started at another time
     with rundir.claim(rundir.Target(tmp_path / "run"), overwrite=False):
         assert json.loads(lock.read_text())["started"] == rundir._process_start(os.getpid())
@@ -232,8 +255,9 @@ REASON = r"\((read-only file system|permission denied|operation not permitted)\)
 
 
 @pytest.mark.parametrize("probe_only", [False, True], ids=["as_is", "access_check_fooled"])
-def test_a_read_only_output_dir_refuses_a_new_run(compose_tiny, outputs: Path, no_data, probe_only: bool,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_read_only_output_dir_refuses_a_new_run(
+    compose_tiny, outputs: Path, no_data, probe_only: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     before = old_run(outputs / "other_run", "config.yaml")
     with read_only(outputs, monkeypatch) as really:
         if probe_only:  # os.access fooled (root, some file systems): creating the directory must still say it
@@ -242,14 +266,18 @@ def test_a_read_only_output_dir_refuses_a_new_run(compose_tiny, outputs: Path, n
             monkeypatch.setattr(rundir, "_unwritable", lambda p: None)
         with pytest.raises(RunDirError) as refused:
             run(compose_tiny(no_data[0]))
-    assert re.fullmatch(rf"cannot write the run directory {outputs / 'tiny'}: {outputs} is not writable {REASON}; "
-                        r"make it writable or set output_dir= to a writable directory", str(refused.value)), refused
+    assert re.fullmatch(
+        rf"cannot write the run directory {outputs / 'tiny'}: {outputs} is not writable {REASON}; "
+        r"make it writable or set output_dir= to a writable directory",
+        str(refused.value),
+    ), refused
     assert snapshot(outputs) == before and not no_data[1].exists()
 
 
 @pytest.mark.parametrize("probe_only", [False, True], ids=["as_is", "access_check_fooled"])
-def test_a_read_only_run_dir_refuses_a_resume(compose_tiny, outputs: Path, no_data, probe_only: bool,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_read_only_run_dir_refuses_a_resume(
+    compose_tiny, outputs: Path, no_data, probe_only: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Refused before the checkpoint is read: this last.pth is not even a checkpoint."""
     run_dir = outputs / "tiny"
     before = old_run(run_dir, "config.yaml", "last.pth", "train.log")
@@ -261,33 +289,44 @@ def test_a_read_only_run_dir_refuses_a_resume(compose_tiny, outputs: Path, no_da
             monkeypatch.setattr(rundir, "_unwritable", lambda p: None)
         with pytest.raises(RunDirError) as refused:
             run(compose_tiny(*overrides), overrides=overrides)
-    assert re.fullmatch(rf"cannot resume in {run_dir}: {run_dir} is not writable {REASON} and a resume writes "
-                        r"there; make it writable, or copy the run directory to a writable place and resume "
-                        r"from the copy", str(refused.value)), refused
+    assert re.fullmatch(
+        rf"cannot resume in {run_dir}: {run_dir} is not writable {REASON} and a resume writes "
+        r"there; make it writable, or copy the run directory to a writable place and resume "
+        r"from the copy",
+        str(refused.value),
+    ), refused
     assert snapshot(outputs) == before and not no_data[1].exists()
 
 
-def test_a_read_only_log_file_refuses_a_resume(compose_tiny, outputs: Path, no_data,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_read_only_log_file_refuses_a_resume(
+    compose_tiny, outputs: Path, no_data, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """train.log is appended to in place: a writable directory is not enough."""
     run_dir = outputs / "tiny"
     before = old_run(run_dir, "config.yaml", "last.pth", "train.log")
     overrides = [f"resume={run_dir}", no_data[0]]
     with read_only(run_dir / "train.log", monkeypatch):
-        with pytest.raises(RunDirError, match=rf"^cannot resume in {run_dir}: {run_dir / 'train.log'} is not "
-                                              rf"writable {REASON} and a resume writes there; make it writable"):
+        with pytest.raises(
+            RunDirError,
+            match=rf"^cannot resume in {run_dir}: {run_dir / 'train.log'} is not "
+            rf"writable {REASON} and a resume writes there; make it writable",
+        ):
             run(compose_tiny(*overrides), overrides=overrides)
     assert snapshot(outputs) == before and not no_data[1].exists()
 
 
-def test_overwrite_in_a_read_only_output_dir_is_refused(compose_tiny, outputs: Path, no_data,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_overwrite_in_a_read_only_output_dir_is_refused(
+    compose_tiny, outputs: Path, no_data, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The old run is renamed inside output_dir: its own directory being writable is not enough."""
     run_dir = outputs / "tiny"
     before = old_run(run_dir, "config.yaml", "last.pth")
     with read_only(outputs, monkeypatch, bind=False):  # chattr +i: tiny/ itself stays writable
-        with pytest.raises(RunDirError, match=rf"^cannot write the run directory {run_dir}: {outputs} is not "
-                                              rf"writable {REASON}; make it writable or set output_dir="):
+        with pytest.raises(
+            RunDirError,
+            match=rf"^cannot write the run directory {run_dir}: {outputs} is not "
+            rf"writable {REASON}; make it writable or set output_dir=",
+        ):
             run(compose_tiny("overwrite=true", no_data[0]))
     assert snapshot(outputs) == before and not no_data[1].exists()
 
@@ -299,7 +338,9 @@ def straight(tiny_runs) -> Path:
     return tiny_runs("straight", "trainer.epochs=2")
 
 
-def test_a_kill_between_evaluation_and_save_leaves_no_duplicate_line(compose_tiny, straight: Path, tmp_path: Path) -> None:
+def test_a_kill_between_evaluation_and_save_leaves_no_duplicate_line(
+    compose_tiny, straight: Path, tmp_path: Path
+) -> None:
     run_dir = shutil.copytree(straight, tmp_path / "killed")
     # The disk as a kill right after epoch 2's evaluation leaves it: its line written, last.pth still at step 4.
     shutil.copy(run_dir / "epoch_0001.pth", run_dir / "last.pth")
@@ -310,8 +351,9 @@ def test_a_kill_between_evaluation_and_save_leaves_no_duplicate_line(compose_tin
     assert [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [4, 8]
 
 
-def test_resuming_an_older_epoch_file_says_how_far_back_it_goes(compose_tiny, straight: Path, tmp_path: Path,
-                                                                caplog: pytest.LogCaptureFixture) -> None:
+def test_resuming_an_older_epoch_file_says_how_far_back_it_goes(
+    compose_tiny, straight: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     run_dir = shutil.copytree(straight, tmp_path / "back")
     overrides = [f"resume={run_dir / 'epoch_0001.pth'}"]
     run(compose_tiny(*overrides), overrides=overrides)

@@ -1,4 +1,5 @@
 """The registry of checkpointed state (state.py): one declaration of every part, and what derives from it."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -43,8 +44,9 @@ def test_required_keys_and_the_resume_comparison_derive_from_the_parts() -> None
 
 
 def test_counters_keep_the_resuming_runs_layout() -> None:
-    saved = Counters(epoch=2, global_step=9, step_in_epoch=1, world_size=4, batch_size=2, accumulate=1,
-                     history=[{"from": "x"}]).state_dict()
+    saved = Counters(
+        epoch=2, global_step=9, step_in_epoch=1, world_size=4, batch_size=2, accumulate=1, history=[{"from": "x"}]
+    ).state_dict()
     mine = Counters(world_size=1, batch_size=2, accumulate=4)
     mine.load_state_dict(saved)
     assert (mine.epoch, mine.global_step, mine.step_in_epoch, mine.history) == (2, 9, 1, [{"from": "x"}])
@@ -58,12 +60,15 @@ def test_counters_keep_the_resuming_runs_layout() -> None:
     assert fresh.best_step is None and fresh.metrics_step is None
 
 
-@pytest.mark.parametrize("counters, per_epoch, text", [
-    ({"epoch": 10, "step_in_epoch": 0, "global_step": 40}, 4, "step 40 (the end of epoch 10)"),
-    ({"epoch": 0, "step_in_epoch": 3, "global_step": 3}, 100, "step 3 (step 3 of 100 in epoch 1)"),
-    ({"epoch": 0, "step_in_epoch": 0, "global_step": 0}, None, "step 0 (before epoch 1)"),
-    ({"epoch": 1, "step_in_epoch": 4, "global_step": 8}, None, "step 8 (step 4 in epoch 2)"),
-])
+@pytest.mark.parametrize(
+    "counters, per_epoch, text",
+    [
+        ({"epoch": 10, "step_in_epoch": 0, "global_step": 40}, 4, "step 40 (the end of epoch 10)"),
+        ({"epoch": 0, "step_in_epoch": 3, "global_step": 3}, 100, "step 3 (step 3 of 100 in epoch 1)"),
+        ({"epoch": 0, "step_in_epoch": 0, "global_step": 0}, None, "step 0 (before epoch 1)"),
+        ({"epoch": 1, "step_in_epoch": 4, "global_step": 8}, None, "step 8 (step 4 in epoch 2)"),
+    ],
+)
 def test_positions_are_numbered_as_the_progress_line(counters: dict, per_epoch: int | None, text: str) -> None:
     assert describe_position(counters, per_epoch) == text
 
@@ -73,6 +78,6 @@ def test_inspect_lists_the_parts_a_checkpoint_holds(tiny_runs, capsys) -> None:
 
     run_dir: Path = tiny_runs("parts", "trainer.max_steps=1")
     assert inspect.main([str(run_dir / "last.pth")]) == 0
-    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("state"))
+    line = next(text for text in capsys.readouterr().out.splitlines() if text.startswith("state"))
     assert line.split(None, 1)[1] == "model, optimizer, scheduler, scaler, trainer, rng; no EMA (trainer.ema off)"
     assert torch.load(run_dir / "last.pth", weights_only=True)["ema"] is None

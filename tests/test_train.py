@@ -1,4 +1,5 @@
 """End to end: train + evaluate on tiny shapes, the run directory, and failures a user causes."""
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,14 @@ def test_mask_rcnn_trains_evaluates_and_fills_the_run_directory(compose_tiny) ->
     events = EventAccumulator(str(run_dir), size_guidance={"images": 0})
     events.Reload()
     tags = events.Tags()
-    assert {"train/loss_mask", "train/loss_classifier", "lr/default", "val/segm/AP", "train/images_per_s",
-            "time/epoch_s"} <= set(tags["scalars"])
+    assert {
+        "train/loss_mask",
+        "train/loss_classifier",
+        "lr/default",
+        "val/segm/AP",
+        "train/images_per_s",
+        "time/epoch_s",
+    } <= set(tags["scalars"])
     assert "val/predictions/0" in tags["images"]
     ckpt = checkpoint.load_checkpoint(run_dir / "last.pth")
     assert ckpt["classes"] == ["circle", "square", "triangle", "star", "ellipse"]
@@ -47,8 +54,16 @@ def test_ground_truth_as_predictions_scores_ap_one(compose_tiny) -> None:
     from frcnn_train.data import build_datasets
 
     val = build_datasets(compose_tiny().data, with_masks=True).val
-    results = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0,
-                "segmentation": val.coco.annToRLE(a)} for a in val.coco.dataset["annotations"]]
+    results = [
+        {
+            "image_id": a["image_id"],
+            "category_id": a["category_id"],
+            "bbox": a["bbox"],
+            "score": 1.0,
+            "segmentation": val.coco.annToRLE(a),
+        }
+        for a in val.coco.dataset["annotations"]
+    ]
     before = [dict(r) for r in results]
     assert coco_metrics(val.coco, results, "bbox")["AP"] == pytest.approx(1.0)
     assert coco_metrics(val.coco, results, "segm")["AP"] == pytest.approx(1.0)
@@ -90,21 +105,32 @@ def test_changed_code_is_caught_by_the_fingerprint(compose_tiny) -> None:
         run(compose_tiny(*overrides), overrides=overrides)
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("data=coco data.root=/nonexistent/coco", "/nonexistent/coco"),
-    ("resume=/nonexistent/run/last.pth", "/nonexistent/run/last.pth does not exist"),
-    ("device=cuda:7", "use device=cpu"),
-    # Weight files are checked before the data is generated (tiny data, should that change).
-    ("init_from=/nonexistent/w.pth data.shapes.num_train=2 data.shapes.num_val=1",
-     "init_from=/nonexistent/w.pth does not exist"),
-    ("model.backbone.weights=/nonexistent/r18.pth data.shapes.num_train=2 data.shapes.num_val=1",
-     "model.backbone.weights=/nonexistent/r18.pth does not exist"),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("data=coco data.root=/nonexistent/coco", "/nonexistent/coco"),
+        ("resume=/nonexistent/run/last.pth", "/nonexistent/run/last.pth does not exist"),
+        ("device=cuda:7", "use device=cpu"),
+        # Weight files are checked before the data is generated (tiny data, should that change).
+        (
+            "init_from=/nonexistent/w.pth data.shapes.num_train=2 data.shapes.num_val=1",
+            "init_from=/nonexistent/w.pth does not exist",
+        ),
+        (
+            "model.backbone.weights=/nonexistent/r18.pth data.shapes.num_train=2 data.shapes.num_val=1",
+            "model.backbone.weights=/nonexistent/r18.pth does not exist",
+        ),
+    ],
+)
 def test_cli_errors_are_one_sentence(override: str, expected: str, tmp_path: Path) -> None:
     if "cuda" in override and torch.cuda.is_available():
         pytest.skip("CUDA present")
-    proc = subprocess.run([sys.executable, "-m", "frcnn_train.train", *override.split(), f"output_dir={tmp_path}"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "frcnn_train.train", *override.split(), f"output_dir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr
     error_lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(error_lines) == 1 and error_lines[0].startswith("error: ") and expected in error_lines[0], proc.stderr
@@ -180,11 +206,19 @@ def test_a_slow_step_reads_as_a_rate_not_zero(monkeypatch, caplog, tmp_path: Pat
     clock = iter(range(0, 10_000, 40))
     monkeypatch.setattr(progress.time, "perf_counter", lambda: float(next(clock)))
     caplog.set_level("INFO", logger="frcnn_train")
-    step_log = progress.StepLog(RunLogger(tmp_path, enabled=False), log_every=1, progress=False, epochs=1,
-                                steps_per_epoch=1)
+    step_log = progress.StepLog(
+        RunLogger(tmp_path, enabled=False), log_every=1, progress=False, epochs=1, steps_per_epoch=1
+    )
     step_log.start_epoch(0, 0)
-    step_log.step({"loss_a": torch.tensor(1.0)}, images=1, epoch=0, global_step=1, step_in_epoch=1, steps_left=0,
-                  lrs={"default": 0.01})
+    step_log.step(
+        {"loss_a": torch.tensor(1.0)},
+        images=1,
+        epoch=0,
+        global_step=1,
+        step_in_epoch=1,
+        steps_left=0,
+        lrs={"default": 0.01},
+    )
     assert "loss 1.0000  lr 0.01  0.025 img/s  ETA 0s" in _messages(caplog)[-1]
 
 
@@ -200,9 +234,17 @@ def test_a_validation_split_without_annotations_makes_no_best(compose_tiny, tmp_
     val = json.loads((root / "instances_val.json").read_text())
     (root / "instances_val.json").write_text(json.dumps({**val, "annotations": []}))
     caplog.set_level("WARNING", logger="frcnn_train")
-    summary = run(compose_tiny("data=coco", f"data.root={root}", "data.train_images=train", "data.val_images=val",
-                               "data.train_ann=instances_train.json", "data.val_ann=instances_val.json",
-                               "trainer.epochs=2"))
+    summary = run(
+        compose_tiny(
+            "data=coco",
+            f"data.root={root}",
+            "data.train_images=train",
+            "data.val_images=val",
+            "data.train_ann=instances_train.json",
+            "data.val_ann=instances_val.json",
+            "trainer.epochs=2",
+        )
+    )
     assert summary["completed"] and summary["best_metric"] is None
     assert not (Path(summary["run_dir"]) / "best.pth").exists()
     said = [m for m in _messages(caplog) if "is undefined on the validation split" in m]
@@ -211,8 +253,11 @@ def test_a_validation_split_without_annotations_makes_no_best(compose_tiny, tmp_
 
 def test_the_lr_follows_the_global_batch(compose_tiny, caplog) -> None:
     caplog.set_level("INFO", logger="frcnn_train")
-    summary = run(compose_tiny("optim.reference_batch=4", "trainer.batch_size=1", "schedule.warmup_steps=0",
-                               "trainer.max_steps=1"))
+    summary = run(
+        compose_tiny(
+            "optim.reference_batch=4", "trainer.batch_size=1", "schedule.warmup_steps=0", "trainer.max_steps=1"
+        )
+    )
     groups = checkpoint.load_checkpoint(Path(summary["run_dir"]) / "last.pth")["optimizer"]["param_groups"]
     assert [g["initial_lr"] for g in groups] == [pytest.approx(0.0025)] * len(groups)
     assert any(m.startswith("LR 0.0025 = optim.lr 0.01 x 1/4: linear scaling") for m in _messages(caplog))
@@ -248,9 +293,16 @@ def test_logged_losses_are_every_loss_averaged_over_ranks(monkeypatch, tmp_path:
     step_log = progress.StepLog(logger, log_every=2, progress=False, epochs=1, steps_per_epoch=4)
     step_log.start_epoch(0, 0)
     for step, (a, b) in enumerate([(1.0, 3.0), (2.0, 5.0)], start=1):
-        step_log.step({"loss_box": torch.tensor(a), "rpn_objectness": torch.tensor(b)}, images=2, epoch=0,
-                      global_step=step, step_in_epoch=step, steps_left=2, lrs={"default": 0.1},
-                      extra={"grad_norm": torch.tensor(10.0)})
+        step_log.step(
+            {"loss_box": torch.tensor(a), "rpn_objectness": torch.tensor(b)},
+            images=2,
+            epoch=0,
+            global_step=step,
+            step_in_epoch=step,
+            steps_left=2,
+            lrs={"default": 0.1},
+            extra={"grad_norm": torch.tensor(10.0)},
+        )
     assert len(reduced) == 1 and reduced[0].tolist() == [1.5, 4.0, 10.0], "one reduction per log line"
     assert written["train/loss_box"] == 3.0 and written["train/rpn_objectness"] == 8.0
     assert written["train/loss"] == 11.0, "every loss the model returned, grad_norm not among them"

@@ -1,4 +1,5 @@
 """init_from: weights saved by other code load into a fresh model, and the report says what happened."""
+
 from __future__ import annotations
 
 import argparse
@@ -9,13 +10,12 @@ import pytest
 import torch
 from omegaconf import DictConfig
 
+from conftest import tiny_overrides
 from frcnn_train.config import compose_config
 from frcnn_train.errors import CheckpointError, ConfigError
 from frcnn_train.launch import run
 from frcnn_train.models import build_model
 from frcnn_train.weights import LoadReport, load_init_weights
-
-from conftest import tiny_overrides
 
 COUNTER = "num_batches_tracked"
 
@@ -79,14 +79,21 @@ def test_torchvision_coco_file_into_five_classes_reshapes_only_the_predictor(tmp
     torch.manual_seed(0)
     zoo = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91).state_dict()
     torch.save(zoo, tmp_path / "fasterrcnn_resnet50_fpn_coco.pth")
-    cfg = compose_config(["model/backbone=resnet50_fpn", "model.backbone.fpn_channels=256",
-                          "model.box_head_dim=1024", "model.num_classes=5"])
+    cfg = compose_config(
+        [
+            "model/backbone=resnet50_fpn",
+            "model.backbone.fpn_channels=256",
+            "model.box_head_dim=1024",
+            "model.num_classes=5",
+        ]
+    )
     model = build(cfg, seed=3)
     fresh = model.roi_heads.box_predictor.cls_score.weight.clone()
     report = load(model, tmp_path / "fasterrcnn_resnet50_fpn_coco.pth")
     predictor = "roi_heads.box_predictor."
     assert sorted(name for name, _, _ in report.reshaped) == sorted(
-        predictor + k for k in ("cls_score.weight", "cls_score.bias", "bbox_pred.weight", "bbox_pred.bias"))
+        predictor + k for k in ("cls_score.weight", "cls_score.bias", "bbox_pred.weight", "bbox_pred.bias")
+    )
     assert (predictor + "cls_score.weight", (91, 1024), (6, 1024)) in report.reshaped
     assert not report.missing and not report.unexpected
     # An untrained torchvision model has BatchNorm2d counters; the report says why they are not counted.
@@ -94,8 +101,10 @@ def test_torchvision_coco_file_into_five_classes_reshapes_only_the_predictor(tmp
     assert f"{report.counters} BatchNorm num_batches_tracked counters not counted" in report.format()
     assert torch.equal(model.roi_heads.box_predictor.cls_score.weight, fresh)  # the fresh head is kept
     assert_loaded(model, zoo, skip=(predictor,))
-    assert "reshaped, kept new: roi_heads.box_predictor.cls_score.weight file [91, 1024] -> model [6, 1024]" \
+    assert (
+        "reshaped, kept new: roi_heads.box_predictor.cls_score.weight file [91, 1024] -> model [6, 1024]"
         in report.format()
+    )
 
 
 def test_mask_rcnn_with_other_classes_reshapes_box_and_mask_predictors(tiny_cfg, tmp_path: Path) -> None:
@@ -103,8 +112,10 @@ def test_mask_rcnn_with_other_classes_reshapes_box_and_mask_predictors(tiny_cfg,
     torch.save(other, tmp_path / "mask3.pth")
     report = load(build(tiny_cfg("model=mask_rcnn"), seed=2), tmp_path / "mask3.pth")
     assert {name.rsplit(".", 1)[0] for name, _, _ in report.reshaped} == {
-        "roi_heads.box_predictor.cls_score", "roi_heads.box_predictor.bbox_pred",
-        "roi_heads.mask_predictor.mask_fcn_logits"}
+        "roi_heads.box_predictor.cls_score",
+        "roi_heads.box_predictor.bbox_pred",
+        "roi_heads.mask_predictor.mask_fcn_logits",
+    }
 
 
 def test_remap_rules_apply_in_order(tiny_cfg, source, tmp_path: Path) -> None:
@@ -147,8 +158,11 @@ def test_nothing_matching_is_an_error_that_names_the_prefixes(tiny_cfg, tmp_path
     from torchvision.models import resnet18
 
     torch.save(resnet18(weights=None).state_dict(), tmp_path / "resnet18_imagenet.pth")
-    with pytest.raises(CheckpointError, match=r"file prefixes: conv1, bn1, layer1.0.*classification backbone"
-                                              r".*model.backbone.weights=.*to: 'backbone.body.'"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"file prefixes: conv1, bn1, layer1.0.*classification backbone"
+        r".*model.backbone.weights=.*to: 'backbone.body.'",
+    ):
         load(build(tiny_cfg(), seed=2), tmp_path / "resnet18_imagenet.pth")
     torch.save({"optimizer": {"lr": 1.0}}, tmp_path / "no_tensors.pth")
     with pytest.raises(CheckpointError, match="without tensors"):

@@ -1,6 +1,7 @@
 """torchvision weights by name: the hub cache, the offline refusal, fine-tuning from COCO weights, predict and
 export of `torchvision:<builder>`. Nothing is downloaded: files of the right layout and name (random weights)
 go into a temporary TORCH_HOME, and every download attempt fails as it would offline."""
+
 from __future__ import annotations
 
 import json
@@ -62,8 +63,9 @@ def torch_home(monkeypatch: pytest.MonkeyPatch, zoo_home: Path) -> Path:
     return zoo_home
 
 
-def test_backbone_weights_by_name_come_from_the_cache(compose_tiny, tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_backbone_weights_by_name_come_from_the_cache(
+    compose_tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     torch.manual_seed(1)
     state = torchvision.models.resnet18(weights=None).state_dict()
@@ -75,13 +77,17 @@ def test_backbone_weights_by_name_come_from_the_cache(compose_tiny, tmp_path: Pa
         assert torch.equal(model.backbone.body.conv1.weight, state["conv1.weight"]), name
         assert type(model.backbone.body.bn1).__name__ == "FrozenBatchNorm2d"  # pretrained: torchvision's rule
     cfg = compose_tiny("model/backbone=resnet18_fpn", "model.backbone.weights=IMAGENET1K_V2", "model.num_classes=2")
-    with pytest.raises(ConfigError, match=r"IMAGENET1K_V2 is not a weights name of torchvision's resnet18; "
-                                          r"choose one of IMAGENET1K_V1, DEFAULT \(ResNet18_Weights\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"IMAGENET1K_V2 is not a weights name of torchvision's resnet18; "
+        r"choose one of IMAGENET1K_V1, DEFAULT \(ResNet18_Weights\)",
+    ):
         build_model(cfg.model)
 
 
-def test_offline_and_not_cached_is_one_sentence_before_any_run_directory(compose_tiny, tmp_path: Path,
-                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_offline_and_not_cached_is_one_sentence_before_any_run_directory(
+    compose_tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from frcnn_train.launch import run
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
@@ -114,18 +120,30 @@ def test_finetune_from_torchvision_loads_all_but_the_predictors(compose_tiny, to
     from frcnn_train.launch import run
 
     # The preset's architecture (so that COCO's tensors fit), at shapes sizes: one step and an evaluation.
-    cfg = compose_tiny(f"model={FINETUNE}", "+experiment=finetune", "model.min_size=64", "model.max_size=64",
-                       "model.backbone.fpn_channels=256", "model.box_head_dim=1024", "model.mask_head_dim=256",
-                       "model.mask_head_layers=4", "trainer.max_steps=1", "trainer.batch_size=2",
-                       "data.shapes.num_val=2", "schedule.warmup_steps=2")
+    cfg = compose_tiny(
+        f"model={FINETUNE}",
+        "+experiment=finetune",
+        "model.min_size=64",
+        "model.max_size=64",
+        "model.backbone.fpn_channels=256",
+        "model.box_head_dim=1024",
+        "model.mask_head_dim=256",
+        "model.mask_head_layers=4",
+        "trainer.max_steps=1",
+        "trainer.batch_size=2",
+        "data.shapes.num_val=2",
+        "schedule.warmup_steps=2",
+    )
     assert (cfg.init_from, cfg.optim.weight_decay, list(cfg.schedule.milestones)) == ("torchvision", 5e-4, [3, 6, 9])
     summary = run(cfg)
     run_dir = Path(summary["run_dir"])
     log = (run_dir / "train.log").read_text()
     weights = torchvision.models.get_model_weights(FINETUNE).DEFAULT
     cached = torch_home / "hub" / "checkpoints" / "maskrcnn_resnet50_fpn_v2_coco-73cbd019.pth"
-    assert (f"init_from=torchvision: MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1 from {cached} "
-            "(COCO-val2017 box AP 47.4, mask AP 41.8; recipe https://github.com/pytorch/vision/pull/5773)") in log
+    assert (
+        f"init_from=torchvision: MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1 from {cached} "
+        "(COCO-val2017 box AP 47.4, mask AP 41.8; recipe https://github.com/pytorch/vision/pull/5773)"
+    ) in log
     assert "model.backbone.norm=frozen_bn, model.backbone.trainable_layers=3" in log
     # Everything loads but the three class-dependent layers (91 COCO outputs -> 3 shapes classes + background).
     assert "reshaped-and-skipped 6 | missing 0 | unexpected 0" in log, log
@@ -135,8 +153,12 @@ def test_finetune_from_torchvision_loads_all_but_the_predictors(compose_tiny, to
     assert ckpt["config"]["model"]["backbone"]["norm"] == "frozen_bn"
     assert ckpt["config"]["model"]["backbone"]["trainable_layers"] == 3
     record = ckpt["launch"]["weights"][0]
-    assert record == {"value": "torchvision", "weights": "MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1",
-                      "file": cached.name, "sha256": zoo.sha256(cached)}
+    assert record == {
+        "value": "torchvision",
+        "weights": "MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1",
+        "file": cached.name,
+        "sha256": zoo.sha256(cached),
+    }
     assert weights.url.endswith(record["file"])
     assert type(ckpt["model"]["backbone.body.bn1.weight"]) is torch.Tensor
     frozen = [n for n, p in torch.load(run_dir / "last.pth", weights_only=True)["model"].items() if "layer1" in n]
@@ -146,17 +168,20 @@ def test_finetune_from_torchvision_loads_all_but_the_predictors(compose_tiny, to
 def test_inspect_shows_the_weights_a_run_started_from() -> None:
     from frcnn_train.inspect import _weights_line
 
-    line = _weights_line({"value": "torchvision", "weights": "X_Weights.COCO_V1", "file": "x-12345678.pth",
-                          "sha256": "ab" * 32})
+    line = _weights_line(
+        {"value": "torchvision", "weights": "X_Weights.COCO_V1", "file": "x-12345678.pth", "sha256": "ab" * 32}
+    )
     assert line == f"torchvision = X_Weights.COCO_V1: x-12345678.pth (sha256 {'ab' * 32})"
 
 
-def test_from_torchvision_and_predict_draw_coco_names(torch_home: Path, tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_from_torchvision_and_predict_draw_coco_names(
+    torch_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from frcnn_train.predict import main as predict_main
 
-    model, classes, cfg = zoo.from_torchvision(f"torchvision:{FINETUNE}", ["model.min_size=96", "model.max_size=96",
-                                                                            "model.rpn_post_nms_top_n_test=50"])
+    model, classes, cfg = zoo.from_torchvision(
+        f"torchvision:{FINETUNE}", ["model.min_size=96", "model.max_size=96", "model.rpn_post_nms_top_n_test=50"]
+    )
     assert len(classes) == 90 and classes[:3] == ["person", "bicycle", "car"] and classes[11] == zoo.UNUSED_CLASS
     assert not model.training and cfg.model.version == "v2" and cfg.model.arch == "mask_rcnn"
     with torch.no_grad():
@@ -169,8 +194,12 @@ def test_from_torchvision_and_predict_draw_coco_names(torch_home: Path, tmp_path
     # Room for every proposal's detections of both classes: the "N/A" ones score higher and would fill the 100.
     build = zoo.from_torchvision
     monkeypatch.setattr(zoo, "from_torchvision", lambda source: build(source, ["model.box_detections_per_img=400"]))
-    assert predict_main([f"torchvision:{SMALL}", str(photos), "--out", str(tmp_path / "preds"),
-                         "--score-threshold", "0.1"]) == 0
+    assert (
+        predict_main(
+            [f"torchvision:{SMALL}", str(photos), "--out", str(tmp_path / "preds"), "--score-threshold", "0.1"]
+        )
+        == 0
+    )
     results = json.loads((tmp_path / "preds" / "predictions.json").read_text())
     assert results and {r["category_name"] for r in results} == {"person"} and results[0]["category_id"] == 1
     assert (tmp_path / "preds" / "a.png").is_file()
@@ -205,8 +234,13 @@ def test_inspect_reads_a_torchvision_v2_file_as_v2() -> None:
     with torch.device("meta"):  # shapes only
         state = torchvision.models.get_model("fasterrcnn_resnet50_fpn_v2", weights=None, weights_backbone=None)
     found = infer_overrides(state.state_dict())
-    assert (found["model.version"], found["model.box_head_convs"], found["model.box_head_conv_dim"],
-            found["model.box_head_dim"], found["model/backbone"]) == ("v2", "4", "256", "1024", "resnet50_fpn")
+    assert (
+        found["model.version"],
+        found["model.box_head_convs"],
+        found["model.box_head_conv_dim"],
+        found["model.box_head_dim"],
+        found["model/backbone"],
+    ) == ("v2", "4", "256", "1024", "resnet50_fpn")
 
 
 def test_evaluate_refuses_a_zoo_source_in_one_sentence(capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,4 +1,5 @@
 """Datasets (COCO, Pascal VOC, synthetic shapes), transforms and resumable loaders."""
+
 from frcnn_train.data.coco import CocoDetection, DataWarning
 from frcnn_train.data.loader import (
     DataBundle,

@@ -4,6 +4,7 @@ Everything that can be wrong with the files is found here, in the main process
 at construction, and reported as one `DataError` sentence naming the file; a
 worker process only ever opens images that are known to exist.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -12,8 +13,9 @@ import logging
 import os
 import pickle
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -155,8 +157,10 @@ class CocoDetection(torch.utils.data.Dataset):
     def coco(self) -> COCO:
         """The pycocotools index of the ground truth (an evaluation split's), made on first use."""
         if self._ground_truth is None:
-            raise AttributeError("a training split (train=True) keeps no COCO ground truth; "
-                                 "build the split with train=False to evaluate on it")
+            raise AttributeError(
+                "a training split (train=True) keeps no COCO ground truth; "
+                "build the split with train=False to evaluate on it"
+            )
         if self._coco is None:
             coco = COCO()
             coco.dataset = pickle.loads(self._ground_truth)
@@ -173,22 +177,29 @@ class CocoDetection(torch.utils.data.Dataset):
         """(problem, fix) for a training split without one usable annotation: the counts by cause, and a fix
         that gives the model objects to learn (data.skip_empty=false would train on none)."""
         if not total:
-            return ("gives an empty training split: it lists no annotations",
-                    f"annotate the images or {fix_hint(ann_key, 'file')}")
-        causes = {"crowd": "crowd regions",
-                  "no_polygon": "objects without a polygon of 3 or more points",
-                  "no_area": "boxes of zero or negative area after clipping to their image",
-                  "unreadable": "on images data.bad_images=skip left out"}
-        fixes = {"crowd": "a crowd region (iscrowd=1) only marks an area evaluation ignores, so annotate the objects "
-                          "one by one with iscrowd=0",
-                 "no_polygon": "give the objects polygons of 3 or more points (or train boxes only with "
-                               "model=faster_rcnn)",
-                 "no_area": "fix the boxes ([x, y, width, height] inside the image)",
-                 "unreadable": "replace the unreadable images"}
+            return (
+                "gives an empty training split: it lists no annotations",
+                f"annotate the images or {fix_hint(ann_key, 'file')}",
+            )
+        causes = {
+            "crowd": "crowd regions",
+            "no_polygon": "objects without a polygon of 3 or more points",
+            "no_area": "boxes of zero or negative area after clipping to their image",
+            "unreadable": "on images data.bad_images=skip left out",
+        }
+        fixes = {
+            "crowd": "a crowd region (iscrowd=1) only marks an area evaluation ignores, so annotate the objects "
+            "one by one with iscrowd=0",
+            "no_polygon": "give the objects polygons of 3 or more points (or train boxes only with model=faster_rcnn)",
+            "no_area": "fix the boxes ([x, y, width, height] inside the image)",
+            "unreadable": "replace the unreadable images",
+        }
         found = [(key, n) for key, n in self._unusable.items() if n]
         counts = ", ".join(f"{n} {causes[key]}" for key, n in found)
-        return (f"gives an empty training split: all {total} annotations are unusable ({counts})",
-                f"{'; '.join(fixes[key] for key, _ in found)}, or {fix_hint(ann_key, 'file')}")
+        return (
+            f"gives an empty training split: all {total} annotations are unusable ({counts})",
+            f"{'; '.join(fixes[key] for key, _ in found)}, or {fix_hint(ann_key, 'file')}",
+        )
 
     def _error(self, problem: str, fix: str) -> DataError:
         return DataError(f"{key_prefix(self._key)}{self.source} {problem}; {fix}")
@@ -229,12 +240,22 @@ class CocoDetection(torch.utils.data.Dataset):
             try:
                 image_id, file_name = int(img["id"]), str(img["file_name"])
             except (KeyError, TypeError, ValueError):
-                report(self._problems, "malformed image entry", f"{img!r:.40}", self._error(
-                    f"has an image entry without 'id' and 'file_name' ({img!r:.80})", "fix the 'images' list"))
+                report(
+                    self._problems,
+                    "malformed image entry",
+                    f"{img!r:.40}",
+                    self._error(
+                        f"has an image entry without 'id' and 'file_name' ({img!r:.80})", "fix the 'images' list"
+                    ),
+                )
                 continue
             if image_id in out:
-                report(self._problems, "duplicate image id", image_id,
-                       self._error(f"lists image id {image_id} twice", "give every image a unique id"))
+                report(
+                    self._problems,
+                    "duplicate image id",
+                    image_id,
+                    self._error(f"lists image id {image_id} twice", "give every image a unique id"),
+                )
                 continue
             out[image_id] = {"file_name": file_name, "width": img.get("width"), "height": img.get("height")}
         # One directory listing instead of a stat per image: COCO train has 118k files.
@@ -297,7 +318,11 @@ class CocoDetection(torch.utils.data.Dataset):
         raise error
 
     def _annotations(
-        self, annotations: list[dict], images: dict[int, dict], cat_to_label: dict[int, int], skip_empty: bool,
+        self,
+        annotations: list[dict],
+        images: dict[int, dict],
+        cat_to_label: dict[int, int],
+        skip_empty: bool,
         polygons: PolygonStore,
     ) -> CocoRecords:
         records = RecordsBuilder(sorted(images), with_masks=self.with_masks, polygons=polygons)
@@ -312,12 +337,22 @@ class CocoDetection(torch.utils.data.Dataset):
         self._unusable = unusable = {"crowd": 0, "no_polygon": 0, "no_area": 0, "unreadable": 0}
         for ann in annotations:
             if not isinstance(ann, dict) or "id" not in ann:
-                report(problems, "malformed annotation", f"{ann!r:.40}", self._error(
-                    f"has an annotation without an 'id' ({ann!r:.80})", "give every annotation a unique id"))
+                report(
+                    problems,
+                    "malformed annotation",
+                    f"{ann!r:.40}",
+                    self._error(
+                        f"has an annotation without an 'id' ({ann!r:.80})", "give every annotation a unique id"
+                    ),
+                )
                 continue
             if ann["id"] in seen_ids:
-                report(problems, "duplicate annotation id", ann["id"], self._error(
-                    f"lists annotation id {ann['id']} twice", "give every annotation a unique id"))
+                report(
+                    problems,
+                    "duplicate annotation id",
+                    ann["id"],
+                    self._error(f"lists annotation id {ann['id']} twice", "give every annotation a unique id"),
+                )
                 continue
             seen_ids.add(ann["id"])
             image_id, cat_id = ann.get("image_id"), ann.get("category_id")
@@ -325,22 +360,38 @@ class CocoDetection(torch.utils.data.Dataset):
                 unusable["unreadable"] += 1
                 continue
             if image_id not in images:
-                report(problems, "annotation of an unknown image", ann["id"], self._error(
-                    f"has annotation id {ann.get('id')} for image_id {image_id}, which is not in 'images'",
-                    "add the image or remove the annotation",
-                ))
+                report(
+                    problems,
+                    "annotation of an unknown image",
+                    ann["id"],
+                    self._error(
+                        f"has annotation id {ann.get('id')} for image_id {image_id}, which is not in 'images'",
+                        "add the image or remove the annotation",
+                    ),
+                )
                 continue
             if cat_id not in cat_to_label:
-                report(problems, "unknown category id", ann["id"], self._error(
-                    f"has annotation id {ann.get('id')} with category_id {cat_id}, which is not in 'categories'",
-                    "add the category or remove the annotation",
-                ))
+                report(
+                    problems,
+                    "unknown category id",
+                    ann["id"],
+                    self._error(
+                        f"has annotation id {ann.get('id')} with category_id {cat_id}, which is not in 'categories'",
+                        "add the category or remove the annotation",
+                    ),
+                )
                 continue
             if not finite_numbers(ann.get("bbox")):
-                report(problems, "non-finite box", ann["id"], self._error(
-                    f"has annotation id {ann['id']} whose 'bbox' {ann['bbox']} holds a value that is not a finite "
-                    "number", "fix or remove the annotation (a NaN or infinite box makes the loss non-finite)"
-                ))
+                report(
+                    problems,
+                    "non-finite box",
+                    ann["id"],
+                    self._error(
+                        f"has annotation id {ann['id']} whose 'bbox' {ann['bbox']} holds a value that is not a finite "
+                        "number",
+                        "fix or remove the annotation (a NaN or infinite box makes the loss non-finite)",
+                    ),
+                )
                 continue
             # COCOeval reads these from the ground truth; fill them in as COCO would.
             crowd = int(ann.setdefault("iscrowd", 0))
@@ -354,8 +405,12 @@ class CocoDetection(torch.utils.data.Dataset):
             try:
                 x, y, w, h = (float(v) for v in ann["bbox"])
             except (KeyError, TypeError, ValueError):
-                report(problems, "malformed annotation", ann["id"], self._error(
-                    f"has annotation id {ann.get('id')} without a 4-number 'bbox'", "fix the annotation"))
+                report(
+                    problems,
+                    "malformed annotation",
+                    ann["id"],
+                    self._error(f"has annotation id {ann.get('id')} without a 4-number 'bbox'", "fix the annotation"),
+                )
                 continue
             info = images[image_id]
             width, height = info["width"], info["height"]
@@ -387,8 +442,11 @@ class CocoDetection(torch.utils.data.Dataset):
             area = float(ann.get("area") or (x2 - x1) * (y2 - y1))
             records.add(image_id, (x1, y1, x2, y2), cat_to_label[cat_id], area, crowd, segmentation)
         if problems is not None:
-            for kind, ids in (("box partly outside its image", clipped_ids), ("box empty after clipping", dropped_ids),
-                              ("polygon of fewer than 3 points", degenerate)):
+            for kind, ids in (
+                ("box partly outside its image", clipped_ids),
+                ("box empty after clipping", dropped_ids),
+                ("polygon of fewer than 3 points", degenerate),
+            ):
                 for ann_id in ids:
                     problems.add(kind, ann_id)
         elif clipped or dropped:
@@ -496,8 +554,12 @@ class CocoDetection(torch.utils.data.Dataset):
         try:
             decoded = read_image(path)
         except ImageRangeError as err:
-            report(self._problems, "image values without a scale", path.name,
-                   DataError(f"image {path} (listed in {self.source}) {err}"))
+            report(
+                self._problems,
+                "image values without a scale",
+                path.name,
+                DataError(f"image {path} (listed in {self.source}) {err}"),
+            )
             return None
         except (ImageDecodeError, OSError) as err:
             self._bad_image(path, err)
@@ -506,10 +568,15 @@ class CocoDetection(torch.utils.data.Dataset):
         if image is None:
             height, width = decoded.image.shape[-2:]
             turned = f" ({height}x{width} after its EXIF orientation {orientation})" if orientation != 1 else ""
-            report(self._problems, "image size differs from the annotations", image_id, DataError(
-                f"{path} is {width}x{height} pixels{turned} but {self.source} says {size[1]}x{size[0]}; "
-                f"fix the 'width'/'height' of image id {image_id}"
-            ))
+            report(
+                self._problems,
+                "image size differs from the annotations",
+                image_id,
+                DataError(
+                    f"{path} is {width}x{height} pixels{turned} but {self.source} says {size[1]}x{size[0]}; "
+                    f"fix the 'width'/'height' of image id {image_id}"
+                ),
+            )
             return None
         if orientation != 1 and self._problems is not None:
             self._problems.add("EXIF orientation applied", image_id)
@@ -541,6 +608,10 @@ class CocoDetection(torch.utils.data.Dataset):
 def _ground_truth(data: dict[str, Any], polygons: PolygonStore) -> bytes:
     """What COCOeval reads, pickled (a fraction of the memory of the dicts): the file's every image and
     annotation (with the 'iscrowd' and 'area' filled in), polygons as lists again."""
-    annotations = [dict(ann, segmentation=polygons.lists(ann["segmentation"]))
-                   if isinstance(ann.get("segmentation"), Polygons) else ann for ann in data["annotations"]]
+    annotations = [
+        dict(ann, segmentation=polygons.lists(ann["segmentation"]))
+        if isinstance(ann.get("segmentation"), Polygons)
+        else ann
+        for ann in data["annotations"]
+    ]
     return pickle.dumps({**data, "annotations": annotations}, protocol=pickle.HIGHEST_PROTOCOL)

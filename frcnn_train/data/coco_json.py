@@ -3,6 +3,7 @@
 Every problem is one `DataError` sentence naming the file and, where the path came from
 a config key, the key to change.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -12,8 +13,9 @@ import json.decoder
 import json.scanner
 import math
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from frcnn_train.data.records import PolygonStore
 from frcnn_train.errors import DataError
@@ -143,7 +145,7 @@ def _parse_annotations(text: str, pos: int, scan: Any, polygons: PolygonStore) -
         cut = _BETWEEN_OBJECTS.search(text, pos + _CHUNK) if pos >= single_until else None
         chunk = None
         if cut is not None:
-            piece = "[" + text[pos:cut.start() + 1] + "]"
+            piece = "[" + text[pos : cut.start() + 1] + "]"
             try:
                 chunk, end = scan(piece, 0)
                 if end != len(piece):  # the list closed before the cut: the cut is past the annotations

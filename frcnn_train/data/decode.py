@@ -11,6 +11,7 @@ and kept as float32 (their precision would not survive uint8); 32-bit integer im
 values fit in 16 bits are treated as 16-bit; 32-bit float images in [0, 1] are taken as they
 are. Anything else is refused, naming the file: there is no scale to guess.
 """
+
 from __future__ import annotations
 
 import multiprocessing
@@ -124,7 +125,8 @@ def _scaled_int32(array: np.ndarray) -> Tensor:
     if low < 0 or high > UINT16_MAX:
         raise ImageRangeError(
             f"holds 32-bit integer values from {low} to {high}, beyond the 16-bit range that can be scaled to "
-            "[0, 1]; convert the images to 8 or 16 bits, scaled as the model should see them")
+            "[0, 1]; convert the images to 8 or 16 bits, scaled as the model should see them"
+        )
     return _gray_to_rgb(array.astype(np.float32) / np.float32(UINT16_MAX))
 
 
@@ -134,18 +136,19 @@ def _float_as_is(array: np.ndarray) -> Tensor:
     if not finite or low < 0.0 or high > 1.0:
         raise ImageRangeError(
             f"holds 32-bit float values {'that are not finite' if not finite else f'from {low:g} to {high:g}'}, "
-            "outside [0, 1], with no scale to assume; convert the images to floats in [0, 1] or to 8 or 16 bits")
+            "outside [0, 1], with no scale to assume; convert the images to floats in [0, 1] or to 8 or 16 bits"
+        )
     return _gray_to_rgb(array)
 
 
 NOTES = {
     SCALED_16BIT: "16-bit images (first: {path}) are scaled to [0, 1] by dividing by 65535 (not clipped), and "
-                  "travel as float32 to keep their precision",
+    "travel as float32 to keep their precision",
     SCALED_32BIT_INT: "32-bit integer images (first: {path}) hold 16-bit values: scaled to [0, 1] by dividing by "
-                      "65535, as float32",
+    "65535, as float32",
     FLOAT_AS_IS: "32-bit float images (first: {path}) are taken as they are: their values lie in [0, 1]",
     EXIF_APPLIED: "images whose EXIF orientation turns them to the width/height the annotations give (first: "
-                  "{path}, orientation {orientation}) are turned as annotation tools display them",
+    "{path}, orientation {orientation}) are turned as annotation tools display them",
 }
 
 

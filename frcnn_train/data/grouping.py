@@ -16,6 +16,7 @@ left in the buckets at the end (fewer than `batch_size` per group) follows in mi
 micro-batches, in permutation order: torchvision instead repeats images of a group to
 fill its last batch. A set of one shape is one group, and its order is the permutation's.
 """
+
 from __future__ import annotations
 
 import logging
@@ -67,6 +68,7 @@ def dataset_groups(dataset: Dataset, factor: int = GROUP_FACTOR) -> np.ndarray:
     """aspect_ratio_groups of a dataset's images, with the group sizes in the log."""
     groups = aspect_ratio_groups(*image_sizes(dataset), factor=factor)
     counts = np.bincount(groups, minlength=2 * factor + 2)
-    log.info("data: grouping by aspect ratio, images per group (tallest first): %s",
-             " ".join(str(int(c)) for c in counts))
+    log.info(
+        "data: grouping by aspect ratio, images per group (tallest first): %s", " ".join(str(int(c)) for c in counts)
+    )
     return groups

@@ -5,6 +5,7 @@ pure function of (seed, epoch, sample index). Nothing depends on worker RNG
 state or the global torch RNG, so a run resumed mid-epoch, with any number of
 workers, sees exactly the batches an uninterrupted run would have seen.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -13,9 +14,10 @@ import logging
 import os
 import signal
 import weakref
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,8 +53,9 @@ class DataBundle:
 # --------------------------------------------------------------------------- datasets
 
 
-def build_datasets(data_cfg: DictConfig, *, with_masks: bool,
-                   problems: dict[str, Problems] | None = None) -> DataBundle:
+def build_datasets(
+    data_cfg: DictConfig, *, with_masks: bool, problems: dict[str, Problems] | None = None
+) -> DataBundle:
     """Build the train split (with augmentation) and the val split (without) named by `data.name`.
 
     `problems` ({"train": Problems(), "val": Problems()}, frcnn-data check): every problem of the files is
@@ -61,8 +64,9 @@ def build_datasets(data_cfg: DictConfig, *, with_masks: bool,
     builders = {"coco": _coco_datasets, "shapes": _shapes_datasets, "voc": _voc_datasets}
     if name not in builders:
         raise ConfigError(f"data.name={name!r} is not a known dataset; valid names: {', '.join(DATASET_NAMES)}")
-    train, val = builders[name](data_cfg, with_masks=with_masks, transforms=_train_transforms(data_cfg),
-                                problems=problems or {})
+    train, val = builders[name](
+        data_cfg, with_masks=with_masks, transforms=_train_transforms(data_cfg), problems=problems or {}
+    )
     log.info("data: %s, %d train / %d val images, %d classes", name, len(train), len(val), len(train.classes))
     groups = dataset_groups(train) if _get(data_cfg, "group_by_aspect_ratio") else None
     return DataBundle(train=train, val=val, classes=list(train.classes), train_groups=groups)
@@ -100,8 +104,9 @@ def shapes_cache_dir(data_cfg: DictConfig) -> Path:
     return Path(base).expanduser() / "shapes"
 
 
-def _shapes_datasets(data_cfg: DictConfig, *, with_masks: bool, transforms: Compose,
-                     problems: dict[str, Problems]) -> Splits:
+def _shapes_datasets(
+    data_cfg: DictConfig, *, with_masks: bool, transforms: Compose, problems: dict[str, Problems]
+) -> Splits:
     shapes = data_cfg.shapes
     root = ensure_shapes_dataset(
         shapes_cache_dir(data_cfg),
@@ -113,11 +118,25 @@ def _shapes_datasets(data_cfg: DictConfig, *, with_masks: bool, transforms: Comp
     )
     log.info("data: synthetic shapes in %s", root)
     skip_empty = bool(_get(data_cfg, "skip_empty"))
-    train = CocoDetection(root / "train", root / "instances_train.json", with_masks=with_masks, train=True,
-                          skip_empty=skip_empty, transforms=transforms, bad_images=_bad_images(data_cfg),
-                          problems=problems.get("train"))
-    val = CocoDetection(root / "val", root / "instances_val.json", with_masks=with_masks, train=False,
-                        classes=train.classes, bad_images=_bad_images(data_cfg), problems=problems.get("val"))
+    train = CocoDetection(
+        root / "train",
+        root / "instances_train.json",
+        with_masks=with_masks,
+        train=True,
+        skip_empty=skip_empty,
+        transforms=transforms,
+        bad_images=_bad_images(data_cfg),
+        problems=problems.get("train"),
+    )
+    val = CocoDetection(
+        root / "val",
+        root / "instances_val.json",
+        with_masks=with_masks,
+        train=False,
+        classes=train.classes,
+        bad_images=_bad_images(data_cfg),
+        problems=problems.get("val"),
+    )
     return train, val
 
 
@@ -136,26 +155,40 @@ def _path(data_cfg: DictConfig, key: str) -> Path:
     return Path(str(root)).expanduser() / path
 
 
-def _coco_datasets(data_cfg: DictConfig, *, with_masks: bool, transforms: Compose,
-                   problems: dict[str, Problems]) -> Splits:
+def _coco_datasets(
+    data_cfg: DictConfig, *, with_masks: bool, transforms: Compose, problems: dict[str, Problems]
+) -> Splits:
     classes = _get(data_cfg, "classes")
     train = CocoDetection(
-        _path(data_cfg, "train_images"), _path(data_cfg, "train_ann"), with_masks=with_masks, train=True,
-        skip_empty=bool(_get(data_cfg, "skip_empty")), transforms=transforms,
+        _path(data_cfg, "train_images"),
+        _path(data_cfg, "train_ann"),
+        with_masks=with_masks,
+        train=True,
+        skip_empty=bool(_get(data_cfg, "skip_empty")),
+        transforms=transforms,
         classes=list(classes) if classes is not None else None,
-        ann_key="data.train_ann", images_key="data.train_images", bad_images=_bad_images(data_cfg),
+        ann_key="data.train_ann",
+        images_key="data.train_images",
+        bad_images=_bad_images(data_cfg),
         problems=problems.get("train"),
     )
     val = CocoDetection(
-        _path(data_cfg, "val_images"), _path(data_cfg, "val_ann"), with_masks=with_masks, train=False,
-        classes=train.classes, ann_key="data.val_ann", images_key="data.val_images", bad_images=_bad_images(data_cfg),
+        _path(data_cfg, "val_images"),
+        _path(data_cfg, "val_ann"),
+        with_masks=with_masks,
+        train=False,
+        classes=train.classes,
+        ann_key="data.val_ann",
+        images_key="data.val_images",
+        bad_images=_bad_images(data_cfg),
         problems=problems.get("val"),
     )
     return train, val
 
 
-def _voc_datasets(data_cfg: DictConfig, *, with_masks: bool, transforms: Compose,
-                  problems: dict[str, Problems]) -> Splits:
+def _voc_datasets(
+    data_cfg: DictConfig, *, with_masks: bool, transforms: Compose, problems: dict[str, Problems]
+) -> Splits:
     if with_masks:
         raise ConfigError(
             "data=voc has no instance masks, and Mask R-CNN needs a dataset with masks (coco or shapes); "
@@ -171,11 +204,27 @@ def _voc_datasets(data_cfg: DictConfig, *, with_masks: bool, transforms: Compose
     classes = list(classes) if classes is not None else None
     train_dict = load_voc(root, str(_get(data_cfg, "train_split")), classes=classes, problems=problems.get("train"))
     val_dict = load_voc(root, str(_get(data_cfg, "val_split")), classes=classes, problems=problems.get("val"))
-    train = CocoDetection(root / "JPEGImages", train_dict, with_masks=False, train=True,
-                          skip_empty=bool(_get(data_cfg, "skip_empty")), transforms=transforms,
-                          images_key="data.root", bad_images=_bad_images(data_cfg), problems=problems.get("train"))
-    val = CocoDetection(root / "JPEGImages", val_dict, with_masks=False, train=False, classes=train.classes,
-                        images_key="data.root", bad_images=_bad_images(data_cfg), problems=problems.get("val"))
+    train = CocoDetection(
+        root / "JPEGImages",
+        train_dict,
+        with_masks=False,
+        train=True,
+        skip_empty=bool(_get(data_cfg, "skip_empty")),
+        transforms=transforms,
+        images_key="data.root",
+        bad_images=_bad_images(data_cfg),
+        problems=problems.get("train"),
+    )
+    val = CocoDetection(
+        root / "JPEGImages",
+        val_dict,
+        with_masks=False,
+        train=False,
+        classes=train.classes,
+        images_key="data.root",
+        bad_images=_bad_images(data_cfg),
+        problems=problems.get("val"),
+    )
     return train, val
 
 
@@ -192,16 +241,21 @@ def resolve_num_workers(value: int | str, device: torch.device | str) -> int:
     if (count := worker_count(value)) is not None:
         return count
     if value != "auto":
-        raise ConfigError(f"data.num_workers={value!r} must be a whole number >= 0 (0: load in the main process) "
-                          "or auto")
+        raise ConfigError(
+            f"data.num_workers={value!r} must be a whole number >= 0 (0: load in the main process) or auto"
+        )
     if torch.device(device).type != "cuda":
         log.info("data.num_workers=auto: 0 loader workers (training on the CPU: the step uses every core)")
         return 0
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     workers = min(MAX_AUTO_WORKERS, cpus // max(processes, 1))
-    log.info("data.num_workers=auto: %d loader workers per process (%d usable CPUs, %d process(es) on this node)",
-             workers, cpus, processes)
+    log.info(
+        "data.num_workers=auto: %d loader workers per process (%d usable CPUs, %d process(es) on this node)",
+        workers,
+        cpus,
+        processes,
+    )
     return workers
 
 
@@ -220,8 +274,19 @@ class ResumableSampler(Sampler[tuple[int, int]]):
     (data/grouping.py), which depends on the permutation and batch_size only.
     """
 
-    def __init__(self, dataset_len: int, *, batch_size: int, seed: int, epoch: int, consumed: int = 0,
-                 accumulate: int = 1, rank: int = 0, world_size: int = 1, groups: np.ndarray | None = None) -> None:
+    def __init__(
+        self,
+        dataset_len: int,
+        *,
+        batch_size: int,
+        seed: int,
+        epoch: int,
+        consumed: int = 0,
+        accumulate: int = 1,
+        rank: int = 0,
+        world_size: int = 1,
+        groups: np.ndarray | None = None,
+    ) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         if batch_size < 1 or accumulate < 1:
@@ -237,8 +302,9 @@ class ResumableSampler(Sampler[tuple[int, int]]):
     def set_position(self, epoch: int, consumed: int = 0) -> None:
         """Where the next iteration starts: `consumed` samples into `epoch`'s global sequence."""
         if not 0 <= consumed <= self.total or consumed % (self.batch_size * self.world_size):
-            raise ValueError(f"consumed={consumed} is not a whole number of global batches "
-                             f"of this epoch's {self.total} samples")
+            raise ValueError(
+                f"consumed={consumed} is not a whole number of global batches of this epoch's {self.total} samples"
+            )
         self.epoch, self.consumed = epoch, consumed
 
     def global_order(self) -> list[tuple[int, int]]:
@@ -302,28 +368,72 @@ def collate(batch: Sequence[tuple[Tensor, dict] | None]) -> tuple[list[Tensor], 
     return list(images), list(targets)
 
 
-def build_train_loader(dataset: Dataset, *, batch_size: int, num_workers: int, seed: int, epoch: int,
-                       consumed: int = 0, accumulate: int = 1, rank: int = 0, world_size: int = 1,
-                       pin_memory: bool = False, groups: np.ndarray | None = None) -> DataLoader:
+def build_train_loader(
+    dataset: Dataset,
+    *,
+    batch_size: int,
+    num_workers: int,
+    seed: int,
+    epoch: int,
+    consumed: int = 0,
+    accumulate: int = 1,
+    rank: int = 0,
+    world_size: int = 1,
+    pin_memory: bool = False,
+    groups: np.ndarray | None = None,
+) -> DataLoader:
     """This rank's batches of the epoch's global sequence after `consumed` samples (see ResumableSampler),
     from a DataLoader of its own (its workers end with it); the Trainer keeps one TrainLoader instead."""
-    sampler = _train_sampler(dataset, batch_size=batch_size, seed=seed, epoch=epoch, consumed=consumed,
-                             accumulate=accumulate, rank=rank, world_size=world_size, groups=groups)
+    sampler = _train_sampler(
+        dataset,
+        batch_size=batch_size,
+        seed=seed,
+        epoch=epoch,
+        consumed=consumed,
+        accumulate=accumulate,
+        rank=rank,
+        world_size=world_size,
+        groups=groups,
+    )
     # Worker base seeds come from this generator instead of the global RNG, so
     # starting an iterator leaves the global torch RNG (saved in checkpoints) alone.
-    return _loader(dataset, BatchSampler(sampler, batch_size=batch_size, drop_last=True), num_workers=num_workers,
-                   seed=seed_for(seed, epoch, 2), pin_memory=pin_memory)
+    return _loader(
+        dataset,
+        BatchSampler(sampler, batch_size=batch_size, drop_last=True),
+        num_workers=num_workers,
+        seed=seed_for(seed, epoch, 2),
+        pin_memory=pin_memory,
+    )
 
 
-def _train_sampler(dataset: Dataset, *, batch_size: int, seed: int, epoch: int, consumed: int, accumulate: int,
-                   rank: int, world_size: int, groups: np.ndarray | None) -> ResumableSampler:
+def _train_sampler(
+    dataset: Dataset,
+    *,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    consumed: int,
+    accumulate: int,
+    rank: int,
+    world_size: int,
+    groups: np.ndarray | None,
+) -> ResumableSampler:
     if batches_per_epoch(len(dataset), batch_size, world_size) == 0:
         raise ConfigError(
             f"trainer.batch_size={batch_size} is larger than the {len(dataset) // world_size} training images "
             f"per process, so an epoch has no batch; lower trainer.batch_size or use more data"
         )
-    return ResumableSampler(len(dataset), batch_size=batch_size, seed=seed, epoch=epoch, consumed=consumed,
-                            accumulate=accumulate, rank=rank, world_size=world_size, groups=groups)
+    return ResumableSampler(
+        len(dataset),
+        batch_size=batch_size,
+        seed=seed,
+        epoch=epoch,
+        consumed=consumed,
+        accumulate=accumulate,
+        rank=rank,
+        world_size=world_size,
+        groups=groups,
+    )
 
 
 class TrainLoader:
@@ -337,14 +447,40 @@ class TrainLoader:
     ignore SIGTERM and Python's exit would otherwise wait for them forever).
     """
 
-    def __init__(self, dataset: Dataset, *, batch_size: int, num_workers: int, seed: int, accumulate: int = 1,
-                 rank: int = 0, world_size: int = 1, pin_memory: bool = False, prefetch_factor: int = 2,
-                 groups: np.ndarray | None = None) -> None:
-        self.sampler = _train_sampler(dataset, batch_size=batch_size, seed=seed, epoch=0, consumed=0,
-                                      accumulate=accumulate, rank=rank, world_size=world_size, groups=groups)
-        self.loader = _loader(dataset, BatchSampler(self.sampler, batch_size=batch_size, drop_last=True),
-                              num_workers=num_workers, seed=seed_for(seed, 0, 2), pin_memory=pin_memory,
-                              persistent=num_workers > 0, prefetch_factor=prefetch_factor)
+    def __init__(
+        self,
+        dataset: Dataset,
+        *,
+        batch_size: int,
+        num_workers: int,
+        seed: int,
+        accumulate: int = 1,
+        rank: int = 0,
+        world_size: int = 1,
+        pin_memory: bool = False,
+        prefetch_factor: int = 2,
+        groups: np.ndarray | None = None,
+    ) -> None:
+        self.sampler = _train_sampler(
+            dataset,
+            batch_size=batch_size,
+            seed=seed,
+            epoch=0,
+            consumed=0,
+            accumulate=accumulate,
+            rank=rank,
+            world_size=world_size,
+            groups=groups,
+        )
+        self.loader = _loader(
+            dataset,
+            BatchSampler(self.sampler, batch_size=batch_size, drop_last=True),
+            num_workers=num_workers,
+            seed=seed_for(seed, 0, 2),
+            pin_memory=pin_memory,
+            persistent=num_workers > 0,
+            prefetch_factor=prefetch_factor,
+        )
         _OPEN_LOADERS.add(self)
 
     def at(self, epoch: int, consumed: int = 0) -> DataLoader:
@@ -360,10 +496,25 @@ class EvalLoader:
     """The evaluation batches of a run (build_eval_loader's) from one DataLoader whose workers live across
     evaluations, as TrainLoader's do across epochs: iterate `loader` for each evaluation; `close()` ends them."""
 
-    def __init__(self, dataset: Dataset, *, batch_size: int, num_workers: int, rank: int = 0, world_size: int = 1,
-                 pin_memory: bool = False) -> None:
-        self.loader = build_eval_loader(dataset, batch_size=batch_size, num_workers=num_workers, rank=rank,
-                                        world_size=world_size, pin_memory=pin_memory, persistent=num_workers > 0)
+    def __init__(
+        self,
+        dataset: Dataset,
+        *,
+        batch_size: int,
+        num_workers: int,
+        rank: int = 0,
+        world_size: int = 1,
+        pin_memory: bool = False,
+    ) -> None:
+        self.loader = build_eval_loader(
+            dataset,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            rank=rank,
+            world_size=world_size,
+            pin_memory=pin_memory,
+            persistent=num_workers > 0,
+        )
         _OPEN_LOADERS.add(self)
 
     def close(self) -> None:
@@ -376,7 +527,7 @@ def _end_workers(loader: DataLoader) -> None:
         iterator._shutdown_workers()
 
 
-_OPEN_LOADERS: "weakref.WeakSet[TrainLoader | EvalLoader]" = weakref.WeakSet()
+_OPEN_LOADERS: weakref.WeakSet[TrainLoader | EvalLoader] = weakref.WeakSet()
 
 
 @atexit.register  # registered after torch's own exit hook, so it runs first, while torch can still shut workers down
@@ -385,8 +536,16 @@ def _close_open_loaders() -> None:
         loader.close()
 
 
-def _loader(dataset: Dataset, batch_sampler: Any, *, num_workers: int, seed: int, pin_memory: bool,
-            persistent: bool = False, prefetch_factor: int = 2) -> DataLoader:
+def _loader(
+    dataset: Dataset,
+    batch_sampler: Any,
+    *,
+    num_workers: int,
+    seed: int,
+    pin_memory: bool,
+    persistent: bool = False,
+    prefetch_factor: int = 2,
+) -> DataLoader:
     """The one DataLoader every builder makes: our collate, workers that ignore stop signals, a seeded generator.
 
     `pin_memory` (on CUDA) lets the step's non_blocking copies overlap the previous step's kernels.
@@ -421,7 +580,21 @@ def ignore_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def build_eval_loader(dataset: Dataset, *, batch_size: int, num_workers: int, rank: int = 0,
-                      world_size: int = 1, pin_memory: bool = False, persistent: bool = False) -> DataLoader:
-    return _loader(dataset, ShardSampler(len(dataset), batch_size=batch_size, rank=rank, world_size=world_size),
-                   num_workers=num_workers, seed=0, pin_memory=pin_memory, persistent=persistent)
+def build_eval_loader(
+    dataset: Dataset,
+    *,
+    batch_size: int,
+    num_workers: int,
+    rank: int = 0,
+    world_size: int = 1,
+    pin_memory: bool = False,
+    persistent: bool = False,
+) -> DataLoader:
+    return _loader(
+        dataset,
+        ShardSampler(len(dataset), batch_size=batch_size, rank=rank, world_size=world_size),
+        num_workers=num_workers,
+        seed=0,
+        pin_memory=pin_memory,
+        persistent=persistent,
+    )

@@ -5,6 +5,7 @@ Training stops at the first problem it cannot repair (one DataError sentence). G
 leave the offending image or annotation out and read on, so one check lists them all,
 grouped by kind, with what training would do about each.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

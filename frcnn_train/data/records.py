@@ -7,6 +7,7 @@ image's boxes, labels and polygons is read without such copies (detectron2's ser
 serialize_data do the same with pickled bytes), and takes a fraction of the memory of the JSON's dicts and
 Python floats: polygons are one float64 array (float64, not float32: rasterised masks stay bit-identical).
 """
+
 from __future__ import annotations
 
 from array import array
@@ -60,7 +61,7 @@ class PolygonStore:
         """The polygons as COCO's lists of floats (for the ground truth that COCOeval reads)."""
         out, start = [], polygons.start
         for length in polygons.lengths:
-            out.append(self.coords[start:start + length].tolist())
+            out.append(self.coords[start : start + length].tolist())
             start += length
         return out
 
@@ -77,8 +78,15 @@ class RecordsBuilder:
         self.piece_start, self.piece_len = array("q"), array("q")  # polygons: into coords; RLE: into rle bytes
         self.rle = bytearray()
 
-    def add(self, image_id: int, box: tuple[float, float, float, float], label: int, area: float, crowd: int,
-            segmentation: list[tuple[int, int]] | dict | None) -> None:
+    def add(
+        self,
+        image_id: int,
+        box: tuple[float, float, float, float],
+        label: int,
+        area: float,
+        crowd: int,
+        segmentation: list[tuple[int, int]] | dict | None,
+    ) -> None:
         """One annotation; `segmentation`: (start, length) of its polygons in the store, or an RLE dict whose
         size is its image's, or None without masks."""
         self.image.append(self.position[image_id])
@@ -116,8 +124,9 @@ class RecordsBuilder:
         names = [images[i]["file_name"].encode("utf-8") for i, k in zip(ids, kept_images) if k]
         columns: dict[str, np.ndarray] = {
             "image_ids": np.array(ids, dtype=np.int64)[kept_images],
-            "sizes": np.array([(images[i]["height"], images[i]["width"]) for i in ids],
-                              dtype=np.int64).reshape(-1, 2)[kept_images],
+            "sizes": np.array([(images[i]["height"], images[i]["width"]) for i in ids], dtype=np.int64).reshape(-1, 2)[
+                kept_images
+            ],
             "names": np.frombuffer(b"".join(names), dtype=np.uint8).copy(),
             "name_offsets": _offsets([len(n) for n in names]),
             "ann_offsets": _offsets(per_image[kept_images]),
@@ -137,7 +146,8 @@ class RecordsBuilder:
                 piece_offsets=_offsets(counts),
                 piece_start=_array(self.piece_start, np.int64)[index],
                 piece_len=_array(self.piece_len, np.int64)[index],
-                coords=np.frombuffer(self.polygons.coords, dtype=np.float64) if len(self.polygons.coords)
+                coords=np.frombuffer(self.polygons.coords, dtype=np.float64)
+                if len(self.polygons.coords)
                 else np.zeros(0, np.float64),
                 rle=np.frombuffer(bytes(self.rle), dtype=np.uint8),
             )
@@ -172,7 +182,7 @@ class CocoRecords:
     def __getitem__(self, i: int) -> dict[str, Any]:
         c = self.columns
         lo, hi = int(c["ann_offsets"][i]), int(c["ann_offsets"][i + 1])
-        name = c["names"][c["name_offsets"][i]:c["name_offsets"][i + 1]].tobytes().decode("utf-8")
+        name = c["names"][c["name_offsets"][i] : c["name_offsets"][i + 1]].tobytes().decode("utf-8")
         height, width = (int(v) for v in c["sizes"][i])
         return {
             "file_name": name,
@@ -181,8 +191,7 @@ class CocoRecords:
             "labels": c["labels"][lo:hi],
             "area": c["area"][lo:hi],
             "iscrowd": c["iscrowd"][lo:hi].astype(np.int64),
-            "segmentations": [self._segmentation(a, height, width) for a in range(lo, hi)] if self.with_masks
-            else None,
+            "segmentations": [self._segmentation(a, height, width) for a in range(lo, hi)] if self.with_masks else None,
         }
 
     def _segmentation(self, ann: int, height: int, width: int) -> list[np.ndarray] | dict:
@@ -190,6 +199,6 @@ class CocoRecords:
         first, last = int(c["piece_offsets"][ann]), int(c["piece_offsets"][ann + 1])
         starts, lengths = c["piece_start"][first:last], c["piece_len"][first:last]
         if c["seg_kind"][ann] == RLE:
-            counts = c["rle"][starts[0]:starts[0] + lengths[0]].tobytes()
+            counts = c["rle"][starts[0] : starts[0] + lengths[0]].tobytes()
             return {"size": [height, width], "counts": counts}
-        return [c["coords"][s:s + n] for s, n in zip(starts.tolist(), lengths.tolist())]
+        return [c["coords"][s : s + n] for s, n in zip(starts.tolist(), lengths.tolist())]

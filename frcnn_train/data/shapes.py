@@ -5,6 +5,7 @@ identical for identical parameters (byte for byte, so runs are comparable),
 learnable by a small Faster R-CNN in minutes, and it must exercise every code
 path of the COCO loader: polygon and RLE segmentations, occlusion, varied sizes.
 """
+
 from __future__ import annotations
 
 import hashlib

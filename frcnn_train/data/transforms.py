@@ -4,9 +4,10 @@ Every transform draws its randomness from the `generator` it is given (seeded
 per sample by the loader), never from a global RNG: that is what makes
 augmentation reproducible across resumes and worker counts.
 """
+
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -79,12 +80,14 @@ class ScaleJitter:
         if image.dtype == torch.uint8:
             # Resampled in float on the 0-255 scale and rounded back: the sample stays uint8 (a quarter of the
             # bytes to the device), within half a grey level of resampling the [0, 1] floats.
-            image = F.interpolate(image[None].float(), size=(new_h, new_w), mode="bilinear", align_corners=False,
-                                  antialias=True)[0]
+            image = F.interpolate(
+                image[None].float(), size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True
+            )[0]
             image = image.round_().clamp_(0.0, 255.0).to(torch.uint8)
         else:
-            image = F.interpolate(image[None], size=(new_h, new_w), mode="bilinear", align_corners=False,
-                                  antialias=True)[0]
+            image = F.interpolate(
+                image[None], size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True
+            )[0]
             image = image.clamp_(0.0, 1.0)
         # The realised factors, after rounding to whole pixels, so boxes match the pixels.
         sx, sy = new_w / width, new_h / height

@@ -1,6 +1,7 @@
 """Pascal VOC, converted in memory to a COCO dict so one dataset class and one
 evaluator (pycocotools) serve every format.
 """
+
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
@@ -13,8 +14,26 @@ from frcnn_train.data.problems import Problems, report
 from frcnn_train.errors import DataError
 
 VOC_CLASSES: list[str] = [
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
 ]
 
 
@@ -53,15 +72,21 @@ def load_voc(root: str | Path, split: str, *, classes: list[str] | None, problem
     for image_id, voc_id in enumerate(voc_ids, start=1):
         xml_path = root / "Annotations" / f"{voc_id}.xml"
         if not xml_path.is_file():
-            report(problems, "missing annotation file", voc_id, DataError(
-                f"{split_file} lists {voc_id!r} but {xml_path} does not exist; add the annotation or remove the id"
-            ))
+            report(
+                problems,
+                "missing annotation file",
+                voc_id,
+                DataError(
+                    f"{split_file} lists {voc_id!r} but {xml_path} does not exist; add the annotation or remove the id"
+                ),
+            )
             continue
         try:
             image, objects = _parse_xml(xml_path, voc_id, root, classes, problems)
         except DataError as err:
-            report(problems, "missing image file" if "does not exist" in str(err) else "malformed annotation",
-                   voc_id, err)
+            report(
+                problems, "missing image file" if "does not exist" in str(err) else "malformed annotation", voc_id, err
+            )
             continue
         image["id"] = image_id
         images.append(image)
@@ -76,8 +101,9 @@ def load_voc(root: str | Path, split: str, *, classes: list[str] | None, problem
     }
 
 
-def _parse_xml(path: Path, voc_id: str, root: Path, classes: list[str],
-               problems: Problems | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def _parse_xml(
+    path: Path, voc_id: str, root: Path, classes: list[str], problems: Problems | None = None
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     try:
         tree = ET.parse(path).getroot()
     except ET.ParseError as e:
@@ -111,10 +137,15 @@ def _parse_xml(path: Path, voc_id: str, root: Path, classes: list[str],
         name_node = obj.find("name")
         name = (name_node.text or "").strip() if name_node is not None else ""
         if name not in classes:
-            report(problems, "unknown class name", f"{voc_id} ({name})", DataError(
-                f"{path} has an object of class {name!r}, which is not among the {len(classes)} classes; "
-                f"add it to data.classes or fix the file"
-            ))
+            report(
+                problems,
+                "unknown class name",
+                f"{voc_id} ({name})",
+                DataError(
+                    f"{path} has an object of class {name!r}, which is not among the {len(classes)} classes; "
+                    f"add it to data.classes or fix the file"
+                ),
+            )
             continue
         difficult_node = obj.find("difficult")
         difficult = int(float(difficult_node.text or 0)) if difficult_node is not None else 0

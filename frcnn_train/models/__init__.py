@@ -1,7 +1,7 @@
 """Detection models: config -> torchvision FasterRCNN / MaskRCNN, and their architecture fingerprint."""
+
 from frcnn_train.models.backbones import BACKBONES, build_backbone, stage_names
 from frcnn_train.models.builder import ARCHS, build_model, valid_attention_sites
-from frcnn_train.models.options import prepare_for_training
 from frcnn_train.models.fingerprint import (
     architecture_spec,
     diff_layouts,
@@ -9,6 +9,7 @@ from frcnn_train.models.fingerprint import (
     fingerprint,
     tensor_layout,
 )
+from frcnn_train.models.options import prepare_for_training
 
 __all__ = [
     "ARCHS",

@@ -24,6 +24,7 @@ it may default from another setting without changing what a checkpoint holds.
 Blocks have no BatchNorm: RoI batches and frozen-BN backbones make batch
 statistics a liability, and keeping them out keeps eval == train semantics.
 """
+
 from __future__ import annotations
 
 import math
@@ -89,8 +90,9 @@ class CBAM(_Gate):
     The spatial convolution has no BatchNorm (see the module docstring).
     """
 
-    def __init__(self, channels: int, *, reduction: int = 16, kernel_size: int = 7,
-                 identity_init: bool = False) -> None:
+    def __init__(
+        self, channels: int, *, reduction: int = 16, kernel_size: int = 7, identity_init: bool = False
+    ) -> None:
         super().__init__(identity_init)
         hidden = max(1, _check_positive(channels, "channels") // _check_positive(reduction, "reduction"))
         self.fc1 = nn.Linear(channels, hidden)
@@ -140,8 +142,9 @@ class NonLocal(nn.Module):
     added to the input. Cost grows with (H * W)^2: put it on coarse maps (the last stage, RoIs).
     """
 
-    def __init__(self, channels: int, *, inner_channels: int | None = None, heads: int = 1,
-                 identity_init: bool = False) -> None:
+    def __init__(
+        self, channels: int, *, inner_channels: int | None = None, heads: int = 1, identity_init: bool = False
+    ) -> None:
         super().__init__()
         inner = max(1, _check_positive(channels, "channels") // 2) if inner_channels is None else inner_channels
         _check_positive(inner, "inner_channels")

@@ -5,6 +5,7 @@ torchvision model-zoo detection weights map onto it. ImageNet weights come from 
 local file or by the name of torchvision's weights (zoo.py: fetched once into
 torch's hub cache).
 """
+
 from __future__ import annotations
 
 import functools
@@ -45,8 +46,11 @@ BACKBONES: tuple[str, ...] = tuple(_CLASSIFIERS)
 NORMS: tuple[str, ...] = ("auto", "frozen_bn", "bn", "syncbn")
 # syncbn is built as BatchNorm2d and converted to SyncBatchNorm only under DDP (launch.py), so
 # a bn and a syncbn model have the same state-dict keys and one checkpoint serves both.
-_NORM_LAYERS: dict[str, Callable[..., nn.Module]] = {"frozen_bn": FrozenBatchNorm2d, "bn": nn.BatchNorm2d,
-                                                     "syncbn": nn.BatchNorm2d}
+_NORM_LAYERS: dict[str, Callable[..., nn.Module]] = {
+    "frozen_bn": FrozenBatchNorm2d,
+    "bn": nn.BatchNorm2d,
+    "syncbn": nn.BatchNorm2d,
+}
 
 # torchvision builds the FPN with 256 channels; we rebuild it only when asked for another width.
 _TORCHVISION_FPN_CHANNELS = 256
@@ -80,7 +84,7 @@ def _meta_classifier(tv_name: str) -> nn.Module:
         return getattr(tvm, tv_name)(weights=None)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _mobilenet_stages(tv_name: str) -> tuple[int, ...]:
     return tuple(_mobilenet_stage_indices(_meta_classifier(tv_name).features))
 
@@ -187,8 +191,9 @@ def _replace_fpn(backbone: BackboneWithFPN, fpn_channels: int, norm_layer: Calla
     # torchvision's extractors hard-code 256 FPN channels; rebuilding just the FPN
     # keeps their freezing and layer selection instead of copying that code.
     in_channels = [block[0].in_channels for block in backbone.fpn.inner_blocks]
-    backbone.fpn = FeaturePyramidNetwork(in_channels, fpn_channels, extra_blocks=LastLevelMaxPool(),
-                                         norm_layer=norm_layer)
+    backbone.fpn = FeaturePyramidNetwork(
+        in_channels, fpn_channels, extra_blocks=LastLevelMaxPool(), norm_layer=norm_layer
+    )
     backbone.out_channels = fpn_channels
 
 
@@ -239,16 +244,17 @@ def load_imagenet_weights(classifier: nn.Module, weights: str, name: str) -> Non
         extra = [k for k in found if k not in expected]
         problems = [f"{len(matched)} of {len(expected)} backbone tensors found"]
         if reshaped:
-            problems.append(f"{len(reshaped)} with other shapes, e.g. {reshaped[0]} {list(found[reshaped[0]])} "
-                            f"vs {list(expected[reshaped[0]])}")
+            problems.append(
+                f"{len(reshaped)} with other shapes, e.g. {reshaped[0]} {list(found[reshaped[0]])} "
+                f"vs {list(expected[reshaped[0]])}"
+            )
         if extra:
             problems.append(f"{len(extra)} unexpected, e.g. {extra[0]}")
         origin = _guess_origin(found)
         if origin:
             problems.append(f"it looks like {origin}")
         raise CheckpointError(
-            f"{where}: {path} does not match {tv_name} ({'; '.join(problems)}); "
-            f"point it at {tv_name} ImageNet weights"
+            f"{where}: {path} does not match {tv_name} ({'; '.join(problems)}); point it at {tv_name} ImageNet weights"
         )
     # The head keeps its own init (detection never uses it), and so does num_batches_tracked
     # when an old file lacks it; every other tensor was checked above.
@@ -259,6 +265,14 @@ def load_imagenet_weights(classifier: nn.Module, weights: str, name: str) -> Non
     # Confirms the file in the run's output; a wrong one would otherwise show only as a low AP.
     head = sum(k.startswith(_HEAD_PREFIXES) for k in state)
     counters = len(state) - len(used) - head
-    log.info("%s: loaded %d %s tensors from %s%s; skipped %d classifier-head tensor(s) and %d BatchNorm step "
-             "counter(s), which detection does not use.", where, len(used), tv_name,
-             f"{full_name(named)} in " if named is not None else "", path, head, counters)
+    log.info(
+        "%s: loaded %d %s tensors from %s%s; skipped %d classifier-head tensor(s) and %d BatchNorm step "
+        "counter(s), which detection does not use.",
+        where,
+        len(used),
+        tv_name,
+        f"{full_name(named)} in " if named is not None else "",
+        path,
+        head,
+        counters,
+    )

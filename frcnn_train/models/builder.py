@@ -22,6 +22,7 @@ So that one site list fits every backbone, `sites` may also name a group:
 `backbone` (every stage above), `fpn` (every level), `roi_heads` (box, and mask
 on Mask R-CNN), or `backbone.last` (the coarsest stage).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -69,8 +70,10 @@ def check_arch(arch: str) -> str:
 
 def check_version(version: str) -> str:
     if version not in VERSIONS:
-        raise ConfigError(f"model.version={version} is not a head layout; choose one of {', '.join(VERSIONS)} "
-                          "(v2: torchvision's *_v2 builders)")
+        raise ConfigError(
+            f"model.version={version} is not a head layout; choose one of {', '.join(VERSIONS)} "
+            "(v2: torchvision's *_v2 builders)"
+        )
     return version
 
 
@@ -96,9 +99,7 @@ def feature_map_names(backbone: BackboneWithFPN) -> list[str]:
     return [str(i) for i in range(len(backbone.fpn.inner_blocks))] + ["pool"]
 
 
-def build_anchor_generator(
-    anchor_sizes: list[int], aspect_ratios: list[float], num_levels: int
-) -> AnchorGenerator:
+def build_anchor_generator(anchor_sizes: list[int], aspect_ratios: list[float], num_levels: int) -> AnchorGenerator:
     """One base size per level when the counts agree; otherwise every level gets all sizes.
 
     The fallback is what torchvision's MobileNet detectors do (3 FPN levels, 5 sizes).
@@ -128,8 +129,9 @@ def build_box_branch(
     if conv_layers is None:
         head: nn.Module = TwoMLPHead(in_channels * BOX_ROI_SIZE**2, representation_size=head_dim)
     else:
-        head = FastRCNNConvFCHead((in_channels, BOX_ROI_SIZE, BOX_ROI_SIZE), list(conv_layers), [head_dim],
-                                  norm_layer=nn.BatchNorm2d)
+        head = FastRCNNConvFCHead(
+            (in_channels, BOX_ROI_SIZE, BOX_ROI_SIZE), list(conv_layers), [head_dim], norm_layer=nn.BatchNorm2d
+        )
     return roi_pool, head, FastRCNNPredictor(head_dim, num_classes)
 
 
@@ -176,8 +178,12 @@ def build_model(model_cfg: DictConfig, *, read_backbone_weights: bool = True) ->
         featmap_names=pooled_levels,
         head_dim=_positive(model_cfg.box_head_dim, "box_head_dim"),
         num_classes=num_classes,
-        conv_layers=([_positive(model_cfg.box_head_conv_dim, "box_head_conv_dim")]
-                     * _positive(model_cfg.box_head_convs, "box_head_convs", allow_zero=True)) if v2 else None,
+        conv_layers=(
+            [_positive(model_cfg.box_head_conv_dim, "box_head_conv_dim")]
+            * _positive(model_cfg.box_head_convs, "box_head_convs", allow_zero=True)
+        )
+        if v2
+        else None,
     )
     kwargs: dict[str, Any] = dict(
         min_size=int(model_cfg.min_size),
@@ -221,8 +227,12 @@ def build_model(model_cfg: DictConfig, *, read_backbone_weights: bool = True) ->
     else:
         model = Detector(backbone, num_classes=None, **kwargs)
 
-    _add_attention(model, attention, stages=stage_names(bb.name, returned_layers),
-                   identity_init=resolve_identity_init(model_cfg.attention.identity_init, bb.weights))
+    _add_attention(
+        model,
+        attention,
+        stages=stage_names(bb.name, returned_layers),
+        identity_init=resolve_identity_init(model_cfg.attention.identity_init, bb.weights),
+    )
     return model
 
 
@@ -269,17 +279,21 @@ def _plain(node: Any) -> Any:
 
 
 def _site_list(model_cfg: DictConfig, sites: list[str]) -> str:
-    return (f"valid sites for {model_cfg.arch} with {model_cfg.backbone.name}: {', '.join(sites)}"
-            + ("" if model_cfg.arch == "mask_rcnn" else " (roi_heads.mask needs model=mask_rcnn)")
-            + f", or the groups {', '.join(SITE_GROUPS)}")
+    return (
+        f"valid sites for {model_cfg.arch} with {model_cfg.backbone.name}: {', '.join(sites)}"
+        + ("" if model_cfg.arch == "mask_rcnn" else " (roi_heads.mask needs model=mask_rcnn)")
+        + f", or the groups {', '.join(SITE_GROUPS)}"
+    )
 
 
 def _block_value(value: Any, key: str, *, nullable: bool, odd: bool) -> int | None:
     if value is None and nullable:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1 or (odd and value % 2 == 0):
-        raise ConfigError(f"{key}={value!r} must be a positive {'odd ' if odd else ''}integer"
-                          f"{' or null (chosen from the channel count)' if nullable else ''}")
+        raise ConfigError(
+            f"{key}={value!r} must be a positive {'odd ' if odd else ''}integer"
+            f"{' or null (chosen from the channel count)' if nullable else ''}"
+        )
     return int(value)
 
 
@@ -346,8 +360,10 @@ def attention_plan(model_cfg: DictConfig) -> dict[str, tuple[str, dict[str, Any]
     """
     attention_cfg = model_cfg.attention
     if attention_cfg.type not in ATTENTION_TYPES:
-        raise ConfigError(f"model.attention.type={attention_cfg.type} is not an attention type; "
-                          f"choose one of {', '.join(ATTENTION_TYPES)}")
+        raise ConfigError(
+            f"model.attention.type={attention_cfg.type} is not an attention type; "
+            f"choose one of {', '.join(ATTENTION_TYPES)}"
+        )
     listed = [str(s) for s in attention_cfg.sites]
     overrides = _plain(attention_cfg.overrides) or {}
     if not listed and not overrides:
@@ -355,18 +371,24 @@ def attention_plan(model_cfg: DictConfig) -> dict[str, tuple[str, dict[str, Any]
     valid = valid_attention_sites(model_cfg)
     repeated = sorted({s for s in listed if listed.count(s) > 1})
     if repeated:
-        raise ConfigError(f"model.attention.sites lists {', '.join(repeated)} more than once; one block per site "
-                          "(use model.attention.overrides to change a site's block)")
+        raise ConfigError(
+            f"model.attention.sites lists {', '.join(repeated)} more than once; one block per site "
+            "(use model.attention.overrides to change a site's block)"
+        )
     sites = resolve_sites(listed, valid)
     unknown = [s for s in sites if s not in valid]
     if unknown:
-        raise ConfigError(f"model.attention.sites: {', '.join(unknown)} {'is not a site' if len(unknown) == 1 else 'are not sites'}; "
-                          f"{_site_list(model_cfg, valid)}")
+        raise ConfigError(
+            f"model.attention.sites: {', '.join(unknown)} {'is not a site' if len(unknown) == 1 else 'are not sites'}; "
+            f"{_site_list(model_cfg, valid)}"
+        )
     overrides = _site_overrides(overrides, valid)
     stray = [s for s in overrides if s not in sites]
     if stray:
-        raise ConfigError(f"model.attention.overrides names {', '.join(map(str, stray))}, not in model.attention.sites "
-                          f"{listed}; add it to the sites or drop the override ({_site_list(model_cfg, valid)})")
+        raise ConfigError(
+            f"model.attention.overrides names {', '.join(map(str, stray))}, not in model.attention.sites "
+            f"{listed}; add it to the sites or drop the override ({_site_list(model_cfg, valid)})"
+        )
     return {site: _site_block(site, attention_cfg, overrides.get(site, {})) for site in valid if site in sites}
 
 
@@ -387,8 +409,9 @@ def _add_attention(
         try:
             block = BLOCKS[kind](channels, identity_init=identity_init, **kwargs)
         except ValueError as err:  # a value that does not fit this site's channel count
-            raise ConfigError(f"model.attention: the {kind} block at {site} ({channels} channels) cannot be built: "
-                              f"{err}") from None
+            raise ConfigError(
+                f"model.attention: the {kind} block at {site} ({channels} channels) cannot be built: {err}"
+            ) from None
         if area == "backbone":
             attach_after(backbone.body[name], block)
         elif area == "fpn":

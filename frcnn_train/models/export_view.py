@@ -15,6 +15,7 @@ submodules (see `heads.specialise`), so the copy holds the same modules and
 weights; its detections equal ours within float rounding (tests/test_export.py).
 Attention blocks are plain modules and hooks, which a trace records as they run.
 """
+
 from __future__ import annotations
 
 import copy

@@ -6,6 +6,7 @@ key. Settings that shape no tensor (image sizes, thresholds, top-n, image
 normalisation, `trainable_layers`, the weights path) stay out: changing them
 never stops a checkpoint from loading.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -81,9 +82,7 @@ def tensor_layout(model_or_state: nn.Module | dict[str, Tensor]) -> Layout:
     else:
         state = strip_wrapper_prefixes(model_or_state)
     return {
-        name: (list(t.shape), str(t.dtype).removeprefix("torch."))
-        for name, t in state.items()
-        if isinstance(t, Tensor)
+        name: (list(t.shape), str(t.dtype).removeprefix("torch.")) for name, t in state.items() if isinstance(t, Tensor)
     }
 
 
@@ -159,7 +158,7 @@ def diff_layouts(old: dict, new: dict) -> list[str]:
     groups: dict[tuple[str, str], list[str | None]] = defaultdict(list)
 
     def add(group: str, kind: str, name: str, detail: str | None) -> None:
-        relative = name[len(group) + 1:] if name.startswith(group + ".") else name
+        relative = name[len(group) + 1 :] if name.startswith(group + ".") else name
         groups[(group, kind)].append(None if detail is None else f"{relative}{detail}")
 
     for name in list(old) + [k for k in new if k not in old]:
@@ -187,7 +186,6 @@ def diff_layouts(old: dict, new: dict) -> list[str]:
     return lines
 
 
-
 # ---------------------------------------------------------------- a checkpoint's config against its weights
 def config_mismatch(ckpt: dict[str, Any], spec: dict[str, Any], model: nn.Module) -> list[str]:
     """How the model built from a checkpoint's config (`spec`, `model`; meta tensors will do) differs from the
@@ -211,12 +209,17 @@ def mismatch_advice(ckpt: dict[str, Any], spec: dict[str, Any]) -> str:
     written, here = ckpt.get("versions") or {}, library_versions()
     other = [name for name in ("frcnn_train", "torchvision") if _release(written.get(name)) != _release(here[name])]
     if other:
-        return ("it was written by " + ", ".join(f"{n} {written.get(n)}" for n in other)
-                + f" (here: {', '.join(f'{n} {here[n]}' for n in other)}); use that version")
+        return (
+            "it was written by "
+            + ", ".join(f"{n} {written.get(n)}" for n in other)
+            + f" (here: {', '.join(f'{n} {here[n]}' for n in other)}); use that version"
+        )
     same = f"the same frcnn_train {here['frcnn_train']} and torchvision {here['torchvision']} wrote it"
     saved = (ckpt.get("architecture") or {}).get("spec") or {}
     restore = [f"{key}={_show(saved[key])}" for key in saved if key in spec and spec[key] != saved[key]]
     if restore:
-        return (f"its config was edited after it was saved ({same}): put back {', '.join(restore)} in the "
-                "checkpoint's config, the values its weights were saved with")
+        return (
+            f"its config was edited after it was saved ({same}): put back {', '.join(restore)} in the "
+            "checkpoint's config, the values its weights were saved with"
+        )
     return f"its weights or architecture record were edited after it was saved ({same}); use an unedited copy"

@@ -23,6 +23,7 @@ offsets boxes by `class * (max_coord + 1)`, which overflows fp16. Here:
 Only methods change: every module, attribute and state-dict key is torchvision's,
 so model-zoo weights and older checkpoints load unchanged.
 """
+
 from __future__ import annotations
 
 from typing import Any, TypeVar
@@ -34,8 +35,7 @@ from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork
-from torchvision.models.detection.transform import (GeneralizedRCNNTransform, _resize_image_and_masks,
-                                                    resize_keypoints)
+from torchvision.models.detection.transform import GeneralizedRCNNTransform, _resize_image_and_masks, resize_keypoints
 from torchvision.ops import boxes as box_ops
 
 # Boxes per NMS call on CUDA: the coordinate-offset trick keeps a [n, n/64] mask, so the
@@ -50,8 +50,9 @@ class Fp32BoxCoder(BoxCoder):
         return super().decode(rel_codes.float(), [b.float() for b in boxes])
 
 
-def grouped_nms(boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshold: float,
-                *, chunk: int | None = None) -> Tensor:
+def grouped_nms(
+    boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshold: float, *, chunk: int | None = None
+) -> Tensor:
     """Indices kept by NMS done independently per group, in decreasing score order.
 
     On the CPU this is torchvision's `batched_nms` (its O(n^2) kernel is cheapest
@@ -69,7 +70,7 @@ def grouped_nms(boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshold: fl
     kept, start, size = [], 0, 0
     for count in counts + [chunk + 1]:  # the sentinel flushes the last chunk
         if size and size + count > chunk:
-            part = order[start:start + size]
+            part = order[start : start + size]
             kept.append(part[_offset_nms(boxes[part], scores[part], groups[part], iou_threshold)])
             start, size = start + size, 0
         size += count
@@ -115,8 +116,9 @@ class BatchedRPN(RegionProposalNetwork):
     ) -> tuple[list[Tensor], list[Tensor]]:
         num_images, device = proposals.shape[0], proposals.device
         objectness = objectness.detach().float().reshape(num_images, -1)  # no backprop, as torchvision
-        levels = torch.cat([torch.full((n,), i, dtype=torch.int64, device=device)
-                            for i, n in enumerate(num_anchors_per_level)])
+        levels = torch.cat(
+            [torch.full((n,), i, dtype=torch.int64, device=device) for i, n in enumerate(num_anchors_per_level)]
+        )
         top_n_idx = self._get_top_n_idx(objectness, num_anchors_per_level)  # per level, already batched
         batch_idx = torch.arange(num_images, device=device)[:, None]
         scores = torch.sigmoid(objectness[batch_idx, top_n_idx])
@@ -144,8 +146,9 @@ class BatchedRoIHeads(RoIHeads):
     ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         device, num_classes, num_images = class_logits.device, class_logits.shape[-1], len(proposals)
         counts = to_device(torch.tensor([p.shape[0] for p in proposals]), device)
-        image = torch.repeat_interleave(torch.arange(num_images, device=device), counts,
-                                        output_size=class_logits.shape[0])  # known size: no host sync
+        image = torch.repeat_interleave(
+            torch.arange(num_images, device=device), counts, output_size=class_logits.shape[0]
+        )  # known size: no host sync
         sizes = to_device(torch.tensor(image_shapes, dtype=torch.float32), device)[image]
         boxes = self.box_coder.decode(box_regression.float(), proposals)  # [N, classes, 4]
         boxes = _clip(boxes, sizes[:, 0, None, None], sizes[:, 1, None, None])[:, 1:]  # background out
@@ -172,8 +175,10 @@ def scale_boxes(boxes: Tensor, original_size: tuple[int, int], new_size: tuple[i
     """torchvision's resize_boxes, bitwise, with the two ratios computed on the CPU: torchvision makes four
     one-number tensors on the boxes' device per image, each a blocking copy (a host sync) on CUDA. A CPU
     0-dim tensor enters a CUDA multiplication as a float32 scalar, so the products are the same."""
-    ratio_height, ratio_width = (torch.tensor(s, dtype=torch.float32) / torch.tensor(s_orig, dtype=torch.float32)
-                                 for s, s_orig in zip(new_size, original_size))
+    ratio_height, ratio_width = (
+        torch.tensor(s, dtype=torch.float32) / torch.tensor(s_orig, dtype=torch.float32)
+        for s, s_orig in zip(new_size, original_size)
+    )
     xmin, ymin, xmax, ymax = boxes.unbind(1)
     return torch.stack((xmin * ratio_width, ymin * ratio_height, xmax * ratio_width, ymax * ratio_height), dim=1)
 
@@ -213,15 +218,22 @@ class SameSizeTransform(GeneralizedRCNNTransform):
         cache = self.__dict__.setdefault("_mean_std_cache", {})
         if key not in cache:
             cache.clear()
-            cache[key] = tuple(torch.as_tensor(values, dtype=dtype, device=device)[:, None, None]
-                               for values in (self.image_mean, self.image_std))
+            cache[key] = tuple(
+                torch.as_tensor(values, dtype=dtype, device=device)[:, None, None]
+                for values in (self.image_mean, self.image_std)
+            )
         return cache[key]
 
     def resize(self, image: Tensor, target: dict[str, Tensor] | None = None) -> tuple[Tensor, Any]:
         h, w = image.shape[-2:]
         skip = self.training and getattr(self, "_skip_resize", False)
-        same = (len(self.min_size) == 1 and self.fixed_size is None and not torchvision._is_tracing() and not skip
-                and min(self.min_size[0] / min(h, w), self.max_size / max(h, w)) == 1.0)
+        same = (
+            len(self.min_size) == 1
+            and self.fixed_size is None
+            and not torchvision._is_tracing()
+            and not skip
+            and min(self.min_size[0] / min(h, w), self.max_size / max(h, w)) == 1.0
+        )
         if not same:
             if target is None or skip or torchvision._is_tracing():
                 return super().resize(image, target)
@@ -249,7 +261,9 @@ def specialise(module: nn.Module, cls: type[M]) -> M:
     attribute and state-dict key; only the overridden methods differ.
     """
     if type(module) not in cls.__bases__:
-        raise TypeError(f"{cls.__name__} specialises {[b.__name__ for b in cls.__bases__]}, not {type(module).__name__}")
+        raise TypeError(
+            f"{cls.__name__} specialises {[b.__name__ for b in cls.__bases__]}, not {type(module).__name__}"
+        )
     module.__class__ = cls
     return module
 

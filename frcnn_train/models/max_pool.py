@@ -9,6 +9,7 @@ output and gradient as nn.MaxPool2d (tests/models/test_cpu_kernels.py), a few
 percent of a CPU training step at the shapes sizes less. On CUDA, and for
 channels-last inputs, it is nn.MaxPool2d.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -19,10 +20,18 @@ from torch import Tensor, nn
 
 class _ChannelsLastForward(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: Tensor, kernel: list[int], stride: list[int], padding: list[int],
-                dilation: list[int], ceil_mode: bool) -> Tensor:
-        out, indices = torch.ops.aten.max_pool2d_with_indices(x.contiguous(memory_format=torch.channels_last), kernel,
-                                                              stride, padding, dilation, ceil_mode)
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        kernel: list[int],
+        stride: list[int],
+        padding: list[int],
+        dilation: list[int],
+        ceil_mode: bool,
+    ) -> Tensor:
+        out, indices = torch.ops.aten.max_pool2d_with_indices(
+            x.contiguous(memory_format=torch.channels_last), kernel, stride, padding, dilation, ceil_mode
+        )
         indices = indices.contiguous()
         ctx.save_for_backward(x, indices)
         ctx.args = (kernel, stride, padding, dilation, ceil_mode)
@@ -43,9 +52,14 @@ class CpuMaxPool2d(nn.MaxPool2d):
     """nn.MaxPool2d whose CPU forward runs on a channels-last copy (same values, indices and gradients)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.device.type != "cpu" or x.dim() != 4 or x.is_contiguous(memory_format=torch.channels_last) \
-                or self.return_indices:
+        if (
+            x.device.type != "cpu"
+            or x.dim() != 4
+            or x.is_contiguous(memory_format=torch.channels_last)
+            or self.return_indices
+        ):
             return super().forward(x)
         stride = self.stride if self.stride is not None else self.kernel_size
-        return _ChannelsLastForward.apply(x, _pair(self.kernel_size), _pair(stride), _pair(self.padding),
-                                          _pair(self.dilation), self.ceil_mode)
+        return _ChannelsLastForward.apply(
+            x, _pair(self.kernel_size), _pair(stride), _pair(self.padding), _pair(self.dilation), self.ceil_mode
+        )

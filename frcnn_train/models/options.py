@@ -5,6 +5,7 @@ weights, and `nn.Module.compile()` compiles the backbone's call in place instead
 of wrapping it (a `torch.compile(module)` wrapper would add `_orig_mod.` to every
 key). So both may differ between a run and its resume.
 """
+
 from __future__ import annotations
 
 import torch

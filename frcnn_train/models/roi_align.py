@@ -22,6 +22,7 @@ are bitwise those of a single product. Everywhere else (CUDA by default, adaptiv
 sampling, tracing) torchvision's op runs.
 tests/models/test_cpu_kernels.py compares values and gradients with torchvision's.
 """
+
 from __future__ import annotations
 
 import torch
@@ -63,13 +64,22 @@ def _axis_weights(start: Tensor, end: Tensor, pooled: int, grid: int, size: int)
     high = torch.where(edge, low, low + 1)
     frac = pos - low
     index = torch.arange(size, dtype=start.dtype, device=start.device)
-    weights = ((1.0 - frac) * inside)[..., None] * (index == low[..., None]) \
-        + (frac * inside)[..., None] * (index == high[..., None])
+    weights = ((1.0 - frac) * inside)[..., None] * (index == low[..., None]) + (frac * inside)[..., None] * (
+        index == high[..., None]
+    )
     return weights.sum(dim=2) / grid
 
 
-def roi_align_matmul(features: Tensor, rois: Tensor, output_size: tuple[int, int], spatial_scale: float,
-                     sampling_ratio: int, *, counts: list[int] | None = None, chunk: int | None = None) -> Tensor:
+def roi_align_matmul(
+    features: Tensor,
+    rois: Tensor,
+    output_size: tuple[int, int],
+    spatial_scale: float,
+    sampling_ratio: int,
+    *,
+    counts: list[int] | None = None,
+    chunk: int | None = None,
+) -> Tensor:
     """torchvision.ops.roi_align(features, rois, output_size, spatial_scale, sampling_ratio,
     aligned=False) for sampling_ratio > 0, computed per image as My @ F @ Mx^T.
     `counts`: rois per image, when the caller has them already; `chunk`: at most this many
@@ -93,7 +103,7 @@ def roi_align_matmul(features: Tensor, rois: Tensor, output_size: tuple[int, int
             flat = maps[b].permute(1, 0, 2).reshape(height, c * width)  # rows x (channels, columns)
             for first in range(0, count, chunk or count):
                 r = min(chunk or count, count - first)
-                idx = order[start + first:start + first + r]
+                idx = order[start + first : start + first + r]
                 by_rows = (rows[idx].reshape(r * ph, height) @ flat).reshape(r, ph * c, width)
                 pieces.append(torch.bmm(by_rows, cols[idx].transpose(1, 2)).reshape(r, ph, c, pw))
             start += count
@@ -118,11 +128,15 @@ class MatmulMultiScaleRoIAlign(MultiScaleRoIAlign):
         if not pools_with_matmul(x_filtered[0].device) or self.sampling_ratio <= 0 or torchvision._is_tracing():
             return super().forward(x, boxes, image_shapes)
         if self.scales is None or self.map_levels is None:
-            self.scales, self.map_levels = _setup_scales(x_filtered, image_shapes, self.canonical_scale,
-                                                         self.canonical_level)
+            self.scales, self.map_levels = _setup_scales(
+                x_filtered, image_shapes, self.canonical_scale, self.canonical_level
+            )
         rois = _convert_to_roi_format(boxes)
-        levels = (self.map_levels(boxes) if len(x_filtered) > 1
-                  else torch.zeros(len(rois), dtype=torch.int64, device=rois.device))
+        levels = (
+            self.map_levels(boxes)
+            if len(x_filtered) > 1
+            else torch.zeros(len(rois), dtype=torch.int64, device=rois.device)
+        )
         first = x_filtered[0]
         cap = MAX_INTERMEDIATE if on_cpu else CUDA_MAX_INTERMEDIATE
         result = first.new_zeros((len(rois), first.shape[1], *self.output_size))
@@ -134,8 +148,15 @@ class MatmulMultiScaleRoIAlign(MultiScaleRoIAlign):
             n, c, _, width = features.shape
             # A chunk of at least an image's rois is one product, the same numbers as no chunking.
             chunk = max(1, cap // (self.output_size[0] * c * width))
-            pooled = roi_align_matmul(features, level_rois, self.output_size, scale, self.sampling_ratio,
-                                      counts=rois_per_image(level_rois, n), chunk=chunk)
+            pooled = roi_align_matmul(
+                features,
+                level_rois,
+                self.output_size,
+                scale,
+                self.sampling_ratio,
+                counts=rois_per_image(level_rois, n),
+                chunk=chunk,
+            )
             pooled = pooled.to(result.dtype)
             result = pooled if len(idx) == len(rois) else result.index_copy(0, idx, pooled)  # all on one level
         return result

@@ -1,11 +1,13 @@
 """CocoDetection: label remapping, crowd and empty handling, masks, and every bad input."""
+
 from __future__ import annotations
 
 import copy
 import json
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -57,16 +59,51 @@ def coco_dict() -> dict[str, Any]:
         # Unsorted, non-contiguous ids: labels must follow the sorted ids.
         "categories": [{"id": 7, "name": "dog"}, {"id": 3, "name": "cat"}, {"id": 5, "name": "bird"}],
         "annotations": [
-            {"id": 1, "image_id": 1, "category_id": 7, "bbox": [2, 3, 10, 7], "area": 70.0, "iscrowd": 0,
-             "segmentation": [[2, 3, 12, 3, 12, 10, 2, 10]]},
-            {"id": 2, "image_id": 1, "category_id": 3, "bbox": [20, 15, 15, 10], "area": float(RLE_MASK.sum()),
-             "iscrowd": 0, "segmentation": compressed_rle(RLE_MASK)},
-            {"id": 3, "image_id": 2, "category_id": 5, "bbox": [6, 4, 14, 8], "area": 112.0, "iscrowd": 0,
-             "segmentation": uncompressed_rle(UNCOMPRESSED_MASK)},
-            {"id": 4, "image_id": 2, "category_id": 3, "bbox": [2, 20, 28, 10], "area": 280.0, "iscrowd": 1,
-             "segmentation": uncompressed_rle(CROWD_MASK)},
-            {"id": 5, "image_id": 4, "category_id": 7, "bbox": [0, 0, 10, 10], "area": 100.0, "iscrowd": 1,
-             "segmentation": uncompressed_rle(np.ones((32, 32), dtype=np.uint8))},
+            {
+                "id": 1,
+                "image_id": 1,
+                "category_id": 7,
+                "bbox": [2, 3, 10, 7],
+                "area": 70.0,
+                "iscrowd": 0,
+                "segmentation": [[2, 3, 12, 3, 12, 10, 2, 10]],
+            },
+            {
+                "id": 2,
+                "image_id": 1,
+                "category_id": 3,
+                "bbox": [20, 15, 15, 10],
+                "area": float(RLE_MASK.sum()),
+                "iscrowd": 0,
+                "segmentation": compressed_rle(RLE_MASK),
+            },
+            {
+                "id": 3,
+                "image_id": 2,
+                "category_id": 5,
+                "bbox": [6, 4, 14, 8],
+                "area": 112.0,
+                "iscrowd": 0,
+                "segmentation": uncompressed_rle(UNCOMPRESSED_MASK),
+            },
+            {
+                "id": 4,
+                "image_id": 2,
+                "category_id": 3,
+                "bbox": [2, 20, 28, 10],
+                "area": 280.0,
+                "iscrowd": 1,
+                "segmentation": uncompressed_rle(CROWD_MASK),
+            },
+            {
+                "id": 5,
+                "image_id": 4,
+                "category_id": 7,
+                "bbox": [0, 0, 10, 10],
+                "area": 100.0,
+                "iscrowd": 1,
+                "segmentation": uncompressed_rle(np.ones((32, 32), dtype=np.uint8)),
+            },
         ],
     }
 
@@ -280,9 +317,12 @@ def test_empty_splits(tiny: Callable) -> None:
 
     images_dir, ann = tiny(only_crowds)
     # Named by cause, with a fix that gives the model objects (skip_empty=false would train on none: issue 22).
-    with pytest.raises(DataError, match=r"instances.json gives an empty training split: all (\d+) annotations are "
-                                        r"unusable \(\1 crowd regions\); a crowd region .* iscrowd=0, or use another "
-                                        r"file$"):
+    with pytest.raises(
+        DataError,
+        match=r"instances.json gives an empty training split: all (\d+) annotations are "
+        r"unusable \(\1 crowd regions\); a crowd region .* iscrowd=0, or use another "
+        r"file$",
+    ):
         CocoDetection(images_dir, ann, with_masks=False, train=True)
     assert len(CocoDetection(images_dir, ann, with_masks=False, train=True, skip_empty=False)) == 4
 
@@ -324,8 +364,7 @@ def test_build_datasets_coco_paths_under_root(tiny: Callable, compose_tiny: Call
 
     images_dir, ann = tiny()
     root = images_dir.parent
-    paths = [f"data.root={root}", "data.train_images=images", "data.train_ann=instances.json",
-             "data.val_images=images"]
+    paths = [f"data.root={root}", "data.train_images=images", "data.train_ann=instances.json", "data.val_images=images"]
     bundle = build_datasets(compose_tiny("data=coco", *paths, "data.val_ann=instances.json").data, with_masks=True)
     assert bundle.classes == ["cat", "bird", "dog"]
     assert len(bundle.train) == 2 and len(bundle.val) == 4
@@ -366,18 +405,29 @@ def test_a_bad_image_without_a_size_is_named_at_construction(tiny: Callable) -> 
 
 def test_polygons_of_fewer_than_3_points_are_left_out_with_one_warning(tiny: Callable) -> None:
     """pycocotools reads a 4-number polygon as a box: it must not become a rectangle mask, nor pass unsaid."""
+
     def edit(data: dict) -> None:
         data["annotations"][0]["segmentation"] = [[1, 1, 10, 10]]  # 2 points: the object has no polygon left
-        data["annotations"].append({"id": 6, "image_id": 3, "category_id": 5, "bbox": [2, 2, 8, 8], "iscrowd": 0,
-                                    "segmentation": [[2, 2, 10, 2, 10, 10], [4, 4, 5, 5]]})  # one of two left out
+        data["annotations"].append(
+            {
+                "id": 6,
+                "image_id": 3,
+                "category_id": 5,
+                "bbox": [2, 2, 8, 8],
+                "iscrowd": 0,
+                "segmentation": [[2, 2, 10, 2, 10, 10], [4, 4, 5, 5]],
+            }
+        )  # one of two left out
 
     images_dir, ann = tiny(edit)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         ds = CocoDetection(images_dir, ann, with_masks=True, train=True)
     messages = [str(w.message) for w in caught if issubclass(w.category, DataWarning)]
-    assert messages == [f"{ann}: left out 2 annotation(s)' polygons of fewer than 3 points (first: annotation id 1), "
-                        "and dropped 1 object(s) left without a polygon of 3 or more points"]
+    assert messages == [
+        f"{ann}: left out 2 annotation(s)' polygons of fewer than 3 points (first: annotation id 1), "
+        "and dropped 1 object(s) left without a polygon of 3 or more points"
+    ]
     _, target = by_id(ds, 1)
     assert target["labels"].tolist() == [1] and target["masks"].shape == (1, 30, 40)  # the polygon object dropped
     _, target = by_id(ds, 3)
@@ -399,8 +449,10 @@ def test_16_bit_images_are_scaled_and_said_once(tiny: Callable, caplog: pytest.L
         image, _ = by_id(ds, image_id)
         assert image.dtype == torch.float32 and 0.14 < image.min() and image.max() < 0.57  # not clipped to white
     notes = [r.getMessage() for r in caplog.records if "16-bit" in r.getMessage()]
-    assert notes == [f"data: {ann}: 16-bit images (first: {images_dir / 'rgb.png'}) are scaled to [0, 1] by dividing "
-                     "by 65535 (not clipped), and travel as float32 to keep their precision."]
+    assert notes == [
+        f"data: {ann}: 16-bit images (first: {images_dir / 'rgb.png'}) are scaled to [0, 1] by dividing "
+        "by 65535 (not clipped), and travel as float32 to keep their precision."
+    ]
 
 
 def test_32_bit_images_without_a_scale_are_refused(tiny: Callable) -> None:
@@ -410,8 +462,11 @@ def test_32_bit_images_without_a_scale_are_refused(tiny: Callable) -> None:
     data["images"][0]["file_name"] = "scan.tif"
     ann.write_text(json.dumps(data))
     ds = CocoDetection(images_dir, ann, with_masks=False, train=True, bad_images="skip")
-    with pytest.raises(DataError, match=rf"image {images_dir / 'scan.tif'} \(listed in {ann}\) holds 32-bit float "
-                                        r"values from 7.5 to 7.5, outside \[0, 1\]"):
+    with pytest.raises(
+        DataError,
+        match=rf"image {images_dir / 'scan.tif'} \(listed in {ann}\) holds 32-bit float "
+        r"values from 7.5 to 7.5, outside \[0, 1\]",
+    ):
         by_id(ds, 1)
 
 
@@ -446,6 +501,9 @@ def test_exif_is_named_where_no_size_matches(tiny: Callable) -> None:
     data["images"][0]["file_name"] = "photo.jpg"
     ann.write_text(json.dumps(data))
     ds = CocoDetection(images_dir, ann, with_masks=False, train=True)
-    with pytest.raises(DataError, match=r"photo.jpg is 20x50 pixels \(50x20 after its EXIF orientation 8\) but .* "
-                                        r"says 40x30; fix the 'width'/'height' of image id 1"):
+    with pytest.raises(
+        DataError,
+        match=r"photo.jpg is 20x50 pixels \(50x20 after its EXIF orientation 8\) but .* "
+        r"says 40x30; fix the 'width'/'height' of image id 1",
+    ):
         by_id(ds, 1)

@@ -1,5 +1,6 @@
 """Image decoding: torchvision.io for JPEG/PNG gives PIL's RGB for every colour mode, deeper images are scaled
 (not clipped), EXIF orientation turns pixels as PIL does, and a note is said once across worker processes."""
+
 from __future__ import annotations
 
 import multiprocessing
@@ -29,8 +30,9 @@ from frcnn_train.data.decode import (
 RNG = np.random.default_rng(0)
 RGB = RNG.integers(0, 256, (30, 40, 3), dtype=np.uint8)
 # A smooth picture as well: JPEG's chroma subsampling and PIL's quantiser behave differently on noise.
-SMOOTH = np.stack([*np.meshgrid(np.linspace(0, 255, 40), np.linspace(0, 255, 30)), np.full((30, 40), 90.0)],
-                  -1).astype(np.uint8)
+SMOOTH = np.stack([*np.meshgrid(np.linspace(0, 255, 40), np.linspace(0, 255, 30)), np.full((30, 40), 90.0)], -1).astype(
+    np.uint8
+)
 
 
 def _save(path: Path, image: Image.Image, **kwargs) -> Path:
@@ -46,7 +48,8 @@ FILES = {
     "rgba.png": lambda p: _save(p, Image.fromarray(np.dstack([RGB, RGB[..., :1]]))),
     "palette.png": lambda p: _save(p, Image.fromarray(SMOOTH).convert("P", palette=Image.Palette.ADAPTIVE)),
     "palette_transparent.png": lambda p: _save(
-        p, Image.fromarray(SMOOTH).convert("P", palette=Image.Palette.ADAPTIVE), transparency=3),
+        p, Image.fromarray(SMOOTH).convert("P", palette=Image.Palette.ADAPTIVE), transparency=3
+    ),
     "bilevel.png": lambda p: _save(p, Image.fromarray(RGB[..., 0] > 128)),
     "rgb.jpg": lambda p: _save(p, Image.fromarray(SMOOTH), quality=90),
     "rgb_420.jpg": lambda p: _save(p, Image.fromarray(RGB), quality=75, subsampling=2),
@@ -98,8 +101,9 @@ def test_cmyk_jpeg_is_left_to_pil(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 def test_a_damaged_file_gives_pils_reason(name: str, damage: str, tmp_path: Path) -> None:
     path = FILES[name](tmp_path / name)
     data = path.read_bytes()
-    path.write_bytes({"truncate": data[: len(data) // 2], "garbage": data[:3] + bytes(range(200)),
-                      "empty": b""}[damage])
+    path.write_bytes(
+        {"truncate": data[: len(data) // 2], "garbage": data[:3] + bytes(range(200)), "empty": b""}[damage]
+    )
     with pytest.raises(ImageDecodeError) as err:
         read_image(path)
     assert "decode_" not in str(err.value) and "\n" not in str(err.value)  # PIL's sentence, not torchvision's
@@ -130,13 +134,18 @@ def test_16_bit_png_as_older_torchvision_decodes_it(tmp_path: Path, monkeypatch:
 
 def _png_16bit_rgb(path: Path, rgb: np.ndarray) -> Path:
     """A 16-bit RGB PNG (PIL cannot write one): IHDR, one IDAT of unfiltered big-endian rows, IEND."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     height, width, _ = rgb.shape
     rows = b"".join(b"\x00" + rgb[y].astype(">u2").tobytes() for y in range(height))
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0))
-                     + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -144,7 +153,9 @@ def test_16_bit_rgb_png_keeps_its_colours(tmp_path: Path) -> None:
     deep_rgb = np.stack([DEEP, DEEP // 2, 65535 - DEEP], axis=-1)
     decoded = read_image(_png_16bit_rgb(tmp_path / "deep_rgb.png", deep_rgb))
     assert decoded.note == SCALED_16BIT
-    assert torch.equal(decoded.image, torch.from_numpy(deep_rgb.astype(np.float32) / np.float32(65535)).permute(2, 0, 1))
+    assert torch.equal(
+        decoded.image, torch.from_numpy(deep_rgb.astype(np.float32) / np.float32(65535)).permute(2, 0, 1)
+    )
 
 
 def test_32_bit_integer_images_within_16_bits_are_scaled(tmp_path: Path) -> None:

@@ -1,5 +1,6 @@
 """data.group_by_aspect_ratio: one-group micro-batches, still a pure function of (seed, epoch), resumable on any
 world size, every image once per epoch, and today's order for a set of one image shape."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -38,8 +39,14 @@ def test_the_bins_are_torchvisions() -> None:
 def test_one_image_shape_keeps_the_ungrouped_order(n: int, batch: int, world: int, accumulate: int) -> None:
     for epoch in (0, 1):
         for rank in range(world):
-            common = {"batch_size": batch, "seed": 3, "epoch": epoch, "accumulate": accumulate, "rank": rank,
-                      "world_size": world}
+            common = {
+                "batch_size": batch,
+                "seed": 3,
+                "epoch": epoch,
+                "accumulate": accumulate,
+                "rank": rank,
+                "world_size": world,
+            }
             grouped = ResumableSampler(n, groups=np.full(n, 4), **common)
             assert list(grouped) == list(ResumableSampler(n, **common))
 
@@ -47,8 +54,9 @@ def test_one_image_shape_keeps_the_ungrouped_order(n: int, batch: int, world: in
 def test_the_default_shapes_data_is_one_group_and_keeps_todays_order(compose_tiny: Callable[..., DictConfig]) -> None:
     bundle = build_datasets(compose_tiny().data, with_masks=False)
     assert bundle.train_groups is not None and len(set(bundle.train_groups.tolist())) == 1
-    assert list(ResumableSampler(8, batch_size=2, seed=42, epoch=0, groups=bundle.train_groups)) == \
-        list(ResumableSampler(8, batch_size=2, seed=42, epoch=0))
+    assert list(ResumableSampler(8, batch_size=2, seed=42, epoch=0, groups=bundle.train_groups)) == list(
+        ResumableSampler(8, batch_size=2, seed=42, epoch=0)
+    )
     assert build_datasets(compose_tiny("data.group_by_aspect_ratio=false").data, with_masks=False).train_groups is None
 
 
@@ -67,8 +75,13 @@ def test_micro_batches_hold_one_group_and_every_image_comes_once() -> None:
     assert len(sampled) == len(set(sampled)) == 96
     sampled_chunks = chunks(sampled, batch)
     assert sum(len(set(groups[c].tolist())) > 1 for c in sampled_chunks) <= 3
-    assert sum(len(set(groups[c].tolist())) > 1 for c in chunks(ids(ResumableSampler(
-        n, batch_size=batch, seed=0, epoch=0)), batch)) > 10  # without groups most micro-batches are mixed
+    assert (
+        sum(
+            len(set(groups[c].tolist())) > 1
+            for c in chunks(ids(ResumableSampler(n, batch_size=batch, seed=0, epoch=0)), batch)
+        )
+        > 10
+    )  # without groups most micro-batches are mixed
 
 
 def test_a_function_of_seed_and_epoch() -> None:
@@ -86,8 +99,10 @@ def test_a_resume_mid_epoch_gives_the_remaining_samples() -> None:
     groups = mixed_groups(57, count=5)
     whole = list(ResumableSampler(57, batch_size=3, seed=9, epoch=2, groups=groups))
     for consumed in (0, 3, 27, len(whole)):
-        assert list(ResumableSampler(57, batch_size=3, seed=9, epoch=2, consumed=consumed, groups=groups)) == \
-            whole[consumed:]
+        assert (
+            list(ResumableSampler(57, batch_size=3, seed=9, epoch=2, consumed=consumed, groups=groups))
+            == whole[consumed:]
+        )
 
 
 def test_world_sizes_share_one_global_sequence_and_resume_across_them() -> None:
@@ -96,17 +111,36 @@ def test_world_sizes_share_one_global_sequence_and_resume_across_them() -> None:
     n, batch, global_batch, groups = 61, 2, 8, mixed_groups(61)
 
     def shard(world: int, consumed: int = 0) -> list[list[list[int]]]:
-        return [chunks(ids(ResumableSampler(n, batch_size=batch, seed=5, epoch=1, consumed=consumed,
-                                            accumulate=global_batch // (world * batch), rank=r, world_size=world,
-                                            groups=groups)), batch) for r in range(world)]
+        return [
+            chunks(
+                ids(
+                    ResumableSampler(
+                        n,
+                        batch_size=batch,
+                        seed=5,
+                        epoch=1,
+                        consumed=consumed,
+                        accumulate=global_batch // (world * batch),
+                        rank=r,
+                        world_size=world,
+                        groups=groups,
+                    )
+                ),
+                batch,
+            )
+            for r in range(world)
+        ]
 
     def global_sequence(ranks: list[list[list[int]]]) -> list[list[int]]:
         return [ranks[k % len(ranks)][k // len(ranks)] for k in range(sum(map(len, ranks)))]
 
     one, two, four = global_sequence(shard(1)), global_sequence(shard(2)), global_sequence(shard(4))
     assert one == two == four  # the same micro-batches in the same global order
-    resumed = (global_sequence(shard(2))[:12] + global_sequence(shard(1, 3 * global_batch))[:4]
-               + global_sequence(shard(4, 4 * global_batch)))
+    resumed = (
+        global_sequence(shard(2))[:12]
+        + global_sequence(shard(1, 3 * global_batch))[:4]
+        + global_sequence(shard(4, 4 * global_batch))
+    )
     assert resumed == one
     seen = [i for c in resumed for i in c]
     assert len(seen) == len(set(seen)) == (n // global_batch) * global_batch
@@ -122,12 +156,14 @@ def test_old_checkpoints_resume_ungrouped_and_may_not_switch_it(compose_tiny: Ca
     merged, _ = merge_for_resume(saved, compose_tiny(), [], "old.pth")
     assert merged.data.group_by_aspect_ratio is False
     with pytest.raises(ResumeConflict, match=r"data.group_by_aspect_ratio \(checkpoint False, requested True\)"):
-        merge_for_resume(saved, compose_tiny("data.group_by_aspect_ratio=true"),
-                         ["data.group_by_aspect_ratio=true"], "old.pth")
+        merge_for_resume(
+            saved, compose_tiny("data.group_by_aspect_ratio=true"), ["data.group_by_aspect_ratio=true"], "old.pth"
+        )
 
 
-def test_the_trainer_samples_with_the_datasets_groups(compose_tiny: Callable[..., DictConfig],
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_trainer_samples_with_the_datasets_groups(
+    compose_tiny: Callable[..., DictConfig], monkeypatch: pytest.MonkeyPatch
+) -> None:
     from frcnn_train import trainer
     from frcnn_train.launch import run
 

@@ -1,9 +1,10 @@
 """Builders and resumable loaders: a resumed epoch sees exactly the batches of an unbroken one."""
+
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
@@ -65,8 +66,9 @@ def test_bundle(bundle: DataBundle, compose_tiny: Callable[..., DictConfig]) -> 
     assert shapes_cache_dir(cfg.data) == Path(cfg.data.cache_dir) / "shapes"
 
 
-def test_cache_dir_from_environment(compose_tiny: Callable[..., DictConfig], monkeypatch: pytest.MonkeyPatch,
-                                    tmp_path: Path) -> None:
+def test_cache_dir_from_environment(
+    compose_tiny: Callable[..., DictConfig], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     cfg = compose_tiny("data.cache_dir=null")
     monkeypatch.setenv("FRCNN_DATA_CACHE", str(tmp_path))
     assert shapes_cache_dir(cfg.data) == tmp_path / "shapes"
@@ -113,11 +115,24 @@ def test_a_resume_on_another_world_size_trains_the_rest_of_the_epoch_in_the_same
     """2 processes x 2 images for 3 steps, then 1 process x 2 images x accumulate 2, then 4 x 2 x ...: the images
     of the epoch are seen once each, in the micro-batches a 2-process run never stopped trains."""
     n, batch, global_batch = 53, 2, 8  # 6 whole global batches of 8; 5 images left out
+
     def shard(world: int, consumed: int) -> list[list[list[int]]]:
         accumulate = global_batch // (world * batch)
-        return [micro_batches(ResumableSampler(n, batch_size=batch, seed=5, epoch=1, consumed=consumed,
-                                               accumulate=accumulate, rank=r, world_size=world))
-                for r in range(world)]
+        return [
+            micro_batches(
+                ResumableSampler(
+                    n,
+                    batch_size=batch,
+                    seed=5,
+                    epoch=1,
+                    consumed=consumed,
+                    accumulate=accumulate,
+                    rank=r,
+                    world_size=world,
+                )
+            )
+            for r in range(world)
+        ]
 
     def steps(ranks: list[list[list[int]]], count: int) -> list[list[int]]:
         """The micro-batches of the first `count` optimizer steps, in global order (micro-step, then rank)."""
@@ -147,8 +162,9 @@ def test_batch_larger_than_dataset(bundle: DataBundle) -> None:
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_resume_mid_epoch_gives_the_same_batches(bundle: DataBundle, num_workers: int) -> None:
     def loader(start_batch: int, workers: int, epoch: int = 1) -> torch.utils.data.DataLoader:
-        return build_train_loader(bundle.train, batch_size=BATCH, num_workers=workers, seed=7, epoch=epoch,
-                                  consumed=start_batch * BATCH)
+        return build_train_loader(
+            bundle.train, batch_size=BATCH, num_workers=workers, seed=7, epoch=epoch, consumed=start_batch * BATCH
+        )
 
     full = run(loader(0, 0))
     total = batches_per_epoch(len(bundle.train), BATCH)
@@ -185,8 +201,10 @@ def test_eval_loader_is_sequential_and_sharded(bundle: DataBundle) -> None:
     batches = run(build_eval_loader(bundle.val, batch_size=3, num_workers=0))
     assert [len(images) for images, _ in batches] == [3, 1]  # nothing dropped
     assert image_ids(batches) == bundle.val.image_ids
-    shards = [image_ids(run(build_eval_loader(bundle.val, batch_size=2, num_workers=0, rank=r, world_size=2)))
-              for r in range(2)]
+    shards = [
+        image_ids(run(build_eval_loader(bundle.val, batch_size=2, num_workers=0, rank=r, world_size=2)))
+        for r in range(2)
+    ]
     assert sorted(shards[0] + shards[1]) == sorted(bundle.val.image_ids)
     # Whole batches per rank, so every image is predicted in the batch it has on one process.
     assert shards[0] == bundle.val.image_ids[0:2] and shards[1] == bundle.val.image_ids[2:4]
@@ -201,12 +219,18 @@ def test_collate_keeps_lists_and_drops_skipped_images() -> None:
 
 
 def test_train_and_eval_loaders_are_made_alike_and_pin_on_request(bundle: DataBundle) -> None:
-    made = [build_train_loader(bundle.train, batch_size=2, num_workers=0, seed=0, epoch=0, pin_memory=pin)
-            for pin in (False, True)]
+    made = [
+        build_train_loader(bundle.train, batch_size=2, num_workers=0, seed=0, epoch=0, pin_memory=pin)
+        for pin in (False, True)
+    ]
     made += [build_eval_loader(bundle.val, batch_size=2, num_workers=0, pin_memory=pin) for pin in (False, True)]
     assert [loader.pin_memory for loader in made] == [False, True, False, True]
-    assert all(loader.collate_fn is made[0].collate_fn and loader.worker_init_fn is made[0].worker_init_fn
-               and not loader.persistent_workers for loader in made)
+    assert all(
+        loader.collate_fn is made[0].collate_fn
+        and loader.worker_init_fn is made[0].worker_init_fn
+        and not loader.persistent_workers
+        for loader in made
+    )
 
 
 def test_images_reach_the_batches_as_uint8_and_masks_stay_uint8(bundle: DataBundle) -> None:
@@ -217,9 +241,11 @@ def test_images_reach_the_batches_as_uint8_and_masks_stay_uint8(bundle: DataBund
 def test_persistent_workers_give_the_batches_of_fresh_loaders(bundle: DataBundle) -> None:
     """One TrainLoader for a run: across epochs and from a mid-epoch position, exactly the batches a new
     loader per epoch gives, from the same worker processes."""
+
     def fresh(epoch: int, consumed: int = 0) -> list:
-        return run(build_train_loader(bundle.train, batch_size=BATCH, num_workers=0, seed=7, epoch=epoch,
-                                      consumed=consumed))
+        return run(
+            build_train_loader(bundle.train, batch_size=BATCH, num_workers=0, seed=7, epoch=epoch, consumed=consumed)
+        )
 
     persistent = TrainLoader(bundle.train, batch_size=BATCH, num_workers=2, seed=7)
     try:
@@ -245,14 +271,17 @@ def test_persistent_workers_give_the_batches_of_fresh_loaders(bundle: DataBundle
 def test_a_train_loader_without_workers_loads_in_the_process(bundle: DataBundle) -> None:
     loader = TrainLoader(bundle.train, batch_size=BATCH, num_workers=0, seed=1)
     assert not loader.loader.persistent_workers
-    assert_same_batches(run(loader.at(1, BATCH)), run(build_train_loader(
-        bundle.train, batch_size=BATCH, num_workers=0, seed=1, epoch=1, consumed=BATCH)))
+    assert_same_batches(
+        run(loader.at(1, BATCH)),
+        run(build_train_loader(bundle.train, batch_size=BATCH, num_workers=0, seed=1, epoch=1, consumed=BATCH)),
+    )
     loader.close()
 
 
 @pytest.mark.parametrize("cpus, processes, expected", [(16, 1, 8), (16, 2, 8), (16, 4, 4), (2, 1, 2), (3, 4, 0)])
-def test_num_workers_auto_on_cuda_follows_the_cpus(monkeypatch: pytest.MonkeyPatch, cpus: int, processes: int,
-                                                  expected: int) -> None:
+def test_num_workers_auto_on_cuda_follows_the_cpus(
+    monkeypatch: pytest.MonkeyPatch, cpus: int, processes: int, expected: int
+) -> None:
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(processes))
     assert resolve_num_workers("auto", "cuda") == resolve_num_workers("auto", torch.device("cuda:1")) == expected

@@ -1,5 +1,6 @@
 """Compact records: the samples pycocotools' own reading gives, no JSON kept, picklable to workers; the
 streaming reader gives json's dict and json's errors; scripts/scale_check.py runs end to end."""
+
 from __future__ import annotations
 
 import contextlib
@@ -11,18 +12,19 @@ import pickle
 import subprocess
 import sys
 import types
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from conftest import python_path
 from omegaconf import DictConfig
 from PIL import Image
 from pycocotools.coco import COCO
 from test_coco import coco_dict, write_images
 
+from conftest import python_path
 from frcnn_train.data import CocoDetection, build_datasets, coco_json, collate
 from frcnn_train.data.coco_json import load_annotation_file, read_annotation_file
 from frcnn_train.data.records import Polygons
@@ -53,12 +55,17 @@ def reference_samples(images_dir: Path, ann_file: Path, *, train: bool) -> list[
             continue
         with Image.open(images_dir / info["file_name"]) as im:
             image = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
-        samples.append((image_id, image, torch.tensor([r[0] for r in rows], dtype=torch.float32).reshape(-1, 4),
-                        torch.tensor([r[1] for r in rows], dtype=torch.int64),
-                        torch.tensor([r[2] for r in rows], dtype=torch.float32),
-                        torch.tensor([r[3] for r in rows], dtype=torch.int64),
-                        torch.from_numpy(np.stack([r[4] for r in rows]) if rows else
-                                         np.zeros((0, height, width), np.uint8))))
+        samples.append(
+            (
+                image_id,
+                image,
+                torch.tensor([r[0] for r in rows], dtype=torch.float32).reshape(-1, 4),
+                torch.tensor([r[1] for r in rows], dtype=torch.int64),
+                torch.tensor([r[2] for r in rows], dtype=torch.float32),
+                torch.tensor([r[3] for r in rows], dtype=torch.int64),
+                torch.from_numpy(np.stack([r[4] for r in rows]) if rows else np.zeros((0, height, width), np.uint8)),
+            )
+        )
     return samples
 
 
@@ -67,8 +74,7 @@ def assert_samples(dataset: CocoDetection, expected: list[tuple]) -> None:
     for i, (image_id, image, boxes, labels, area, iscrowd, masks) in enumerate(expected):
         got_image, target = dataset[i]
         assert target["image_id"].item() == image_id and torch.equal(got_image, image)
-        for key, want in (("boxes", boxes), ("labels", labels), ("area", area), ("iscrowd", iscrowd),
-                          ("masks", masks)):
+        for key, want in (("boxes", boxes), ("labels", labels), ("area", area), ("iscrowd", iscrowd), ("masks", masks)):
             assert target[key].dtype == want.dtype and torch.equal(target[key], want), (image_id, key)
 
 
@@ -83,8 +89,9 @@ def tiny_files(tmp_path: Path) -> tuple[Path, Path]:
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "val"])
-def test_records_give_pycocotools_samples_for_rle_crowd_and_empty_images(tiny_files: tuple[Path, Path],
-                                                                          train: bool) -> None:
+def test_records_give_pycocotools_samples_for_rle_crowd_and_empty_images(
+    tiny_files: tuple[Path, Path], train: bool
+) -> None:
     dataset = CocoDetection(*tiny_files, with_masks=True, train=train)
     assert_samples(dataset, reference_samples(*tiny_files, train=train))
 
@@ -101,8 +108,9 @@ def _reachable(root: object) -> list[object]:
     seen, todo, out = set(), [root], []
     while todo:
         obj = todo.pop()
-        if id(obj) in seen or isinstance(obj, (type, types.ModuleType, types.FunctionType,
-                                               types.BuiltinFunctionType, types.MethodType)):
+        if id(obj) in seen or isinstance(
+            obj, (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.MethodType)
+        ):
             continue
         seen.add(id(obj))
         out.append(obj)
@@ -122,8 +130,9 @@ def _many_images(tmp_path: Path, count: int) -> tuple[Path, Path]:
             name = f"marked_{copy}_{image['file_name']}"
             os.link(tmp_path / "src" / image["file_name"], images_dir / name)
             data["images"].append({**image, "id": image["id"] + 10 * copy, "file_name": name})
-        data["annotations"] += [{**a, "id": a["id"] + 10 * copy, "image_id": a["image_id"] + 10 * copy}
-                                for a in base["annotations"]]
+        data["annotations"] += [
+            {**a, "id": a["id"] + 10 * copy, "image_id": a["image_id"] + 10 * copy} for a in base["annotations"]
+        ]
     ann = tmp_path / f"instances{count}.json"
     ann.write_text(json.dumps(data))
     return images_dir, ann
@@ -133,8 +142,11 @@ def _marked_dicts() -> int:
     """The image dicts of _many_images' files alive anywhere (found through their lists: a dict of numbers and
     strings is not tracked by the garbage collector)."""
     gc.collect()
-    return sum(len(o) for o in gc.get_objects() if type(o) is list and o and type(o[0]) is dict
-               and str(o[0].get("file_name")).startswith("marked_"))
+    return sum(
+        len(o)
+        for o in gc.get_objects()
+        if type(o) is list and o and type(o[0]) is dict and str(o[0].get("file_name")).startswith("marked_")
+    )
 
 
 def test_a_split_holds_arrays_not_the_json(tmp_path: Path) -> None:
@@ -155,9 +167,10 @@ def test_records_survive_pickling_to_spawned_workers(tiny_files: tuple[Path, Pat
     dataset = CocoDetection(*tiny_files, with_masks=True, train=False)
     dataset.coco  # noqa: B018 - made before the workers start: they must not need it
     here = collate([dataset[i] for i in range(len(dataset))])
-    loader = torch.utils.data.DataLoader(dataset, batch_size=len(dataset), num_workers=2, collate_fn=collate,
-                                         multiprocessing_context="spawn")  # spawn pickles the dataset
-    (images, targets), = list(loader)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=len(dataset), num_workers=2, collate_fn=collate, multiprocessing_context="spawn"
+    )  # spawn pickles the dataset
+    ((images, targets),) = list(loader)
     assert all(torch.equal(a, b) for a, b in zip(images, here[0]))
     for got, want in zip(targets, here[1]):
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
@@ -173,8 +186,9 @@ def _read(path: Path) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("chunk", [coco_json._CHUNK, 1], ids=["chunks", "a cut at every annotation"])
-def test_the_reader_gives_json_s_dict_for_any_layout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                     chunk: int) -> None:
+def test_the_reader_gives_json_s_dict_for_any_layout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk: int
+) -> None:
     monkeypatch.setattr(coco_json, "_CHUNK", chunk)
     data = coco_dict()
     # Between annotations' look-alikes: "}, {" inside a string and inside a nested list of objects.
@@ -183,8 +197,9 @@ def test_the_reader_gives_json_s_dict_for_any_layout(tmp_path: Path, monkeypatch
     data["annotations"][2]["segmentation"] = [[1, 2, 3, 4, 5, 6], "not a polygon"]  # left as it is
     data["annotations"].append({"id": 9, "segmentation": [[0.1, 1e-3, 2, 3.5, True, 7]]})
     layouts = {
-        "COCO's order": json.dumps({"info": {}, "images": data["images"], "annotations": data["annotations"],
-                                    "categories": data["categories"]}),
+        "COCO's order": json.dumps(
+            {"info": {}, "images": data["images"], "annotations": data["annotations"], "categories": data["categories"]}
+        ),
         "compact": json.dumps(data, separators=(",", ":")),
         "indented, categories first": json.dumps({"categories": data["categories"], **data}, indent=2),
         "spaces": json.dumps(data, indent="\t", separators=(" ,", " : ")),
@@ -198,12 +213,23 @@ def test_the_reader_gives_json_s_dict_for_any_layout(tmp_path: Path, monkeypatch
         assert _read(path) == json.loads(text), name
 
 
-@pytest.mark.parametrize("text", [
-    '{"images": [', '{"images": [], "annotations": [{"id": 1}, {"id": 2]}', '{"images": [] "x": 1}',
-    '{"images": [], "annotations": [], "categories": []} trailing', "[1, 2]", '"a string"', "",
-    '\ufeff{"images": [], "annotations": [], "categories": []}', '{"images": [], "annotations": {}}',
-    '{"images": [], "annotations": [{"id": 1},]}', '{"annotations": [1 2]}',
-], ids=lambda t: t[:24])
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"images": [',
+        '{"images": [], "annotations": [{"id": 1}, {"id": 2]}',
+        '{"images": [] "x": 1}',
+        '{"images": [], "annotations": [], "categories": []} trailing',
+        "[1, 2]",
+        '"a string"',
+        "",
+        '\ufeff{"images": [], "annotations": [], "categories": []}',
+        '{"images": [], "annotations": {}}',
+        '{"images": [], "annotations": [{"id": 1},]}',
+        '{"annotations": [1 2]}',
+    ],
+    ids=lambda t: t[:24],
+)
 def test_the_reader_reports_every_bad_file_as_load_annotation_file_does(tmp_path: Path, text: str) -> None:
     path = tmp_path / "bad.json"
     path.write_text(text, encoding="utf-8")
@@ -227,10 +253,29 @@ def test_the_reader_reports_a_missing_and_a_non_utf8_file(tmp_path: Path) -> Non
 def test_scale_check_runs_end_to_end_on_a_small_set(tmp_path: Path) -> None:
     out = tmp_path / "scale.json"
     result = subprocess.run(
-        [sys.executable, "scripts/scale_check.py", "--images", "50", "--val-images", "10", "--steps", "3",
-         "--workers", "1", "--dir", str(tmp_path / "data"), "--json", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": python_path()},
-        check=False)
+        [
+            sys.executable,
+            "scripts/scale_check.py",
+            "--images",
+            "50",
+            "--val-images",
+            "10",
+            "--steps",
+            "3",
+            "--workers",
+            "1",
+            "--dir",
+            str(tmp_path / "data"),
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": python_path()},
+        check=False,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     figures = json.loads(out.read_text())
     read = {row["reader"]: row for row in figures["read"]["rows"]}
@@ -257,6 +302,7 @@ def test_loader_workers_freeze_what_they_inherit() -> None:
     from frcnn_train.data.loader import build_eval_loader
 
     assert gc.get_freeze_count() == 0
-    frozen = [t["frozen"] for _, targets in build_eval_loader(_FreezeCount(), batch_size=1, num_workers=1)
-              for t in targets]
+    frozen = [
+        t["frozen"] for _, targets in build_eval_loader(_FreezeCount(), batch_size=1, num_workers=1) for t in targets
+    ]
     assert min(frozen) > 10_000  # torch's and the test run's objects

@@ -1,4 +1,5 @@
 """The synthetic shapes generator: deterministic, atomic, and a valid COCO dataset."""
+
 from __future__ import annotations
 
 import contextlib
@@ -95,7 +96,7 @@ def test_bad_parameters_are_config_errors(tmp_path: Path, key: str) -> None:
 def test_annotations_are_consistent(generated: Path) -> None:
     coco = _quiet_coco(generated / "instances_train.json")
     kinds = set()
-    for image_id, img in coco.imgs.items():
+    for image_id in coco.imgs:
         anns = coco.loadAnns(coco.getAnnIds(imgIds=[image_id]))
         assert 1 <= len(anns) <= PARAMS["max_objects"]
         for ann in anns:

@@ -1,4 +1,5 @@
 """Transforms move boxes and masks with the image and draw only from the given generator."""
+
 from __future__ import annotations
 
 import pytest

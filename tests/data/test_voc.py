@@ -1,8 +1,9 @@
 """Pascal VOC: XML to COCO conversion, difficult objects, bad trees."""
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -50,7 +51,9 @@ def test_conversion(voc_root: Path) -> None:
     data = load_voc(voc_root, "train", classes=None)
     assert [c["name"] for c in data["categories"]] == VOC_CLASSES
     assert [(i["id"], i["file_name"], i["width"], i["height"]) for i in data["images"]] == [
-        (1, "2008_000001.jpg", 48, 32), (2, "2008_000002.jpg", 48, 32), (3, "2008_000003.jpg", 48, 32)
+        (1, "2008_000001.jpg", 48, 32),
+        (2, "2008_000002.jpg", 48, 32),
+        (3, "2008_000003.jpg", 48, 32),
     ]
     dog = data["annotations"][0]
     # 1-based inclusive pixels 10..30 cover [9, 30) in 0-based edge coordinates.
@@ -70,8 +73,9 @@ def test_dataset_boxes_and_difficult(voc_root: Path) -> None:
     assert image.shape == (3, 32, 48)
     assert target["boxes"].tolist() == [[9.0, 4.0, 30.0, 20.0]]
     assert [train.classes[i - 1] for i in target["labels"].tolist()] == ["dog"]
-    val = CocoDetection(images_dir, load_voc(voc_root, "val", classes=None), with_masks=False, train=False,
-                        classes=train.classes)
+    val = CocoDetection(
+        images_dir, load_voc(voc_root, "val", classes=None), with_masks=False, train=False, classes=train.classes
+    )
     assert val.image_ids == [1, 2]
     _, target = val[1]  # 2008_000001 is the val file's second line
     assert target["iscrowd"].tolist() == [0, 1]

@@ -1,4 +1,5 @@
 """Attention blocks and sites: shapes, identity start, stable names, every backbone and arch, errors."""
+
 from __future__ import annotations
 
 import copy
@@ -20,20 +21,38 @@ from frcnn_train.models.attention import BLOCKS, CBAM, ECA, NonLocal, SqueezeExc
 from frcnn_train.models.builder import attention_plan, valid_attention_sites
 
 RESNET_MASK_SITES = [
-    "backbone.layer1", "backbone.layer2", "backbone.layer3", "backbone.layer4",
-    "fpn.0", "fpn.1", "fpn.2", "fpn.3", "fpn.pool", "roi_heads.box", "roi_heads.mask",
+    "backbone.layer1",
+    "backbone.layer2",
+    "backbone.layer3",
+    "backbone.layer4",
+    "fpn.0",
+    "fpn.1",
+    "fpn.2",
+    "fpn.3",
+    "fpn.pool",
+    "roi_heads.box",
+    "roi_heads.mask",
 ]
 # Where each site's block lands in the state dict (tiny configs: fpn_channels=32).
 RESNET_MASK_MODULES = [
-    "backbone.body.layer1.attention", "backbone.body.layer2.attention", "backbone.body.layer3.attention",
-    "backbone.body.layer4.attention", "backbone.fpn.attention.0", "backbone.fpn.attention.1",
-    "backbone.fpn.attention.2", "backbone.fpn.attention.3", "backbone.fpn.attention.pool",
-    "roi_heads.attention.box", "roi_heads.attention.mask",
+    "backbone.body.layer1.attention",
+    "backbone.body.layer2.attention",
+    "backbone.body.layer3.attention",
+    "backbone.body.layer4.attention",
+    "backbone.fpn.attention.0",
+    "backbone.fpn.attention.1",
+    "backbone.fpn.attention.2",
+    "backbone.fpn.attention.3",
+    "backbone.fpn.attention.pool",
+    "roi_heads.attention.box",
+    "roi_heads.attention.mask",
 ]
 # Every block type in one model: se by default, the others by per-site override (both forms).
-MIXED_OVERRIDES = ("+model.attention.overrides={fpn.0:{type:cbam,reduction:4},"
-                   "roi_heads.box:{type:nonlocal,heads:2,inner_channels:8},roi_heads:{mask:{type:eca}},"
-                   "backbone.layer4:{type:nonlocal}}")
+MIXED_OVERRIDES = (
+    "+model.attention.overrides={fpn.0:{type:cbam,reduction:4},"
+    "roi_heads.box:{type:nonlocal,heads:2,inner_channels:8},roi_heads:{mask:{type:eca}},"
+    "backbone.layer4:{type:nonlocal}}"
+)
 
 
 def _cfg(compose_tiny, *overrides: str) -> DictConfig:
@@ -153,29 +172,59 @@ def test_valid_sites_follow_backbone_arch_and_returned_layers(compose_tiny) -> N
     assert valid_attention_sites(_cfg(compose_tiny, "model=mask_rcnn").model) == RESNET_MASK_SITES
     assert valid_attention_sites(_cfg(compose_tiny).model) == RESNET_MASK_SITES[:-1]
     assert valid_attention_sites(_cfg(compose_tiny, "model/backbone=mobilenet_v3_fpn").model) == [
-        "backbone.13", "backbone.16", "fpn.0", "fpn.1", "fpn.pool", "roi_heads.box"]
+        "backbone.13",
+        "backbone.16",
+        "fpn.0",
+        "fpn.1",
+        "fpn.pool",
+        "roi_heads.box",
+    ]
     assert valid_attention_sites(_cfg(compose_tiny, "model/backbone=mobilenet_v2_fpn").model)[:2] == [
-        "backbone.14", "backbone.18"]
+        "backbone.14",
+        "backbone.18",
+    ]
     assert valid_attention_sites(_cfg(compose_tiny, "model.backbone.returned_layers=[2,3,4]").model) == [
-        "backbone.layer2", "backbone.layer3", "backbone.layer4", "fpn.0", "fpn.1", "fpn.2", "fpn.pool",
-        "roi_heads.box"]
+        "backbone.layer2",
+        "backbone.layer3",
+        "backbone.layer4",
+        "fpn.0",
+        "fpn.1",
+        "fpn.2",
+        "fpn.pool",
+        "roi_heads.box",
+    ]
 
 
 @pytest.mark.parametrize("backbone", list(BACKBONES))
 def test_default_sites_fit_every_backbone(compose_tiny, backbone: str) -> None:
     """The group files name groups, not ResNet stages, so `model/attention=<type>` works on any backbone."""
-    stages = [s for s in valid_attention_sites(_cfg(compose_tiny, f"model/backbone={backbone}").model)
-              if s.startswith("backbone.")]
+    stages = [
+        s
+        for s in valid_attention_sites(_cfg(compose_tiny, f"model/backbone={backbone}").model)
+        if s.startswith("backbone.")
+    ]
     for kind in BLOCKS:
         cfg = _cfg(compose_tiny, f"model/backbone={backbone}", f"model/attention={kind}")
         assert list(attention_plan(cfg.model)) == (stages[-1:] if kind == "nonlocal" else stages), kind
 
 
 def test_site_groups_expand_in_model_order(compose_tiny) -> None:
-    cfg = _cfg(compose_tiny, "model=mask_rcnn", "model/attention=eca",
-               "model.attention.sites=[roi_heads,backbone.last,fpn,backbone.layer4]")
+    cfg = _cfg(
+        compose_tiny,
+        "model=mask_rcnn",
+        "model/attention=eca",
+        "model.attention.sites=[roi_heads,backbone.last,fpn,backbone.layer4]",
+    )
     assert list(attention_plan(cfg.model)) == [
-        "backbone.layer4", "fpn.0", "fpn.1", "fpn.2", "fpn.3", "fpn.pool", "roi_heads.box", "roi_heads.mask"]
+        "backbone.layer4",
+        "fpn.0",
+        "fpn.1",
+        "fpn.2",
+        "fpn.3",
+        "fpn.pool",
+        "roi_heads.box",
+        "roi_heads.mask",
+    ]
 
 
 @pytest.mark.parametrize("kind", list(BLOCKS))
@@ -215,8 +264,14 @@ def test_every_backbone_takes_blocks_at_all_its_sites(compose_tiny, backbone: st
 
 
 def test_one_model_mixes_block_types_by_override_under_autocast(compose_tiny) -> None:
-    cfg = _cfg(compose_tiny, "model=mask_rcnn", "model/attention=se", "model.attention.reduction=8",
-               _sites(RESNET_MASK_SITES), MIXED_OVERRIDES)
+    cfg = _cfg(
+        compose_tiny,
+        "model=mask_rcnn",
+        "model/attention=se",
+        "model.attention.reduction=8",
+        _sites(RESNET_MASK_SITES),
+        MIXED_OVERRIDES,
+    )
     model = build_model(cfg.model)
     kinds = {p: type(model.get_submodule(p)).__name__ for p in RESNET_MASK_MODULES}
     assert kinds["backbone.body.layer3.attention"] == "SqueezeExcitation"
@@ -233,7 +288,9 @@ def test_one_model_mixes_block_types_by_override_under_autocast(compose_tiny) ->
 
 
 def test_an_override_can_give_a_site_its_block_without_a_global_type(compose_tiny) -> None:
-    cfg = _cfg(compose_tiny, "model.attention.sites=[roi_heads.box]", "+model.attention.overrides={roi_heads.box:{type:eca}}")
+    cfg = _cfg(
+        compose_tiny, "model.attention.sites=[roi_heads.box]", "+model.attention.overrides={roi_heads.box:{type:eca}}"
+    )
     assert isinstance(build_model(cfg.model).roi_heads.attention.box, ECA)
 
 
@@ -266,11 +323,21 @@ def test_identity_init_leaves_a_trained_model_unchanged(compose_tiny) -> None:
     # Every block type at once (per-site overrides), at every site: one pair of models instead of four.
     torch.manual_seed(0)
     plain = build_model(_cfg(compose_tiny, "model=mask_rcnn").model).eval()
-    cfg = _cfg(compose_tiny, "model=mask_rcnn", "model/attention=se", _sites(RESNET_MASK_SITES),
-               "model.attention.identity_init=true", MIXED_OVERRIDES)
+    cfg = _cfg(
+        compose_tiny,
+        "model=mask_rcnn",
+        "model/attention=se",
+        _sites(RESNET_MASK_SITES),
+        "model.attention.identity_init=true",
+        MIXED_OVERRIDES,
+    )
     attended = build_model(cfg.model).eval()
     assert {type(attended.get_submodule(p)).__name__ for p in RESNET_MASK_MODULES} == {
-        "SqueezeExcitation", "CBAM", "ECA", "NonLocal"}
+        "SqueezeExcitation",
+        "CBAM",
+        "ECA",
+        "NonLocal",
+    }
     missing, unexpected = attended.load_state_dict(plain.state_dict(), strict=False)
     assert unexpected == [] and missing and all(".attention." in k for k in missing)
     images, _ = _batch(with_masks=True)
@@ -296,7 +363,10 @@ def test_identity_init_defaults_to_on_with_backbone_weights(compose_tiny, tmp_pa
 
     assert gate_and_projection(f"model.backbone.weights={weights}") == (0.0, False)
     assert gate_and_projection() == (1.0, True)
-    assert gate_and_projection(f"model.backbone.weights={weights}", "model.attention.identity_init=false") == (1.0, True)
+    assert gate_and_projection(f"model.backbone.weights={weights}", "model.attention.identity_init=false") == (
+        1.0,
+        True,
+    )
     assert gate_and_projection("model.attention.identity_init=true") == (0.0, False)
 
 
@@ -320,37 +390,65 @@ def test_copies_and_pickles_keep_working_blocks(compose_tiny) -> None:
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (("model/attention=se", "model.attention.sites=[backbone.layer5]"),
-         r"model.attention.sites: backbone.layer5 is not a site; valid sites for faster_rcnn with resnet18_fpn: "
-         r"backbone.layer1, backbone.layer2, backbone.layer3, backbone.layer4, fpn.0, fpn.1, fpn.2, fpn.3, fpn.pool, "
-         r"roi_heads.box \(roi_heads.mask needs model=mask_rcnn\)"),
-        (("model/attention=se", "model.attention.sites=[roi_heads.mask]"),
-         r"roi_heads.mask is not a site; .*roi_heads.box \(roi_heads.mask needs model=mask_rcnn\)"),
-        (("model/backbone=mobilenet_v3_fpn", "model/attention=se", "model.attention.sites=[backbone.layer3]"),
-         r"backbone.layer3 is not a site; valid sites for faster_rcnn with mobilenet_v3_fpn: "
-         r"backbone.13, backbone.16, fpn.0, fpn.1, fpn.pool, roi_heads.box \(roi_heads.mask needs model=mask_rcnn\), "
-         r"or the groups backbone, fpn, roi_heads, backbone.last"),
-        (("model/attention=se", "+model.attention.overrides={fpn.0:{reduction:4}}"),
-         r"model.attention.overrides names fpn.0, not in model.attention.sites \['backbone'\]"),
-        (("model.attention.type=sk", "model.attention.sites=[fpn.0]"),
-         r"model.attention.type=sk is not an attention type; choose one of none, se, cbam, eca, nonlocal"),
+        (
+            ("model/attention=se", "model.attention.sites=[backbone.layer5]"),
+            r"model.attention.sites: backbone.layer5 is not a site; valid sites for faster_rcnn with resnet18_fpn: "
+            r"backbone.layer1, backbone.layer2, backbone.layer3, backbone.layer4, fpn.0, fpn.1, fpn.2, fpn.3, fpn.pool, "
+            r"roi_heads.box \(roi_heads.mask needs model=mask_rcnn\)",
+        ),
+        (
+            ("model/attention=se", "model.attention.sites=[roi_heads.mask]"),
+            r"roi_heads.mask is not a site; .*roi_heads.box \(roi_heads.mask needs model=mask_rcnn\)",
+        ),
+        (
+            ("model/backbone=mobilenet_v3_fpn", "model/attention=se", "model.attention.sites=[backbone.layer3]"),
+            r"backbone.layer3 is not a site; valid sites for faster_rcnn with mobilenet_v3_fpn: "
+            r"backbone.13, backbone.16, fpn.0, fpn.1, fpn.pool, roi_heads.box \(roi_heads.mask needs model=mask_rcnn\), "
+            r"or the groups backbone, fpn, roi_heads, backbone.last",
+        ),
+        (
+            ("model/attention=se", "+model.attention.overrides={fpn.0:{reduction:4}}"),
+            r"model.attention.overrides names fpn.0, not in model.attention.sites \['backbone'\]",
+        ),
+        (
+            ("model.attention.type=sk", "model.attention.sites=[fpn.0]"),
+            r"model.attention.type=sk is not an attention type; choose one of none, se, cbam, eca, nonlocal",
+        ),
         (("model.attention.sites=[fpn.0]",), r"model.attention.sites lists fpn.0 but model.attention.type=none"),
         (("model/attention=se", "model.attention.sites=[fpn.0,fpn.0]"), r"lists fpn.0 more than once"),
-        (("model/attention=se", "+model.attention.overrides={backbone.layer3:{type:sk}}"),
-         r"overrides\[backbone.layer3\].type=sk is not an attention block; choose one of se, cbam, eca, nonlocal"),
-        (("model/attention=eca", "+model.attention.overrides={backbone.layer3:{reduction:4}}"),
-         r"overrides\[backbone.layer3\].reduction does not apply to eca blocks, which take eca_kernel_size"),
-        (("model/attention=se", "+model.attention.overrides={backbone.layer3:{ratio:4}}"),
-         r"unknown key 'ratio'; an override may set type, reduction, kernel_size, eca_kernel_size"),
-        (("model/attention=se", "model.attention.reduction=0"), r"model.attention.reduction=0 must be a positive integer"),
-        (("model/attention=cbam", "model.attention.kernel_size=4"), r"model.attention.kernel_size=4 must be a positive odd"),
-        (("model/attention=eca", "+model.attention.overrides={backbone.layer4:{eca_kernel_size:2}}"),
-         r"overrides\[backbone.layer4\].eca_kernel_size=2 must be a positive odd integer or null"),
-        (("model/attention=nonlocal", "model.attention.heads=3"),
-         r"the nonlocal block at backbone.layer4 \(512 channels\) cannot be built: heads=3 must divide inner_channels=256"),
+        (
+            ("model/attention=se", "+model.attention.overrides={backbone.layer3:{type:sk}}"),
+            r"overrides\[backbone.layer3\].type=sk is not an attention block; choose one of se, cbam, eca, nonlocal",
+        ),
+        (
+            ("model/attention=eca", "+model.attention.overrides={backbone.layer3:{reduction:4}}"),
+            r"overrides\[backbone.layer3\].reduction does not apply to eca blocks, which take eca_kernel_size",
+        ),
+        (
+            ("model/attention=se", "+model.attention.overrides={backbone.layer3:{ratio:4}}"),
+            r"unknown key 'ratio'; an override may set type, reduction, kernel_size, eca_kernel_size",
+        ),
+        (
+            ("model/attention=se", "model.attention.reduction=0"),
+            r"model.attention.reduction=0 must be a positive integer",
+        ),
+        (
+            ("model/attention=cbam", "model.attention.kernel_size=4"),
+            r"model.attention.kernel_size=4 must be a positive odd",
+        ),
+        (
+            ("model/attention=eca", "+model.attention.overrides={backbone.layer4:{eca_kernel_size:2}}"),
+            r"overrides\[backbone.layer4\].eca_kernel_size=2 must be a positive odd integer or null",
+        ),
+        (
+            ("model/attention=nonlocal", "model.attention.heads=3"),
+            r"the nonlocal block at backbone.layer4 \(512 channels\) cannot be built: heads=3 must divide inner_channels=256",
+        ),
     ],
 )
-def test_wrong_attention_configs_are_refused_naming_the_key(compose_tiny, overrides: tuple[str, ...], message: str) -> None:
+def test_wrong_attention_configs_are_refused_naming_the_key(
+    compose_tiny, overrides: tuple[str, ...], message: str
+) -> None:
     with pytest.raises(ConfigError, match=message):
         build_model(_cfg(compose_tiny, *overrides).model)
 
@@ -368,8 +466,12 @@ def test_fingerprint_covers_type_sites_and_parameters(compose_tiny) -> None:
     base = ("model/attention=se", "model.attention.sites=[backbone.layer3]")
     digest, _ = _meta_fingerprint(_cfg(compose_tiny, *base))
     assert _meta_fingerprint(_cfg(compose_tiny, *base))[0] == digest
-    for change in ("model.attention.reduction=8", "model.attention.type=cbam", "model.attention.sites=[backbone.layer2]",
-                   "+model.attention.overrides={backbone.layer3:{type:eca}}"):
+    for change in (
+        "model.attention.reduction=8",
+        "model.attention.type=cbam",
+        "model.attention.sites=[backbone.layer2]",
+        "+model.attention.overrides={backbone.layer3:{type:eca}}",
+    ):
         assert _meta_fingerprint(_cfg(compose_tiny, *base, change))[0] != digest, change
     assert _meta_fingerprint(_cfg(compose_tiny))[0] != digest
 
@@ -385,15 +487,21 @@ def test_layout_diff_names_the_attention_module_and_shapes(compose_tiny) -> None
         "roi_heads.attention: 3 tensors reshaped (box.fc1.weight [2, 32] -> [4, 32], box.fc1.bias [2] -> [4], "
         "box.fc2.weight [32, 2] -> [32, 4])",
     ]
-    assert diff_layouts(plain, r16) == ["backbone.body.layer3.attention: 5 tensors added",
-                                        "roi_heads.attention: 5 tensors added"]
+    assert diff_layouts(plain, r16) == [
+        "backbone.body.layer3.attention: 5 tensors added",
+        "roi_heads.attention: 5 tensors added",
+    ]
 
 
 def test_the_attention_param_group_shorthand_selects_every_block(compose_tiny) -> None:
     from frcnn_train.optim import build_param_groups
 
-    cfg = _cfg(compose_tiny, "model/attention=se", _sites(["backbone.layer4", "fpn.pool", "roi_heads.box"]),
-               "optim.param_groups=[{match: attention, lr_mult: 10}]")
+    cfg = _cfg(
+        compose_tiny,
+        "model/attention=se",
+        _sites(["backbone.layer4", "fpn.pool", "roi_heads.box"]),
+        "optim.param_groups=[{match: attention, lr_mult: 10}]",
+    )
     model = build_model(cfg.model)
     groups = build_param_groups(model, cfg.optim)
     chosen = [n for g in groups if g["name"].startswith("attention") for n in g["param_names"]]

@@ -1,4 +1,5 @@
 """build_backbone: local ImageNet weights, norm choice, freezing, returned layers, FPN width."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -39,7 +40,12 @@ def mobilenet_v2_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, d
 
 def test_backbone_names() -> None:
     assert BACKBONES == (
-        "resnet18_fpn", "resnet34_fpn", "resnet50_fpn", "resnet101_fpn", "mobilenet_v2_fpn", "mobilenet_v3_fpn",
+        "resnet18_fpn",
+        "resnet34_fpn",
+        "resnet50_fpn",
+        "resnet101_fpn",
+        "mobilenet_v2_fpn",
+        "mobilenet_v3_fpn",
     )
 
 

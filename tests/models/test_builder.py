@@ -1,4 +1,5 @@
 """build_model: every backbone x arch trains and predicts; every ModelConfig key takes effect."""
+
 from __future__ import annotations
 
 import math

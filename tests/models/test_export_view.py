@@ -1,10 +1,12 @@
 """models/export_view.py: the copy made for tracing holds torchvision's classes only and detects the same."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
 
+from conftest import assert_same_detections
 from frcnn_train.models import build_model
 from frcnn_train.models.export_view import for_export
 
@@ -26,9 +28,11 @@ def test_for_export_is_torchvision_and_leaves_the_model_alone(compose_tiny, over
     image = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want, got = model([image])[0], exported([image])[0]
-    assert want.keys() == got.keys() and len(want["boxes"]) > 0
-    for key in want:
-        torch.testing.assert_close(got[key], want[key], atol=1e-4, rtol=1e-4)
+    assert len(want["boxes"]) > 0
+    # Our RoIAlign and heads against torchvision's: the same values up to the order of float sums (measured with 1
+    # and 2 threads: boxes within 4e-6 px, scores within 6e-8, mask probabilities within 1.1e-6), so 1e-4 has a
+    # margin of 25; paired as export_check pairs an exported file's detections, not by position.
+    assert_same_detections(got, want, atol=1e-4)
 
 
 def test_for_export_refuses_other_modules() -> None:

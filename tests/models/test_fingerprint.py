@@ -1,4 +1,5 @@
 """Architecture spec, fingerprint and the diffs users read when a resume is refused."""
+
 from __future__ import annotations
 
 import json
@@ -41,8 +42,13 @@ def test_spec_is_flat_plain_and_resolved(compose_tiny) -> None:
     assert spec["model.anchor_sizes"] == [12, 24, 48, 96, 192]
     assert spec["model.attention.type"] == "none" and spec["model.attention.sites"] == []
     assert {"model.attention.reduction", "model.attention.overrides"} <= set(spec)
-    for absent in ("model.min_size", "model.box_score_thresh", "model.rpn_pre_nms_top_n_train", "model.backbone.weights",
-                   "model.attention.identity_init"):
+    for absent in (
+        "model.min_size",
+        "model.box_score_thresh",
+        "model.rpn_pre_nms_top_n_train",
+        "model.backbone.weights",
+        "model.attention.identity_init",
+    ):
         assert absent not in spec
     assert json.loads(json.dumps(spec)) == spec
 

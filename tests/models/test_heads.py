@@ -1,4 +1,5 @@
 """models/heads.py: batched post-processing equals torchvision's per-image code; fp32 boxes under autocast."""
+
 from __future__ import annotations
 
 import copy
@@ -10,6 +11,7 @@ from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.ops import boxes as box_ops
 
+from conftest import assert_same_detections
 from frcnn_train.data import build_datasets, build_eval_loader
 from frcnn_train.evaluation import evaluate
 from frcnn_train.models import architecture_spec, build_model, fingerprint, tensor_layout
@@ -27,8 +29,18 @@ def _random_boxes(n: int, size: float, generator: torch.Generator) -> torch.Tens
 @pytest.mark.parametrize("training", [True, False])
 def test_rpn_filter_equals_torchvision(per_level: list[int], training: bool) -> None:
     g = torch.Generator().manual_seed(sum(per_level) + training)
-    stock = RegionProposalNetwork(None, None, 0.7, 0.3, 256, 0.5, dict(training=250, testing=120),
-                                  dict(training=300, testing=90), 0.7, score_thresh=0.02)
+    stock = RegionProposalNetwork(
+        None,
+        None,
+        0.7,
+        0.3,
+        256,
+        0.5,
+        dict(training=250, testing=120),
+        dict(training=300, testing=90),
+        0.7,
+        score_thresh=0.02,
+    )
     ours = specialise(copy.deepcopy(stock), BatchedRPN)
     shapes = [(96, 128), (128, 80), (120, 120)]
     proposals = torch.stack([_random_boxes(sum(per_level), 128, g) for _ in shapes])
@@ -99,14 +111,32 @@ def test_evaluation_under_autocast_equals_fp32(compose_tiny) -> None:
     runs = {}
     for dtype in (None, torch.bfloat16):
         loader = build_eval_loader(data.val, batch_size=2, num_workers=0)
-        _, runs[dtype] = evaluate(model, loader, coco_gt=data.val.coco, label_to_cat_id=data.val.label_to_cat_id,
-                                  device=torch.device("cpu"), with_masks=False, autocast_dtype=dtype)
+        _, runs[dtype] = evaluate(
+            model,
+            loader,
+            coco_gt=data.val.coco,
+            label_to_cat_id=data.val.label_to_cat_id,
+            device=torch.device("cpu"),
+            with_masks=False,
+            autocast_dtype=dtype,
+        )
     fp32, amp = runs[None], runs[torch.bfloat16]
     assert len(fp32) > 20 and len(amp) == len(fp32)
-    for a, b in zip(fp32, amp):
-        assert (a["image_id"], a["category_id"]) == (b["image_id"], b["category_id"])
-        assert max(abs(x - y) for x, y in zip(a["bbox"], b["bbox"])) <= 1e-3
-        assert abs(a["score"] - b["score"]) <= 1e-5
+
+    def detections(results: list[dict], image_id: int) -> dict[str, torch.Tensor]:
+        mine = [r for r in results if r["image_id"] == image_id]
+        return {
+            "boxes": torch.tensor([r["bbox"] for r in mine]),
+            "labels": torch.tensor([r["category_id"] for r in mine]),
+            "scores": torch.tensor([r["score"] for r in mine]),
+        }
+
+    # Paired by label and nearest box per image, not by position: where bf16 rounds differently two near-equal
+    # scores may swap places. Measured here: no difference at all. Boxes: the results round them to 3 decimals, so
+    # a difference far below 1e-3 px can flip a rounding and show as 1e-3; 2e-3 allows that once.
+    for image_id in sorted({r["image_id"] for r in fp32}):
+        got, want = detections(amp, image_id), detections(fp32, image_id)
+        assert_same_detections(got, want, atol={"boxes": 2e-3, "labels": 0, "scores": 1e-5})
 
 
 def test_training_proposals_are_decoded_in_fp32_under_autocast(compose_tiny) -> None:
@@ -138,8 +168,14 @@ def test_same_size_transform_equals_torchvision(training: bool, sizes: list[tupl
 
     g = torch.Generator().manual_seed(sum(h + w for h, w in sizes) + training)
     images = [torch.rand(3, h, w, generator=g) for h, w in sizes]
-    targets = [{"boxes": _random_boxes(3, 90, g), "labels": torch.ones(3, dtype=torch.int64),
-                "masks": torch.rand(3, h, w, generator=g) > 0.5} for h, w in sizes]
+    targets = [
+        {
+            "boxes": _random_boxes(3, 90, g),
+            "labels": torch.ones(3, dtype=torch.int64),
+            "masks": torch.rand(3, h, w, generator=g) > 0.5,
+        }
+        for h, w in sizes
+    ]
     stock = GeneralizedRCNNTransform(128, 128, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
     ours = specialise(copy.deepcopy(stock), SameSizeTransform)
     results = []
@@ -174,8 +210,9 @@ def test_transform_takes_uint8_as_the_float_images_it_replaces(training: bool, s
     g = torch.Generator().manual_seed(len(sizes) + training)
     uint8 = [torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8).permute(2, 0, 1) for h, w in sizes]
     before = [image.float().div_(255.0) for image in uint8]
-    ours = specialise(GeneralizedRCNNTransform(128, 128, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
-                      SameSizeTransform).train(training)
+    ours = specialise(
+        GeneralizedRCNNTransform(128, 128, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]), SameSizeTransform
+    ).train(training)
     for image, old in zip(uint8, before):
         assert torch.equal(ours.normalize(image), ours.normalize(old))
     batches = []
@@ -193,9 +230,14 @@ def test_detector_trains_and_predicts_alike_from_uint8(compose_tiny, arch: str) 
     model = build_model(cfg.model)
     g = torch.Generator().manual_seed(1)
     uint8 = [torch.randint(0, 256, (64, 64, 3), generator=g, dtype=torch.uint8).permute(2, 0, 1) for _ in range(2)]
-    targets = [{"boxes": torch.tensor([[4.0, 6.0, 40.0, 50.0]]), "labels": torch.tensor([1]),
-                "masks": torch.zeros(1, 64, 64, dtype=torch.uint8).index_fill_(1, torch.arange(6, 50), 1)}
-               for _ in uint8]
+    targets = [
+        {
+            "boxes": torch.tensor([[4.0, 6.0, 40.0, 50.0]]),
+            "labels": torch.tensor([1]),
+            "masks": torch.zeros(1, 64, 64, dtype=torch.uint8).index_fill_(1, torch.arange(6, 50), 1),
+        }
+        for _ in uint8
+    ]
     runs = []
     for images in (uint8, [image.float().div_(255.0) for image in uint8]):
         fresh = copy.deepcopy(model)  # a training forward moves BatchNorm statistics

@@ -1,4 +1,5 @@
 """trainer.channels_last / trainer.compile: same state-dict keys and values, and free to change on resume."""
+
 from __future__ import annotations
 
 from pathlib import Path

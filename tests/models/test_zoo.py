@@ -4,6 +4,7 @@ For each builder, our model from configs/model/<builder>.yaml and torchvision's 
 `weights=None, weights_backbone=None`) are built once per module; torchvision's state dict must load into
 ours with nothing missing, unexpected or reshaped, and in eval mode both give the same detections.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -31,8 +32,9 @@ def pairs() -> Callable[[str], tuple[DictConfig, torch.nn.Module, torch.nn.Modul
         if builder not in built:
             torch.manual_seed(0)
             cfg = compose_config([f"model={builder}", f"model.num_classes={COCO_CLASSES}"])
-            theirs = torchvision.models.get_model(builder, weights=None, weights_backbone=None,
-                                                  num_classes=COCO_CLASSES + 1)
+            theirs = torchvision.models.get_model(
+                builder, weights=None, weights_backbone=None, num_classes=COCO_CLASSES + 1
+            )
             built[builder] = (cfg, build_model(cfg.model), theirs)
         return built[builder]
 
@@ -42,13 +44,22 @@ def pairs() -> Callable[[str], tuple[DictConfig, torch.nn.Module, torch.nn.Modul
 def _settings(model: torch.nn.Module) -> dict[str, Any]:
     rpn, heads, transform = model.rpn, model.roi_heads, model.transform
     return {
-        "min_size": transform.min_size, "max_size": transform.max_size,
-        "mean": list(transform.image_mean), "std": list(transform.image_std),
-        "anchors": model.rpn.anchor_generator.sizes, "ratios": model.rpn.anchor_generator.aspect_ratios,
-        "pre_nms": rpn._pre_nms_top_n, "post_nms": rpn._post_nms_top_n, "rpn_nms": rpn.nms_thresh,
-        "rpn_score": rpn.score_thresh, "rpn_batch": rpn.fg_bg_sampler.batch_size_per_image,
-        "box_score": heads.score_thresh, "box_nms": heads.nms_thresh, "per_image": heads.detections_per_img,
-        "box_batch": heads.fg_bg_sampler.batch_size_per_image, "masks": heads.has_mask(),
+        "min_size": transform.min_size,
+        "max_size": transform.max_size,
+        "mean": list(transform.image_mean),
+        "std": list(transform.image_std),
+        "anchors": model.rpn.anchor_generator.sizes,
+        "ratios": model.rpn.anchor_generator.aspect_ratios,
+        "pre_nms": rpn._pre_nms_top_n,
+        "post_nms": rpn._post_nms_top_n,
+        "rpn_nms": rpn.nms_thresh,
+        "rpn_score": rpn.score_thresh,
+        "rpn_batch": rpn.fg_bg_sampler.batch_size_per_image,
+        "box_score": heads.score_thresh,
+        "box_nms": heads.nms_thresh,
+        "per_image": heads.detections_per_img,
+        "box_batch": heads.fg_bg_sampler.batch_size_per_image,
+        "masks": heads.has_mask(),
     }
 
 
@@ -95,9 +106,19 @@ def test_preset_loads_torchvision_state_dict_and_detects_alike(pairs, builder: s
 
 
 def _tiny(*overrides: str) -> DictConfig:
-    cfg = compose_config(["model/backbone=resnet18_fpn", "model.backbone.fpn_channels=32", "model.box_head_dim=32",
-                          "model.box_head_conv_dim=16", "model.box_head_convs=2", "model.mask_head_dim=16",
-                          "model.mask_head_layers=1", "model.num_classes=3", *overrides])
+    cfg = compose_config(
+        [
+            "model/backbone=resnet18_fpn",
+            "model.backbone.fpn_channels=32",
+            "model.box_head_dim=32",
+            "model.box_head_conv_dim=16",
+            "model.box_head_convs=2",
+            "model.mask_head_dim=16",
+            "model.mask_head_layers=1",
+            "model.num_classes=3",
+            *overrides,
+        ]
+    )
     return cfg
 
 
@@ -110,25 +131,44 @@ def test_fingerprint_tells_v1_from_v2(arch: str) -> None:
     model1, model2 = build_model(v1.model), build_model(v2.model)
     assert fingerprint(spec1, model1) != fingerprint(spec2, model2)
     keys = set(model2.state_dict())
-    assert {"rpn.head.conv.1.0.weight", "backbone.fpn.inner_blocks.0.1.running_var",
-            "roi_heads.box_head.0.1.weight"} <= keys
+    assert {
+        "rpn.head.conv.1.0.weight",
+        "backbone.fpn.inner_blocks.0.1.running_var",
+        "roi_heads.box_head.0.1.weight",
+    } <= keys
     assert ("roi_heads.mask_head.0.1.running_mean" in keys) == (arch == "mask_rcnn")
-    assert not any(k.startswith(("rpn.head.conv.1", "backbone.fpn.")) and "running" in k or
-                   k.startswith("rpn.head.conv.1") for k in model1.state_dict())
+    assert not any(
+        k.startswith(("rpn.head.conv.1", "backbone.fpn.")) and "running" in k or k.startswith("rpn.head.conv.1")
+        for k in model1.state_dict()
+    )
 
 
-@pytest.mark.parametrize("overrides", [("model/attention=cbam", "model.attention.sites=[roi_heads,fpn]"),
-                                       ("model/backbone=mobilenet_v3_fpn", "model/attention=se")])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("model/attention=cbam", "model.attention.sites=[roi_heads,fpn]"),
+        ("model/backbone=mobilenet_v3_fpn", "model/attention=se"),
+    ],
+)
 def test_v2_heads_with_attention_and_other_backbones_train_and_predict(overrides: tuple[str, ...]) -> None:
     cfg = _tiny("model=mask_rcnn", "model.version=v2", "model.min_size=64", "model.max_size=64", *overrides)
     model = build_model(cfg.model)
     keys = set(model.state_dict())
     if "model/attention=cbam" in overrides:  # blocks on the v2 FPN (BatchNorm) and on the conv box head's input
-        assert {"backbone.fpn.attention.0.gamma", "roi_heads.attention.box.gamma", "roi_heads.attention.mask.gamma",
-                "backbone.fpn.inner_blocks.0.1.running_var"} <= keys
+        assert {
+            "backbone.fpn.attention.0.gamma",
+            "roi_heads.attention.box.gamma",
+            "roi_heads.attention.mask.gamma",
+            "backbone.fpn.inner_blocks.0.1.running_var",
+        } <= keys
     images = [torch.rand(3, 64, 64)]
-    targets = [{"boxes": torch.tensor([[4.0, 4.0, 40.0, 40.0]]), "labels": torch.tensor([1]),
-                "masks": torch.zeros(1, 64, 64, dtype=torch.uint8)}]
+    targets = [
+        {
+            "boxes": torch.tensor([[4.0, 4.0, 40.0, 40.0]]),
+            "labels": torch.tensor([1]),
+            "masks": torch.zeros(1, 64, 64, dtype=torch.uint8),
+        }
+    ]
     targets[0]["masks"][0, 4:40, 4:40] = 1
     losses = model(images, targets)
     sum(losses.values()).backward()
