@@ -151,8 +151,9 @@ def stats_figures(stats: list[SplitStats], classes: list[str], setup: AnchorSetu
 def write_stats(out_dir: Path, stats: list[SplitStats], classes: list[str], setup: AnchorSetup) -> list[Path]:
     """The table as stats.txt and the plots as PNG in out_dir; returns the files written."""
     from frcnn_train.eval_plots import save_figures
+    from frcnn_train.outputs import STATS_HEAD, write_owned
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     table = out_dir / "stats.txt"
-    table.write_text(format_stats(stats, classes, setup) + "\n", encoding="utf-8")
-    return [table, *save_figures(stats_figures(stats, classes, setup), out_dir)]
+    text = f"{STATS_HEAD}\n{format_stats(stats, classes, setup)}\n"
+    write_owned(table, text.encode("utf-8"), kind="stats", command="frcnn-data stats")
+    return [table, *save_figures(stats_figures(stats, classes, setup), out_dir, command="frcnn-data stats")]

@@ -137,13 +137,13 @@ def show(count: int, overrides: Sequence[str], out: Path, *, model_input: bool =
     from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
     from frcnn_train.data.loader import ResumableSampler
+    from frcnn_train.outputs import png_bytes, write_owned
     from frcnn_train.visualize import draw_detections
 
     cfg, data = load(overrides)
     m = cfg.model
     resize = GeneralizedRCNNTransform(int(m.min_size), int(m.max_size), list(m.image_mean), list(m.image_std))
     order = ResumableSampler(len(data.train), batch_size=1, seed=int(cfg.seed), epoch=0).global_order()
-    out.mkdir(parents=True, exist_ok=True)
     written = []
     for k, key in enumerate(order[:count]):
         sample = data.train[key]
@@ -156,7 +156,9 @@ def show(count: int, overrides: Sequence[str], out: Path, *, model_input: bool =
             image = (scaled.clamp(0, 1) * 255).round().to(torch.uint8)
         drawn = draw_detections(image, target, data.classes)
         path = out / f"sample_{k:03d}_image_{int(target['image_id'])}.png"
-        Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(path)
+        write_owned(
+            path, png_bytes(Image.fromarray(drawn.permute(1, 2, 0).numpy())), kind="picture", command="frcnn-data show"
+        )
         written.append(path)
     return written
 

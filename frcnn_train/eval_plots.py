@@ -188,14 +188,20 @@ def evaluation_figures(
     return figures
 
 
-def save_figures(figures: dict[str, Any], out_dir: Path) -> list[Path]:
-    """Each figure as <out_dir>/<name>.png; returns the files. The figures are closed."""
+def save_figures(figures: dict[str, Any], out_dir: Path, command: str = "frcnn_train") -> list[Path]:
+    """Each figure as <out_dir>/<name>.png, marked as ours; a file there that is not an earlier picture of
+    ours is refused (outputs.write_owned). Returns the files. The figures are closed."""
+    import io
+
+    from frcnn_train.outputs import SOFTWARE, write_owned
+
     plt = matplotlib_or_none()
-    out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for name, fig in figures.items():
         path = out_dir / f"{name}.png"
-        fig.savefig(path, dpi=110)
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=110, metadata={"Software": SOFTWARE})
+        write_owned(path, buffer.getvalue(), kind="picture", command=command)
         written.append(path)
         if plt is not None:
             plt.close(fig)

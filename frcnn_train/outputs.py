@@ -12,6 +12,7 @@ run's directory, never in another run's, whose files the resume would replace.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -78,12 +79,40 @@ def _onnx_export(path: Path) -> bool:
     return any(p.key == "format" and p.value == EXPORT_MARKER for p in proto.metadata_props)
 
 
+# The PNG text chunk that marks a picture this project drew (frcnn-data show and stats, evaluation plots).
+SOFTWARE = "frcnn_train"
+STATS_HEAD = "# frcnn-data stats"  # the first line of frcnn-data stats' stats.txt
+
+
+def _our_picture(path: Path) -> bool:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.format == "PNG" and getattr(im, "text", {}).get("Software") == SOFTWARE
+    except Exception:  # noqa: BLE001 - not an image PIL reads: not ours
+        return False
+
+
+def png_bytes(image: Any) -> bytes:
+    """A PIL image as PNG bytes marked as ours, for write_owned."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("Software", SOFTWARE)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
 # kind -> (what the command writes, in words; whether a file is an earlier one of them)
 KINDS: dict[str, tuple[str, Callable[[Path], bool]]] = {
     "detections": ("a detections file of frcnn-evaluate", is_results_json),
     "predictions": ("a predictions.json of frcnn-predict", is_results_json),
     "onnx": ("an ONNX export of frcnn-export", _onnx_export),
     "torchscript": ("a TorchScript export of frcnn-export", _torchscript_export),
+    "picture": ("a picture frcnn_train drew", _our_picture),
+    "stats": ("a stats.txt of frcnn-data stats", lambda path: _head(path).startswith(STATS_HEAD)),
 }
 
 
@@ -198,6 +227,20 @@ def check_directory(out: Path, names: list[str], *, kind: str, command: str, inp
             f"output ({why}), and {command} never writes over a file it did not make; give a new or "
             "empty directory"
         )
+
+
+def write_owned(path: Path, data: bytes, *, kind: str, command: str, flag: str = "--out") -> None:
+    """Write one file of a directory output (frcnn-data show / stats, evaluation plots) through write_file; a
+    file already there must be `command`'s own earlier `kind`. Checked per file, as the names come from the
+    data (an image id, a figure of a class)."""
+    _check_directory(path, flag)
+    if (path.exists() or path.is_symlink()) and not _ours(path, kind):
+        raise OutputError(
+            f"{flag} {path.parent} already holds {path.name}, which is {describe(path)}, not {KINDS[kind][0]}, "
+            f"and {command} never writes over a file it did not make; give a new or empty directory"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_file(path, data)
 
 
 def write_file(path: Path, data: bytes) -> None:

@@ -175,10 +175,8 @@ def predict(
             drawn = draw_detections(image, kept, classes, score_threshold=score_threshold)
             target = out / names[index]
             extra = {"quality": 95} if target.suffix.lower() in (".jpg", ".jpeg") else {}
-            buffer = io.BytesIO()
-            Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(
-                buffer, format=Image.registered_extensions()[target.suffix.lower()], **extra
-            )
+            buffer, picture = io.BytesIO(), Image.fromarray(drawn.permute(1, 2, 0).numpy())
+            picture.save(buffer, format=Image.registered_extensions()[target.suffix.lower()], **extra)
             write_file(target, buffer.getvalue())
             for result in detections_to_coco([kept], [index], label_ids, with_masks=with_masks):
                 label = result["category_id"]

@@ -16,7 +16,7 @@ from frcnn_train.anchors import TARGET, AnchorSetup, Boxes, fit_anchors, measure
 from frcnn_train.config import compose_config
 from frcnn_train.data import build_datasets, load_voc
 from frcnn_train.data.problems import Problems
-from frcnn_train.errors import DataError
+from frcnn_train.errors import DataError, UserError
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 DEFAULT_ANCHORS = (32, 64, 128, 256, 512)
@@ -217,6 +217,12 @@ def test_stats_table_and_plots(broken_coco: list[str], tmp_path: Path) -> None:
         "instances_per_class.png",
         "stats.txt",
     ]
+    # Again into the same directory: its own earlier files are replaced; a file of the user's there is not.
+    assert len(data_tool.stats(overrides, tmp_path / "stats")[1]) == 4
+    (tmp_path / "stats" / "box_shapes.png").write_bytes(b"the user's own picture")
+    with pytest.raises(UserError, match=r"already holds box_shapes.png, which is .*never writes over a file"):
+        data_tool.stats(overrides, tmp_path / "stats")
+    assert (tmp_path / "stats" / "box_shapes.png").read_bytes() == b"the user's own picture"
 
 
 def test_show_draws_training_samples_at_the_model_input_size(shapes_cache: Path, tmp_path: Path, capsys) -> None:
@@ -225,6 +231,10 @@ def test_show_draws_training_samples_at_the_model_input_size(shapes_cache: Path,
     files = sorted((tmp_path / "show").iterdir())
     assert len(files) == 3 and "3 samples drawn" in capsys.readouterr().out
     assert all(Image.open(f).size == (128, 128) for f in files)  # 64 px images at the model's 128
+    assert data_tool.main(["show", "3", *overrides, "--out", str(tmp_path / "show")]) == 0  # its own: replaced
+    files[0].write_bytes(b"not a picture of ours")
+    assert data_tool.main(["show", "3", *overrides, "--out", str(tmp_path / "show")]) == 2
+    assert files[0].read_bytes() == b"not a picture of ours"
 
 
 def test_voc_problems_are_collected(tmp_path: Path) -> None:

@@ -269,7 +269,9 @@ def test_a_run_directory_moved_as_a_whole_and_a_lone_checkpoint_resume(
     alone.mkdir()
     shutil.copy2(run_b / "last.pth", alone / "from_B.pth")
     for resume in (moved, alone / "from_B.pth"):
-        args = tiny_overrides(shapes_cache, tmp_path / "outputs") + [f"resume={resume}", "trainer.max_steps=2"]
+        # No run_name=: a resume continues in the checkpoint's own directory (a different run_name is refused).
+        tiny = [a for a in tiny_overrides(shapes_cache, tmp_path / "outputs") if not a.startswith("run_name=")]
+        args = tiny + [f"resume={resume}", "trainer.max_steps=2"]
         summary = run(compose_config(args), overrides=args)
         assert summary["global_step"] == 2
 
@@ -456,6 +458,7 @@ _ALLOWED_WRITES = {
     ("weights.py", "# torch.save(model)"): "a comment",
     ("export.py", "torch.jit.save(traced, buffer"): "into memory; written by outputs.write_file",
     ("predict.py", ".save(buffer"): "into memory; written by outputs.write_file",
+    ("outputs.py", 'image.save(buffer, format="PNG"'): "into memory; written by write_owned",
     ("rundir.py", "os.rename(run_dir, aside)"): "overwrite=true moves the old run aside, never deletes",
     ("rundir.py", "os.O_CREAT | os.O_EXCL | os.O_WRONLY"): "the lock: O_EXCL creates, never opens an existing file",
     ("rundir.py", "os.rename(path, grabbed)"): "a stale lock taken over",
