@@ -4,7 +4,8 @@ and the padding that data.group_by_aspect_ratio saves.
     python scripts/eval_speed.py                          # 5000 images x 100 detections (val2017's shape)
     python scripts/eval_speed.py --images 500 --json out.json
 
-`eval_rows` and `padding_rows` return table rows (dicts) for scripts/scale_check.py as well.
+`eval_rows` and `padding_rows` return the rows of scripts/scale_check.py's sections `eval` and `padding`
+(which pads the sizes of the dataset it writes); this script's own padding table uses COCO_LIKE_SIZES.
 The evaluation set is synthetic but shaped like val2017: 640 px images, ~7.3 objects per image over 80
 categories (crowd regions among them), 100 scored detections per image (jittered objects and false positives).
 """
@@ -27,11 +28,13 @@ import numpy as np
 import pycocotools.mask as mask_util
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from frcnn_train.data.grouping import aspect_ratio_groups
 from frcnn_train.data.loader import ResumableSampler
 from frcnn_train.errors import ConfigError
 from frcnn_train.evaluation import BACKENDS, coco_api, coco_metrics
+from scale_check import eval_table, padding_table, print_section
 
 # Image sizes of a COCO-like mix (assumed shares of the common train2017 sizes, not counted from the file).
 COCO_LIKE_SIZES = (
@@ -131,7 +134,7 @@ def eval_rows(num_images: int = 5000, dets_per_image: int = 100) -> list[dict[st
         stats[backend] = metrics
         rows.append(
             {
-                "what": f"COCOeval bbox, {num_images} images x {dets_per_image} detections",
+                "what": f"COCOeval bbox: {backend}",
                 "backend": backend,
                 "seconds": round(seconds, 2),
                 "AP": round(metrics["AP"], 6),
@@ -178,7 +181,7 @@ def gather_rows(dets_per_image: int = 100, sample_images: int = 20, seed: int = 
     }
     return [
         {
-            "what": f"gather, bytes per image ({dets_per_image} masks, ~{int(pixels)} px)",
+            "what": f"gather: {form}",
             "form": form,
             "bytes_per_image": int(value),
             "MiB_per_5000_images": round(value * 5000 / 2**20, 1),
@@ -235,15 +238,6 @@ def padding_rows(
     return rows
 
 
-def _table(rows: list[dict[str, Any]]) -> str:
-    keys = list(dict.fromkeys(k for row in rows for k in row))
-    cells = [[str(row.get(k, "")) for k in keys] for row in rows]
-    widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
-    lines = ["  ".join(k.ljust(w) for k, w in zip(keys, widths))]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
-    return "\n".join(lines)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=5000, help="evaluation images (val2017: 5000)")
@@ -254,10 +248,10 @@ def main() -> None:
     args = parser.parse_args()
     widths, heights = coco_like_sizes(args.padding_images)
     padding = padding_rows(widths, heights, args.batch_size, seed=42)
-    print(_table(padding), flush=True)
+    print_section(padding_table(padding, "an assumed mix of COCO's common sizes (COCO_LIKE_SIZES)"))
+    sys.stdout.flush()
     evaluation = eval_rows(args.images, args.detections)
-    print(_table([r for r in evaluation if "backend" in r]))
-    print(_table([r for r in evaluation if "form" in r]))
+    print_section(eval_table(evaluation, args.images, args.detections))
     if args.json:
         args.json.write_text(json.dumps({"padding": padding, "evaluation": evaluation}, indent=1))
 

@@ -15,9 +15,13 @@ its own) and the script prints one table per section and, with --json, writes {s
   memory   private memory (USS, /proc/<pid>/smaps_rollup) of the main process and of each loader worker after
            the first batch and after --steps batches, with gc.collect() forced in the workers
   loader   loader images/s alone (no model) on the first 1,000 images and on all N
+  eval     COCOeval bbox seconds per eval.backend (pycocotools, faster-coco-eval) on M val-shaped images x
+           --detections, whether every stat agrees, and the gather's bytes per image (RLE against dense masks)
+  padding  padded pixels per batch of --batch over the training images' sizes, data.group_by_aspect_ratio off,
+           with 2 groups (detectron2, mmdetection) and on (torchvision's 8)
 
-Sections are functions in SECTIONS returning a Section (title, columns, rows); more can be added beside them
-(evaluation time per backend, padding per batch) without changing the printing or the JSON.
+Sections are functions in SECTIONS returning a Section (title, columns, rows); eval and padding take their rows
+from scripts/eval_speed.py.
 """
 
 from __future__ import annotations
@@ -447,12 +451,75 @@ def loader_section(data: Dataset, args: argparse.Namespace) -> Section:
     return section
 
 
-# Each entry: (name in the JSON, function(data, args) -> Section). Evaluation time per backend and padding per
-# batch (with and without aspect-ratio grouping) are measured by sections of their own, added here.
+def evaluation(num_images: int, dets_per_image: int) -> list[dict[str, Any]]:
+    _quiet()
+    from eval_speed import eval_rows
+
+    return eval_rows(num_images, dets_per_image)
+
+
+def eval_table(rows: list[dict[str, Any]], num_images: int, dets_per_image: int) -> Section:
+    """eval_speed.eval_rows as a table: seconds per backend, then the gather's bytes per image."""
+    return Section(
+        f"evaluation: COCOeval bbox on {num_images:,} val-shaped images x {dets_per_image} detections "
+        "(loadRes, evaluate, accumulate, summarize) per eval.backend; the gather's bytes per image",
+        [
+            "what",
+            "seconds",
+            "speedup",
+            "AP",
+            "every_stat_and_per_class_ap_equal",
+            "bytes_per_image",
+            "MiB_per_5000_images",
+        ],
+        rows,
+    )
+
+
+def eval_section(data: Dataset, args: argparse.Namespace) -> Section:
+    return eval_table(in_fresh_process(evaluation, data.val_images, args.detections), data.val_images, args.detections)
+
+
+def padding(images: str, ann: str, batch: int) -> dict[str, Any]:
+    """eval_speed.padding_rows over the training split's image sizes, as the sampler groups them (the images
+    with annotations), and the mix of sizes."""
+    _quiet()
+    from eval_speed import padding_rows
+    from frcnn_train.data import CocoDetection
+    from frcnn_train.data.grouping import image_sizes
+
+    widths, heights = image_sizes(CocoDetection(images, ann, with_masks=False, train=True))
+    shapes, counts = np.unique(np.stack([widths, heights], 1), axis=0, return_counts=True)
+    mix = ", ".join(f"{w}x{h} {c / len(widths):.1%}" for (w, h), c in zip(shapes.tolist(), counts.tolist()))
+    return {"rows": padding_rows(widths, heights, batch, seed=0), "sizes": f"{len(widths):,} images, {mix}"}
+
+
+def padding_table(rows: list[dict[str, Any]], sizes: str) -> Section:
+    return Section(
+        f"padding per micro-batch after the resize to 800/1333 and to a multiple of 32, epoch 0 of the "
+        f"training sampler; image sizes: {sizes}",
+        ["grouping", "batch_size", "micro_batches", "padded_pixels_per_batch", "padding_share"],
+        rows,
+    )
+
+
+def padding_section(data: Dataset, args: argparse.Namespace) -> Section:
+    r = in_fresh_process(padding, str(data.root / "train2017"), str(data.train_ann), args.batch)
+    section = padding_table(r["rows"], f"the training images with annotations ({r['sizes']})")
+    section.notes.append(
+        "padding_share: padded pixels / all pixels of the padded batches; "
+        "'on' is data.group_by_aspect_ratio=true (the default)"
+    )
+    return section
+
+
+# Each entry: (name in the JSON, function(data, args) -> Section).
 SECTIONS: list[tuple[str, Callable[[Dataset, argparse.Namespace], Section]]] = [
     ("read", read_section),
     ("memory", memory_section),
     ("loader", loader_section),
+    ("eval", eval_section),
+    ("padding", padding_section),
 ]
 
 
@@ -462,6 +529,8 @@ SECTIONS: list[tuple[str, Callable[[Dataset, argparse.Namespace], Section]]] = [
 def _cell(value: Any) -> str:
     if value is None:
         return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
     if isinstance(value, float):
         return f"{value:,.1f}" if abs(value) >= 10 else f"{value:.2f}"
     if isinstance(value, int):
@@ -488,7 +557,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--val-images", type=int, default=VAL2017, help="validation images (val2017: 5,000)")
     parser.add_argument("--workers", type=int, default=2, help="loader workers")
     parser.add_argument("--steps", type=int, default=150, help="batches per loader measurement")
-    parser.add_argument("--batch", type=int, default=2, help="images per batch")
+    parser.add_argument("--batch", type=int, default=2, help="images per batch (loader, memory and padding)")
+    parser.add_argument("--detections", type=int, default=100, help="detections per validation image (eval)")
     parser.add_argument(
         "--dir",
         type=Path,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import importlib.util
 import io
 import json
 import os
@@ -286,7 +287,20 @@ def test_scale_check_runs_end_to_end_on_a_small_set(tmp_path: Path) -> None:
     assert [row["process"] for row in memory] == ["main", "worker 0", "worker 0 (no gc.freeze)"]
     assert all(row["after_3"] > 0 for row in memory)
     assert figures["loader"]["rows"][0]["images_per_s"] > 0
-    assert "pycocotools COCO(file)" in result.stdout and "loader alone" in result.stdout
+    timed = [row for row in figures["eval"]["rows"] if "backend" in row]
+    gathered = {row["form"].split()[0]: row["bytes_per_image"] for row in figures["eval"]["rows"] if "form" in row}
+    assert timed[0]["backend"] == "pycocotools" and timed[0]["seconds"] > 0 and gathered["RLE"] < gathered["dense"]
+    if importlib.util.find_spec("faster_coco_eval"):
+        assert [row["every_stat_and_per_class_ap_equal"] for row in timed] == [True, True]
+    off, two, eight = figures["padding"]["rows"]
+    # The written set has two shapes (640x480 and 480x640): 2 and 8 groups split it alike, and pad less than none.
+    assert off["micro_batches"] == eight["micro_batches"] == ours["images"] // 2 and two == {
+        **eight,
+        "grouping": two["grouping"],
+    }
+    assert eight["padded_pixels_per_batch"] < off["padded_pixels_per_batch"]
+    for text in ("pycocotools COCO(file)", "loader alone", "COCOeval bbox: pycocotools", "2 groups (detectron2"):
+        assert text in result.stdout
 
 
 class _FreezeCount(torch.utils.data.Dataset):
