@@ -33,8 +33,15 @@ def _on_ctrl_c(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where the shell ignores it (nohup, &)
-    signal.signal(signal.SIGINT, _on_ctrl_c)
+# Only as the command (python -m, torchrun -m, the frcnn-train script): imported as a library (the Python API,
+# frcnn_train.train), the process's own SIGINT handler stays as it was. Not where the shell ignores it (nohup, &).
+def _catch_ctrl_c() -> None:
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _on_ctrl_c)
+
+
+if __name__ == "__main__" or Path(sys.argv[0]).name.startswith("frcnn-train"):
+    _catch_ctrl_c()
 
 try:  # a Ctrl-C while Python loads Hydra is start-up too: one line, not an import traceback
     import hydra
@@ -188,6 +195,7 @@ def _user_error_exit(err: Exception) -> int | None:
 
 def cli() -> None:
     """The `frcnn-train` command: Hydra's main, then the exit code of the worst job."""
+    _catch_ctrl_c()
     _codes.clear()
     _returned.clear()
     _sweep.clear()

@@ -63,16 +63,16 @@ def render_value(value: Any) -> str:
 
 
 def render_type(annotation: str) -> str:
-    """`Optional[List[int]]` -> `list of int, or null`: the schema's annotation in words."""
+    """`list[int] | None` (or `Optional[List[int]]`) -> `list of int, or null`: the schema's annotation in words."""
     annotation = annotation.replace(" ", "")
-    optional = re.fullmatch(r"Optional\[(.*)\]", annotation)
+    optional = re.fullmatch(r"Optional\[(.*)\]", annotation) or re.fullmatch(r"(.*)\|None", annotation)
     if optional:
         return f"{render_type(optional.group(1))}, or null"
-    seq = re.fullmatch(r"List\[(.*)\]", annotation)
+    seq = re.fullmatch(r"[Ll]ist\[(.*)\]", annotation)
     if seq:
         item = seq.group(1)
         return "list of rules (below)" if item.endswith("Rule") else f"list of {render_type(item)}"
-    if annotation.startswith("Dict["):
+    if annotation.startswith(("Dict[", "dict[")):
         return "mapping"
     return {"Any": "any"}.get(annotation, annotation)
 
@@ -156,7 +156,7 @@ def schema_sections() -> list[Section]:
                 walk(namespace[annotation], name + ".")
                 continue
             section.keys.append(Key(name, render_type(annotation), comments[cls.__name__].get(f.name, "")))
-            item = re.fullmatch(r"List\[(\w+)\]", annotation)
+            item = re.fullmatch(r"[Ll]ist\[(\w+)\]", annotation)
             if item and dataclasses.is_dataclass(namespace.get(item.group(1))):
                 for sub in dataclasses.fields(namespace[item.group(1)]):
                     section.keys.append(

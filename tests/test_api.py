@@ -177,3 +177,21 @@ def test_the_train_module_is_the_train_function() -> None:
 
     assert frcnn_train.train is module and callable(frcnn_train.train)
     assert frcnn_train.load is frcnn_train.api.load
+
+
+def test_importing_the_api_leaves_the_processs_ctrl_c_handler_alone() -> None:
+    """A notebook's SIGINT handler is its own: only the command (python -m, frcnn-train) installs one."""
+    import subprocess
+    import sys
+
+    from conftest import python_path
+
+    code = "import signal, frcnn_train; frcnn_train.train; print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**__import__("os").environ, "PYTHONPATH": python_path()},
+    )
+    assert out.stdout.strip() == "True", out.stderr

@@ -108,7 +108,10 @@ def assert_bitwise_equal(a: dict, b: dict) -> None:
 
 @pytest.fixture(scope="module")
 def base(shapes_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> list[str]:
-    return tiny_overrides(shapes_cache, tmp_path_factory.mktemp("dist")) + EPOCHS
+    # No run_name=: each test names its runs, and a resume continues in the checkpoint's own directory (a
+    # different run_name is refused there).
+    tiny = tiny_overrides(shapes_cache, tmp_path_factory.mktemp("dist"))
+    return [a for a in tiny if not a.startswith("run_name=")] + EPOCHS
 
 
 @pytest.fixture(scope="module")
