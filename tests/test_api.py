@@ -14,14 +14,7 @@ import frcnn_train
 from frcnn_train import checkpoint
 from frcnn_train.errors import ConfigError, DataError
 from frcnn_train.predict import main as predict_main
-
-# Many low-scoring boxes, so that one tiny epoch gives detections to compare (as in test_evaluate_predict).
-MANY_BOXES = (
-    "model.box_score_thresh=0.0",
-    "model.rpn_pre_nms_top_n_test=1000",
-    "model.rpn_post_nms_top_n_test=300",
-    "model.box_detections_per_img=300",
-)
+from test_evaluate_predict import MANY_BOXES  # many low-scoring boxes: detections to compare
 
 
 @pytest.fixture(scope="module")
