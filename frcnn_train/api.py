@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from frcnn_train.data.decode import UINT16_MAX, _gray_to_rgb, from_pil, pixel_interleaved
 from frcnn_train.errors import DataError
+from frcnn_train.zoo import UNUSED_CLASS
 
 ImageLike = str | Path | Image.Image | np.ndarray | Tensor
 # COCO's evaluation and frcnn-predict's RLE masks binarise Mask R-CNN's mask probabilities here.
@@ -53,8 +54,6 @@ class Detector:
         per forward pass; a zoo model's placeholder classes (COCO's unused ids, never trained) left out."""
         if batch_size < 1:
             raise DataError(f"batch_size {batch_size} must be at least 1")
-        from frcnn_train.zoo import UNUSED_CLASS
-
         unused = torch.tensor([False] + [name == UNUSED_CLASS for name in self.classes])
         outputs: list[dict[str, Tensor]] = []
         for start in range(0, len(images), batch_size):

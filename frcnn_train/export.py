@@ -367,11 +367,7 @@ def describe(result: ExportResult) -> str:
 def build_parser() -> argparse.ArgumentParser:
     """The command's arguments; docs/ generates the command-line reference from it."""
     parser = argparse.ArgumentParser(prog=prog_name("frcnn_train.export"), description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "checkpoint",
-        help="checkpoint file (or run directory: best.pth, else last.pth), or "
-        "torchvision:<builder>[.<weights>] for torchvision's COCO weights",
-    )
+    parser.add_argument("checkpoint", help=zoo.SOURCE_HELP)
     parser.add_argument(
         "overrides", nargs="*", help="data=..., data.*=...: where the check images are, as evaluate takes them"
     )

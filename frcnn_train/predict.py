@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from frcnn_train import zoo
 from frcnn_train.data.decode import (
     IMAGE_SUFFIXES,
     ImageDecodeError,
@@ -196,11 +197,7 @@ def predict(
 def build_parser() -> argparse.ArgumentParser:
     """The command's arguments; docs/ generates the command-line reference from it."""
     parser = argparse.ArgumentParser(prog=prog_name("frcnn_train.predict"), description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "checkpoint",
-        help="checkpoint file (or run directory: best.pth, else last.pth), or "
-        "torchvision:<builder>[.<weights>] for torchvision's COCO weights",
-    )
+    parser.add_argument("checkpoint", help=zoo.SOURCE_HELP)
     parser.add_argument("inputs", nargs="+", help=f"image files or directories ({', '.join(IMAGE_SUFFIXES)})")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument(

@@ -51,6 +51,11 @@ _TRAINED_SIZE = {"fasterrcnn_mobilenet_v3_large_320_fpn": 320}
 _DEFAULT_SIZE = 800
 # torchvision keeps COCO's 91 category ids as labels; the ids COCO leaves unused are named "N/A".
 UNUSED_CLASS = "N/A"
+# What frcnn-predict and frcnn-export take as their model (--help of both).
+SOURCE_HELP = (
+    "checkpoint file (or run directory: best.pth, else last.pth), or "
+    "torchvision:<builder>[.<weights>] for torchvision's COCO weights"
+)
 BACKGROUND = "__background__"
 # A bare enum member (IMAGENET1K_V1, DEFAULT) or a qualified one (ResNet50_Weights.IMAGENET1K_V1).
 _NAME = re.compile(r"^(?:[A-Za-z][A-Za-z0-9]*_Weights\.)?[A-Za-z][A-Za-z0-9_]*$")

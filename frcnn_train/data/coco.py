@@ -326,12 +326,10 @@ class CocoDetection(torch.utils.data.Dataset):
         polygons: PolygonStore,
     ) -> CocoRecords:
         records = RecordsBuilder(sorted(images), with_masks=self.with_masks, polygons=polygons)
-        clipped = dropped = 0
         degenerate: list[Any] = []  # ids of annotations with polygons of fewer than 3 points
-        no_polygon = 0  # objects dropped because no polygon of 3 or more points was left
         seen_ids: set[Any] = set()
         problems = self._problems
-        clipped_ids: list[Any] = []  # frcnn-data check's ids of the clipped and the dropped boxes
+        clipped_ids: list[Any] = []  # the clipped and the dropped boxes: counted in the warning, listed by check
         dropped_ids: list[Any] = []
         # Annotations that give no training target, by cause: named when none is left (_why_empty).
         self._unusable = unusable = {"crowd": 0, "no_polygon": 0, "no_area": 0, "unreadable": 0}
@@ -416,12 +414,10 @@ class CocoDetection(torch.utils.data.Dataset):
             width, height = info["width"], info["height"]
             x1, y1, x2, y2 = max(x, 0.0), max(y, 0.0), min(x + w, width), min(y + h, height)
             if x2 <= x1 or y2 <= y1:
-                dropped += 1
                 dropped_ids.append(ann["id"])
                 unusable["no_area"] += 1
                 continue
             if (x1, y1, x2, y2) != (x, y, x + w, y + h):
-                clipped += 1
                 clipped_ids.append(ann["id"])
             segmentation = None
             if self.with_masks:
@@ -434,7 +430,6 @@ class CocoDetection(torch.utils.data.Dataset):
                 if short:
                     degenerate.append(ann["id"])
                 if segmentation == []:
-                    no_polygon += 1
                     if problems is not None:
                         problems.add("object without a usable polygon", ann["id"])
                     unusable["no_polygon"] += 1
@@ -449,20 +444,20 @@ class CocoDetection(torch.utils.data.Dataset):
             ):
                 for ann_id in ids:
                     problems.add(kind, ann_id)
-        elif clipped or dropped:
+        elif clipped_ids or dropped_ids:
             warnings.warn(
-                f"{self.source}: clipped {clipped} box(es) that extended outside their image and dropped "
-                f"{dropped} box(es) with zero or negative area after clipping",
+                f"{self.source}: clipped {len(clipped_ids)} box(es) that extended outside their image and dropped "
+                f"{len(dropped_ids)} box(es) with zero or negative area after clipping",
                 DataWarning,
                 stacklevel=3,
             )
-        if (degenerate or no_polygon) and problems is None:
+        if (degenerate or unusable["no_polygon"]) and problems is None:
             # pycocotools would read a 4-number polygon as a box and train a rectangle; an object without
             # a polygon would teach the mask head an empty mask. Both are left out, as detectron2 does.
             first = f" (first: annotation id {degenerate[0]})" if degenerate else ""
             warnings.warn(
                 f"{self.source}: left out {sum(1 for _ in degenerate)} annotation(s)' polygons of fewer than 3 "
-                f"points{first}, and dropped {no_polygon} object(s) left without a polygon of 3 or more points",
+                f"points{first}, and dropped {unusable['no_polygon']} object(s) left without a polygon of 3 or more points",
                 DataWarning,
                 stacklevel=3,
             )
