@@ -201,7 +201,7 @@ def launch_record(
     """What the checkpoint keeps of a run's first launch (inspect shows it); `weights`: the files it started
     from (init_from, model.backbone.weights), each by name and sha256."""
     return {
-        "started_at": _now(),
+        "started_at": _now("microseconds"),  # names the run (outputs._same_run): two may start in one second
         "overrides": list(overrides),
         "precision": precision,
         "device": str(device),
@@ -210,8 +210,8 @@ def launch_record(
     }
 
 
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+def _now(timespec: str = "seconds") -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec=timespec)
 
 
 @dataclass
